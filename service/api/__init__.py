@@ -1,0 +1,1 @@
+"""Protocol adapters: protobuf in, core call, protobuf out. No logic beyond conversion."""

@@ -1,0 +1,234 @@
+"""The native API (package rnnserve.v1): conversions between its messages and the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
+from service.api.status import abort, translate_errors
+from service.api.tensors import decode_float32, encode_float32
+from service.engine import InferenceEngine, ModelHandle, SessionEnd, SessionView, StepResult
+from service.errors import FailedPrecondition, InvalidArgument
+from service.metrics import Metrics
+from service.session_store import EndReason, Session
+
+logger = logging.getLogger(__name__)
+
+API = "native"
+END_REASONS = {
+    EndReason.CLOSED: pb.END_REASON_CLOSED,
+    EndReason.IDLE_TIMEOUT: pb.END_REASON_IDLE_TIMEOUT,
+    EndReason.EVICTED: pb.END_REASON_EVICTED,
+    EndReason.SHUTDOWN: pb.END_REASON_SHUTDOWN,
+}
+
+
+def to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
+    return decode_float32(tensor.shape, tensor.data, what)
+
+
+def to_tensor(array: np.ndarray) -> pb.Tensor:
+    shape, data = encode_float32(array)
+    return pb.Tensor(shape=shape, data=data)
+
+
+def session_info(view: SessionView) -> pb.SessionInfo:
+    return pb.SessionInfo(
+        session_id=view.session_id,
+        model=view.model,
+        version=view.version,
+        steps=view.steps,
+        idle_seconds=view.idle_s,
+        state=[to_tensor(s) for s in view.state or []],
+    )
+
+
+def step_response(result: StepResult) -> pb.StepResponse:
+    return pb.StepResponse(
+        session_id=result.session_id, output=to_tensor(result.output), steps=result.steps, ended=result.ended
+    )
+
+
+def session_ended(end: SessionEnd) -> pb.SessionEnded:
+    return pb.SessionEnded(session_id=end.session_id, reason=END_REASONS[end.reason], steps=end.steps)
+
+
+def model_info(handle: ModelHandle, versions: list[str]) -> pb.ModelInfo:
+    spec = handle.spec
+    meta = spec.metadata
+    state_spec = [
+        pb.TensorSpec(name=n, shape=[spec.num_layers, spec.hidden_size], datatype="FP32")
+        for n in spec.state_inputs
+    ]
+    return pb.ModelInfo(
+        name=spec.name,
+        version=spec.version,
+        versions=versions,
+        cell=spec.cell,
+        layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        input_size=spec.input_size,
+        output_size=spec.output_size,
+        task=str(meta.get("task", "")),
+        output_kind=str(meta.get("output_kind", "")),
+        description=str(meta.get("description", "")),
+        sha256=spec.sha256,
+        input=pb.TensorSpec(name="x", shape=[-1, spec.input_size], datatype="FP32"),
+        output=pb.TensorSpec(name="y", shape=[-1, spec.output_size], datatype="FP32"),
+        state=state_spec,
+        metadata_json=json.dumps(meta, sort_keys=True),
+    )
+
+
+def initial_state(tensors: list[pb.Tensor]) -> list[np.ndarray] | None:
+    return [to_array(t, f"initial_state[{i}]") for i, t in enumerate(tensors)] or None
+
+
+class NativeServicer(pb_grpc.StreamingInferenceServicer):
+    def __init__(self, engine: InferenceEngine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    @translate_errors(API)
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        view = self.engine.open_session(
+            request.model,
+            request.version,
+            request.session_id or None,
+            initial_state(list(request.initial_state)),
+            api=API,
+        )
+        return session_info(view)
+
+    @translate_errors(API)
+    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        received = time.perf_counter()
+        x = to_array(request.input, "input")
+        result = await self.engine.step(
+            request.model, request.version, request.session_id, x, api=API, end=request.end, received_s=received
+        )
+        return step_response(result)
+
+    @translate_errors(API)
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionEnded:
+        return session_ended(self.engine.close_session(request.model, request.version, request.session_id))
+
+    @translate_errors(API)
+    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        view = self.engine.session_view(request.model, request.version, request.session_id, request.include_state)
+        return session_info(view)
+
+    @translate_errors(API)
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[model_info(h, self.engine.versions(h.spec.name)) for h in self.engine.handles()]
+        )
+
+    @translate_errors(API)
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        handle = self.engine.model(request.model, request.version)
+        return model_info(handle, self.engine.versions(handle.spec.name))
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await SessionStream(self.engine, self.metrics, context).serve(request_iterator)
+
+
+class SessionStream:
+    """One bidirectional stream bound to one session.
+
+    Requests are handled one at a time in arrival order, so the chunks of the session are applied in
+    order. If the session ends while attached (idle timeout, eviction, shutdown) the stream is told
+    with a ``SessionEnded`` message; writes are serialised by a lock because that notice comes from
+    outside the request loop.
+    """
+
+    def __init__(self, engine: InferenceEngine, metrics: Metrics, context: grpc.aio.ServicerContext) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.context = context
+        self.model = ""
+        self.version = ""
+        self.session_id = ""
+        self._session: Session | None = None
+        self._write_lock = asyncio.Lock()
+        self._notices: set[asyncio.Task[None]] = set()
+
+    async def _write(self, response: pb.StreamResponse) -> None:
+        async with self._write_lock:
+            await self.context.write(response)
+
+    def _on_end(self, session: Session, reason: EndReason) -> None:
+        if reason == EndReason.CLOSED:
+            return  # the close request (or the chunk with end) answers for itself
+        notice = pb.StreamResponse(
+            ended=pb.SessionEnded(session_id=session.session_id, reason=END_REASONS[reason], steps=session.steps)
+        )
+        task = asyncio.get_running_loop().create_task(self._write(notice))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+        self._session = None
+
+    def _attach(self, view: SessionView) -> None:
+        self.model, self.version, self.session_id = view.model, view.version, view.session_id
+        _, session = self.engine.session(view.model, view.version, view.session_id)
+        session.end_listeners.append(self._on_end)
+        self._session = session
+
+    def _detach(self) -> None:
+        if self._session is not None and self._on_end in self._session.end_listeners:
+            self._session.end_listeners.remove(self._on_end)
+        self._session = None
+
+    async def serve(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
+        try:
+            async for request in requests:
+                response = await self._handle(request)
+                await self._write(response)
+                if request.WhichOneof("kind") == "close":
+                    break
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await abort(self.context, error, self.metrics, API)
+        finally:
+            self._detach()
+
+    async def _handle(self, request: pb.StreamRequest) -> pb.StreamResponse:
+        kind = request.WhichOneof("kind")
+        if kind == "open" or kind == "attach":
+            if self.session_id:
+                raise FailedPrecondition("this stream already has a session; open a new stream")
+            if kind == "open":
+                o = request.open
+                view = self.engine.open_session(
+                    o.model, o.version, o.session_id or None, initial_state(list(o.initial_state)), api=API
+                )
+            else:
+                a = request.attach
+                view = self.engine.session_view(a.model, a.version, a.session_id, a.include_state)
+            self._attach(view)
+            return pb.StreamResponse(opened=session_info(view))
+        if not self.session_id:
+            raise FailedPrecondition("open or attach a session before sending chunks")
+        if kind == "chunk":
+            received = time.perf_counter()
+            x = to_array(request.chunk.input, "input")
+            result = await self.engine.step(
+                self.model, self.version, self.session_id, x, api=API, received_s=received
+            )
+            return pb.StreamResponse(output=step_response(result))
+        if kind == "close":
+            self._detach()
+            end = self.engine.close_session(self.model, self.version, self.session_id)
+            return pb.StreamResponse(ended=session_ended(end))
+        raise InvalidArgument("empty stream message: set open, attach, chunk or close")

@@ -1,0 +1,74 @@
+"""Domain errors to gRPC status codes, in one place, and the failure counter."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from service.errors import ErrorKind, ServiceError
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-safe message for any exception raised by the core."""
+    if isinstance(error, ServiceError):
+        return GRPC_CODES[error.kind], error.message
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+
+
+async def abort(
+    context: grpc.aio.ServicerContext, error: BaseException, metrics: Metrics, api: str
+) -> NoReturn:
+    """Count the failure and end the RPC with the error's status."""
+    code, message = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.error("internal error in %s api", api, exc_info=error)
+    metrics.failures.labels(api, code.name).inc()
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def count_failure(error: BaseException, metrics: Metrics, api: str) -> str:
+    """Count a failure reported in-band (Triton's stream error_message); returns the message."""
+    code, message = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.error("internal error in %s api", api, exc_info=error)
+    metrics.failures.labels(api, code.name).inc()
+    return message
+
+
+def translate_errors(api: str) -> Callable[[Handler], Handler]:
+    """Decorate a unary servicer method: domain errors become their gRPC status."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await handler(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await abort(context, error, self.metrics, api)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

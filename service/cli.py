@@ -1,0 +1,166 @@
+"""``rnnserve``: serve models, stream a demo session, list models.
+
+Every setting is a flag of ``rnnserve serve`` and an environment variable ``RNNSERVE_<NAME>``;
+flags override the environment, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field, documented with its description, unit, default and env name."""
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        help_text = f"{field.description} [env RNNSERVE_{name.upper()}; default {field.default}]"
+        choices = None
+        kind: Any = str
+        origin = typing.get_origin(annotation)
+        if annotation is bool:
+            parser.add_argument(
+                flag_name(name), dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        if origin is typing.Literal:
+            choices = list(typing.get_args(annotation))
+        elif annotation is int:
+            kind = int
+        elif annotation is float:
+            kind = float
+        elif annotation in (Path, Path | None):
+            kind = Path
+        parser.add_argument(flag_name(name), dest=name, type=kind, choices=choices, default=None, help=help_text)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**overrides)
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from service.logs import configure_logging
+    from service.server import RnnServer
+
+    settings = settings_from(args)
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(RnnServer(settings).serve_until_signal())
+    return 0
+
+
+def command_models(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.target, timeout_s=10) as client:
+        for m in client.models():
+            print(f"{m.name}/{m.version}\t{m.cell}\tlayers={m.layers} hidden={m.hidden_size}\t"
+                  f"in={m.input_size} out={m.output_size}\t{m.task}")
+    return 0
+
+
+def command_stream(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from service.client import Client
+    from service.demo import demo_for_task
+
+    with Client(args.target, timeout_s=30) as client:
+        info = client.model(args.model)
+        task = args.task or info.task
+        demo = demo_for_task(task, args.steps, args.seed)
+        outputs = []
+        with client.open_session(args.model) as session:
+            for start in range(0, len(demo.inputs), args.chunk):
+                outputs.append(session.step(demo.inputs[start : start + args.chunk]))
+            steps = session.steps
+        prediction = np.concatenate(outputs)
+    print(f"model {info.name}/{info.version} ({info.cell}), task {task}: {demo.description}")
+    print(f"session streamed {steps} steps in chunks of {args.chunk}")
+    has_target = ~np.isnan(demo.targets).any(axis=1)
+    rows = np.flatnonzero(has_target)
+    shown = rows if len(rows) <= args.show else rows[np.linspace(0, len(rows) - 1, args.show).astype(int)]
+    print(f"{'step':>6}  {'input':<24} {'target':<20} prediction")
+    for t in shown:
+        fmt = lambda v: np.array2string(v, precision=3, suppress_small=True)  # noqa: E731
+        print(f"{t:>6}  {fmt(demo.inputs[t]):<24} {fmt(demo.targets[t]):<20} {fmt(prediction[t])}")
+    error = prediction[has_target] - demo.targets[has_target]
+    print(f"mean squared error over {int(has_target.sum())} targeted steps: {float(np.mean(error**2)):.5f}")
+    if args.plot:
+        plot_stream(args.plot, demo.inputs, demo.targets, prediction, f"{info.name}: {demo.description}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def plot_stream(path: Path, inputs: Any, targets: Any, prediction: Any, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'rnnserve[plot]'") from None
+    fig, ax = plt.subplots(figsize=(11, 3.5))
+    ax.plot(targets[:, 0], color="black", lw=2, label="target")
+    ax.plot(prediction[:, 0], lw=1, label="served prediction")
+    ax.plot(inputs[:, 0], lw=0.6, alpha=0.6, label="input[0]")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnserve", description="Streaming inference for recurrent models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the model repository over gRPC")
+    add_settings_flags(serve)
+    serve.set_defaults(handler=command_serve)
+
+    models = commands.add_parser("models", help="list the models a server has loaded")
+    models.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
+    models.set_defaults(handler=command_models)
+
+    stream = commands.add_parser("stream", help="stream a demo sequence through a session and compare with targets")
+    stream.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
+    stream.add_argument("--model", required=True, help="model name, e.g. timer_lstm")
+    stream.add_argument("--task", default=None, help="demo task (default: the model's task)")
+    stream.add_argument("--steps", type=int, default=600, help="steps to stream (default 600)")
+    stream.add_argument("--chunk", type=int, default=1, help="steps per chunk (default 1)")
+    stream.add_argument("--seed", type=int, default=0, help="seed of the demo stream")
+    stream.add_argument("--show", type=int, default=12, help="rows of the table to print")
+    stream.add_argument("--plot", type=Path, default=None, help="write a PNG of target vs prediction")
+    stream.set_defaults(handler=command_stream)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        import grpc
+
+        if isinstance(error, grpc.RpcError):
+            print(f"rnnserve: {error.code().name}: {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

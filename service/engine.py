@@ -1,0 +1,321 @@
+"""The core: models, their session stores and schedulers, behind a protocol-neutral API.
+
+Both protocol adapters (``service.api.native`` and ``service.api.kserve``) call only this module.
+It speaks numpy and domain errors, never protobuf or grpc.
+
+Concurrency: every public method runs on the event loop thread (the adapters are asyncio
+servicers), so sessions and stores are mutated from one thread only; model calls happen in each
+scheduler's worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import FailedPrecondition, InvalidArgument, ModelContractError, NotFound, Unavailable
+from service.metrics import Metrics
+from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
+from service.runtime import ModelRuntime
+from service.scheduler import BatchScheduler
+from service.session_store import EndReason, Session, SessionStore
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    session_id: str
+    output: np.ndarray  # [steps, outputs] float32
+    steps: int  # steps the session has consumed, this chunk included
+    ended: bool
+
+
+@dataclass(frozen=True)
+class SessionView:
+    session_id: str
+    model: str
+    version: str
+    steps: int
+    idle_s: float
+    state: list[np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    session_id: str
+    reason: EndReason
+    steps: int
+
+
+class ModelHandle:
+    """One loaded model version: spec, runtime, sessions and (once started) its scheduler."""
+
+    def __init__(self, spec: ModelSpec, runtime: ModelRuntime, store: SessionStore) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.store = store
+        self._scheduler: BatchScheduler | None = None
+
+    @property
+    def scheduler(self) -> BatchScheduler:
+        if self._scheduler is None:
+            raise Unavailable("the server is not started yet")
+        return self._scheduler
+
+
+class InferenceEngine:
+    """Loads the repository, owns every session, and runs chunks through the batch schedulers."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._models: dict[str, dict[str, ModelHandle]] = {}
+        self._ttl_task: asyncio.Task[None] | None = None
+        self.ready = False
+        self._closing = False
+
+    # ----- loading -------------------------------------------------------------------------
+    def load_models(self) -> None:
+        """Load and check every model of the repository; raises ModelContractError on any problem."""
+        s = self.settings
+        directories = discover(s.model_repository)
+        if not directories:
+            raise ModelContractError(f"model repository {s.model_repository} holds no */*/model.onnx")
+        for directory in directories:
+            spec = read_spec(directory)
+            runtime = ModelRuntime(
+                spec.onnx_path,
+                provider=s.execution_provider,
+                fallback=s.provider_fallback,
+                intra_op_threads=s.intra_op_threads,
+                inter_op_threads=s.inter_op_threads,
+            )
+            check_contract(spec, runtime)
+            store = SessionStore(
+                state_count=len(spec.state_inputs),
+                layers=spec.num_layers,
+                hidden=spec.hidden_size,
+                max_sessions=s.max_sessions,
+                on_end=self._make_end_hook(spec),
+            )
+            self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(spec, runtime, store)
+            self.metrics.state_bytes.labels(spec.name, spec.version).set(store.state_bytes)
+            self.metrics.active_sessions.labels(spec.name, spec.version).set(0)
+            logger.info(
+                "loaded model %s (%s, %d layer(s), hidden %d) on %s",
+                spec.label,
+                spec.cell,
+                spec.num_layers,
+                spec.hidden_size,
+                ",".join(runtime.providers),
+            )
+
+    def _make_end_hook(self, spec: ModelSpec) -> Callable[[Session, EndReason], None]:
+        ended = self.metrics.sessions_ended
+        active = self.metrics.active_sessions.labels(spec.name, spec.version)
+
+        def on_end(session: Session, reason: EndReason) -> None:
+            ended.labels(spec.name, spec.version, reason.value).inc()
+            active.dec()
+            logger.debug("session ended model=%s reason=%s steps=%d", spec.label, reason.value, session.steps)
+
+        return on_end
+
+    async def start(self) -> None:
+        """Create the schedulers on the running loop and start the idle-session sweeper."""
+        s = self.settings
+        for handle in self.handles():
+            handle._scheduler = BatchScheduler(
+                spec=handle.spec,
+                runtime=handle.runtime,
+                store=handle.store,
+                metrics=self.metrics,
+                max_batch_size=s.max_batch_size,
+                max_queue_delay_s=s.max_queue_delay_s,
+                max_queue_chunks=s.max_queue_chunks,
+            )
+        if s.session_ttl_s > 0:
+            self._ttl_task = asyncio.create_task(self._sweep_idle_forever(), name="ttl-sweeper")
+        self.ready = True
+
+    # ----- models --------------------------------------------------------------------------
+    def handles(self) -> list[ModelHandle]:
+        return [h for versions in self._models.values() for h in versions.values()]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=version_key)
+
+    def model(self, name: str, version: str = "") -> ModelHandle:
+        versions = self._models.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise NotFound(f"model {name!r} not found; loaded models: {known}")
+        if not version:
+            version = self.versions(name)[-1]
+        try:
+            return versions[version]
+        except KeyError:
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; versions: {', '.join(self.versions(name))}"
+            ) from None
+
+    # ----- sessions ------------------------------------------------------------------------
+    def open_session(
+        self,
+        name: str,
+        version: str = "",
+        session_id: str | None = None,
+        initial_state: Sequence[np.ndarray] | None = None,
+        *,
+        api: str,
+        restart: bool = False,
+    ) -> SessionView:
+        """Start a session. With ``restart`` (Triton's START on a live id) a live session is reset."""
+        self._check_open()
+        handle = self.model(name, version)
+        store = handle.store
+        if restart and session_id is not None and session_id in store.sessions:
+            session = store.sessions[session_id]
+            if session.busy:
+                raise FailedPrecondition(f"session {session_id!r} has a chunk in flight; cannot restart it")
+            logger.warning("sequence %r restarted by a new START on model %s", session_id, handle.spec.label)
+            store.reset_state(session)
+            if initial_state is not None:
+                store.end(session, EndReason.CLOSED)
+            else:
+                return self._view(handle, session)
+        session = store.create(session_id, initial_state)
+        self.metrics.sessions_started.labels(handle.spec.name, handle.spec.version, api).inc()
+        self.metrics.active_sessions.labels(handle.spec.name, handle.spec.version).inc()
+        return self._view(handle, session)
+
+    def session(self, name: str, version: str, session_id: str) -> tuple[ModelHandle, Session]:
+        handle = self.model(name, version)
+        return handle, handle.store.get(session_id)
+
+    def session_view(self, name: str, version: str, session_id: str, include_state: bool = False) -> SessionView:
+        handle, session = self.session(name, version, session_id)
+        return self._view(handle, session, include_state)
+
+    def _view(self, handle: ModelHandle, session: Session, include_state: bool = False) -> SessionView:
+        return SessionView(
+            session_id=session.session_id,
+            model=handle.spec.name,
+            version=handle.spec.version,
+            steps=session.steps,
+            idle_s=0.0 if session.busy else max(0.0, handle.store.clock() - session.last_used_s),
+            state=handle.store.read_state(session) if include_state else None,
+        )
+
+    def close_session(self, name: str, version: str, session_id: str) -> SessionEnd:
+        handle, session = self.session(name, version, session_id)
+        handle.store.end(session, EndReason.CLOSED)
+        return SessionEnd(session_id, EndReason.CLOSED, session.steps)
+
+    def check_chunk(self, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
+        """A chunk must be float32 [steps, features], 1 <= steps <= max_chunk_steps, all finite."""
+        if x.dtype != np.float32:
+            raise InvalidArgument(f"input must be float32, got {x.dtype}")
+        if x.ndim != 2:
+            raise InvalidArgument(f"input must be [steps, {spec.input_size}], got shape {list(x.shape)}")
+        steps, features = x.shape
+        if features != spec.input_size:
+            raise InvalidArgument(
+                f"model {spec.label} takes {spec.input_size} features per step, got {features}"
+            )
+        if steps < 1:
+            raise InvalidArgument("a chunk needs at least one step")
+        if steps > self.settings.max_chunk_steps:
+            raise InvalidArgument(
+                f"chunk of {steps} steps exceeds the limit of {self.settings.max_chunk_steps}"
+            )
+        if not np.isfinite(x).all():
+            raise InvalidArgument("input holds NaN or Inf")
+        return x
+
+    async def step(
+        self,
+        name: str,
+        version: str,
+        session_id: str,
+        x: np.ndarray,
+        *,
+        api: str,
+        end: bool = False,
+        received_s: float | None = None,
+    ) -> StepResult:
+        """Apply one chunk to a session and return its outputs; with ``end`` close it afterwards."""
+        started = received_s if received_s is not None else time.perf_counter()
+        self._check_open()
+        handle, session = self.session(name, version, session_id)
+        self.check_chunk(handle.spec, x)
+        if session.busy:
+            raise FailedPrecondition(
+                f"session {session_id!r} already has a chunk in flight; send the next chunk after "
+                "its reply"
+            )
+        output = await handle.scheduler.submit(session, x)
+        if end:
+            handle.store.end(session, EndReason.CLOSED)
+        self.metrics.request_latency.labels(handle.spec.name, handle.spec.version, api).observe(
+            time.perf_counter() - started
+        )
+        return StepResult(session.session_id, output, session.steps, ended=end)
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if not self.ready:
+            raise Unavailable("the server is still loading its models")
+
+    # ----- lifetime ------------------------------------------------------------------------
+    def expire_idle_sessions(self) -> int:
+        """End every session idle for longer than the TTL; returns how many ended."""
+        ttl = self.settings.session_ttl_s
+        if ttl <= 0:
+            return 0
+        return sum(len(h.store.expire_idle(ttl)) for h in self.handles())
+
+    async def _sweep_idle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ttl_check_interval_s)
+            expired = self.expire_idle_sessions()
+            if expired:
+                logger.info("ended %d idle session(s)", expired)
+            for handle in self.handles():
+                self.metrics.state_bytes.labels(handle.spec.name, handle.spec.version).set(
+                    handle.store.state_bytes
+                )
+
+    async def shutdown(self) -> dict[str, int]:
+        """Drain in-flight chunks (up to drain_timeout_s), end every session, stop the workers."""
+        self._closing = True
+        self.ready = False
+        if self._ttl_task is not None:
+            self._ttl_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ttl_task
+        report = {"sessions_ended": 0, "models_not_drained": 0}
+        for handle in self.handles():
+            if handle._scheduler is not None and not await handle._scheduler.drain(
+                self.settings.drain_timeout_s
+            ):
+                report["models_not_drained"] += 1
+        for handle in self.handles():
+            report["sessions_ended"] += handle.store.end_all(EndReason.SHUTDOWN)
+            if handle._scheduler is not None:
+                await handle._scheduler.close()
+        logger.info(
+            "shutdown: ended %d session(s); %d model(s) did not drain in time",
+            report["sessions_ended"],
+            report["models_not_drained"],
+        )
+        return report

@@ -1,0 +1,142 @@
+"""The model repository: ``<root>/<name>/<version>/model.onnx`` + ``model.json``.
+
+Every model is checked against the ONNX contract at load, and a mismatch stops start-up with an
+error that names the model and what is wrong: better a server that refuses to start than one that
+serves a model whose state it wires wrongly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.errors import ModelContractError
+from service.runtime import ModelRuntime
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_METADATA = ("cell", "num_layers", "hidden_size", "input_size", "output_size")
+CELLS = ("rnn", "lstm", "gru")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the service needs to know about one model version, checked against its graph."""
+
+    name: str
+    version: str
+    directory: Path
+    cell: str
+    num_layers: int
+    hidden_size: int
+    input_size: int
+    output_size: int
+    sha256: str
+    metadata: dict[str, Any] = field(repr=False)
+
+    @property
+    def state_inputs(self) -> tuple[str, ...]:
+        return ("h0", "c0") if self.cell == "lstm" else ("h0",)
+
+    @property
+    def state_outputs(self) -> tuple[str, ...]:
+        return ("hn", "cn") if self.cell == "lstm" else ("hn",)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / "model.onnx"
+
+    @property
+    def state_bytes_per_session(self) -> int:
+        return len(self.state_inputs) * self.num_layers * self.hidden_size * 4
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def version_key(version: str) -> tuple[int, int | str]:
+    """Numeric versions sort numerically and after non-numeric ones."""
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
+def discover(root: Path) -> list[Path]:
+    """Version directories under ``root`` that hold a model.onnx."""
+    if not root.is_dir():
+        raise ModelContractError(f"model repository {root} does not exist or is not a directory")
+    return sorted(p.parent for p in root.glob("*/*/model.onnx"))
+
+
+def read_spec(directory: Path) -> ModelSpec:
+    """Read and check ``model.json`` and the file hash of one version directory."""
+    label = f"{directory.parent.name}/{directory.name}"
+    meta_path = directory / "model.json"
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ModelContractError(f"model {label}: missing model.json beside model.onnx") from None
+    except json.JSONDecodeError as exc:
+        raise ModelContractError(f"model {label}: model.json is not valid JSON ({exc})") from None
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise ModelContractError(f"model {label}: model.json lacks {', '.join(missing)}")
+    if metadata["cell"] not in CELLS:
+        raise ModelContractError(f"model {label}: unknown cell {metadata['cell']!r} (expected {CELLS})")
+    digest = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
+    recorded = metadata.get("sha256")
+    if recorded and recorded != digest:
+        raise ModelContractError(
+            f"model {label}: model.onnx sha256 {digest[:12]}... does not match model.json "
+            f"({str(recorded)[:12]}...); the file was changed after export"
+        )
+    return ModelSpec(
+        name=directory.parent.name,
+        version=directory.name,
+        directory=directory,
+        cell=str(metadata["cell"]),
+        num_layers=int(metadata["num_layers"]),
+        hidden_size=int(metadata["hidden_size"]),
+        input_size=int(metadata["input_size"]),
+        output_size=int(metadata["output_size"]),
+        sha256=digest,
+        metadata=metadata,
+    )
+
+
+def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
+    """The graph's inputs and outputs must be exactly the contract's, with matching sizes."""
+    session = runtime.session
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    expected_in = ("x", *spec.state_inputs)
+    expected_out = ("y", *spec.state_outputs)
+    problems: list[str] = []
+    if set(inputs) != set(expected_in):
+        problems.append(f"inputs are {sorted(inputs)}, expected {list(expected_in)}")
+    if set(outputs) != set(expected_out):
+        problems.append(f"outputs are {sorted(outputs)}, expected {list(expected_out)}")
+    if not problems:
+        wanted: dict[str, tuple[object, object, object]] = {
+            "x": ("batch", "time", spec.input_size),
+            "y": ("batch", "time", spec.output_size),
+            **{n: (spec.num_layers, "batch", spec.hidden_size) for n in spec.state_inputs},
+            **{n: (spec.num_layers, "batch", spec.hidden_size) for n in spec.state_outputs},
+        }
+        for name, arg in {**inputs, **outputs}.items():
+            if arg.type != "tensor(float)":
+                problems.append(f"{name} has type {arg.type}, expected tensor(float)")
+            shape = list(arg.shape)
+            if len(shape) != 3:
+                problems.append(f"{name} has rank {len(shape)}, expected 3")
+                continue
+            for axis, (got, want) in enumerate(zip(shape, wanted[name], strict=True)):
+                if isinstance(want, int) and isinstance(got, int) and got != want:
+                    problems.append(f"{name} axis {axis} is {got}, expected {want}")
+                if isinstance(want, str) and isinstance(got, int) and name in ("x", "y"):
+                    problems.append(f"{name} axis {axis} ({want}) is fixed to {got}, must be dynamic")
+    if problems:
+        raise ModelContractError(f"model {spec.label} breaks the ONNX contract: " + "; ".join(problems))

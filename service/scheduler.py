@@ -1,0 +1,207 @@
+"""Cross-session batching for one model version.
+
+Chunks from many sessions wait in one queue. A batch starts when ``max_batch_size`` chunks wait or
+when the oldest has waited ``max_queue_delay_s``; it holds at most one chunk per session, because a
+session never has more than one chunk in flight (the engine refuses a second one). Chunks of equal
+length run in one onnxruntime call; different lengths run as separate calls of the same batch, so
+every result is exact: no padding, no masking.
+
+Concurrency:
+- Everything here but :meth:`_compute` runs on the event loop thread, including the gather and the
+  scatter of session state, so the session store needs no lock.
+- :meth:`_compute` runs in a single worker thread per model (onnxruntime releases the GIL), so the
+  event loop keeps serving I/O while a batch computes, and one model never runs two batches at once.
+  While a batch computes, the next one fills up: under load, batches form without any delay.
+- Every chunk's future is resolved exactly once, with its output rows or with the error of its own
+  model call; a chunk whose caller went away is still applied (its session's state and step count
+  move on) so that a client that reconnects can resume from the step count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InternalError, ResourceExhausted, Unavailable
+from service.metrics import Metrics
+from service.repository import ModelSpec
+from service.runtime import ModelRuntime
+from service.session_store import Session, SessionStore
+
+logger = logging.getLogger(__name__)
+
+ComputeOutcome = tuple[np.ndarray, list[np.ndarray]] | Exception
+
+
+@dataclass(eq=False, slots=True)
+class PendingChunk:
+    session: Session
+    x: np.ndarray  # [steps, features] float32
+    future: asyncio.Future[np.ndarray]
+    enqueued_s: float
+
+
+class BatchScheduler:
+    """The queue and batch loop of one model version. Create and start it on the running loop."""
+
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        runtime: ModelRuntime,
+        store: SessionStore,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_chunks: int,
+    ) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.store = store
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_chunks = max_queue_chunks
+        self._queue: deque[PendingChunk] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.name}")
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = True
+        labels = {"model": spec.name, "version": spec.version}
+        self._queue_wait = metrics.queue_wait.labels(**labels)
+        self._compute_time = metrics.compute.labels(**labels)
+        self._batch_size = metrics.batch_size.labels(**labels)
+        self._steps = metrics.steps.labels(**labels)
+        self._queue_depth = metrics.queue_depth.labels(**labels)
+        self._task = asyncio.create_task(self._run_forever(), name=f"batcher-{spec.label}")
+
+    def submit(self, session: Session, x: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Queue one chunk of ``session``; the future resolves to its output rows [steps, outputs].
+
+        The caller has checked the chunk and that the session has nothing in flight; this marks the
+        session busy until the chunk has been applied.
+        """
+        if not self._accepting:
+            raise Unavailable("the server is shutting down; no new chunks are accepted")
+        if len(self._queue) >= self.max_queue_chunks:
+            raise ResourceExhausted(
+                f"model {self.spec.label} has {len(self._queue)} chunks waiting; retry later"
+            )
+        future: asyncio.Future[np.ndarray] = self._loop.create_future()
+        session.busy = True
+        self._queue.append(PendingChunk(session, x, future, time.perf_counter()))
+        self._idle.clear()
+        if len(self._queue) == 1 or len(self._queue) >= self.max_batch_size:
+            self._wakeup.set()
+        return future
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def _run_forever(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._queue_depth.set(0)
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._queue) < self.max_batch_size and self.max_queue_delay_s > 0:
+                waited = time.perf_counter() - self._queue[0].enqueued_s
+                remaining = self.max_queue_delay_s - waited
+                if remaining > 0:
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+            batch = self._take_batch()
+            self._queue_depth.set(len(self._queue))
+            if batch:
+                await self._execute(batch)
+
+    def _take_batch(self) -> list[PendingChunk]:
+        batch: list[PendingChunk] = []
+        while self._queue and len(batch) < self.max_batch_size:
+            batch.append(self._queue.popleft())
+        return batch
+
+    async def _execute(self, batch: list[PendingChunk]) -> None:
+        started = time.perf_counter()
+        groups: dict[int, list[PendingChunk]] = {}
+        for chunk in batch:
+            self._queue_wait.observe(started - chunk.enqueued_s)
+            groups.setdefault(chunk.x.shape[0], []).append(chunk)
+        prepared = []
+        for chunks in groups.values():
+            slots = np.fromiter((c.session.slot for c in chunks), dtype=np.intp, count=len(chunks))
+            x = chunks[0].x[None] if len(chunks) == 1 else np.stack([c.x for c in chunks])
+            prepared.append((chunks, slots, x, self.store.gather(slots)))
+        try:
+            outcomes = await self._loop.run_in_executor(
+                self._executor, self._compute, [(x, states) for _, _, x, states in prepared]
+            )
+        except BaseException as exc:  # cancelled during shutdown, or the executor is gone
+            for chunks, *_ in prepared:
+                self._fail(chunks, exc if isinstance(exc, Exception) else Unavailable("shutting down"))
+            raise
+        for (chunks, slots, x, _), outcome in zip(prepared, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._fail(chunks, outcome)
+                continue
+            y, new_states = outcome
+            self.store.scatter(slots, new_states)
+            steps = x.shape[1]
+            self._steps.inc(steps * len(chunks))
+            for i, chunk in enumerate(chunks):
+                chunk.session.steps += steps
+                self.store.finish_chunk(chunk.session)
+                if not chunk.future.done():
+                    chunk.future.set_result(y[i])
+
+    def _compute(self, groups: list[tuple[np.ndarray, list[np.ndarray]]]) -> list[ComputeOutcome]:
+        """Worker thread: one onnxruntime call per chunk length. Touches no session state."""
+        outcomes: list[ComputeOutcome] = []
+        for x, states in groups:
+            started = time.perf_counter()
+            try:
+                outcomes.append(self.runtime.run(x, states))
+            except Exception as exc:
+                logger.exception("model %s failed on a batch of %d", self.spec.label, x.shape[0])
+                outcomes.append(InternalError(f"model {self.spec.label} failed: {type(exc).__name__}"))
+            self._compute_time.observe(time.perf_counter() - started)
+            self._batch_size.observe(x.shape[0])
+        return outcomes
+
+    def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:
+        for chunk in chunks:
+            self.store.finish_chunk(chunk.session)
+            if not chunk.future.done():
+                chunk.future.set_exception(error)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting chunks and wait for queued ones to finish; False if time ran out."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        """Cancel the batch loop, fail what is still queued, and stop the worker thread."""
+        self._accepting = False
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        leftover = list(self._queue)
+        self._queue.clear()
+        self._fail(leftover, Unavailable("the server shut down before this chunk ran"))
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,113 @@
+"""Assembles the running server: engine, gRPC (native + KServe + health + reflection), metrics.
+
+``RnnServer.start()`` loads every model before the health service reports SERVING, so a readiness
+probe never routes traffic to a server that cannot answer it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from service._proto.rnnserve.v1 import streaming_pb2, streaming_pb2_grpc
+from service.api.kserve import KServeServicer
+from service.api.native import NativeServicer
+from service.engine import InferenceEngine
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+NATIVE_SERVICE = streaming_pb2.DESCRIPTOR.services_by_name["StreamingInference"].full_name
+KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class RnnServer:
+    """The whole service in one object: build, ``await start()``, ``await stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = InferenceEngine(settings, self.metrics)
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._metrics_http: Any = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        streaming_pb2_grpc.add_StreamingInferenceServicer_to_server(
+            NativeServicer(self.engine, self.metrics), server
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.engine, self.metrics), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        services = (NATIVE_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
+        for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"could not bind gRPC to {s.host}:{s.grpc_port}")
+        await server.start()
+        self._server = server
+        http_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+        self._metrics_http = http_server
+        self.metrics_port = int(http_server.server_address[1])
+        # Health answers NOT_SERVING while the models load (in a thread: the loop keeps serving probes).
+        await asyncio.to_thread(self.engine.load_models)
+        await self.engine.start()
+        for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "serving %d model(s) on %s:%d (gRPC), metrics on %s:%d",
+            len(self.engine.handles()),
+            s.host,
+            self.grpc_port,
+            s.host,
+            self.metrics_port,
+        )
+        if s.port_file is not None:
+            s.port_file.write_text(json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port}))
+
+    async def stop(self) -> dict[str, int]:
+        """Graceful stop: NOT_SERVING, drain in-flight chunks, end sessions, close the ports."""
+        await self._health.enter_graceful_shutdown()
+        report = await self.engine.shutdown()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._stopped.set()
+        return report
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await self.start()
+        await stop_requested.wait()
+        logger.info("stop requested; draining (up to %.1f s)", self.settings.drain_timeout_s)
+        await self.stop()

@@ -1,0 +1,210 @@
+"""Per-model session state: one preallocated array per state tensor, one slot per session.
+
+``states[k]`` has shape [layers, capacity, hidden]; a session owns slot ``s`` and its state is
+``states[k][:, s, :]``. A batch gathers the slots of its sessions into contiguous arrays, runs the
+model, and scatters the new states back. Capacity grows by doubling up to ``max_sessions``.
+
+Concurrency: the store is only touched from the event loop thread. The scheduler gathers before it
+hands a batch to the worker thread and scatters after the worker returns, so the worker never sees
+the store and no lock is needed. A session with a chunk in flight (``busy``) is never expired, and
+closing it defers freeing its slot until the chunk has been scattered.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+
+logger = logging.getLogger(__name__)
+
+INITIAL_CAPACITY = 64
+MAX_ID_BYTES = 128
+
+
+class EndReason(Enum):
+    CLOSED = "closed"
+    IDLE_TIMEOUT = "idle_timeout"
+    EVICTED = "evicted"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(eq=False)
+class Session:
+    """One client's recurrent state handle. ``steps`` counts the steps applied so far."""
+
+    session_id: str
+    slot: int
+    created_s: float
+    last_used_s: float
+    steps: int = 0
+    busy: bool = False
+    ended: EndReason | None = None
+    close_when_idle: EndReason | None = None
+    end_listeners: list[Callable[[Session, EndReason], None]] = field(default_factory=list)
+
+
+def new_session_id() -> str:
+    """128 random bits, hex: unguessable and safe in logs and URLs."""
+    return secrets.token_hex(16)
+
+
+def check_session_id(session_id: str) -> None:
+    if not session_id:
+        raise InvalidArgument("session id must not be empty")
+    if len(session_id.encode()) > MAX_ID_BYTES:
+        raise InvalidArgument(f"session id is longer than {MAX_ID_BYTES} bytes")
+    if not session_id.isprintable():
+        raise InvalidArgument("session id must be printable text")
+
+
+class SessionStore:
+    """Sessions of one model version, their slots and state arrays."""
+
+    def __init__(
+        self,
+        *,
+        state_count: int,
+        layers: int,
+        hidden: int,
+        max_sessions: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_end: Callable[[Session, EndReason], None] | None = None,
+    ) -> None:
+        self.layers = layers
+        self.hidden = hidden
+        self.max_sessions = max_sessions
+        self.clock = clock
+        self.on_end = on_end
+        self.capacity = min(INITIAL_CAPACITY, max_sessions)
+        self.states = [np.zeros((layers, self.capacity, hidden), np.float32) for _ in range(state_count)]
+        self.sessions: dict[str, Session] = {}
+        self._free_slots = list(range(self.capacity - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes held by the state arrays (allocated capacity, not just live sessions)."""
+        return sum(s.nbytes for s in self.states)
+
+    def _grow(self) -> None:
+        new_capacity = min(self.capacity * 2, self.max_sessions)
+        for k, old in enumerate(self.states):
+            grown = np.zeros((self.layers, new_capacity, self.hidden), np.float32)
+            grown[:, : self.capacity] = old
+            self.states[k] = grown
+        self._free_slots.extend(range(new_capacity - 1, self.capacity - 1, -1))
+        logger.debug("session store grew from %d to %d slots", self.capacity, new_capacity)
+        self.capacity = new_capacity
+
+    def create(
+        self, session_id: str | None = None, initial_state: Sequence[np.ndarray] | None = None
+    ) -> Session:
+        """A new session with zero (or the given) state. Ids are generated when not given."""
+        if session_id is None:
+            session_id = new_session_id()
+        else:
+            check_session_id(session_id)
+            if session_id in self.sessions:
+                raise AlreadyExists(f"session {session_id!r} already exists")
+        if initial_state is not None:
+            self._check_state(initial_state)
+        if len(self.sessions) >= self.max_sessions:
+            raise ResourceExhausted(
+                f"this model already holds its limit of {self.max_sessions} sessions; close some "
+                "or raise RNNSERVE_MAX_SESSIONS"
+            )
+        if not self._free_slots:
+            self._grow()
+        slot = self._free_slots.pop()
+        for k, array in enumerate(self.states):
+            array[:, slot, :] = 0.0 if initial_state is None else initial_state[k]
+        now = self.clock()
+        session = Session(session_id=session_id, slot=slot, created_s=now, last_used_s=now)
+        self.sessions[session_id] = session
+        return session
+
+    def _check_state(self, state: Sequence[np.ndarray]) -> None:
+        if len(state) != len(self.states):
+            raise InvalidArgument(f"initial state needs {len(self.states)} tensors, got {len(state)}")
+        for k, tensor in enumerate(state):
+            if tensor.shape != (self.layers, self.hidden):
+                raise InvalidArgument(
+                    f"initial state tensor {k} has shape {list(tensor.shape)}, "
+                    f"expected [{self.layers}, {self.hidden}]"
+                )
+            if not np.isfinite(tensor).all():
+                raise InvalidArgument(f"initial state tensor {k} holds NaN or Inf")
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise NotFound(f"session {session_id!r} not found (never opened, closed or expired)") from None
+
+    def end(self, session: Session, reason: EndReason) -> None:
+        """End ``session``; if a chunk is in flight the slot is freed when it comes back."""
+        if session.ended is not None or session.close_when_idle is not None:
+            return
+        if session.busy:
+            session.close_when_idle = reason
+            return
+        self._release(session, reason)
+
+    def _release(self, session: Session, reason: EndReason) -> None:
+        session.ended = reason
+        del self.sessions[session.session_id]
+        self._free_slots.append(session.slot)
+        for listener in session.end_listeners:
+            listener(session, reason)
+        if self.on_end is not None:
+            self.on_end(session, reason)
+
+    def finish_chunk(self, session: Session) -> None:
+        """The scheduler is done with ``session``'s chunk: apply a close that waited for it."""
+        session.busy = False
+        session.last_used_s = self.clock()
+        if session.close_when_idle is not None:
+            reason, session.close_when_idle = session.close_when_idle, None
+            self._release(session, reason)
+
+    def expire_idle(self, ttl_s: float) -> list[Session]:
+        """End sessions idle for longer than ``ttl_s`` (busy ones are not idle)."""
+        deadline = self.clock() - ttl_s
+        expired = [s for s in self.sessions.values() if not s.busy and s.last_used_s < deadline]
+        for session in expired:
+            self._release(session, EndReason.IDLE_TIMEOUT)
+        return expired
+
+    def end_all(self, reason: EndReason) -> int:
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            if session.busy:
+                session.busy = False  # shutdown: no chunk will come back to scatter
+            self._release(session, reason)
+        return len(sessions)
+
+    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
+        """States of ``slots`` as contiguous [layers, len(slots), hidden] arrays (copies)."""
+        return [np.ascontiguousarray(array[:, slots, :]) for array in self.states]
+
+    def scatter(self, slots: np.ndarray, new_states: Sequence[np.ndarray]) -> None:
+        for array, new in zip(self.states, new_states, strict=True):
+            array[:, slots, :] = new
+
+    def read_state(self, session: Session) -> list[np.ndarray]:
+        return [array[:, session.slot, :].copy() for array in self.states]
+
+    def reset_state(self, session: Session) -> None:
+        for array in self.states:
+            array[:, session.slot, :] = 0.0
+        session.steps = 0

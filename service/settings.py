@@ -1,0 +1,71 @@
+"""The one settings object. Built once in the CLI from flags and ``RNNSERVE_*`` environment
+variables (flags win) and passed down; nothing else reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+ExecutionProvider = Literal["cpu", "cuda", "tensorrt"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Environment: ``RNNSERVE_<NAME>`` (e.g. ``RNNSERVE_GRPC_PORT``)."""
+
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind to")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int = Field(
+        8002, ge=0, le=65535, description="Prometheus /metrics HTTP port (0: pick a free one)"
+    )
+    model_repository: Path = Field(
+        BUNDLED_MODELS, description="directory of <model>/<version>/model.onnx + model.json"
+    )
+    execution_provider: ExecutionProvider = Field(
+        "cpu", description="onnxruntime execution provider: cpu, cuda or tensorrt"
+    )
+    provider_fallback: bool = Field(
+        False,
+        description="if the requested GPU provider is unavailable, log and fall back to CPU "
+        "instead of refusing to start",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime threads inside one operator (0: onnxruntime decides)"
+    )
+    inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators")
+    max_batch_size: int = Field(
+        128, ge=1, description="most session chunks in one model call (1 disables batching)"
+    )
+    max_queue_delay_s: float = Field(
+        0.0005,
+        ge=0.0,
+        description="longest a chunk waits for others to join its batch, in seconds",
+    )
+    max_queue_chunks: int = Field(
+        4096, ge=1, description="chunks waiting per model before new ones are refused"
+    )
+    max_sessions: int = Field(10_000, ge=1, description="live sessions per model version")
+    session_ttl_s: float = Field(
+        600.0, ge=0.0, description="idle seconds before a session ends (0 disables expiry)"
+    )
+    ttl_check_interval_s: float = Field(
+        1.0, gt=0.0, description="how often idle sessions are looked for, in seconds"
+    )
+    max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent, in bytes"
+    )
+    drain_timeout_s: float = Field(
+        10.0, ge=0.0, description="on SIGTERM, how long in-flight chunks may finish, in seconds"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["json", "text"] = Field("text", description="log line format")
+    port_file: Path | None = Field(
+        None, description="write the bound ports as JSON here once serving (for port 0)"
+    )

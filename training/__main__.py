@@ -1,0 +1,194 @@
+"""Command line: ``python -m training {train,experiments,bundle,export,verify,report}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.models import CELLS
+
+DEFAULT_RUNS = Path("runs")
+DEFAULT_REPOSITORY = Path("models")
+DEFAULT_DOCS = Path("docs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.tasks import TASKS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train RNN/LSTM/GRU models on long-time-lag tasks and export them to ONNX.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train one model on one task")
+    p.add_argument("--task", choices=sorted(TASKS), required=True, help="which problem to learn")
+    p.add_argument("--cell", choices=CELLS, required=True, help="recurrent cell type")
+    p.add_argument("--hidden-size", type=int, default=32, help="units per layer (default 32)")
+    p.add_argument("--layers", type=int, default=1, help="stacked recurrent layers (default 1)")
+    p.add_argument(
+        "--init",
+        choices=("keep", "default"),
+        default="keep",
+        help="'keep': LSTM forget / GRU update gate bias +5 (default); 'default': PyTorch's init",
+    )
+    p.add_argument(
+        "--no-forget-gate", action="store_true", help="LSTM only: pin the forget gate at 1 (1997 LSTM)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="sequences (or stream lanes) per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.add_argument("--max-steps", type=int, default=20_000, help="optimizer steps at most")
+    p.add_argument("--max-seconds", type=float, default=290.0, help="wall-time budget in seconds")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
+    p.add_argument("--no-early-stop", action="store_true", help="train the full budget even if solved")
+    p.add_argument("--seed", type=int, default=0, help="seed for data and weights")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<task>-<cell>)")
+    p.add_argument("--export-as", default=None, help="also export to the model repository under this name")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+
+    p = commands.add_parser("experiments", help="run the recipes behind the results table")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where run directories go")
+    p.add_argument("--only", nargs="*", default=None, help="run names (e.g. adding-lstm) to run")
+    p.add_argument("--skip-done", action="store_true", help="skip runs that already have results.json")
+
+    p = commands.add_parser("bundle", help="train (if needed) and export the bundled models")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where run directories go")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+    p.add_argument("--retrain", action="store_true", help="train again even if a run exists")
+
+    p = commands.add_parser("export", help="export a run's checkpoint to ONNX and verify it")
+    p.add_argument("run_dir", type=Path, help="run directory with checkpoint.pt and results.json")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--version", default="1", help="model version (default 1)")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+
+    p = commands.add_parser("verify", help="re-judge exported models on fresh held-out data")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+    p.add_argument("--seed", type=int, default=7, help="seed of the fresh held-out data")
+
+    p = commands.add_parser("report", help="write the results table and plots")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run directories to read")
+    p.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="where results.md and plots go")
+    return parser
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from training.models import ModelConfig
+    from training.pipeline import export_run
+    from training.tasks import make_task
+    from training.train import TrainConfig, train
+
+    task = make_task(args.task)
+    suffix = "_nofg" if args.no_forget_gate else ""
+    out = args.out or DEFAULT_RUNS / f"{args.task}-{args.cell}{suffix}"
+    model_config = ModelConfig(
+        cell=args.cell,
+        input_size=task.input_size,
+        output_size=task.output_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        init=args.init,
+        forget_gate=not args.no_forget_gate,
+    )
+    train_config = TrainConfig(
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        max_steps=args.max_steps,
+        max_seconds=args.max_seconds,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        early_stop=not args.no_early_stop,
+    )
+    _, result = train(task, model_config, train_config, out)
+    print(json.dumps({"run": str(out), "solved": result.solved, "test": result.test}, indent=2))
+    if args.export_as:
+        metadata = export_run(out, args.repository, args.export_as)
+        print(f"exported {args.repository / args.export_as / metadata['version']}")
+    return 0
+
+
+def command_experiments(args: argparse.Namespace) -> int:
+    from training.pipeline import run_experiment
+    from training.recipes import EXPERIMENTS
+
+    chosen = [e for e in EXPERIMENTS if args.only is None or e.run_name in args.only]
+    if args.only and len(chosen) != len(args.only):
+        known = ", ".join(e.run_name for e in EXPERIMENTS)
+        print(f"unknown run name in {args.only}; known: {known}", file=sys.stderr)
+        return 2
+    for experiment in chosen:
+        if args.skip_done and (args.runs / experiment.run_name / "results.json").exists():
+            continue
+        run_experiment(experiment, args.runs)
+    return 0
+
+
+def command_bundle(args: argparse.Namespace) -> int:
+    from training.pipeline import export_run, run_experiment
+    from training.recipes import EXPERIMENTS
+
+    for experiment in EXPERIMENTS:
+        if experiment.bundle_as is None:
+            continue
+        run_dir = args.runs / experiment.run_name
+        if args.retrain or not (run_dir / "results.json").exists():
+            run_experiment(experiment, args.runs)
+        metadata = export_run(run_dir, args.repository, experiment.bundle_as)
+        print(f"{experiment.bundle_as}: solved={metadata['metrics']['solved']} sha256={metadata['sha256'][:12]}")
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from training.pipeline import export_run
+
+    metadata = export_run(args.run_dir, args.repository, args.name, args.version)
+    print(json.dumps(metadata["verification"], indent=2))
+    return 0
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    from training.pipeline import check_bundled_model
+
+    failures = 0
+    for model_json in sorted(args.repository.glob("*/*/model.json")):
+        evaluation, metadata = check_bundled_model(model_json.parent, args.seed)
+        status = "ok" if evaluation.solved else "FAILED"
+        failures += not evaluation.solved
+        print(f"{metadata['name']}/{metadata['version']}: {status} errors {evaluation.errors}/{evaluation.total} mse {evaluation.mse:.3g}")
+    return 1 if failures else 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from training.report import write_report
+
+    written = write_report(args.runs, args.docs)
+    for path in written:
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "train": command_train,
+    "experiments": command_experiments,
+    "bundle": command_bundle,
+    "export": command_export,
+    "verify": command_verify,
+    "report": command_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
