@@ -2,9 +2,9 @@
 
 Chunks from many sessions wait in one queue. A batch starts when ``max_batch_size`` chunks wait or
 when the oldest has waited ``max_queue_delay_s``; it holds at most one chunk per session, because a
-session never has more than one chunk in flight (the engine refuses a second one). Chunks of equal
-length run in one onnxruntime call; different lengths run as separate calls of the same batch, so
-every result is exact: no padding, no masking.
+session never has more than one chunk in flight (the engine refuses a second one). Chunks of any
+lengths share the batch's model calls exactly, with neither padding nor masking (see
+:meth:`BatchScheduler._compute`).
 
 Concurrency:
 - Everything here but :meth:`_compute` runs on the event loop thread, including the gather and the
@@ -37,7 +37,6 @@ from service.session_store import Session, SessionStore
 
 logger = logging.getLogger(__name__)
 
-ComputeOutcome = tuple[np.ndarray, list[np.ndarray]] | Exception
 
 
 @dataclass(eq=False, slots=True)
@@ -46,6 +45,17 @@ class PendingChunk:
     x: np.ndarray  # [steps, features] float32
     future: asyncio.Future[np.ndarray]
     enqueued_s: float
+
+
+@dataclass(eq=False, slots=True)
+class BatchOutcome:
+    """What the worker thread hands back: per-chunk outputs, the batch's final states, and which
+    chunks finished (a failed model call leaves the chunks it held unfinished, with ``error``)."""
+
+    outputs: list[np.ndarray]
+    states: list[np.ndarray]
+    finished: np.ndarray
+    error: Exception | None
 
 
 class BatchScheduler:
@@ -135,50 +145,73 @@ class BatchScheduler:
 
     async def _execute(self, batch: list[PendingChunk]) -> None:
         started = time.perf_counter()
-        groups: dict[int, list[PendingChunk]] = {}
         for chunk in batch:
             self._queue_wait.observe(started - chunk.enqueued_s)
-            groups.setdefault(chunk.x.shape[0], []).append(chunk)
-        prepared = []
-        for chunks in groups.values():
-            slots = np.fromiter((c.session.slot for c in chunks), dtype=np.intp, count=len(chunks))
-            x = chunks[0].x[None] if len(chunks) == 1 else np.stack([c.x for c in chunks])
-            prepared.append((chunks, slots, x, self.store.gather(slots)))
+        slots = np.fromiter((c.session.slot for c in batch), dtype=np.intp, count=len(batch))
+        inputs = [c.x for c in batch]
+        states = self.store.gather(slots)
         try:
-            outcomes = await self._loop.run_in_executor(
-                self._executor, self._compute, [(x, states) for _, _, x, states in prepared]
-            )
+            outcome = await self._loop.run_in_executor(self._executor, self._compute, inputs, states)
         except BaseException as exc:  # cancelled during shutdown, or the executor is gone
-            for chunks, *_ in prepared:
-                self._fail(chunks, exc if isinstance(exc, Exception) else Unavailable("shutting down"))
+            self._fail(batch, exc if isinstance(exc, Exception) else Unavailable("shutting down"))
             raise
-        for (chunks, slots, x, _), outcome in zip(prepared, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                self._fail(chunks, outcome)
+        finished = outcome.finished
+        if finished.any():
+            self.store.scatter(slots[finished], [s[:, finished, :] for s in outcome.states])
+        for i, chunk in enumerate(batch):
+            if not finished[i]:
+                self._fail([chunk], outcome.error or InternalError("chunk not computed"))
                 continue
-            y, new_states = outcome
-            self.store.scatter(slots, new_states)
-            steps = x.shape[1]
-            self._steps.inc(steps * len(chunks))
-            for i, chunk in enumerate(chunks):
-                chunk.session.steps += steps
-                self.store.finish_chunk(chunk.session)
-                if not chunk.future.done():
-                    chunk.future.set_result(y[i])
+            steps = chunk.x.shape[0]
+            self._steps.inc(steps)
+            chunk.session.steps += steps
+            self.store.finish_chunk(chunk.session)
+            if not chunk.future.done():
+                chunk.future.set_result(outcome.outputs[i])
 
-    def _compute(self, groups: list[tuple[np.ndarray, list[np.ndarray]]]) -> list[ComputeOutcome]:
-        """Worker thread: one onnxruntime call per chunk length. Touches no session state."""
-        outcomes: list[ComputeOutcome] = []
-        for x, states in groups:
+    def _compute(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
+        """Worker thread: run a batch of chunks of any lengths exactly, touching no session state.
+
+        The batch runs in step-aligned segments: every chunk takes part in the first call, which
+        covers as many steps as the shortest chunk; the chunks with steps left continue from the
+        states they reached, and so on. Chaining states this way is exactly the same computation as
+        one call over the whole chunk, so no padding or masking is involved, and when all chunks
+        have the same length (the common case) the batch is a single call.
+        """
+        lengths = np.fromiter((x.shape[0] for x in inputs), dtype=np.intp, count=len(inputs))
+        pieces: list[list[np.ndarray]] = [[] for _ in inputs]
+        finished = np.zeros(len(inputs), dtype=bool)
+        error: Exception | None = None
+        done_steps = 0
+        for end in np.unique(lengths):
+            active = np.flatnonzero(lengths >= end)
+            everyone = len(active) == len(inputs)
+            if len(active) == 1:
+                x = inputs[active[0]][None, done_steps:end]
+            else:
+                x = np.stack([inputs[i][done_steps:end] for i in active])
+            segment_states = states if everyone else [s[:, active, :] for s in states]
             started = time.perf_counter()
             try:
-                outcomes.append(self.runtime.run(x, states))
+                y, new_states = self.runtime.run(x, segment_states)
             except Exception as exc:
-                logger.exception("model %s failed on a batch of %d", self.spec.label, x.shape[0])
-                outcomes.append(InternalError(f"model {self.spec.label} failed: {type(exc).__name__}"))
-            self._compute_time.observe(time.perf_counter() - started)
-            self._batch_size.observe(x.shape[0])
-        return outcomes
+                logger.exception("model %s failed on a batch of %d", self.spec.label, len(active))
+                error = InternalError(f"model {self.spec.label} failed: {type(exc).__name__}")
+                break
+            finally:
+                self._compute_time.observe(time.perf_counter() - started)
+                self._batch_size.observe(len(active))
+            if everyone:
+                states = list(new_states)
+            else:
+                for state, new in zip(states, new_states, strict=True):
+                    state[:, active, :] = new
+            for row, i in enumerate(active):
+                pieces[i].append(y[row])
+            finished[lengths == end] = True
+            done_steps = int(end)
+        outputs = [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces]
+        return BatchOutcome(outputs=outputs, states=states, finished=finished, error=error)
 
     def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:
         for chunk in chunks:

@@ -1,0 +1,63 @@
+"""Small async helpers for talking to a test server over both APIs with the generated stubs."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from service._proto.inference import grpc_service_pb2 as kpb
+from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
+from service.api.native import to_array, to_tensor
+
+
+def channel(server_port: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server_port}")
+
+
+def native(ch: grpc.aio.Channel) -> pb_grpc.StreamingInferenceStub:
+    return pb_grpc.StreamingInferenceStub(ch)
+
+
+def kserve(ch: grpc.aio.Channel) -> kpb_grpc.GRPCInferenceServiceStub:
+    return kpb_grpc.GRPCInferenceServiceStub(ch)
+
+
+def step_request(model: str, session_id: str, x: np.ndarray, end: bool = False) -> pb.StepRequest:
+    return pb.StepRequest(model=model, session_id=session_id, input=to_tensor(x), end=end)
+
+
+def output_of(response: pb.StepResponse) -> np.ndarray:
+    return to_array(response.output, "output")
+
+
+def infer_request(
+    model: str,
+    sequence_id: int | str,
+    x: np.ndarray,
+    start: bool = False,
+    end: bool = False,
+    raw: bool = True,
+    request_id: str = "",
+) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name=model, id=request_id)
+    if isinstance(sequence_id, str):
+        request.parameters["sequence_id"].string_param = sequence_id
+    else:
+        request.parameters["sequence_id"].int64_param = sequence_id
+    if start:
+        request.parameters["sequence_start"].bool_param = True
+    if end:
+        request.parameters["sequence_end"].bool_param = True
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, *x.shape])
+    if raw:
+        request.raw_input_contents.append(np.ascontiguousarray(x, np.float32).tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    return request
+
+
+def infer_output(response: kpb.ModelInferResponse) -> np.ndarray:
+    shape = list(response.outputs[0].shape)
+    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(shape)[0]

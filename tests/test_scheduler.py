@@ -1,0 +1,168 @@
+"""The batcher with a fake model: batch formation, ordering, lengths, errors. No sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.errors import InternalError, ResourceExhausted
+from service.metrics import Metrics
+from service.repository import ModelSpec
+from service.scheduler import BatchScheduler
+from service.session_store import SessionStore
+
+
+class GatedFakeModel:
+    """y = x + h (per step, cumulative); h' = h + sum over steps. Blocks until released if gated."""
+
+    def __init__(self, gated: bool = False) -> None:
+        self.calls: list[tuple[int, int]] = []  # (batch, steps)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not gated:
+            self.release.set()
+        self.fail_on_value: float | None = None
+
+    def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        self.calls.append((x.shape[0], x.shape[1]))
+        self.entered.set()
+        self.release.wait(timeout=30)
+        if self.fail_on_value is not None and (x == self.fail_on_value).any():
+            raise RuntimeError("boom")
+        h = states[0][0, :, :1]  # [batch, 1]
+        cumulative = np.cumsum(x[..., :1], axis=1) + h[:, None, :]
+        new_h = states[0] + x[..., :1].sum(axis=1)[None, :, :]
+        return cumulative.astype(np.float32), [new_h.astype(np.float32)]
+
+
+def spec() -> ModelSpec:
+    return ModelSpec(
+        name="fake", version="1", directory=Path("."), cell="gru", num_layers=1, hidden_size=1,
+        input_size=1, output_size=1, sha256="", metadata={},
+    )  # fmt: skip
+
+
+def make(model: GatedFakeModel, **kw: int | float) -> tuple[BatchScheduler, SessionStore, Metrics]:
+    store = SessionStore(state_count=1, layers=1, hidden=1, max_sessions=100)
+    metrics = Metrics()
+    options = {"max_batch_size": 8, "max_queue_delay_s": 0.0, "max_queue_chunks": 100, **kw}
+    scheduler = BatchScheduler(spec=spec(), runtime=model, store=store, metrics=metrics, **options)
+    return scheduler, store, metrics
+
+
+def chunk(*values: float) -> np.ndarray:
+    return np.array(values, np.float32)[:, None]
+
+
+async def test_chunks_queued_while_a_batch_computes_form_the_next_batch() -> None:
+    model = GatedFakeModel(gated=True)
+    scheduler, store, _ = make(model)
+    sessions = [store.create(str(i)) for i in range(4)]
+    first = scheduler.submit(sessions[0], chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    rest = [scheduler.submit(s, chunk(i + 2)) for i, s in enumerate(sessions[1:])]
+    model.release.set()
+    outputs = await asyncio.gather(first, *rest)
+    assert model.calls == [(1, 1), (3, 1)]
+    assert [float(o[0, 0]) for o in outputs] == [1.0, 2.0, 3.0, 4.0]
+    assert all(s.steps == 1 and not s.busy for s in sessions)
+    await scheduler.close()
+
+
+async def test_batch_is_capped_at_max_batch_size() -> None:
+    model = GatedFakeModel(gated=True)
+    scheduler, store, _ = make(model, max_batch_size=2)
+    sessions = [store.create(str(i)) for i in range(5)]
+    first = scheduler.submit(sessions[0], chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    rest = [scheduler.submit(s, chunk(1)) for s in sessions[1:]]
+    model.release.set()
+    await asyncio.gather(first, *rest)
+    assert [b for b, _ in model.calls] == [1, 2, 2]
+    await scheduler.close()
+
+
+async def test_different_lengths_share_step_aligned_calls() -> None:
+    model = GatedFakeModel(gated=True)
+    scheduler, store, _ = make(model)
+    a, b, c, d = (store.create(n) for n in "abcd")
+    first = scheduler.submit(a, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    fb = scheduler.submit(b, chunk(1, 2))
+    fc = scheduler.submit(c, chunk(1, 2, 3))
+    fd = scheduler.submit(d, chunk(5, 5))
+    model.release.set()
+    await first
+    yb, yc, yd = await asyncio.gather(fb, fc, fd)
+    # All three run the first two steps together; the 3-step chunk continues alone from its state.
+    assert model.calls[1:] == [(3, 2), (1, 1)]
+    np.testing.assert_array_equal(yb[:, 0], [1, 3])
+    np.testing.assert_array_equal(yc[:, 0], [1, 3, 6])
+    np.testing.assert_array_equal(yd[:, 0], [5, 10])
+    assert (b.steps, c.steps, d.steps) == (2, 3, 2)
+    await scheduler.close()
+
+
+async def test_state_carries_over_between_chunks_of_a_session() -> None:
+    scheduler, store, _ = make(GatedFakeModel())
+    s = store.create("s")
+    y1 = await scheduler.submit(s, chunk(1, 2))
+    y2 = await scheduler.submit(s, chunk(10))
+    np.testing.assert_array_equal(y1[:, 0], [1, 3])
+    np.testing.assert_array_equal(y2[:, 0], [13])
+    assert s.steps == 3
+    await scheduler.close()
+
+
+async def test_a_failing_call_fails_only_its_own_chunks() -> None:
+    model = GatedFakeModel(gated=True)
+    model.fail_on_value = 99.0
+    scheduler, store, _ = make(model)
+    a, b, c = (store.create(n) for n in "abc")
+    first = scheduler.submit(a, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    bad = scheduler.submit(b, chunk(1, 99))  # its second segment fails
+    good = scheduler.submit(c, chunk(7))  # shares only the first segment, which succeeds
+    model.release.set()
+    await first
+    with pytest.raises(InternalError, match="fake/1 failed"):
+        await bad
+    assert float((await good)[0, 0]) == 7.0
+    assert b.steps == 0 and not b.busy and c.steps == 1
+    assert (store.read_state(b)[0] == 0).all() and (store.read_state(c)[0] == 7).all()
+    await scheduler.close()
+
+
+async def test_full_queue_is_refused_with_resource_exhausted() -> None:
+    model = GatedFakeModel(gated=True)
+    scheduler, store, _ = make(model, max_queue_chunks=2)
+    sessions = [store.create(str(i)) for i in range(4)]
+    first = scheduler.submit(sessions[0], chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    queued = [scheduler.submit(s, chunk(1)) for s in sessions[1:3]]
+    with pytest.raises(ResourceExhausted, match="retry later"):
+        scheduler.submit(sessions[3], chunk(1))
+    assert not sessions[3].busy
+    model.release.set()
+    await asyncio.gather(first, *queued)
+    await scheduler.close()
+
+
+async def test_batch_size_metric_counts_sessions_per_call() -> None:
+    model = GatedFakeModel(gated=True)
+    scheduler, store, metrics = make(model)
+    sessions = [store.create(str(i)) for i in range(6)]
+    first = scheduler.submit(sessions[0], chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    rest = [scheduler.submit(s, chunk(1)) for s in sessions[1:]]
+    model.release.set()
+    await asyncio.gather(first, *rest)
+    total = metrics.registry.get_sample_value("rnnserve_batch_size_sum", {"model": "fake", "version": "1"})
+    count = metrics.registry.get_sample_value("rnnserve_batch_size_count", {"model": "fake", "version": "1"})
+    assert (total, count) == (6.0, 2.0)
+    await scheduler.close()
