@@ -57,7 +57,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +68,10 @@ def main() -> int:
         generate(fresh)
         if args.check:
             if snapshot(fresh) != snapshot(OUTPUT):
-                print("service/_proto is out of date: run python scripts/generate_protos.py", file=sys.stderr)
+                print(
+                    "service/_proto is out of date: run python scripts/generate_protos.py",
+                    file=sys.stderr,
+                )
                 return 1
             print("service/_proto is up to date")
             return 0

@@ -30,7 +30,11 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         origin = typing.get_origin(annotation)
         if annotation is bool:
             parser.add_argument(
-                flag_name(name), dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+                flag_name(name),
+                dest=name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
             )
             continue
         if origin is typing.Literal:
@@ -41,11 +45,17 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             kind = float
         elif annotation in (Path, Path | None):
             kind = Path
-        parser.add_argument(flag_name(name), dest=name, type=kind, choices=choices, default=None, help=help_text)
+        parser.add_argument(
+            flag_name(name), dest=name, type=kind, choices=choices, default=None, help=help_text
+        )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
     return Settings(**overrides)
 
 
@@ -64,8 +74,10 @@ def command_models(args: argparse.Namespace) -> int:
 
     with Client(args.target, timeout_s=10) as client:
         for m in client.models():
-            print(f"{m.name}/{m.version}\t{m.cell}\tlayers={m.layers} hidden={m.hidden_size}\t"
-                  f"in={m.input_size} out={m.output_size}\t{m.task}")
+            print(
+                f"{m.name}/{m.version}\t{m.cell}\tlayers={m.layers} hidden={m.hidden_size}\t"
+                f"in={m.input_size} out={m.output_size}\t{m.task}"
+            )
     return 0
 
 
@@ -89,15 +101,23 @@ def command_stream(args: argparse.Namespace) -> int:
     print(f"session streamed {steps} steps in chunks of {args.chunk}")
     has_target = ~np.isnan(demo.targets).any(axis=1)
     rows = np.flatnonzero(has_target)
-    shown = rows if len(rows) <= args.show else rows[np.linspace(0, len(rows) - 1, args.show).astype(int)]
+    shown = (
+        rows
+        if len(rows) <= args.show
+        else rows[np.linspace(0, len(rows) - 1, args.show).astype(int)]
+    )
     print(f"{'step':>6}  {'input':<24} {'target':<20} prediction")
     for t in shown:
         fmt = lambda v: np.array2string(v, precision=3, suppress_small=True)  # noqa: E731
         print(f"{t:>6}  {fmt(demo.inputs[t]):<24} {fmt(demo.targets[t]):<20} {fmt(prediction[t])}")
     error = prediction[has_target] - demo.targets[has_target]
-    print(f"mean squared error over {int(has_target.sum())} targeted steps: {float(np.mean(error**2)):.5f}")
+    print(
+        f"mean squared error over {int(has_target.sum())} targeted steps: {float(np.mean(error**2)):.5f}"
+    )
     if args.plot:
-        plot_stream(args.plot, demo.inputs, demo.targets, prediction, f"{info.name}: {demo.description}")
+        plot_stream(
+            args.plot, demo.inputs, demo.targets, prediction, f"{info.name}: {demo.description}"
+        )
         print(f"plot written to {args.plot}")
     return 0
 
@@ -122,7 +142,9 @@ def plot_stream(path: Path, inputs: Any, targets: Any, prediction: Any, title: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnnserve", description="Streaming inference for recurrent models.")
+    parser = argparse.ArgumentParser(
+        prog="rnnserve", description="Streaming inference for recurrent models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the model repository over gRPC")
     add_settings_flags(serve)
@@ -132,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
     models.set_defaults(handler=command_models)
 
-    stream = commands.add_parser("stream", help="stream a demo sequence through a session and compare with targets")
+    stream = commands.add_parser(
+        "stream", help="stream a demo sequence through a session and compare with targets"
+    )
     stream.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
     stream.add_argument("--model", required=True, help="model name, e.g. timer_lstm")
     stream.add_argument("--task", default=None, help="demo task (default: the model's task)")
@@ -140,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--chunk", type=int, default=1, help="steps per chunk (default 1)")
     stream.add_argument("--seed", type=int, default=0, help="seed of the demo stream")
     stream.add_argument("--show", type=int, default=12, help="rows of the table to print")
-    stream.add_argument("--plot", type=Path, default=None, help="write a PNG of target vs prediction")
+    stream.add_argument(
+        "--plot", type=Path, default=None, help="write a PNG of target vs prediction"
+    )
     stream.set_defaults(handler=command_stream)
     return parser
 
@@ -155,12 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         import grpc
 
         if isinstance(error, grpc.RpcError):
-            print(f"rnnserve: {error.code().name}: {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"rnnserve: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
         raise
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

@@ -32,7 +32,12 @@ class SessionEndedError(RuntimeError):
 class StreamingSession:
     """One open session on its own stream. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, stub: pb_grpc.StreamingInferenceStub, open_request: pb.StreamRequest, timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.StreamingInferenceStub,
+        open_request: pb.StreamRequest,
+        timeout_s: float | None,
+    ) -> None:
         self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
         self._requests.put(open_request)
         self._responses: Iterator[pb.StreamResponse] = stub.Stream(
@@ -78,7 +83,12 @@ class StreamingSession:
     def __enter__(self) -> StreamingSession:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -88,7 +98,12 @@ class StreamingSession:
 class Client:
     """Connection to an rnnserve server's native API."""
 
-    def __init__(self, target: str, timeout_s: float | None = None, options: list[tuple[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
         self.channel = grpc.insecure_channel(target, options=options or [])
         self.stub = pb_grpc.StreamingInferenceStub(self.channel)
         self.timeout_s = timeout_s
@@ -97,7 +112,9 @@ class Client:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s).models)
 
     def model(self, name: str, version: str = "") -> pb.ModelInfo:
-        return self.stub.GetModel(pb.GetModelRequest(model=name, version=version), timeout=self.timeout_s)
+        return self.stub.GetModel(
+            pb.GetModelRequest(model=name, version=version), timeout=self.timeout_s
+        )
 
     def open_session(
         self,
@@ -118,7 +135,9 @@ class Client:
 
     def attach(self, model: str, session_id: str, version: str = "") -> StreamingSession:
         """Continue an existing session (e.g. after a reconnect) on a new stream."""
-        request = pb.StreamRequest(attach=pb.GetSessionRequest(model=model, version=version, session_id=session_id))
+        request = pb.StreamRequest(
+            attach=pb.GetSessionRequest(model=model, version=version, session_id=session_id)
+        )
         return StreamingSession(self.stub, request, None)
 
     def close(self) -> None:

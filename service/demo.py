@@ -44,7 +44,9 @@ def adding_stream(steps: int, rng: np.random.Generator) -> DemoStream:
     markers[first] = markers[second] = 1.0
     y = np.full((steps, 1), np.nan, np.float32)
     y[-1, 0] = 0.5 + (values[first] + values[second]) / 4.0
-    return DemoStream(np.stack([values, markers], 1), y, "adding: 0.5 + (X1 + X2)/4 at the last step")
+    return DemoStream(
+        np.stack([values, markers], 1), y, "adding: 0.5 + (X1 + X2)/4 at the last step"
+    )
 
 
 def temporal_order_stream(steps: int, rng: np.random.Generator) -> DemoStream:
@@ -56,7 +58,9 @@ def temporal_order_stream(steps: int, rng: np.random.Generator) -> DemoStream:
     symbols[int(rng.integers(49, 60))] = 6 + b
     y = np.full((steps, 4), np.nan, np.float32)
     y[-1] = np.eye(4, dtype=np.float32)[2 * a + b]
-    return DemoStream(np.eye(8, dtype=np.float32)[symbols], y, "temporal order: class at the last step")
+    return DemoStream(
+        np.eye(8, dtype=np.float32)[symbols], y, "temporal order: class at the last step"
+    )
 
 
 DEMOS = {"timer": timer_stream, "adding": adding_stream, "temporal_order": temporal_order_stream}
@@ -66,5 +70,7 @@ def demo_for_task(task: str, steps: int, seed: int) -> DemoStream:
     try:
         make = DEMOS[task]
     except KeyError:
-        raise ValueError(f"no demo stream for task {task!r}; demos exist for {', '.join(DEMOS)}") from None
+        raise ValueError(
+            f"no demo stream for task {task!r}; demos exist for {', '.join(DEMOS)}"
+        ) from None
     return make(steps, np.random.default_rng(seed))

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import FailedPrecondition, InvalidArgument, ModelContractError, NotFound, Unavailable
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ModelContractError,
+    NotFound,
+    Unavailable,
+)
 from service.metrics import Metrics
 from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
 from service.runtime import ModelRuntime
@@ -88,7 +94,9 @@ class InferenceEngine:
         s = self.settings
         directories = discover(s.model_repository)
         if not directories:
-            raise ModelContractError(f"model repository {s.model_repository} holds no */*/model.onnx")
+            raise ModelContractError(
+                f"model repository {s.model_repository} holds no */*/model.onnx"
+            )
         for directory in directories:
             spec = read_spec(directory)
             runtime = ModelRuntime(
@@ -125,7 +133,9 @@ class InferenceEngine:
         def on_end(session: Session, reason: EndReason) -> None:
             ended.labels(spec.name, spec.version, reason.value).inc()
             active.dec()
-            logger.debug("session ended model=%s reason=%s steps=%d", spec.label, reason.value, session.steps)
+            logger.debug(
+                "session ended model=%s reason=%s steps=%d", spec.label, reason.value, session.steps
+            )
 
         return on_end
 
@@ -185,8 +195,12 @@ class InferenceEngine:
         if restart and session_id is not None and session_id in store.sessions:
             session = store.sessions[session_id]
             if session.busy:
-                raise FailedPrecondition(f"session {session_id!r} has a chunk in flight; cannot restart it")
-            logger.warning("sequence %r restarted by a new START on model %s", session_id, handle.spec.label)
+                raise FailedPrecondition(
+                    f"session {session_id!r} has a chunk in flight; cannot restart it"
+                )
+            logger.warning(
+                "sequence %r restarted by a new START on model %s", session_id, handle.spec.label
+            )
             store.reset_state(session)
             if initial_state is not None:
                 store.end(session, EndReason.CLOSED)
@@ -201,11 +215,15 @@ class InferenceEngine:
         handle = self.model(name, version)
         return handle, handle.store.get(session_id)
 
-    def session_view(self, name: str, version: str, session_id: str, include_state: bool = False) -> SessionView:
+    def session_view(
+        self, name: str, version: str, session_id: str, include_state: bool = False
+    ) -> SessionView:
         handle, session = self.session(name, version, session_id)
         return self._view(handle, session, include_state)
 
-    def _view(self, handle: ModelHandle, session: Session, include_state: bool = False) -> SessionView:
+    def _view(
+        self, handle: ModelHandle, session: Session, include_state: bool = False
+    ) -> SessionView:
         return SessionView(
             session_id=session.session_id,
             model=handle.spec.name,
@@ -225,7 +243,9 @@ class InferenceEngine:
         if x.dtype != np.float32:
             raise InvalidArgument(f"input must be float32, got {x.dtype}")
         if x.ndim != 2:
-            raise InvalidArgument(f"input must be [steps, {spec.input_size}], got shape {list(x.shape)}")
+            raise InvalidArgument(
+                f"input must be [steps, {spec.input_size}], got shape {list(x.shape)}"
+            )
         steps, features = x.shape
         if features != spec.input_size:
             raise InvalidArgument(

@@ -61,7 +61,10 @@ class Metrics:
             "rnnserve_steps", "Time steps computed.", ["model", "version"], registry=r
         )
         self.sessions_started = Counter(
-            "rnnserve_sessions_started", "Sessions started.", ["model", "version", "api"], registry=r
+            "rnnserve_sessions_started",
+            "Sessions started.",
+            ["model", "version", "api"],
+            registry=r,
         )
         self.sessions_ended = Counter(
             "rnnserve_sessions_ended",

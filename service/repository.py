@@ -85,7 +85,9 @@ def read_spec(directory: Path) -> ModelSpec:
     if missing:
         raise ModelContractError(f"model {label}: model.json lacks {', '.join(missing)}")
     if metadata["cell"] not in CELLS:
-        raise ModelContractError(f"model {label}: unknown cell {metadata['cell']!r} (expected {CELLS})")
+        raise ModelContractError(
+            f"model {label}: unknown cell {metadata['cell']!r} (expected {CELLS})"
+        )
     digest = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
     recorded = metadata.get("sha256")
     if recorded and recorded != digest:
@@ -137,6 +139,10 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
                 if isinstance(want, int) and isinstance(got, int) and got != want:
                     problems.append(f"{name} axis {axis} is {got}, expected {want}")
                 if isinstance(want, str) and isinstance(got, int) and name in ("x", "y"):
-                    problems.append(f"{name} axis {axis} ({want}) is fixed to {got}, must be dynamic")
+                    problems.append(
+                        f"{name} axis {axis} ({want}) is fixed to {got}, must be dynamic"
+                    )
     if problems:
-        raise ModelContractError(f"model {spec.label} breaks the ONNX contract: " + "; ".join(problems))
+        raise ModelContractError(
+            f"model {spec.label} breaks the ONNX contract: " + "; ".join(problems)
+        )

@@ -83,7 +83,9 @@ class ModelRuntime:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(
+        self, x: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"x": x}
         for name, state in zip(self.input_names[1:], states, strict=True):
             feeds[name] = state

@@ -38,7 +38,6 @@ from service.session_store import Session, SessionStore
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(eq=False, slots=True)
 class PendingChunk:
     session: Session
@@ -151,7 +150,9 @@ class BatchScheduler:
         inputs = [c.x for c in batch]
         states = self.store.gather(slots)
         try:
-            outcome = await self._loop.run_in_executor(self._executor, self._compute, inputs, states)
+            outcome = await self._loop.run_in_executor(
+                self._executor, self._compute, inputs, states
+            )
         except BaseException as exc:  # cancelled during shutdown, or the executor is gone
             self._fail(batch, exc if isinstance(exc, Exception) else Unavailable("shutting down"))
             raise
@@ -210,7 +211,9 @@ class BatchScheduler:
                 pieces[i].append(y[row])
             finished[lengths == end] = True
             done_steps = int(end)
-        outputs = [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces]
+        outputs = [
+            p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces
+        ]
         return BatchOutcome(outputs=outputs, states=states, finished=finished, error=error)
 
     def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:

@@ -61,7 +61,11 @@ class RnnServer:
             KServeServicer(self.engine, self.metrics), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        services = (NATIVE_SERVICE, KSERVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        services = (
+            NATIVE_SERVICE,
+            KSERVE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        )
         reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
         for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -70,7 +74,9 @@ class RnnServer:
             raise OSError(f"could not bind gRPC to {s.host}:{s.grpc_port}")
         await server.start()
         self._server = server
-        http_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+        http_server, _ = start_http_server(
+            s.metrics_port, addr=s.host, registry=self.metrics.registry
+        )
         self._metrics_http = http_server
         self.metrics_port = int(http_server.server_address[1])
         # Health answers NOT_SERVING while the models load (in a thread: the loop keeps serving probes).
@@ -87,7 +93,9 @@ class RnnServer:
             self.metrics_port,
         )
         if s.port_file is not None:
-            s.port_file.write_text(json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port}))
+            s.port_file.write_text(
+                json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
+            )
 
     async def stop(self) -> dict[str, int]:
         """Graceful stop: NOT_SERVING, drain in-flight chunks, end sessions, close the ports."""

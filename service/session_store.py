@@ -84,7 +84,9 @@ class SessionStore:
         self.clock = clock
         self.on_end = on_end
         self.capacity = min(INITIAL_CAPACITY, max_sessions)
-        self.states = [np.zeros((layers, self.capacity, hidden), np.float32) for _ in range(state_count)]
+        self.states = [
+            np.zeros((layers, self.capacity, hidden), np.float32) for _ in range(state_count)
+        ]
         self.sessions: dict[str, Session] = {}
         self._free_slots = list(range(self.capacity - 1, -1, -1))
 
@@ -135,7 +137,9 @@ class SessionStore:
 
     def _check_state(self, state: Sequence[np.ndarray]) -> None:
         if len(state) != len(self.states):
-            raise InvalidArgument(f"initial state needs {len(self.states)} tensors, got {len(state)}")
+            raise InvalidArgument(
+                f"initial state needs {len(self.states)} tensors, got {len(state)}"
+            )
         for k, tensor in enumerate(state):
             if tensor.shape != (self.layers, self.hidden):
                 raise InvalidArgument(
@@ -149,7 +153,9 @@ class SessionStore:
         try:
             return self.sessions[session_id]
         except KeyError:
-            raise NotFound(f"session {session_id!r} not found (never opened, closed or expired)") from None
+            raise NotFound(
+                f"session {session_id!r} not found (never opened, closed or expired)"
+            ) from None
 
     def end(self, session: Session, reason: EndReason) -> None:
         """End ``session``; if a chunk is in flight the slot is freed when it comes back."""

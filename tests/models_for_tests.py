@@ -24,7 +24,13 @@ def export_tiny_models(root: Path) -> Path:
     for seed, (name, (cell, inputs, hidden, outputs, layers)) in enumerate(TINY_MODELS.items()):
         torch.manual_seed(seed)
         model = RecurrentNet(
-            ModelConfig(cell=cell, input_size=inputs, output_size=outputs, hidden_size=hidden, num_layers=layers)
+            ModelConfig(
+                cell=cell,
+                input_size=inputs,
+                output_size=outputs,
+                hidden_size=hidden,
+                num_layers=layers,
+            )
         )
         export_model(
             model,

@@ -18,7 +18,16 @@ from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.api.native import to_tensor
 from service.server import RnnServer
-from tests.grpc_helpers import channel, infer_output, infer_request, kserve, native, output_of, step_request
+from tests.chunking import chunk_spans
+from tests.grpc_helpers import (
+    channel,
+    infer_output,
+    infer_request,
+    kserve,
+    native,
+    output_of,
+    step_request,
+)
 from tests.models_for_tests import OfflineReference
 
 SESSIONS_PER_KIND = 50
@@ -36,13 +45,10 @@ def plan(seed: int) -> list[tuple[str, str, np.ndarray, list[int]]]:
             chunks: list[int] = []
             while sum(chunks) < steps:
                 chunks.append(min(int(rng.integers(1, 17)), steps - sum(chunks)))
-            sessions.append((kind, model, rng.standard_normal((steps, 3)).astype(np.float32), chunks))
+            sessions.append(
+                (kind, model, rng.standard_normal((steps, 3)).astype(np.float32), chunks)
+            )
     return sessions
-
-
-def spans(chunks: list[int]) -> list[tuple[int, int]]:
-    edges = np.cumsum([0, *chunks])
-    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 async def test_200_concurrent_sessions_match_offline_runs(make_settings: Any) -> None:
@@ -57,12 +63,14 @@ async def test_200_concurrent_sessions_match_offline_runs(make_settings: Any) ->
                 for _ in range(shuffle.randint(0, 3)):
                     await asyncio.sleep(0)
 
-            async def native_stream(model: str, x: np.ndarray, chunks: list[int]) -> list[np.ndarray]:
+            async def native_stream(
+                model: str, x: np.ndarray, chunks: list[int]
+            ) -> list[np.ndarray]:
                 call = nat.Stream()
                 await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=model)))
                 await call.read()
                 outputs = []
-                for a, b in spans(chunks):
+                for a, b in chunk_spans(chunks):
                     await yield_randomly()
                     await call.write(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(x[a:b]))))
                     reply = await call.read()
@@ -73,34 +81,54 @@ async def test_200_concurrent_sessions_match_offline_runs(make_settings: Any) ->
                 await call.done_writing()
                 return outputs
 
-            async def native_unary(model: str, x: np.ndarray, chunks: list[int]) -> list[np.ndarray]:
+            async def native_unary(
+                model: str, x: np.ndarray, chunks: list[int]
+            ) -> list[np.ndarray]:
                 sid = (await nat.CreateSession(pb.CreateSessionRequest(model=model))).session_id
                 outputs = []
-                for i, (a, b) in enumerate(spans(chunks)):
+                for i, (a, b) in enumerate(chunk_spans(chunks)):
                     await yield_randomly()
-                    reply = await nat.Step(step_request(model, sid, x[a:b], end=i == len(chunks) - 1))
+                    reply = await nat.Step(
+                        step_request(model, sid, x[a:b], end=i == len(chunks) - 1)
+                    )
                     outputs.append(output_of(reply))
                 return outputs
 
-            async def kserve_unary(model: str, x: np.ndarray, chunks: list[int], sid: int) -> list[np.ndarray]:
+            async def kserve_unary(
+                model: str, x: np.ndarray, chunks: list[int], sid: int
+            ) -> list[np.ndarray]:
                 outputs = []
-                for i, (a, b) in enumerate(spans(chunks)):
+                for i, (a, b) in enumerate(chunk_spans(chunks)):
                     await yield_randomly()
-                    request = infer_request(model, sid, x[a:b], start=i == 0, end=i == len(chunks) - 1, raw=i % 2 == 0)
+                    request = infer_request(
+                        model, sid, x[a:b], start=i == 0, end=i == len(chunks) - 1, raw=i % 2 == 0
+                    )
                     outputs.append(infer_output(await ks.ModelInfer(request)))
                 return outputs
 
-            async def kserve_stream(model: str, x: np.ndarray, chunks: list[int], sid: int) -> list[np.ndarray]:
+            async def kserve_stream(
+                model: str, x: np.ndarray, chunks: list[int], sid: int
+            ) -> list[np.ndarray]:
                 async def requests() -> AsyncIterator[kpb.ModelInferRequest]:
-                    for i, (a, b) in enumerate(spans(chunks)):
+                    for i, (a, b) in enumerate(chunk_spans(chunks)):
                         await yield_randomly()
                         yield infer_request(
-                            model, f"s{sid}", x[a:b], start=i == 0, end=i == len(chunks) - 1, request_id=str(i)
+                            model,
+                            f"s{sid}",
+                            x[a:b],
+                            start=i == 0,
+                            end=i == len(chunks) - 1,
+                            request_id=str(i),
                         )
 
                 replies = [r async for r in ks.ModelStreamInfer(requests())]
-                assert all(r.error_message == "" for r in replies), [r.error_message for r in replies]
-                return [infer_output(r.infer_response) for r in sorted(replies, key=lambda r: int(r.infer_response.id))]
+                assert all(r.error_message == "" for r in replies), [
+                    r.error_message for r in replies
+                ]
+                return [
+                    infer_output(r.infer_response)
+                    for r in sorted(replies, key=lambda r: int(r.infer_response.id))
+                ]
 
             sessions = plan(seed=5)
             runs = []
@@ -115,16 +143,23 @@ async def test_200_concurrent_sessions_match_offline_runs(make_settings: Any) ->
                     runs.append(kserve_stream(model, x, chunks, n))
             results = await asyncio.gather(*runs)
 
-        references = {m: OfflineReference(server.settings.model_repository, m) for m in ("tiny_lstm", "tiny_gru")}
+        references = {
+            m: OfflineReference(server.settings.model_repository, m)
+            for m in ("tiny_lstm", "tiny_gru")
+        }
         for (kind, model, x, chunks), outputs in zip(sessions, results, strict=True):
             streamed = np.concatenate(outputs)
-            np.testing.assert_allclose(streamed, references[model](x), atol=1e-5, err_msg=f"{kind} {model} {chunks}")
+            np.testing.assert_allclose(
+                streamed, references[model](x), atol=1e-5, err_msg=f"{kind} {model} {chunks}"
+            )
 
         registry = server.metrics.registry
         for model in ("tiny_lstm", "tiny_gru"):
             labels = {"model": model, "version": "1"}
             calls = registry.get_sample_value("rnnserve_batch_size_count", labels)
-            up_to_4 = registry.get_sample_value("rnnserve_batch_size_bucket", {**labels, "le": "4.0"})
+            up_to_4 = registry.get_sample_value(
+                "rnnserve_batch_size_bucket", {**labels, "le": "4.0"}
+            )
             assert calls and up_to_4 is not None
             assert calls - up_to_4 > 0, f"{model}: no model call held more than 4 sessions"
             assert registry.get_sample_value("rnnserve_active_sessions", labels) == 0

@@ -38,7 +38,9 @@ async def test_server_and_model_metadata(stub: Any) -> None:
     meta = await stub.ServerMetadata(kpb.ServerMetadataRequest())
     assert meta.name == "rnnserve" and "sequence" in meta.extensions
     model = await stub.ModelMetadata(kpb.ModelMetadataRequest(name=MODEL))
-    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("x", "FP32", [-1, -1, 3])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        ("x", "FP32", [-1, -1, 3])
+    ]
     assert [(t.name, list(t.shape)) for t in model.outputs] == [("y", [-1, -1, 2])]
     config = (await stub.ModelConfig(kpb.ModelConfigRequest(name=MODEL))).config
     assert config.HasField("sequence_batching") and config.max_batch_size > 0
@@ -55,7 +57,9 @@ async def test_sequence_start_continue_end_matches_offline(stub: Any, server: Rn
     assert r3.parameters["sequence_steps"].int64_param == 9
     got = np.concatenate([infer_output(r) for r in (r1, r2, r3)])
     np.testing.assert_allclose(got, reference, atol=1e-5)
-    details = await expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer(infer_request(MODEL, 77, x[:1])))
+    details = await expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer(infer_request(MODEL, 77, x[:1]))
+    )
     assert "START" in details  # ended sequences are unknown again
 
 
@@ -63,7 +67,9 @@ async def test_string_ids_and_restart_on_start(stub: Any, server: RnnServer) -> 
     x = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
     reference = OfflineReference(server.settings.model_repository, MODEL)(x)
     await stub.ModelInfer(infer_request(MODEL, "user-9", x[:3], start=True))
-    again = await stub.ModelInfer(infer_request(MODEL, "user-9", x, start=True))  # START on a live id restarts
+    again = await stub.ModelInfer(
+        infer_request(MODEL, "user-9", x, start=True)
+    )  # START on a live id restarts
     np.testing.assert_allclose(infer_output(again), reference, atol=1e-5)
 
 
@@ -85,11 +91,17 @@ async def test_protocol_errors(stub: Any) -> None:
     short = infer_request(MODEL, 5, x, start=True)
     short.raw_input_contents[0] = b"\0" * 7
     await expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer(short))
-    await expect_code(grpc.StatusCode.NOT_FOUND, stub.ModelInfer(infer_request("nope", 6, x, start=True)))
-    await expect_code(grpc.StatusCode.NOT_FOUND, stub.ModelMetadata(kpb.ModelMetadataRequest(name="nope")))
+    await expect_code(
+        grpc.StatusCode.NOT_FOUND, stub.ModelInfer(infer_request("nope", 6, x, start=True))
+    )
+    await expect_code(
+        grpc.StatusCode.NOT_FOUND, stub.ModelMetadata(kpb.ModelMetadataRequest(name="nope"))
+    )
 
 
-async def test_stream_errors_stay_in_band_and_the_stream_continues(stub: Any, server: RnnServer) -> None:
+async def test_stream_errors_stay_in_band_and_the_stream_continues(
+    stub: Any, server: RnnServer
+) -> None:
     x = np.random.default_rng(4).standard_normal((6, 3)).astype(np.float32)
     reference = OfflineReference(server.settings.model_repository, MODEL)(x)
     requests = [
@@ -106,7 +118,9 @@ async def test_stream_errors_stay_in_band_and_the_stream_continues(stub: Any, se
     assert set(replies) == {"1", "bad", "2"}
     assert "START" in replies["bad"].error_message
     assert replies["1"].error_message == "" and replies["2"].error_message == ""
-    got = np.concatenate([infer_output(replies["1"].infer_response), infer_output(replies["2"].infer_response)])
+    got = np.concatenate(
+        [infer_output(replies["1"].infer_response), infer_output(replies["2"].infer_response)]
+    )
     np.testing.assert_allclose(got, reference, atol=1e-5)
     failures = server.metrics.registry.get_sample_value(
         "rnnserve_failures_total", {"api": "kserve", "code": "INVALID_ARGUMENT"}

@@ -48,7 +48,9 @@ class Witness:
 
     async def advance(self, steps: int = 3) -> None:
         start = sum(len(o) for o in self.outputs)
-        reply = await self.stub.Step(step_request(MODEL, self.session_id, self.x[start : start + steps]))
+        reply = await self.stub.Step(
+            step_request(MODEL, self.session_id, self.x[start : start + steps])
+        )
         self.outputs.append(output_of(reply))
 
     def check(self) -> None:
@@ -60,7 +62,9 @@ async def test_create_step_inspect_close(stub: Any, server: RnnServer) -> None:
     w = Witness(stub, server)
     await w.open()
     await w.advance(4)
-    info = await stub.GetSession(pb.GetSessionRequest(model=MODEL, session_id=w.session_id, include_state=True))
+    info = await stub.GetSession(
+        pb.GetSessionRequest(model=MODEL, session_id=w.session_id, include_state=True)
+    )
     assert info.steps == 4 and len(info.state) == 2 and list(info.state[0].shape) == [2, 8]
     ended = await stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id=w.session_id))
     assert ended.reason == pb.END_REASON_CLOSED and ended.steps == 4
@@ -75,7 +79,10 @@ async def test_step_after_close_and_unknown_id_are_not_found(stub: Any, server: 
     x = np.zeros((1, 3), np.float32)
     await expect_code(grpc.StatusCode.NOT_FOUND, stub.Step(step_request(MODEL, gone.session_id, x)))
     await expect_code(grpc.StatusCode.NOT_FOUND, stub.Step(step_request(MODEL, "never-opened", x)))
-    await expect_code(grpc.StatusCode.NOT_FOUND, stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id=gone.session_id)))
+    await expect_code(
+        grpc.StatusCode.NOT_FOUND,
+        stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id=gone.session_id)),
+    )
     await w.advance()
     w.check()
 
@@ -86,7 +93,8 @@ async def test_duplicate_start_is_already_exists(stub: Any, server: RnnServer) -
     await w.advance()
     await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="mine"))
     details = await expect_code(
-        grpc.StatusCode.ALREADY_EXISTS, stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="mine"))
+        grpc.StatusCode.ALREADY_EXISTS,
+        stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="mine")),
     )
     assert "mine" in details
     await w.advance()
@@ -100,10 +108,16 @@ async def test_bad_chunks_are_invalid_argument(stub: Any, server: RnnServer) -> 
     bad = [
         pb.StepRequest(model=MODEL, session_id=sid, input=to_tensor(np.zeros((2, 5), np.float32))),
         pb.StepRequest(model=MODEL, session_id=sid, input=to_tensor(np.zeros((0, 3), np.float32))),
-        pb.StepRequest(model=MODEL, session_id=sid, input=to_tensor(np.zeros((2, 2, 3), np.float32))),
+        pb.StepRequest(
+            model=MODEL, session_id=sid, input=to_tensor(np.zeros((2, 2, 3), np.float32))
+        ),
         pb.StepRequest(model=MODEL, session_id=sid, input=pb.Tensor(shape=[2, 3], data=b"\0" * 5)),
-        pb.StepRequest(model=MODEL, session_id=sid, input=to_tensor(np.full((1, 3), np.nan, np.float32))),
-        pb.StepRequest(model=MODEL, session_id=sid, input=to_tensor(np.zeros((5000, 3), np.float32))),
+        pb.StepRequest(
+            model=MODEL, session_id=sid, input=to_tensor(np.full((1, 3), np.nan, np.float32))
+        ),
+        pb.StepRequest(
+            model=MODEL, session_id=sid, input=to_tensor(np.zeros((5000, 3), np.float32))
+        ),
     ]
     for request in bad:
         await expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.Step(request))
@@ -114,9 +128,14 @@ async def test_bad_chunks_are_invalid_argument(stub: Any, server: RnnServer) -> 
 
 
 async def test_unknown_model_and_version(stub: Any) -> None:
-    details = await expect_code(grpc.StatusCode.NOT_FOUND, stub.CreateSession(pb.CreateSessionRequest(model="nope")))
+    details = await expect_code(
+        grpc.StatusCode.NOT_FOUND, stub.CreateSession(pb.CreateSessionRequest(model="nope"))
+    )
     assert "tiny_gru" in details and "tiny_lstm" in details
-    await expect_code(grpc.StatusCode.NOT_FOUND, stub.CreateSession(pb.CreateSessionRequest(model=MODEL, version="7")))
+    await expect_code(
+        grpc.StatusCode.NOT_FOUND,
+        stub.CreateSession(pb.CreateSessionRequest(model=MODEL, version="7")),
+    )
 
 
 async def test_max_sessions_is_resource_exhausted(make_settings: Any) -> None:
@@ -129,8 +148,13 @@ async def test_max_sessions_is_resource_exhausted(make_settings: Any) -> None:
             await w.open()
             for _ in range(2):
                 await stub.CreateSession(pb.CreateSessionRequest(model=MODEL))
-            await expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.CreateSession(pb.CreateSessionRequest(model=MODEL)))
-            other = await stub.CreateSession(pb.CreateSessionRequest(model="tiny_gru"))  # limits are per model
+            await expect_code(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                stub.CreateSession(pb.CreateSessionRequest(model=MODEL)),
+            )
+            other = await stub.CreateSession(
+                pb.CreateSessionRequest(model="tiny_gru")
+            )  # limits are per model
             assert other.session_id
             await w.advance()
             w.check()
@@ -138,7 +162,9 @@ async def test_max_sessions_is_resource_exhausted(make_settings: Any) -> None:
         await srv.stop()
 
 
-async def test_idle_timeout_ends_the_session_and_tells_the_attached_stream(make_settings: Any) -> None:
+async def test_idle_timeout_ends_the_session_and_tells_the_attached_stream(
+    make_settings: Any,
+) -> None:
     srv = RnnServer(make_settings(session_ttl_s=30.0, ttl_check_interval_s=3600.0))
     await srv.start()
     try:
@@ -146,7 +172,9 @@ async def test_idle_timeout_ends_the_session_and_tells_the_attached_stream(make_
             stub = native(ch)
             w = Witness(stub, srv)
             await w.open()
-            requests: list[pb.StreamRequest] = [pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="idle"))]
+            requests: list[pb.StreamRequest] = [
+                pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="idle"))
+            ]
             call = stub.Stream()
             await call.write(requests[0])
             opened = await call.read()
@@ -155,13 +183,20 @@ async def test_idle_timeout_ends_the_session_and_tells_the_attached_stream(make_
             store.get("idle").last_used_s -= 60.0  # idle for a minute, as far as the store can tell
             assert srv.engine.expire_idle_sessions() == 1
             notice = await call.read()
-            assert notice.ended.reason == pb.END_REASON_IDLE_TIMEOUT and notice.ended.session_id == "idle"
+            assert (
+                notice.ended.reason == pb.END_REASON_IDLE_TIMEOUT
+                and notice.ended.session_id == "idle"
+            )
             await call.done_writing()
-            await expect_code(grpc.StatusCode.NOT_FOUND, stub.Step(step_request(MODEL, "idle", np.zeros((1, 3), np.float32))))
+            await expect_code(
+                grpc.StatusCode.NOT_FOUND,
+                stub.Step(step_request(MODEL, "idle", np.zeros((1, 3), np.float32))),
+            )
             await w.advance()
             w.check()
             ended = srv.metrics.registry.get_sample_value(
-                "rnnserve_sessions_ended_total", {"model": MODEL, "version": "1", "reason": "idle_timeout"}
+                "rnnserve_sessions_ended_total",
+                {"model": MODEL, "version": "1", "reason": "idle_timeout"},
             )
             assert ended == 1.0
     finally:
@@ -193,7 +228,9 @@ async def test_stream_open_chunks_close_and_detach_reattach(stub: Any, server: R
 
 async def test_chunk_before_open_fails_the_stream(stub: Any) -> None:
     call = stub.Stream()
-    await call.write(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(np.zeros((1, 3), np.float32)))))
+    await call.write(
+        pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(np.zeros((1, 3), np.float32))))
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call.read()
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -203,5 +240,11 @@ async def test_list_and_get_models(stub: Any) -> None:
     models = (await stub.ListModels(pb.ListModelsRequest())).models
     assert {m.name for m in models} == {"tiny_lstm", "tiny_gru"}
     info = await stub.GetModel(pb.GetModelRequest(model=MODEL))
-    assert (info.cell, info.layers, info.hidden_size, info.input_size, info.output_size) == ("lstm", 2, 8, 3, 2)
+    assert (info.cell, info.layers, info.hidden_size, info.input_size, info.output_size) == (
+        "lstm",
+        2,
+        8,
+        3,
+        2,
+    )
     assert [s.name for s in info.state] == ["h0", "c0"]

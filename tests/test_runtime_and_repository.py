@@ -12,7 +12,14 @@ import pytest
 
 from service.errors import ModelContractError
 from service.repository import check_contract, discover, read_spec
-from service.runtime import CPU, CUDA, TENSORRT, ModelRuntime, ProviderUnavailable, resolve_providers
+from service.runtime import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    ModelRuntime,
+    ProviderUnavailable,
+    resolve_providers,
+)
 
 
 def test_cpu_is_the_default_chain() -> None:
@@ -21,11 +28,15 @@ def test_cpu_is_the_default_chain() -> None:
 
 def test_gpu_providers_are_used_when_present() -> None:
     assert resolve_providers("cuda", [TENSORRT, CUDA, CPU], fallback=False) == [CUDA, CPU]
-    assert resolve_providers("tensorrt", [TENSORRT, CUDA, CPU], fallback=False) == [TENSORRT, CUDA, CPU]
+    assert resolve_providers("tensorrt", [TENSORRT, CUDA, CPU], fallback=False) == [
+        TENSORRT,
+        CUDA,
+        CPU,
+    ]
 
 
 def test_missing_gpu_provider_fails_clearly_without_fallback() -> None:
-    with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(ProviderUnavailable, match=r"CUDAExecutionProvider.*onnxruntime-gpu"):
         resolve_providers("cuda", [CPU], fallback=False)
 
 
@@ -40,7 +51,9 @@ def test_runtime_on_this_machine_refuses_cuda_or_falls_back(tiny_repository: Pat
     import onnxruntime as ort
 
     if CUDA in ort.get_available_providers():
-        pytest.fail("this test expects a CPU-only onnxruntime; the GPU path is covered by resolve_providers")
+        pytest.fail(
+            "this test expects a CPU-only onnxruntime; the GPU path is covered by resolve_providers"
+        )
     with pytest.raises(ProviderUnavailable):
         ModelRuntime(path, provider="cuda")
     assert ModelRuntime(path, provider="cuda", fallback=True).providers == [CPU]
@@ -61,7 +74,7 @@ def test_bundled_contract_is_accepted(tiny_repository: Path) -> None:
 def test_missing_metadata_is_named(tiny_repository: Path, tmp_path: Path) -> None:
     target = copy_model(tiny_repository, tmp_path)
     (target / "model.json").unlink()
-    with pytest.raises(ModelContractError, match="tiny_lstm/1: missing model.json"):
+    with pytest.raises(ModelContractError, match=r"tiny_lstm/1: missing model\.json"):
         read_spec(target)
 
 
@@ -79,7 +92,10 @@ def test_metadata_that_disagrees_with_the_graph(tiny_repository: Path, tmp_path:
     meta["hidden_size"] = 99
     (target / "model.json").write_text(json.dumps(meta))
     spec = read_spec(target)
-    with pytest.raises(ModelContractError, match="tiny_lstm/1 breaks the ONNX contract: .*h0 axis 2 is 8, expected 99"):
+    with pytest.raises(
+        ModelContractError,
+        match=r"tiny_lstm/1 breaks the ONNX contract: .*h0 axis 2 is 8, expected 99",
+    ):
         check_contract(spec, ModelRuntime(spec.onnx_path))
 
 
@@ -94,7 +110,10 @@ def test_renamed_state_input_is_caught(tiny_repository: Path, tmp_path: Path) ->
     meta.pop("sha256")
     (target / "model.json").write_text(json.dumps(meta))
     spec = read_spec(target)
-    with pytest.raises(ModelContractError, match="inputs are \\['h0', 'state', 'x'\\], expected \\['x', 'h0', 'c0'\\]"):
+    with pytest.raises(
+        ModelContractError,
+        match=r"inputs are \['h0', 'state', 'x'\], expected \['x', 'h0', 'c0'\]",
+    ):
         check_contract(spec, ModelRuntime(spec.onnx_path))
 
 

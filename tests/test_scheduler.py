@@ -28,7 +28,9 @@ class GatedFakeModel:
             self.release.set()
         self.fail_on_value: float | None = None
 
-    def run(self, x: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(
+        self, x: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         self.calls.append((x.shape[0], x.shape[1]))
         self.entered.set()
         self.release.wait(timeout=30)
@@ -162,7 +164,11 @@ async def test_batch_size_metric_counts_sessions_per_call() -> None:
     rest = [scheduler.submit(s, chunk(1)) for s in sessions[1:]]
     model.release.set()
     await asyncio.gather(first, *rest)
-    total = metrics.registry.get_sample_value("rnnserve_batch_size_sum", {"model": "fake", "version": "1"})
-    count = metrics.registry.get_sample_value("rnnserve_batch_size_count", {"model": "fake", "version": "1"})
+    total = metrics.registry.get_sample_value(
+        "rnnserve_batch_size_sum", {"model": "fake", "version": "1"}
+    )
+    count = metrics.registry.get_sample_value(
+        "rnnserve_batch_size_count", {"model": "fake", "version": "1"}
+    )
     assert (total, count) == (6.0, 2.0)
     await scheduler.close()

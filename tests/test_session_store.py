@@ -15,8 +15,17 @@ class FakeClock:
         return self.now
 
 
-def make_store(max_sessions: int = 1000, clock: FakeClock | None = None, **kw: object) -> SessionStore:
-    return SessionStore(state_count=2, layers=2, hidden=4, max_sessions=max_sessions, clock=clock or FakeClock(), **kw)
+def make_store(
+    max_sessions: int = 1000, clock: FakeClock | None = None, **kw: object
+) -> SessionStore:
+    return SessionStore(
+        state_count=2,
+        layers=2,
+        hidden=4,
+        max_sessions=max_sessions,
+        clock=clock or FakeClock(),
+        **kw,
+    )
 
 
 def test_generated_ids_are_128_bit_hex_and_distinct() -> None:
@@ -76,9 +85,11 @@ def test_growth_keeps_every_state() -> None:
     store = make_store(max_sessions=10 * INITIAL_CAPACITY)
     sessions = [store.create(str(i)) for i in range(3 * INITIAL_CAPACITY)]
     assert store.capacity == 4 * INITIAL_CAPACITY
-    for s in sessions[: INITIAL_CAPACITY]:
+    for s in sessions[:INITIAL_CAPACITY]:
         store.scatter(np.array([s.slot]), [np.full((2, 1, 4), float(s.slot), np.float32)] * 2)
-    store.create("more")  # no growth needed, but the early states must be intact after the growth above
+    store.create(
+        "more"
+    )  # no growth needed, but the early states must be intact after the growth above
     for s in sessions[:INITIAL_CAPACITY]:
         assert (store.read_state(s)[0] == s.slot).all()
 
@@ -87,7 +98,10 @@ def test_gather_and_scatter_touch_only_their_slots() -> None:
     store = make_store()
     a, b, c = (store.create(n) for n in "abc")
     slots = np.array([c.slot, a.slot])
-    store.scatter(slots, [np.stack([np.full((2, 4), 3.0), np.full((2, 4), 1.0)], axis=1).astype(np.float32)] * 2)
+    store.scatter(
+        slots,
+        [np.stack([np.full((2, 4), 3.0), np.full((2, 4), 1.0)], axis=1).astype(np.float32)] * 2,
+    )
     assert (store.read_state(a)[0] == 1).all()
     assert (store.read_state(b)[0] == 0).all()
     assert (store.read_state(c)[0] == 3).all()

@@ -37,23 +37,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="'keep': LSTM forget / GRU update gate bias +5 (default); 'default': PyTorch's init",
     )
     p.add_argument(
-        "--no-forget-gate", action="store_true", help="LSTM only: pin the forget gate at 1 (1997 LSTM)"
+        "--no-forget-gate",
+        action="store_true",
+        help="LSTM only: pin the forget gate at 1 (1997 LSTM)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="sequences (or stream lanes) per step")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="sequences (or stream lanes) per step"
+    )
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
     p.add_argument("--max-steps", type=int, default=20_000, help="optimizer steps at most")
     p.add_argument("--max-seconds", type=float, default=290.0, help="wall-time budget in seconds")
     p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
-    p.add_argument("--no-early-stop", action="store_true", help="train the full budget even if solved")
+    p.add_argument(
+        "--no-early-stop", action="store_true", help="train the full budget even if solved"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for data and weights")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<task>-<cell>)")
-    p.add_argument("--export-as", default=None, help="also export to the model repository under this name")
+    p.add_argument(
+        "--out", type=Path, default=None, help="run directory (default runs/<task>-<cell>)"
+    )
+    p.add_argument(
+        "--export-as", default=None, help="also export to the model repository under this name"
+    )
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
 
     p = commands.add_parser("experiments", help="run the recipes behind the results table")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where run directories go")
     p.add_argument("--only", nargs="*", default=None, help="run names (e.g. adding-lstm) to run")
-    p.add_argument("--skip-done", action="store_true", help="skip runs that already have results.json")
+    p.add_argument(
+        "--skip-done", action="store_true", help="skip runs that already have results.json"
+    )
 
     p = commands.add_parser("bundle", help="train (if needed) and export the bundled models")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where run directories go")
@@ -138,7 +150,9 @@ def command_bundle(args: argparse.Namespace) -> int:
         if args.retrain or not (run_dir / "results.json").exists():
             run_experiment(experiment, args.runs)
         metadata = export_run(run_dir, args.repository, experiment.bundle_as)
-        print(f"{experiment.bundle_as}: solved={metadata['metrics']['solved']} sha256={metadata['sha256'][:12]}")
+        print(
+            f"{experiment.bundle_as}: solved={metadata['metrics']['solved']} sha256={metadata['sha256'][:12]}"
+        )
     return 0
 
 
@@ -158,7 +172,9 @@ def command_verify(args: argparse.Namespace) -> int:
         evaluation, metadata = check_bundled_model(model_json.parent, args.seed)
         status = "ok" if evaluation.solved else "FAILED"
         failures += not evaluation.solved
-        print(f"{metadata['name']}/{metadata['version']}: {status} errors {evaluation.errors}/{evaluation.total} mse {evaluation.mse:.3g}")
+        print(
+            f"{metadata['name']}/{metadata['version']}: {status} errors {evaluation.errors}/{evaluation.total} mse {evaluation.mse:.3g}"
+        )
     return 1 if failures else 0
 
 

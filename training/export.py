@@ -66,7 +66,10 @@ def export_onnx(model: RecurrentNet, path: Path) -> None:
     cfg = model.config
     example_x = torch.zeros(EXAMPLE_BATCH, EXAMPLE_TIME, cfg.input_size)
     example_state = model.zero_state(EXAMPLE_BATCH)
-    dynamic_axes: dict[str, dict[int, str]] = {"x": {0: "batch", 1: "time"}, "y": {0: "batch", 1: "time"}}
+    dynamic_axes: dict[str, dict[int, str]] = {
+        "x": {0: "batch", 1: "time"},
+        "y": {0: "batch", 1: "time"},
+    }
     for name in input_names[1:] + output_names[1:]:
         dynamic_axes[name] = {1: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,9 @@ def export_onnx(model: RecurrentNet, path: Path) -> None:
     graph_ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     fused = FUSED_OPS[cfg.cell]
     if fused not in graph_ops:
-        raise ExportVerificationError(f"{path}: expected the fused ONNX {fused} op, found {sorted(graph_ops)}")
+        raise ExportVerificationError(
+            f"{path}: expected the fused ONNX {fused} op, found {sorted(graph_ops)}"
+        )
 
 
 def verify_onnx(model: RecurrentNet, path: Path, seed: int = 0) -> Verification:
@@ -95,7 +100,9 @@ def verify_onnx(model: RecurrentNet, path: Path, seed: int = 0) -> Verification:
     input_names, _ = names_for(model)
     x = rng.standard_normal((VERIFY_BATCH, VERIFY_TIME, cfg.input_size)).astype(np.float32)
     state0 = [
-        (0.5 * rng.standard_normal((cfg.num_layers, VERIFY_BATCH, cfg.hidden_size))).astype(np.float32)
+        (0.5 * rng.standard_normal((cfg.num_layers, VERIFY_BATCH, cfg.hidden_size))).astype(
+            np.float32
+        )
         for _ in model.state_names
     ]
     with torch.no_grad():
@@ -109,7 +116,9 @@ def verify_onnx(model: RecurrentNet, path: Path, seed: int = 0) -> Verification:
     state = state0
     ys = []
     for t in range(VERIFY_TIME):
-        y_t, *state = session.run(None, dict(zip(input_names, [x[:, t : t + 1], *state], strict=True)))
+        y_t, *state = session.run(
+            None, dict(zip(input_names, [x[:, t : t + 1], *state], strict=True))
+        )
         ys.append(y_t)
     streamed = [np.concatenate(ys, axis=1), *state]
     stream_diff = max(float(np.abs(a - b).max()) for a, b in zip(streamed, reference, strict=True))

@@ -14,7 +14,9 @@ from training.models import RecurrentNet
 from training.tasks.adding import generate_adding
 
 
-def gradient_ratios(model: RecurrentNet, length: int = 100, batch: int = 64, seed: int = 0) -> np.ndarray:
+def gradient_ratios(
+    model: RecurrentNet, length: int = 100, batch: int = 64, seed: int = 0
+) -> np.ndarray:
     """Ratios for k = 0 .. length-1 (index k), measured on adding-problem sequences."""
     rng = np.random.default_rng(seed)
     seqs = generate_adding(batch, length, length, rng)

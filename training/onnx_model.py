@@ -33,8 +33,10 @@ class OnnxRecurrentModel(nn.Module):
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         batch = x.shape[0]
         shape = (self.metadata["num_layers"], batch, self.metadata["hidden_size"])
-        states = [s.numpy() for s in state] if state else [np.zeros(shape, np.float32)] * (
-            len(self.input_names) - 1
+        states = (
+            [s.numpy() for s in state]
+            if state
+            else [np.zeros(shape, np.float32)] * (len(self.input_names) - 1)
         )
         feeds = dict(zip(self.input_names, [x.numpy(), *states], strict=True))
         y, *new_state = self.session.run(None, feeds)

@@ -42,10 +42,14 @@ def run_experiment(
         seed=experiment.seed,
         early_stop=experiment.early_stop,
     )
-    return train(task, model_config, train_config, runs_dir / experiment.run_name, progress=progress)
+    return train(
+        task, model_config, train_config, runs_dir / experiment.run_name, progress=progress
+    )
 
 
-def export_run(run_dir: Path, repository: Path, name: str, version: str = BUNDLE_VERSION) -> dict[str, Any]:
+def export_run(
+    run_dir: Path, repository: Path, name: str, version: str = BUNDLE_VERSION
+) -> dict[str, Any]:
     """Export the checkpoint of a finished run into ``repository/<name>/<version>/``."""
     result = json.loads((run_dir / "results.json").read_text())
     model = load_checkpoint(run_dir / "checkpoint.pt")
@@ -79,6 +83,8 @@ def check_bundled_model(version_dir: Path, seed: int) -> tuple[Evaluation, dict[
     recorded_sha = metadata["sha256"]
     actual_sha = sha256_of(version_dir / "model.onnx")
     if actual_sha != recorded_sha:
-        raise ValueError(f"{version_dir}: model.onnx sha256 {actual_sha} != recorded {recorded_sha}")
+        raise ValueError(
+            f"{version_dir}: model.onnx sha256 {actual_sha} != recorded {recorded_sha}"
+        )
     task = make_task(metadata["task"])
     return task.evaluate(model, seed), metadata

@@ -48,12 +48,14 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("adding", "lstm", bundle_as="adding_lstm", max_seconds=SEQUENCE_SECONDS),
     Experiment("adding", "gru", bundle_as="adding_gru", max_seconds=SEQUENCE_SECONDS),
     Experiment("adding", "rnn", max_seconds=SEQUENCE_SECONDS),
-    Experiment(
-        "adding", "lstm", init="default", max_seconds=SEQUENCE_SECONDS
-    ),
+    Experiment("adding", "lstm", init="default", max_seconds=SEQUENCE_SECONDS),
     # Temporal order 6a.
-    Experiment("temporal_order", "lstm", bundle_as="temporal_order_lstm", max_seconds=SEQUENCE_SECONDS),
-    Experiment("temporal_order", "gru", bundle_as="temporal_order_gru", max_seconds=SEQUENCE_SECONDS),
+    Experiment(
+        "temporal_order", "lstm", bundle_as="temporal_order_lstm", max_seconds=SEQUENCE_SECONDS
+    ),
+    Experiment(
+        "temporal_order", "gru", bundle_as="temporal_order_gru", max_seconds=SEQUENCE_SECONDS
+    ),
     Experiment("temporal_order", "rnn", max_seconds=SEQUENCE_SECONDS),
     # Jaeger's timer, scale 100, one endless stream per lane.
     Experiment("timer", "lstm", bundle_as="timer_lstm", max_seconds=STREAM_SECONDS, eval_every=250),
@@ -65,7 +67,9 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("reber", "gru", max_seconds=STREAM_SECONDS, eval_every=250),
     Experiment("reber", "rnn", max_seconds=STREAM_SECONDS, eval_every=250),
     # Mauna Loa CO2, one step ahead: fixed budget, no early stop.
-    Experiment("co2", "lstm", max_steps=1500, early_stop=False, eval_every=100, bundle_as="co2_lstm"),
+    Experiment(
+        "co2", "lstm", max_steps=1500, early_stop=False, eval_every=100, bundle_as="co2_lstm"
+    ),
     Experiment("co2", "gru", max_steps=1500, early_stop=False, eval_every=100),
     Experiment("co2", "rnn", max_steps=1500, early_stop=False, eval_every=100),
 )

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from training.gradients import gradient_ratios
-from training.models import ModelConfig, RecurrentNet
+from training.models import CellType, InitMode, ModelConfig, RecurrentNet
 from training.recipes import EXPERIMENTS
 from training.tasks import make_task
 from training.tasks.co2 import CO2Task
@@ -103,7 +103,7 @@ def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_vanishing_gradients(runs_dir: Path, path: Path) -> None:
-    variants = [
+    variants: list[tuple[str, CellType, InitMode, str]] = [
         ("RNN (tanh)", "rnn", "keep", "adding-rnn"),
         ("LSTM, PyTorch init", "lstm", "default", "adding-lstm_defaultinit"),
         ("LSTM, forget bias +5", "lstm", "keep", "adding-lstm"),
@@ -112,12 +112,18 @@ def plot_vanishing_gradients(runs_dir: Path, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for label, cell, init, run_name in variants:
         torch.manual_seed(0)
-        fresh = RecurrentNet(ModelConfig(cell=cell, input_size=2, output_size=1, hidden_size=32, init=init))  # type: ignore[arg-type]
+        fresh = RecurrentNet(
+            ModelConfig(cell=cell, input_size=2, output_size=1, hidden_size=32, init=init)
+        )
         axes[0].plot(np.maximum(gradient_ratios(fresh), 1e-30), label=label)
         checkpoint = runs_dir / run_name / "checkpoint.pt"
         if checkpoint.exists():
-            axes[1].plot(np.maximum(gradient_ratios(load_checkpoint(checkpoint)), 1e-30), label=label)
-    for ax, title in zip(axes, ("at initialisation", "after training on the adding problem"), strict=True):
+            axes[1].plot(
+                np.maximum(gradient_ratios(load_checkpoint(checkpoint)), 1e-30), label=label
+            )
+    for ax, title in zip(
+        axes, ("at initialisation", "after training on the adding problem"), strict=True
+    ):
         ax.set_yscale("log")
         ax.set_xlabel("k (steps before the loss)")
         ax.set_title(title, fontsize=10)
@@ -161,7 +167,12 @@ def plot_co2(runs_dir: Path, path: Path) -> None:
     for run_name, label in (("co2-lstm", "LSTM"), ("co2-gru", "GRU")):
         checkpoint = runs_dir / run_name / "checkpoint.pt"
         if checkpoint.exists():
-            ax.plot(weeks, task.forecast_ppm(load_checkpoint(checkpoint))[weeks - 2], lw=0.9, label=label)
+            ax.plot(
+                weeks,
+                task.forecast_ppm(load_checkpoint(checkpoint))[weeks - 2],
+                lw=0.9,
+                label=label,
+            )
     ax.set_xlabel("week since March 1958 (test weeks)")
     ax.set_ylabel("CO2 (ppm)")
     ax.set_title("Mauna Loa CO2: one-step-ahead forecasts, streamed")
@@ -175,7 +186,9 @@ def write_report(runs_dir: Path, docs_dir: Path) -> list[Path]:
     """Write ``results.md`` and the PNG plots into ``docs_dir``; return the paths written."""
     results = load_results(runs_dir)
     if not results:
-        raise FileNotFoundError(f"no results.json under {runs_dir}; run `python -m training experiments`")
+        raise FileNotFoundError(
+            f"no results.json under {runs_dir}; run `python -m training experiments`"
+        )
     images = docs_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     table = results_table(results)

@@ -140,7 +140,9 @@ def train(
                     val_solved=last_eval.solved,
                 )
             )
-            bar.set_postfix(loss=f"{running_loss:.4g}", val_err=f"{last_eval.errors}/{last_eval.total}")
+            bar.set_postfix(
+                loss=f"{running_loss:.4g}", val_err=f"{last_eval.errors}/{last_eval.total}"
+            )
             if out_dir is not None:
                 save_checkpoint(model, out_dir / "checkpoint.pt")
             if last_eval.solved and sequences_to_solve is None:

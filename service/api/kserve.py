@@ -10,6 +10,7 @@ The recurrent state never appears in this API.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -80,7 +81,9 @@ def input_chunk(request: pb.ModelInferRequest, handle: ModelHandle) -> np.ndarra
     """The request's ``x`` as [steps, features]; it must be FP32 with a batch of exactly 1."""
     if len(request.inputs) != 1 or request.inputs[0].name != "x":
         names = [i.name for i in request.inputs]
-        raise InvalidArgument(f"model {handle.spec.label} takes exactly one input named 'x', got {names}")
+        raise InvalidArgument(
+            f"model {handle.spec.label} takes exactly one input named 'x', got {names}"
+        )
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
         raise InvalidArgument(f"input 'x' must be FP32, got {tensor.datatype or 'no datatype'}")
@@ -97,7 +100,9 @@ def input_chunk(request: pb.ModelInferRequest, handle: ModelHandle) -> np.ndarra
         )
     for output in request.outputs:
         if output.name != "y":
-            raise InvalidArgument(f"model {handle.spec.label} has one output, 'y'; unknown {output.name!r}")
+            raise InvalidArgument(
+                f"model {handle.spec.label} has one output, 'y'; unknown {output.name!r}"
+            )
     return x[0]
 
 
@@ -140,13 +145,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.engine = engine
         self.metrics = metrics
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.engine.ready)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         try:
             self.engine.model(request.name, request.version)
         except NotFound:
@@ -156,7 +167,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="rnnserve", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name="rnnserve", version=__version__, extensions=EXTENSIONS
+        )
 
     @translate_errors(API)
     async def ModelMetadata(
@@ -174,12 +187,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @translate_errors(API)
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         handle = self.engine.model(request.name, request.version)
         return pb.ModelConfigResponse(config=model_config(handle, self.engine))
 
     @translate_errors(API)
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         return await self.infer(request)
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
@@ -189,7 +206,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         x = input_chunk(request, handle)
         spec = handle.spec
         if control.start:
-            self.engine.open_session(spec.name, spec.version, control.sequence_id, api=API, restart=True)
+            self.engine.open_session(
+                spec.name, spec.version, control.sequence_id, api=API, restart=True
+            )
         else:
             try:
                 handle.store.get(control.sequence_id)
@@ -199,12 +218,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "specify the START flag on the first request of the sequence"
                 ) from None
         result = await self.engine.step(
-            spec.name, spec.version, control.sequence_id, x, api=API, end=control.end, received_s=received
+            spec.name,
+            spec.version,
+            control.sequence_id,
+            x,
+            api=API,
+            end=control.end,
+            received_s=received,
         )
         return infer_response(request, handle, result.output, result.steps)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of different sequences run concurrently (and batch together); requests of one
         sequence run in arrival order. Replies come in completion order, each echoing its request id;
@@ -223,7 +250,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reply = pb.ModelStreamInferResponse(
                     error_message=message,
                     infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                        id=request.id,
                     ),
                 )
             await replies.put(reply)
@@ -236,7 +265,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     last_of_sequence[key] = task
                     pending.add(task)
                     task.add_done_callback(pending.discard)
-                    task.add_done_callback(lambda t, k=key: forget(k, t))
+                    task.add_done_callback(functools.partial(forget, key))
             finally:
                 if pending:
                     await asyncio.wait(list(pending))

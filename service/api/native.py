@@ -53,12 +53,17 @@ def session_info(view: SessionView) -> pb.SessionInfo:
 
 def step_response(result: StepResult) -> pb.StepResponse:
     return pb.StepResponse(
-        session_id=result.session_id, output=to_tensor(result.output), steps=result.steps, ended=result.ended
+        session_id=result.session_id,
+        output=to_tensor(result.output),
+        steps=result.steps,
+        ended=result.ended,
     )
 
 
 def session_ended(end: SessionEnd) -> pb.SessionEnded:
-    return pb.SessionEnded(session_id=end.session_id, reason=END_REASONS[end.reason], steps=end.steps)
+    return pb.SessionEnded(
+        session_id=end.session_id, reason=END_REASONS[end.reason], steps=end.steps
+    )
 
 
 def model_info(handle: ModelHandle, versions: list[str]) -> pb.ModelInfo:
@@ -98,7 +103,9 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
         self.metrics = metrics
 
     @translate_errors(API)
-    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
         view = self.engine.open_session(
             request.model,
             request.version,
@@ -109,31 +116,51 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
         return session_info(view)
 
     @translate_errors(API)
-    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+    async def Step(
+        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepResponse:
         received = time.perf_counter()
         x = to_array(request.input, "input")
         result = await self.engine.step(
-            request.model, request.version, request.session_id, x, api=API, end=request.end, received_s=received
+            request.model,
+            request.version,
+            request.session_id,
+            x,
+            api=API,
+            end=request.end,
+            received_s=received,
         )
         return step_response(result)
 
     @translate_errors(API)
-    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionEnded:
-        return session_ended(self.engine.close_session(request.model, request.version, request.session_id))
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SessionEnded:
+        return session_ended(
+            self.engine.close_session(request.model, request.version, request.session_id)
+        )
 
     @translate_errors(API)
-    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        view = self.engine.session_view(request.model, request.version, request.session_id, request.include_state)
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        view = self.engine.session_view(
+            request.model, request.version, request.session_id, request.include_state
+        )
         return session_info(view)
 
     @translate_errors(API)
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[model_info(h, self.engine.versions(h.spec.name)) for h in self.engine.handles()]
         )
 
     @translate_errors(API)
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         handle = self.engine.model(request.model, request.version)
         return model_info(handle, self.engine.versions(handle.spec.name))
 
@@ -152,7 +179,9 @@ class SessionStream:
     outside the request loop.
     """
 
-    def __init__(self, engine: InferenceEngine, metrics: Metrics, context: grpc.aio.ServicerContext) -> None:
+    def __init__(
+        self, engine: InferenceEngine, metrics: Metrics, context: grpc.aio.ServicerContext
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.context = context
@@ -171,7 +200,9 @@ class SessionStream:
         if reason == EndReason.CLOSED:
             return  # the close request (or the chunk with end) answers for itself
         notice = pb.StreamResponse(
-            ended=pb.SessionEnded(session_id=session.session_id, reason=END_REASONS[reason], steps=session.steps)
+            ended=pb.SessionEnded(
+                session_id=session.session_id, reason=END_REASONS[reason], steps=session.steps
+            )
         )
         task = asyncio.get_running_loop().create_task(self._write(notice))
         self._notices.add(task)
@@ -211,7 +242,11 @@ class SessionStream:
             if kind == "open":
                 o = request.open
                 view = self.engine.open_session(
-                    o.model, o.version, o.session_id or None, initial_state(list(o.initial_state)), api=API
+                    o.model,
+                    o.version,
+                    o.session_id or None,
+                    initial_state(list(o.initial_state)),
+                    api=API,
                 )
             else:
                 a = request.attach

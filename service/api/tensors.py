@@ -31,7 +31,9 @@ def from_floats(shape: Sequence[int], values: Sequence[float], what: str = "tens
     if len(dims) > MAX_RANK or any(d < 0 for d in dims):
         raise InvalidArgument(f"{what} has an invalid shape {dims}")
     if len(values) != math.prod(dims):
-        raise InvalidArgument(f"{what} of shape {dims} needs {math.prod(dims)} values, got {len(values)}")
+        raise InvalidArgument(
+            f"{what} of shape {dims} needs {math.prod(dims)} values, got {len(values)}"
+        )
     return np.asarray(values, dtype=np.float32).reshape(dims)
 
 

@@ -30,7 +30,9 @@ class AddingSequences:
     target: np.ndarray  # [B]
 
 
-def generate_adding(batch: int, length: int, min_length: int, rng: np.random.Generator) -> AddingSequences:
+def generate_adding(
+    batch: int, length: int, min_length: int, rng: np.random.Generator
+) -> AddingSequences:
     """Draw ``batch`` sequences of ``length`` steps; ``min_length`` is the task's T (marker ranges use it)."""
     values = rng.uniform(-1.0, 1.0, size=(batch, length)).astype(np.float32)
     markers = np.zeros((batch, length), dtype=np.float32)
@@ -60,7 +62,9 @@ class AddingTask(Task):
     input_size = 2
     output_size = 1
     output_kind = "regression"
-    description = "Adding problem (1997 encoding): remember two marked values over a long lag and add them."
+    description = (
+        "Adding problem (1997 encoding): remember two marked values over a long lag and add them."
+    )
     criterion = "a sequence is correct if |error| < 0.04 at its last step; solved with at most 3 wrong of 2560"
 
     def __init__(self, length: int = 100, test_sequences: int = 2560, max_wrong: int = 3) -> None:
@@ -100,7 +104,10 @@ class AddingTask(Task):
             errors=wrong,
             total=len(err),
             mse=float(np.mean(err**2)),
-            metrics={"baseline_mse": CONSTANT_BASELINE_MSE, "max_abs_error": float(np.abs(err).max())},
+            metrics={
+                "baseline_mse": CONSTANT_BASELINE_MSE,
+                "max_abs_error": float(np.abs(err).max()),
+            },
         )
 
 

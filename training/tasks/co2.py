@@ -49,7 +49,9 @@ class CO2Task(Task):
         self.split = int(len(self.readings_ppm) * TRAIN_FRACTION)
         change = np.diff(self.readings_ppm)  # change[i] = v[i+1] - v[i]
         self.scale_ppm = float(change[: self.split - 1].std())
-        self.inputs = (change / self.scale_ppm).astype(np.float32)  # x[i] is the change into week i+1
+        self.inputs = (change / self.scale_ppm).astype(
+            np.float32
+        )  # x[i] is the change into week i+1
 
     def config(self) -> dict[str, Any]:
         return {

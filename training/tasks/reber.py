@@ -35,7 +35,8 @@ ERROR_RATE_LIMIT = 0.001
 
 
 def reber_string(rng: np.random.Generator) -> tuple[list[str], list[set[str]]]:
-    """One Reber string from its B to its E, with the set of possible successors of each symbol."""
+    """One Reber string from its B to its E, with the successor set of every symbol but that E
+    (what follows the E depends on the string around it)."""
     symbols = ["B"]
     successors: list[set[str]] = [{"T", "P"}]
     node = 0
@@ -52,7 +53,7 @@ def embedded_reber_string(rng: np.random.Generator) -> tuple[list[str], list[set
     """B (T|P) <Reber string> (T|P) E, with successor sets; the string after the final E is a new B."""
     branch = "T" if rng.integers(2) == 0 else "P"
     inner, inner_successors = reber_string(rng)
-    inner_successors[-1] = {branch}  # after the inner E comes the remembered branch symbol
+    inner_successors.append({branch})  # after the inner E comes the remembered branch symbol
     symbols = ["B", branch, *inner, branch, "E"]
     successors = [{"T", "P"}, {"B"}, *inner_successors, {"E"}, {"B"}]
     return symbols, successors
@@ -79,10 +80,14 @@ class ReberTask(Task):
     output_size = len(SYMBOLS)
     output_kind = "multilabel_logits"
     stateful = True
-    description = "Continual embedded Reber grammar: next-symbol sets over an endless, never-reset stream."
+    description = (
+        "Continual embedded Reber grammar: next-symbol sets over an endless, never-reset stream."
+    )
     criterion = "at most 0.1% of embedded strings with any wrong prediction over >= 100,000 symbols"
 
-    def __init__(self, chunk_length: int = 100, test_lanes: int = 10, test_steps: int = 10_000) -> None:
+    def __init__(
+        self, chunk_length: int = 100, test_lanes: int = 10, test_steps: int = 10_000
+    ) -> None:
         self.chunk_length = chunk_length
         self.test_lanes = test_lanes
         self.test_steps = test_steps

@@ -52,7 +52,11 @@ class TemporalOrderTask(Task):
     )
 
     def __init__(
-        self, min_length: int = 100, max_length: int = 110, test_sequences: int = 2560, max_wrong: int = 3
+        self,
+        min_length: int = 100,
+        max_length: int = 110,
+        test_sequences: int = 2560,
+        max_wrong: int = 3,
     ) -> None:
         self.min_length = min_length
         self.max_length = max_length

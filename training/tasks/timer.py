@@ -136,5 +136,8 @@ class TimerTask(Task):
             errors=wrong,
             total=total,
             mse=mse,
-            metrics={"pulse_accuracy": correct / max(total, 1), "steps": float(x.shape[0] * x.shape[1])},
+            metrics={
+                "pulse_accuracy": correct / max(total, 1),
+                "steps": float(x.shape[0] * x.shape[1]),
+            },
         )
