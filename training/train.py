@@ -81,6 +81,18 @@ def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state)
 
 
+def restart_some_lanes(task: Task, state: State, rng: np.random.Generator) -> State:
+    """Restart each stream lane with the task's probability: fresh stream, zero state."""
+    lanes = np.flatnonzero(rng.random(state[0].shape[1]) < task.lane_restart_probability)
+    if len(lanes) == 0:
+        return state
+    task.restart_lanes(lanes, rng)
+    fresh = tuple(s.clone() for s in state)
+    for s in fresh:
+        s[:, torch.from_numpy(lanes)] = 0.0
+    return fresh
+
+
 def train(
     task: Task,
     model_config: ModelConfig,
@@ -109,6 +121,8 @@ def train(
     step = 0
     while step < train_config.max_steps:
         model.train()
+        if state is not None and task.lane_restart_probability > 0:
+            state = restart_some_lanes(task, state, rng)
         batch = task.train_batch(train_config.batch_size, rng)
         y, new_state = model(batch.x, state if task.stateful else None)
         loss = task.loss(y, batch)

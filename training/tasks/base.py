@@ -51,8 +51,11 @@ class Task(abc.ABC):
 
     Sequence tasks (``stateful = False``) draw independent sequences that start from zero state.
     Stream tasks (``stateful = True``) hand out consecutive chunks of one endless stream per batch
-    lane; the trainer carries the recurrent state across chunks (truncated BPTT) and never resets it,
-    which is how the model is later used by the streaming service.
+    lane; the trainer carries the recurrent state across chunks (truncated BPTT), which is how the
+    model is later used by the streaming service. Each lane restarts (new stream, zero state) with
+    probability ``lane_restart_probability`` per batch, so lane ages are spread out: if every lane
+    were as old as the run, the model could learn features of old streams (slowly saturating cells)
+    that a fresh stream does not have. Evaluation streams are never reset.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Task(abc.ABC):
     output_size: int
     output_kind: OutputKind
     stateful: bool = False
+    lane_restart_probability: float = 0.0
     description: str = ""
     criterion: str = ""
 
@@ -69,6 +73,9 @@ class Task(abc.ABC):
 
     def reset_streams(self, batch_size: int, rng: np.random.Generator) -> None:  # noqa: B027
         """Start fresh streams for stream tasks; sequence tasks have nothing to reset."""
+
+    def restart_lanes(self, lanes: np.ndarray, rng: np.random.Generator) -> None:  # noqa: B027
+        """Give the stream tasks' ``lanes`` fresh streams (the trainer zeroes their state)."""
 
     def loss(self, y_pred: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Masked loss matching ``output_kind``."""

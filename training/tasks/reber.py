@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from training.tasks.base import Batch, Evaluation, Task, to_tensor
-from training.tasks.streams import EventStream, make_lanes, take_lanes
+from training.tasks.streams import EventStream, make_lanes, restart, take_lanes
 
 SYMBOLS = ("B", "T", "P", "S", "X", "V", "E")
 INDEX = {s: i for i, s in enumerate(SYMBOLS)}
@@ -80,6 +80,7 @@ class ReberTask(Task):
     output_size = len(SYMBOLS)
     output_kind = "multilabel_logits"
     stateful = True
+    lane_restart_probability = 0.02  # mean lane age: 50 chunks
     description = (
         "Continual embedded Reber grammar: next-symbol sets over an endless, never-reset stream."
     )
@@ -98,6 +99,9 @@ class ReberTask(Task):
 
     def reset_streams(self, batch_size: int, rng: np.random.Generator) -> None:
         self._lanes = make_lanes(ReberStream, batch_size, rng)
+
+    def restart_lanes(self, lanes: np.ndarray, rng: np.random.Generator) -> None:
+        restart(self._lanes, lanes, ReberStream, rng)
 
     def train_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         if len(self._lanes) != batch_size:

@@ -44,6 +44,17 @@ def take_lanes(streams: list[EventStream], steps: int) -> tuple[np.ndarray, np.n
     return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
 
+def restart(
+    streams: list[EventStream],
+    lanes: np.ndarray,
+    factory: Callable[[np.random.Generator], EventStream],
+    rng: np.random.Generator,
+) -> None:
+    """Replace the streams of ``lanes`` with fresh ones."""
+    for lane, stream in zip(lanes, make_lanes(factory, len(lanes), rng), strict=True):
+        streams[int(lane)] = stream
+
+
 def make_lanes(
     factory: Callable[[np.random.Generator], EventStream], lanes: int, rng: np.random.Generator
 ) -> list[EventStream]:

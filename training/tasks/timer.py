@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from training.tasks.base import Batch, Evaluation, Task, to_tensor
-from training.tasks.streams import EventStream, make_lanes, take_lanes
+from training.tasks.streams import EventStream, make_lanes, restart, take_lanes
 
 LEVEL = 0.5
 THRESHOLD = 0.25
@@ -81,6 +81,7 @@ class TimerTask(Task):
     output_size = 1
     output_kind = "regression"
     stateful = True
+    lane_restart_probability = 0.02  # mean lane age: 50 chunks
     description = "Jaeger's timer: output 0.5 for scale*u2 steps after each trigger, never reset."
     criterion = (
         ">= 99% of pulses with onset and offset within max(1, 5% of duration) steps, and stream "
@@ -109,6 +110,9 @@ class TimerTask(Task):
 
     def reset_streams(self, batch_size: int, rng: np.random.Generator) -> None:
         self._lanes = make_lanes(self._factory, batch_size, rng)
+
+    def restart_lanes(self, lanes: np.ndarray, rng: np.random.Generator) -> None:
+        restart(self._lanes, lanes, self._factory, rng)
 
     def train_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         if len(self._lanes) != batch_size:
