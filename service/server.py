@@ -84,6 +84,10 @@ class RnnServer:
         await self.engine.start()
         for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.port_file is not None:
+            s.port_file.write_text(
+                json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
+            )
         logger.info(
             "serving %d model(s) on %s:%d (gRPC), metrics on %s:%d",
             len(self.engine.handles()),

@@ -67,7 +67,9 @@ def test_lstm_without_forget_gate_stays_pinned_through_training() -> None:
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_export_follows_the_contract_and_verifies(cell: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
-    model = RecurrentNet(ModelConfig(cell=cell, input_size=3, output_size=2, hidden_size=5, num_layers=2))
+    model = RecurrentNet(
+        ModelConfig(cell=cell, input_size=3, output_size=2, hidden_size=5, num_layers=2)
+    )
     meta = export_model(
         model, tmp_path / "m" / "3", name="m", task="adding", output_kind="regression",
         task_config={"length": 100}, metrics={"mse": 0.1}, training={"steps": 1},
@@ -76,7 +78,9 @@ def test_export_follows_the_contract_and_verifies(cell: str, tmp_path: Path) -> 
     states = ["h", "c"] if cell == "lstm" else ["h"]
     assert [i.name for i in graph.input] == ["x", *[f"{s}0" for s in states]]
     assert [o.name for o in graph.output] == ["y", *[f"{s}n" for s in states]]
-    assert {"RNN": "rnn", "LSTM": "lstm", "GRU": "gru"}[next(n.op_type for n in graph.node if n.op_type in ("RNN", "LSTM", "GRU"))] == cell
+    assert {"RNN": "rnn", "LSTM": "lstm", "GRU": "gru"}[
+        next(n.op_type for n in graph.node if n.op_type in ("RNN", "LSTM", "GRU"))
+    ] == cell
     x_dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert x_dims[:2] == ["batch", "time"] and x_dims[2] == 3
     written = json.loads((tmp_path / "m" / "3" / "model.json").read_text())
@@ -91,7 +95,16 @@ def test_export_follows_the_contract_and_verifies(cell: str, tmp_path: Path) -> 
 def test_verification_catches_a_graph_that_differs(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = RecurrentNet(config("gru"))
-    export_model(model, tmp_path / "g" / "1", name="g", task="t", output_kind="regression", task_config={}, metrics={}, training={})
+    export_model(
+        model,
+        tmp_path / "g" / "1",
+        name="g",
+        task="t",
+        output_kind="regression",
+        task_config={},
+        metrics={},
+        training={},
+    )
     with torch.no_grad():
         model.head.bias += 0.01  # the PyTorch model moves on; the exported graph does not
     with pytest.raises(ExportVerificationError, match="differs from PyTorch"):
@@ -101,7 +114,13 @@ def test_verification_catches_a_graph_that_differs(tmp_path: Path) -> None:
 def test_training_loop_runs_and_records(tmp_path: Path) -> None:
     task = make_task("adding", length=20, test_sequences=64)
     model_config = ModelConfig(cell="lstm", input_size=2, output_size=1, hidden_size=4)
-    _, result = train(task, model_config, TrainConfig(batch_size=8, max_steps=6, eval_every=3), tmp_path, progress=False)
+    _, result = train(
+        task,
+        model_config,
+        TrainConfig(batch_size=8, max_steps=6, eval_every=3),
+        tmp_path,
+        progress=False,
+    )
     assert result.steps == 6 and result.sequences_seen == 48 and len(result.curve) == 2
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["test"]["total"] == 64 and (tmp_path / "checkpoint.pt").exists()
@@ -110,13 +129,29 @@ def test_training_loop_runs_and_records(tmp_path: Path) -> None:
 def test_stream_task_training_carries_state(tmp_path: Path) -> None:
     task = make_task("timer", scale=10, chunk_length=20, test_lanes=2, test_steps=200)
     model_config = ModelConfig(cell="gru", input_size=2, output_size=1, hidden_size=4)
-    _, result = train(task, model_config, TrainConfig(batch_size=4, max_steps=4, eval_every=2, early_stop=False), None, progress=False)
+    _, result = train(
+        task,
+        model_config,
+        TrainConfig(batch_size=4, max_steps=4, eval_every=2, early_stop=False),
+        None,
+        progress=False,
+    )
     assert result.steps == 4 and result.test["total"] > 0
 
 
 def test_cli_help_and_a_tiny_training_run(tmp_path: Path) -> None:
-    help_text = subprocess.run([sys.executable, "-m", "training", "train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert help_text.returncode == 0 and "--no-forget-gate" in help_text.stdout and "wall-time budget" in help_text.stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "training", "train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        help_text.returncode == 0
+        and "--no-forget-gate" in help_text.stdout
+        and "wall-time budget" in help_text.stdout
+    )
     run = subprocess.run(
         [sys.executable, "-m", "training", "train", "--task", "temporal_order", "--cell", "gru", "--hidden-size", "4",
          "--max-steps", "2", "--eval-every", "1", "--batch-size", "4", "--out", str(tmp_path / "run"),
