@@ -81,6 +81,25 @@ def command_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server's gRPC health service answers SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target or f"127.0.0.1:{Settings().grpc_port}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
+            )
+        except grpc.RpcError as error:
+            print(f"{target}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def command_stream(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -177,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except ValueError as error:
+        print(f"rnnserve: {error}", file=sys.stderr)
+        return 2
     except Exception as error:
         import grpc
 

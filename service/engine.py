@@ -117,6 +117,7 @@ class InferenceEngine:
             self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(spec, runtime, store)
             self.metrics.state_bytes.labels(spec.name, spec.version).set(store.state_bytes)
             self.metrics.active_sessions.labels(spec.name, spec.version).set(0)
+            self.metrics.session_capacity.labels(spec.name, spec.version).set(s.max_sessions)
             logger.info(
                 "loaded model %s (%s, %d layer(s), hidden %d) on %s",
                 spec.label,
@@ -198,14 +199,9 @@ class InferenceEngine:
                 raise FailedPrecondition(
                     f"session {session_id!r} has a chunk in flight; cannot restart it"
                 )
-            logger.warning(
-                "sequence %r restarted by a new START on model %s", session_id, handle.spec.label
-            )
-            store.reset_state(session)
-            if initial_state is not None:
-                store.end(session, EndReason.CLOSED)
-            else:
-                return self._view(handle, session)
+            logger.warning("sequence restarted by a new START on model %s", handle.spec.label)
+            store.reset_state(session, initial_state)
+            return self._view(handle, session)
         session = store.create(session_id, initial_state)
         self.metrics.sessions_started.labels(handle.spec.name, handle.spec.version, api).inc()
         self.metrics.active_sessions.labels(handle.spec.name, handle.spec.version).inc()

@@ -51,6 +51,12 @@ class Metrics:
         self.active_sessions = Gauge(
             "rnnserve_active_sessions", "Live sessions.", ["model", "version"], registry=r
         )
+        self.session_capacity = Gauge(
+            "rnnserve_session_capacity",
+            "Most sessions the model version accepts (the max_sessions setting).",
+            ["model", "version"],
+            registry=r,
+        )
         self.state_bytes = Gauge(
             "rnnserve_state_bytes",
             "Bytes allocated for session state.",
@@ -81,3 +87,16 @@ class Metrics:
         self.queue_depth = Gauge(
             "rnnserve_queue_depth", "Chunks waiting for a batch.", ["model", "version"], registry=r
         )
+
+    def series_names(self) -> set[str]:
+        """Every series name the exposition can hold (``_total`` counters, histogram series)."""
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "gauge": ("",),
+        }
+        return {
+            family.name + suffix
+            for family in self.registry.collect()
+            for suffix in suffixes.get(family.type, ("",))
+        }

@@ -210,7 +210,11 @@ class SessionStore:
     def read_state(self, session: Session) -> list[np.ndarray]:
         return [array[:, session.slot, :].copy() for array in self.states]
 
-    def reset_state(self, session: Session) -> None:
-        for array in self.states:
-            array[:, session.slot, :] = 0.0
+    def reset_state(self, session: Session, state: Sequence[np.ndarray] | None = None) -> None:
+        """Start ``session`` over: zero (or the given) state, step count 0."""
+        if state is not None:
+            self._check_state(state)
+        for k, array in enumerate(self.states):
+            array[:, session.slot, :] = 0.0 if state is None else state[k]
         session.steps = 0
+        session.last_used_s = self.clock()

@@ -94,6 +94,8 @@ def test_models_stream_and_graceful_sigterm(
 ) -> None:
     process, ports = serve
     target = f"127.0.0.1:{ports['grpc_port']}"
+    health = rnnserve("health", "--target", target)
+    assert health.returncode == 0 and "SERVING" in health.stdout
     listed = rnnserve("models", "--target", target)
     assert listed.returncode == 0 and "toy_timer/1" in listed.stdout
     plot = tmp_path / "stream.png"

@@ -196,6 +196,13 @@ class SessionStream:
         async with self._write_lock:
             await self.context.write(response)
 
+    async def _notify(self, notice: pb.StreamResponse) -> None:
+        """Best effort: the stream may have finished since the session ended."""
+        try:
+            await self._write(notice)
+        except Exception:
+            logger.debug("could not deliver an end notice; the stream is gone", exc_info=True)
+
     def _on_end(self, session: Session, reason: EndReason) -> None:
         if reason == EndReason.CLOSED:
             return  # the close request (or the chunk with end) answers for itself
@@ -204,7 +211,7 @@ class SessionStream:
                 session_id=session.session_id, reason=END_REASONS[reason], steps=session.steps
             )
         )
-        task = asyncio.get_running_loop().create_task(self._write(notice))
+        task = asyncio.get_running_loop().create_task(self._notify(notice))
         self._notices.add(task)
         task.add_done_callback(self._notices.discard)
         self._session = None

@@ -1,0 +1,136 @@
+"""The deployment files, checked the way operators' tools check them: hadolint, promtool, the
+Kubernetes and compose schemas, and the dashboard's queries against the metrics the server exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.metrics import Metrics
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S_FILES = sorted(
+    p.name for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"
+)
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing in CI (.ci/run and the test extra install it)")
+        pytest.skip(f"{name} is not installed here; CI always runs this check")
+    return path
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def exported_metric_names() -> set[str]:
+    return Metrics().series_names()
+
+
+def metric_names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\brnnserve_[a-z_]+", expr))
+
+
+def recording_rules() -> set[str]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    return {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+
+
+def test_hadolint_accepts_the_dockerfile() -> None:
+    result = run(tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_base_is_a_build_arg_and_runtime_is_lean() -> None:
+    text = "\n".join(
+        line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.startswith("#")
+    )
+    assert re.search(r"^ARG BASE_IMAGE=", text, re.MULTILINE)
+    assert "FROM ${BASE_IMAGE} AS runtime-base" in text
+    assert "torch" not in text and "[training]" not in text and "[test]" not in text
+    assert 'ENTRYPOINT ["rnnserve", "serve"]' in text and 'CMD ["rnnserve", "health"]' in text
+    assert re.search(r"^USER 10001$", text, re.MULTILINE)
+
+
+def test_promtool_accepts_config_and_rules() -> None:
+    promtool = tool("promtool")
+    for args in (
+        ("check", "config", "deploy/prometheus/prometheus.yml"),
+        ("check", "rules", "deploy/prometheus/rules.yml"),
+    ):
+        result = run(promtool, *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_and_dashboard_query_only_real_metrics() -> None:
+    exported = exported_metric_names()
+    rules_text = (DEPLOY / "prometheus" / "rules.yml").read_text()
+    assert metric_names_in(rules_text) <= exported, metric_names_in(rules_text) - exported
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "rnnserve.json").read_text())
+    queried: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            queried |= metric_names_in(target["expr"])
+    assert queried and queried <= exported, queried - exported
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in (
+        "request rate",
+        "p99",
+        "queue wait",
+        "batch size",
+        "active sessions",
+        "ends by reason",
+        "failures",
+    ):
+        assert topic in titles, topic
+
+
+def test_compose_file_follows_the_compose_spec_and_wires_the_stack() -> None:
+    result = run(
+        tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "deploy/compose.yaml"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert set(compose["services"]) == {"rnnserve", "prometheus", "grafana"}
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    target = scrape["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    assert target == "rnnserve:8002"
+
+
+def test_kubernetes_manifests_validate_and_are_consistent() -> None:
+    files = [str(DEPLOY / "k8s" / name) for name in K8S_FILES]
+    result = run(tool("kubernetes-validate"), "--strict", "--quiet", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == K8S_FILES
+    settings = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())["data"]
+    for key in settings:
+        assert key.removeprefix("RNNSERVE_").lower() in Settings.model_fields, key
+    deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > float(settings["RNNSERVE_DRAIN_TIMEOUT_S"]) + 5
+    container = pod["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"]["port"] == int(settings["RNNSERVE_GRPC_PORT"])
+    envoy = yaml.safe_load(
+        yaml.safe_load((DEPLOY / "k8s" / "envoy-session-affinity.yaml").read_text())["data"][
+            "envoy.yaml"
+        ]
+    )
+    cluster = envoy["static_resources"]["clusters"][0]
+    assert cluster["lb_policy"] == "RING_HASH"
