@@ -112,6 +112,7 @@ class InferenceEngine:
                 layers=spec.num_layers,
                 hidden=spec.hidden_size,
                 max_sessions=s.max_sessions,
+                evict_when_full=s.evict_when_full,
                 on_end=self._make_end_hook(spec),
             )
             self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(spec, runtime, store)

@@ -75,12 +75,14 @@ class SessionStore:
         layers: int,
         hidden: int,
         max_sessions: int,
+        evict_when_full: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_end: Callable[[Session, EndReason], None] | None = None,
     ) -> None:
         self.layers = layers
         self.hidden = hidden
         self.max_sessions = max_sessions
+        self.evict_when_full = evict_when_full
         self.clock = clock
         self.on_end = on_end
         self.capacity = min(INITIAL_CAPACITY, max_sessions)
@@ -120,7 +122,7 @@ class SessionStore:
                 raise AlreadyExists(f"session {session_id!r} already exists")
         if initial_state is not None:
             self._check_state(initial_state)
-        if len(self.sessions) >= self.max_sessions:
+        if len(self.sessions) >= self.max_sessions and not self._evict_longest_idle():
             raise ResourceExhausted(
                 f"this model already holds its limit of {self.max_sessions} sessions; close some "
                 "or raise RNNSERVE_MAX_SESSIONS"
@@ -134,6 +136,20 @@ class SessionStore:
         session = Session(session_id=session_id, slot=slot, created_s=now, last_used_s=now)
         self.sessions[session_id] = session
         return session
+
+    def _evict_longest_idle(self) -> bool:
+        """With the evict policy on, end the longest-idle session without a chunk in flight.
+
+        A scan over the sessions, paid only when the store is full, so that the per-chunk path
+        keeps no recency order.
+        """
+        if not self.evict_when_full:
+            return False
+        idle = [s for s in self.sessions.values() if not s.busy]
+        if not idle:
+            return False
+        self._release(min(idle, key=lambda s: s.last_used_s), EndReason.EVICTED)
+        return True
 
     def _check_state(self, state: Sequence[np.ndarray]) -> None:
         if len(state) != len(self.states):

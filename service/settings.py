@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         4096, ge=1, description="chunks waiting per model before new ones are refused"
     )
     max_sessions: int = Field(10_000, ge=1, description="live sessions per model version")
+    evict_when_full: bool = Field(
+        False,
+        description="when a model holds max_sessions, end its longest-idle session (reason "
+        "evicted) to admit a new one, instead of refusing with RESOURCE_EXHAUSTED",
+    )
     session_ttl_s: float = Field(
         600.0, ge=0.0, description="idle seconds before a session ends (0 disables expiry)"
     )

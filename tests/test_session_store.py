@@ -134,3 +134,26 @@ def test_close_while_busy_waits_for_the_chunk() -> None:
     store.finish_chunk(session)
     assert "s" not in store.sessions and ended == [EndReason.CLOSED]
     assert session.ended == EndReason.CLOSED
+
+
+def test_full_store_evicts_the_longest_idle_session_when_asked() -> None:
+    clock = FakeClock()
+    ended: list[tuple[str, EndReason]] = []
+    store = make_store(
+        max_sessions=3,
+        clock=clock,
+        evict_when_full=True,
+        on_end=lambda s, r: ended.append((s.session_id, r)),
+    )
+    for name in ("old", "busy", "recent"):
+        store.create(name)
+        clock.now += 10
+    store.get("busy").busy = True
+    store.get("busy").last_used_s = 0.0  # the idlest by time, but it has a chunk in flight
+    store.create("new")
+    assert ended == [("old", EndReason.EVICTED)]
+    assert set(store.sessions) == {"busy", "recent", "new"}
+    for s in list(store.sessions.values()):
+        s.busy = True
+    with pytest.raises(ResourceExhausted):
+        store.create("no room")  # nothing idle to evict
