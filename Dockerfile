@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # rnnserve: the serving image (no torch, no compilers in the runtime stage).
 #
 #   docker build -t rnnserve .                                  # CPU image, official slim base

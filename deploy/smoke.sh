@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=${IMAGE:-rnnserve:smoke}
+DOCKER=${DOCKER:-docker}  # e.g. DOCKER=/usr/bin/docker: a client with built-in BuildKit
 BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim}
 NETWORK=${SMOKE_NETWORK:-bridge}
 MODEL=${SMOKE_MODEL:-timer_lstm}
@@ -26,10 +27,10 @@ build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --network host -t "$IMAGE")
 if [ -n "${PIP_CA_BUNDLE:-}" ]; then build_args+=(--secret "id=pip_ca,src=$PIP_CA_BUNDLE"); fi
 log "building $IMAGE from base $BASE_IMAGE"
 build_started=$(date +%s)
-DOCKER_BUILDKIT=1 docker build "${build_args[@]}" .
-log "built in $(( $(date +%s) - build_started )) s; image size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
+DOCKER_BUILDKIT=1 "$DOCKER" build "${build_args[@]}" .
+log "built in $(( $(date +%s) - build_started )) s; image size $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
-cleanup() { docker rm -f "$NAME" >/dev/null 2>&1 || true; }
+cleanup() { "$DOCKER" rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 if [ "$NETWORK" = host ]; then
@@ -39,24 +40,34 @@ else
     run_args=(-p 127.0.0.1::8001 -p 127.0.0.1::8002)
 fi
 started=$(date +%s.%N)
-docker run -d --name "$NAME" "${run_args[@]}" "$IMAGE" >/dev/null
+"$DOCKER" run -d --name "$NAME" "${run_args[@]}" "$IMAGE" >/dev/null
 if [ "$NETWORK" != host ]; then
-    grpc_port=$(docker port "$NAME" 8001/tcp | head -n1 | awk -F: '{print $NF}')
-    metrics_port=$(docker port "$NAME" 8002/tcp | head -n1 | awk -F: '{print $NF}')
+    grpc_port=$("$DOCKER" port "$NAME" 8001/tcp | head -n1 | awk -F: '{print $NF}')
+    metrics_port=$("$DOCKER" port "$NAME" 8002/tcp | head -n1 | awk -F: '{print $NF}')
 fi
 
+serving_after=""
+for _ in $(seq 1 120); do   # at most 60 s: the time from docker run to gRPC health SERVING
+    if rnnserve health --target "127.0.0.1:$grpc_port" --timeout-s 0.5 >/dev/null 2>&1; then
+        serving_after=$(python3 -c "import time; print(f'{time.time() - $started:.1f}')"); break
+    fi
+    sleep 0.5
+done
+[ -n "$serving_after" ] || { "$DOCKER" logs "$NAME" >&2 || true; log "FAILED: never SERVING"; exit 1; }
+log "gRPC health SERVING ${serving_after} s after docker run"
+
 status=starting
-for _ in $(seq 1 240); do   # at most 60 s
-    status=$(docker inspect -f '{{.State.Health.Status}}' "$NAME")
+for _ in $(seq 1 240); do   # at most 60 s more: docker's own HEALTHCHECK (first probe after 10 s)
+    status=$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$NAME")
     [ "$status" = healthy ] && break
-    [ "$(docker inspect -f '{{.State.Running}}' "$NAME")" = true ] || break
+    [ "$("$DOCKER" inspect -f '{{.State.Running}}' "$NAME")" = true ] || break
     sleep 0.25
 done
 if [ "$status" != healthy ]; then
-    docker logs "$NAME" >&2 || true
+    "$DOCKER" logs "$NAME" >&2 || true
     log "FAILED: container is $status"; exit 1
 fi
-log "healthy $(python3 -c "import time; print(f'{time.time() - $started:.1f}')") s after docker run (health checks every 10 s after a start period; the server itself is ready sooner)"
+log "docker reports healthy $(python3 -c "import time; print(f'{time.time() - $started:.1f}')") s after docker run (its HEALTHCHECK probes every 10 s)"
 
 rnnserve health --target "127.0.0.1:$grpc_port"
 rnnserve stream --target "127.0.0.1:$grpc_port" --model "$MODEL" --steps "$STEPS" --chunk 10 --show 4
@@ -66,9 +77,9 @@ if ! grep -q "^rnnserve_steps_total{model=\"$MODEL\",version=\"1\"} $STEPS.0$" <
 fi
 log "metric moved: rnnserve_steps_total{model=\"$MODEL\"} = $STEPS"
 
-docker stop -t 30 "$NAME" >/dev/null
-exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$NAME")
-if ! docker logs "$NAME" 2>&1 | grep -q 'shutdown: ended'; then
+"$DOCKER" stop -t 30 "$NAME" >/dev/null
+exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
+if ! "$DOCKER" logs "$NAME" 2>&1 | grep -q 'shutdown: ended'; then
     log "FAILED: no graceful shutdown in the logs"; exit 1
 fi
 [ "$exit_code" = 0 ] || { log "FAILED: exit code $exit_code after SIGTERM"; exit 1; }

@@ -173,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
     models.set_defaults(handler=command_models)
 
+    health = commands.add_parser(
+        "health", help="exit 0 if the server reports SERVING (health probe)"
+    )
+    health.add_argument(
+        "--target",
+        default=None,
+        help="host:port (default 127.0.0.1 and RNNSERVE_GRPC_PORT or 8001)",
+    )
+    health.add_argument("--service", default="", help="service name to check ('' = the server)")
+    health.add_argument("--timeout-s", type=float, default=2.0, help="how long to wait, in seconds")
+    health.set_defaults(handler=command_health)
+
     stream = commands.add_parser(
         "stream", help="stream a demo sequence through a session and compare with targets"
     )

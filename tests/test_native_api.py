@@ -257,16 +257,21 @@ async def test_eviction_when_full_tells_the_evicted_stream(make_settings: Any) -
         async with channel(srv.grpc_port) as ch:
             stub = native(ch)
             call = stub.Stream()
-            await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="first")))
+            await call.write(
+                pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="first"))
+            )
             await call.read()
             srv.engine.model(MODEL).store.get("first").last_used_s -= 60.0  # the longest idle
             await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="second"))
             await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="third"))
             notice = await call.read()
-            assert notice.ended.reason == pb.END_REASON_EVICTED and notice.ended.session_id == "first"
+            assert (
+                notice.ended.reason == pb.END_REASON_EVICTED and notice.ended.session_id == "first"
+            )
             await call.done_writing()
             evicted = srv.metrics.registry.get_sample_value(
-                "rnnserve_sessions_ended_total", {"model": MODEL, "version": "1", "reason": "evicted"}
+                "rnnserve_sessions_ended_total",
+                {"model": MODEL, "version": "1", "reason": "evicted"},
             )
             assert evicted == 1.0
     finally:
