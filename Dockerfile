@@ -20,13 +20,13 @@ COPY service ./service
 FROM venv AS build
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
-    pip install . && pip uninstall --yes pip
+    pip install . && pip uninstall --yes pip setuptools
 
 FROM venv AS build-gpu
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     pip install . && pip uninstall --yes onnxruntime \
-    && pip install "onnxruntime-gpu[cuda,cudnn]>=1.20" && pip uninstall --yes pip
+    && pip install "onnxruntime-gpu[cuda,cudnn]>=1.20" && pip uninstall --yes pip setuptools
 
 FROM ${BASE_IMAGE} AS runtime-base
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rnnserve
