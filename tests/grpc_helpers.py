@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import numpy as np
+import pytest
 
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -61,3 +64,11 @@ def infer_request(
 def infer_output(response: kpb.ModelInferResponse) -> np.ndarray:
     shape = list(response.outputs[0].shape)
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(shape)[0]
+
+
+async def expect_code(code: grpc.StatusCode, call: Any) -> str:
+    """Await ``call``, assert it fails with ``code``, and return the error's details."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    return str(info.value.details())

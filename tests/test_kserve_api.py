@@ -11,7 +11,7 @@ import pytest
 
 from service._proto.inference import grpc_service_pb2 as kpb
 from service.server import RnnServer
-from tests.grpc_helpers import channel, infer_output, infer_request, kserve
+from tests.grpc_helpers import channel, expect_code, infer_output, infer_request, kserve
 from tests.models_for_tests import OfflineReference
 
 MODEL = "tiny_gru"
@@ -21,13 +21,6 @@ MODEL = "tiny_gru"
 async def stub(server: RnnServer) -> AsyncIterator[Any]:
     async with channel(server.grpc_port) as ch:
         yield kserve(ch)
-
-
-async def expect_code(code: grpc.StatusCode, call: Any) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return str(info.value.details())
 
 
 async def test_server_and_model_metadata(stub: Any) -> None:

@@ -13,7 +13,7 @@ import pytest
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.api.native import to_tensor
 from service.server import RnnServer
-from tests.grpc_helpers import channel, native, output_of, step_request
+from tests.grpc_helpers import channel, expect_code, native, output_of, step_request
 from tests.models_for_tests import OfflineReference
 
 MODEL = "tiny_lstm"
@@ -23,13 +23,6 @@ MODEL = "tiny_lstm"
 async def stub(server: RnnServer) -> AsyncIterator[Any]:
     async with channel(server.grpc_port) as ch:
         yield native(ch)
-
-
-async def expect_code(code: grpc.StatusCode, call: object) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return str(info.value.details())
 
 
 class Witness:

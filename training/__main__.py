@@ -89,33 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from training.models import ModelConfig
-    from training.pipeline import export_run
-    from training.tasks import make_task
-    from training.train import TrainConfig, train
+    from training.pipeline import export_run, run_experiment
+    from training.recipes import Experiment
 
-    task = make_task(args.task)
-    suffix = "_nofg" if args.no_forget_gate else ""
-    out = args.out or DEFAULT_RUNS / f"{args.task}-{args.cell}{suffix}"
-    model_config = ModelConfig(
+    experiment = Experiment(
+        task=args.task,
         cell=args.cell,
-        input_size=task.input_size,
-        output_size=task.output_size,
         hidden_size=args.hidden_size,
         num_layers=args.layers,
         init=args.init,
         forget_gate=not args.no_forget_gate,
-    )
-    train_config = TrainConfig(
         batch_size=args.batch_size,
         learning_rate=args.lr,
         max_steps=args.max_steps,
         max_seconds=args.max_seconds,
         eval_every=args.eval_every,
-        seed=args.seed,
         early_stop=not args.no_early_stop,
+        seed=args.seed,
     )
-    _, result = train(task, model_config, train_config, out)
+    out = args.out or DEFAULT_RUNS / experiment.run_name
+    _, result = run_experiment(experiment, out)
     print(json.dumps({"run": str(out), "solved": result.solved, "test": result.test}, indent=2))
     if args.export_as:
         metadata = export_run(out, args.repository, args.export_as)
@@ -135,7 +128,7 @@ def command_experiments(args: argparse.Namespace) -> int:
     for experiment in chosen:
         if args.skip_done and (args.runs / experiment.run_name / "results.json").exists():
             continue
-        run_experiment(experiment, args.runs)
+        run_experiment(experiment, args.runs / experiment.run_name)
     return 0
 
 
@@ -148,7 +141,7 @@ def command_bundle(args: argparse.Namespace) -> int:
             continue
         run_dir = args.runs / experiment.run_name
         if args.retrain or not (run_dir / "results.json").exists():
-            run_experiment(experiment, args.runs)
+            run_experiment(experiment, args.runs / experiment.run_name)
         metadata = export_run(run_dir, args.repository, experiment.bundle_as)
         print(
             f"{experiment.bundle_as}: solved={metadata['metrics']['solved']} sha256={metadata['sha256'][:12]}"

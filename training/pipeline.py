@@ -20,9 +20,9 @@ BUNDLE_VERSION = "1"
 
 
 def run_experiment(
-    experiment: Experiment, runs_dir: Path, progress: bool = True
+    experiment: Experiment, run_dir: Path, progress: bool = True
 ) -> tuple[RecurrentNet, RunResult]:
-    """Train one recipe into ``runs_dir/<run_name>/``."""
+    """Train one recipe; its checkpoint and results go to ``run_dir``."""
     task = make_task(experiment.task, **experiment.task_options)
     model_config = ModelConfig(
         cell=experiment.cell,
@@ -42,9 +42,7 @@ def run_experiment(
         seed=experiment.seed,
         early_stop=experiment.early_stop,
     )
-    return train(
-        task, model_config, train_config, runs_dir / experiment.run_name, progress=progress
-    )
+    return train(task, model_config, train_config, run_dir, progress=progress)
 
 
 def export_run(
