@@ -81,6 +81,29 @@ def command_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark sweep against servers this command starts on loopback, then write results."""
+    import logging
+
+    from service.bench.sweep import SweepPlan, run_sweep, write_outputs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    plan = SweepPlan(
+        repository=args.model_repository,
+        models=tuple(args.models),
+        api=args.api,
+        sessions=tuple(args.sessions),
+        chunks=tuple(args.chunks),
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        compare=not args.no_compare,
+    )
+    rows = run_sweep(plan)
+    for path in write_outputs(plan, rows, args.out):
+        print(path)
+    return 0
+
+
 def command_health(args: argparse.Namespace) -> int:
     """Exit 0 when the server's gRPC health service answers SERVING (for container health checks)."""
     import grpc
@@ -172,6 +195,39 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models a server has loaded")
     models.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
     models.set_defaults(handler=command_models)
+
+    bench = commands.add_parser(
+        "bench", help="measure throughput and latency against the transport and compute limits"
+    )
+    bench.add_argument("--models", nargs="+", default=["adding_lstm"], help="models to load")
+    bench.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Settings.model_fields["model_repository"].default,
+        help="model repository the servers load",
+    )
+    bench.add_argument("--api", choices=("native", "kserve"), default="native", help="API to drive")
+    bench.add_argument(
+        "--sessions",
+        type=int,
+        nargs="+",
+        default=[1, 16, 64, 256, 1024],
+        help="concurrent sessions to sweep",
+    )
+    bench.add_argument(
+        "--chunks", type=int, nargs="+", default=[1, 16], help="steps per chunk to sweep"
+    )
+    bench.add_argument("--duration-s", type=float, default=3.0, help="measured seconds per point")
+    bench.add_argument(
+        "--warmup-s", type=float, default=1.0, help="unmeasured seconds before each point"
+    )
+    bench.add_argument(
+        "--no-compare", action="store_true", help="only this server, batched (no limits)"
+    )
+    bench.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="where bench.{json,md,png} go"
+    )
+    bench.set_defaults(handler=command_bench)
 
     health = commands.add_parser(
         "health", help="exit 0 if the server reports SERVING (health probe)"

@@ -1,0 +1,1 @@
+"""Load generation and limits for ``rnnserve bench`` (loopback only, bounded in time and count)."""

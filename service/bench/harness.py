@@ -1,0 +1,137 @@
+"""Processes and limits for the benchmark: the server under test, the no-op transport server,
+server CPU time, the batch sizes the server formed, and onnxruntime's in-process throughput."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from service.repository import read_spec
+from service.runtime import ModelRuntime
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ServerProcess:
+    """A server started for one measurement; stopped (SIGTERM, then kill) by :meth:`stop`."""
+
+    process: subprocess.Popen[str]
+    grpc_port: int
+    metrics_port: int | None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _discard(stream: IO[str]) -> None:
+    for _ in stream:
+        pass
+
+
+def _start(command: list[str], ready_marker: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    port_file = Path(tempfile.mkdtemp(prefix="rnnserve-bench-")) / "ports.json"
+    process = subprocess.Popen(
+        [*command, "--port-file", str(port_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    for line in process.stdout:  # blocks until the server says it serves, or exits
+        if ready_marker in line:
+            break
+    else:
+        raise RuntimeError(f"{command[2:4]} exited with {process.wait()} before serving")
+    # Keep reading its output so a chatty server never blocks on a full pipe.
+    threading.Thread(target=_discard, args=(process.stdout,), daemon=True).start()
+    return process, json.loads(port_file.read_text())
+
+
+def start_server(repository: Path, **settings: object) -> ServerProcess:
+    """``rnnserve serve`` on free loopback ports with the given settings."""
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+               "--metrics-port", "0", "--model-repository", str(repository), "--session-ttl-s", "0"]  # fmt: skip
+    for name, value in settings.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    process, ports = _start(command, "serving")
+    return ServerProcess(process, ports["grpc_port"], ports["metrics_port"])
+
+
+def start_noop_server(outputs: int) -> ServerProcess:
+    command = [sys.executable, "-m", "service.bench.noop_server", "--outputs", str(outputs)]
+    process, ports = _start(command, "serving")
+    return ServerProcess(process, ports["grpc_port"], None)
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """The server's Prometheus samples as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def batch_sizes(
+    before: dict[str, float], after: dict[str, float], model: str
+) -> tuple[float, float]:
+    """(model calls, mean sessions per call) between two scrapes."""
+    labels = f'{{model="{model}",version="1"}}'
+    calls = after.get(f"rnnserve_batch_size_count{labels}", 0.0) - before.get(
+        f"rnnserve_batch_size_count{labels}", 0.0
+    )
+    total = after.get(f"rnnserve_batch_size_sum{labels}", 0.0) - before.get(
+        f"rnnserve_batch_size_sum{labels}", 0.0
+    )
+    return calls, (total / calls if calls else 0.0)
+
+
+def compute_limit(
+    version_dir: Path, batch: int, chunk_steps: int, seconds: float = 1.0, threads: int = 0
+) -> float:
+    """Steps per second onnxruntime reaches in-process at this batch size (no transport, no queue)."""
+    spec = read_spec(version_dir)
+    runtime = ModelRuntime(spec.onnx_path, intra_op_threads=threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, chunk_steps, spec.input_size)).astype(np.float32)
+    states = [
+        np.zeros((spec.num_layers, batch, spec.hidden_size), np.float32) for _ in spec.state_inputs
+    ]
+    runtime.run(x, states)  # warm-up
+    calls = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        _, states = runtime.run(x, states)
+        calls += 1
+    return calls * batch * chunk_steps / (time.perf_counter() - started)

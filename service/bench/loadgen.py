@@ -1,0 +1,200 @@
+"""Closed-loop load: N concurrent sessions, each sending a chunk and waiting for its reply.
+
+Sessions stream over the native API (one bidirectional stream per session) or the KServe v2 API
+(one ModelStreamInfer stream per session, Triton sequence parameters). Latencies are recorded after
+a warm-up, for a fixed duration; every session then closes. Only loopback targets are allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+import numpy as np
+
+from service._proto.inference import grpc_service_pb2 as kpb
+from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
+
+Api = Literal["native", "kserve"]
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    target: str
+    model: str
+    features: int
+    api: Api = "native"
+    sessions: int = 16
+    chunk_steps: int = 1
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    seed: int = 0
+    channels: int = 4  # sessions are spread over this many HTTP/2 connections
+
+
+@dataclass
+class LoadResult:
+    config: LoadConfig
+    latencies_s: np.ndarray
+    measured_s: float
+    errors: int
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_s)
+
+    def summary(self) -> dict[str, float]:
+        lat = self.latencies_s
+        pct = (
+            (lambda q: float(np.percentile(lat, q) * 1e3)) if len(lat) else (lambda q: float("nan"))
+        )
+        return {
+            "requests_per_s": self.requests / self.measured_s,
+            "steps_per_s": self.requests * self.config.chunk_steps / self.measured_s,
+            "p50_ms": pct(50),
+            "p90_ms": pct(90),
+            "p99_ms": pct(99),
+            "p999_ms": pct(99.9),
+            "max_ms": float(lat.max() * 1e3) if len(lat) else float("nan"),
+            "errors": float(self.errors),
+        }
+
+
+def require_loopback(target: str) -> None:
+    """Refuse any target that does not resolve to a loopback address."""
+    host = target.rsplit(":", 1)[0].strip("[]")
+    for info in socket.getaddrinfo(host, None):
+        if not ipaddress.ip_address(info[4][0]).is_loopback:
+            raise ValueError(
+                f"bench targets loopback addresses only; {target} resolves to {info[4][0]}"
+            )
+
+
+class _Window:
+    """Shared clock: records latencies only between warm-up end and the deadline."""
+
+    def __init__(self, warmup_s: float, duration_s: float) -> None:
+        now = time.perf_counter()
+        self.start = now + warmup_s
+        self.end = self.start + duration_s
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.error_samples: list[str] = []
+
+    def record(self, sent: float, received: float) -> None:
+        if self.start <= sent and received <= self.end:
+            self.latencies.append(received - sent)
+
+    def fail(self, message: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(message)
+
+    @property
+    def running(self) -> bool:
+        return time.perf_counter() < self.end
+
+
+async def _native_session(
+    stub: pb_grpc.StreamingInferenceStub, cfg: LoadConfig, x: bytes, window: _Window
+) -> None:
+    call = stub.Stream()
+    await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=cfg.model)))
+    await call.read()
+    chunk = pb.StreamRequest(
+        chunk=pb.Chunk(input=pb.Tensor(shape=[cfg.chunk_steps, cfg.features], data=x))
+    )
+    while window.running:
+        sent = time.perf_counter()
+        await call.write(chunk)
+        reply = await call.read()
+        if reply == grpc.aio.EOF or reply.WhichOneof("kind") != "output":
+            window.fail("stream ended")
+            return
+        window.record(sent, time.perf_counter())
+    await call.write(pb.StreamRequest(close=pb.Close()))
+    await call.read()
+    await call.done_writing()
+
+
+async def _kserve_session(
+    stub: kpb_grpc.GRPCInferenceServiceStub,
+    cfg: LoadConfig,
+    x: bytes,
+    window: _Window,
+    sequence_id: int,
+) -> None:
+    requests: asyncio.Queue[kpb.ModelInferRequest | None] = asyncio.Queue()
+
+    async def outgoing() -> AsyncIterator[kpb.ModelInferRequest]:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    def request(start: bool, end: bool) -> kpb.ModelInferRequest:
+        r = kpb.ModelInferRequest(model_name=cfg.model, raw_input_contents=[x])
+        r.inputs.add(name="x", datatype="FP32", shape=[1, cfg.chunk_steps, cfg.features])
+        r.parameters["sequence_id"].int64_param = sequence_id
+        if start:
+            r.parameters["sequence_start"].bool_param = True
+        if end:
+            r.parameters["sequence_end"].bool_param = True
+        return r
+
+    call = stub.ModelStreamInfer(outgoing())
+    replies = call.__aiter__()
+    first = True
+    while window.running:
+        sent = time.perf_counter()
+        await requests.put(request(first, False))
+        first = False
+        reply = await replies.__anext__()
+        if reply.error_message:
+            window.fail(reply.error_message)
+            break
+        window.record(sent, time.perf_counter())
+    await requests.put(request(first, True))
+    await replies.__anext__()
+    await requests.put(None)
+
+
+async def run_load(cfg: LoadConfig) -> LoadResult:
+    """Drive ``cfg.sessions`` closed-loop sessions for warm-up plus duration; return latencies."""
+    require_loopback(cfg.target)
+    rng = np.random.default_rng(cfg.seed)
+    x = rng.standard_normal((cfg.chunk_steps, cfg.features)).astype("<f4").tobytes()
+    channels = [
+        grpc.aio.insecure_channel(cfg.target, options=CHANNEL_OPTIONS) for _ in range(cfg.channels)
+    ]
+    window = _Window(cfg.warmup_s, cfg.duration_s)
+    sessions = []
+    for i in range(cfg.sessions):
+        ch = channels[i % len(channels)]
+        if cfg.api == "native":
+            sessions.append(_native_session(pb_grpc.StreamingInferenceStub(ch), cfg, x, window))
+        else:
+            sessions.append(
+                _kserve_session(kpb_grpc.GRPCInferenceServiceStub(ch), cfg, x, window, 1 + i)
+            )
+    results = await asyncio.gather(*sessions, return_exceptions=True)
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            window.fail(f"{type(outcome).__name__}: {outcome}")
+    for ch in channels:
+        await ch.close()
+    return LoadResult(
+        config=cfg,
+        latencies_s=np.array(window.latencies),
+        measured_s=cfg.duration_s,
+        errors=window.errors,
+        error_samples=window.error_samples,
+    )

@@ -1,0 +1,179 @@
+"""The comparison: this server batched, batching off, the transport limit and the compute limit,
+over a sweep of concurrent sessions, written as a table (markdown + JSON) and a plot (PNG)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from service.bench.harness import (
+    ServerProcess,
+    batch_sizes,
+    compute_limit,
+    scrape,
+    start_noop_server,
+    start_server,
+)
+from service.bench.loadgen import Api, LoadConfig, run_load
+from service.repository import read_spec
+
+logger = logging.getLogger(__name__)
+VARIANTS = ("batched", "unbatched", "noop")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    repository: Path
+    models: tuple[str, ...]
+    api: Api = "native"
+    sessions: tuple[int, ...] = (1, 16, 64, 256, 1024)
+    chunks: tuple[int, ...] = (1, 16)
+    duration_s: float = 3.0
+    warmup_s: float = 1.0
+    compare: bool = True
+
+
+def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
+    before = scrape(server.metrics_port) if server.metrics_port else {}
+    cpu_before = server.cpu_seconds()
+    result = asyncio.run(run_load(cfg))
+    cpu = server.cpu_seconds() - cpu_before
+    row: dict[str, Any] = {**result.summary(), "server_cpu_s": cpu}
+    row["server_cpu_per_request_us"] = 1e6 * cpu / max(result.requests, 1)
+    if server.metrics_port:
+        calls, mean_batch = batch_sizes(before, scrape(server.metrics_port), cfg.model)
+        row["model_calls"], row["mean_batch"] = calls, mean_batch
+    if result.error_samples:
+        row["error_samples"] = result.error_samples
+    return row
+
+
+def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for model in plan.models:
+        spec = read_spec(plan.repository / model / "1")
+        for chunk in plan.chunks:
+            servers: dict[str, ServerProcess] = {"batched": start_server(plan.repository)}
+            if plan.compare:
+                servers["unbatched"] = start_server(plan.repository, max_batch_size=1)
+                servers["noop"] = start_noop_server(spec.output_size)
+            try:
+                for sessions in plan.sessions:
+                    for variant, server in servers.items():
+                        cfg = LoadConfig(target=server.target, model=model, features=spec.input_size, api=plan.api,
+                                         sessions=sessions, chunk_steps=chunk, duration_s=plan.duration_s,
+                                         warmup_s=plan.warmup_s)  # fmt: skip
+                        row = {
+                            "model": model,
+                            "variant": variant,
+                            "api": plan.api,
+                            "sessions": sessions,
+                            "chunk": chunk,
+                        }
+                        row.update(measure(server, cfg))
+                        logger.info(
+                            "%s",
+                            {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
+                        )
+                        rows.append(row)
+                    batched = rows[-len(servers)] if plan.compare else rows[-1]
+                    if plan.compare and batched.get("mean_batch"):
+                        batch = max(1, round(batched["mean_batch"]))
+                        rows.append({"model": model, "variant": "compute", "api": "in-process", "sessions": sessions,
+                                     "chunk": chunk, "mean_batch": batch,
+                                     "steps_per_s": compute_limit(spec.directory, batch, chunk)})  # fmt: skip
+            finally:
+                for server in servers.values():
+                    server.stop()
+    return rows
+
+
+def ratio(rows: list[dict[str, Any]], row: dict[str, Any], variant: str) -> float | None:
+    for other in rows:
+        if (other["model"], other["chunk"], other["sessions"], other["variant"]) == (
+            row["model"],
+            row["chunk"],
+            row["sessions"],
+            variant,
+        ):
+            return row["steps_per_s"] / other["steps_per_s"] if other["steps_per_s"] else None
+    return None
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def fmt(value: float | None, digits: int = 2) -> str:
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| model | chunk | sessions | variant | steps/s | requests/s | p50 ms | p99 ms | p99.9 ms | mean batch | server CPU µs/req | vs no-op | vs compute | vs unbatched |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["variant"] == "compute":
+            lines.append(
+                f"| {r['model']} | {r['chunk']} | {r['sessions']} | compute limit (in-process, batch {r['mean_batch']}) | {r['steps_per_s']:,.0f} | | | | | | | | | |"
+            )
+            continue
+        batched = r["variant"] == "batched"
+        lines.append(
+            f"| {r['model']} | {r['chunk']} | {r['sessions']} | {r['variant']} | {r['steps_per_s']:,.0f} | {r['requests_per_s']:,.0f} "
+            f"| {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['p999_ms'])} | {fmt(r.get('mean_batch'), 1)} "
+            f"| {r['server_cpu_per_request_us']:.0f} | {fmt(ratio(rows, r, 'noop') if batched else None)} "
+            f"| {fmt(ratio(rows, r, 'compute') if batched else None)} | {fmt(ratio(rows, r, 'unbatched') if batched else None)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["chunk"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (model, chunk) in zip(axes[0], groups, strict=True):
+        for variant in VARIANTS:
+            points = sorted(
+                (r["steps_per_s"], r["p99_ms"])
+                for r in rows
+                if (r["model"], r["chunk"], r["variant"]) == (model, chunk, variant)
+            )
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput (steps/s)")
+        ax.set_title(f"{model}, chunk {chunk}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("p99 latency (ms)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(plan: SweepPlan, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "cpus": __import__("os").cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    plan_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()}
+    (out_dir / "bench.json").write_text(
+        json.dumps({"plan": plan_record, "machine": machine, "rows": rows}, indent=2) + "\n"
+    )
+    (out_dir / "bench.md").write_text(markdown(rows))
+    paths = [out_dir / "bench.json", out_dir / "bench.md"]
+    try:
+        plot(rows, out_dir / "bench.png")
+        paths.append(out_dir / "bench.png")
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (pip install 'rnnserve[plot]')")
+    return paths

@@ -1,0 +1,51 @@
+"""The benchmark harness works end to end at CI size (seconds). No timing assertions: numbers
+belong in docs/PERFORMANCE.md, measured by the full sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.bench.loadgen import require_loopback
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "--model-repository", str(tiny_repository),
+         "--models", "tiny_gru", "--sessions", "1", "4", "--chunks", "2", "--duration-s", "0.4",
+         "--warmup-s", "0.1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "bench.json").read_text())
+    variants = {(r["variant"], r["sessions"]) for r in record["rows"]}
+    for sessions in (1, 4):
+        assert {
+            ("batched", sessions),
+            ("unbatched", sessions),
+            ("noop", sessions),
+            ("compute", sessions),
+        } <= variants
+    for row in record["rows"]:
+        assert row["steps_per_s"] > 0
+        if row["variant"] != "compute":
+            assert row["errors"] == 0, row.get("error_samples")
+            assert row["server_cpu_s"] >= 0
+    unbatched = [r for r in record["rows"] if r["variant"] == "unbatched"]
+    assert all(r["mean_batch"] == 1.0 for r in unbatched)
+    table = (tmp_path / "bench.md").read_text()
+    assert "vs no-op" in table and "compute limit" in table
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_load_generator_refuses_non_loopback_targets() -> None:
+    require_loopback("127.0.0.1:8001")
+    require_loopback("localhost:8001")
+    with pytest.raises(ValueError, match="loopback"):
+        require_loopback("192.0.2.10:8001")
