@@ -1,7 +1,8 @@
 """Cross-session batching for one model version.
 
-Chunks from many sessions wait in one queue. A batch starts when ``max_batch_size`` chunks wait or
-when the oldest has waited ``max_queue_delay_s``; it holds at most one chunk per session, because a
+Chunks from many sessions wait in one queue. A batch starts when ``max_batch_size`` chunks wait,
+when every live session of the model has a chunk waiting (nothing else can arrive), or when the
+oldest has waited ``max_queue_delay_s``; it holds at most one chunk per session, because a
 session never has more than one chunk in flight (the engine refuses a second one). Chunks of any
 lengths share the batch's model calls exactly, with neither padding nor masking (see
 :meth:`BatchScheduler._compute`).
@@ -108,9 +109,14 @@ class BatchScheduler:
         session.busy = True
         self._queue.append(PendingChunk(session, x, future, time.perf_counter()))
         self._idle.clear()
-        if len(self._queue) == 1 or len(self._queue) >= self.max_batch_size:
+        if len(self._queue) == 1 or self._batch_complete():
             self._wakeup.set()
         return future
+
+    def _batch_complete(self) -> bool:
+        """No reason to wait: the batch is full, or every live session already has a chunk queued
+        (so no other chunk can arrive before one of these is answered)."""
+        return len(self._queue) >= self.max_batch_size or len(self._queue) >= len(self.store)
 
     @property
     def queued(self) -> int:
@@ -124,7 +130,7 @@ class BatchScheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) < self.max_batch_size and self.max_queue_delay_s > 0:
+            if not self._batch_complete() and self.max_queue_delay_s > 0:
                 waited = time.perf_counter() - self._queue[0].enqueued_s
                 remaining = self.max_queue_delay_s - waited
                 if remaining > 0:

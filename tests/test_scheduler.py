@@ -172,3 +172,24 @@ async def test_batch_size_metric_counts_sessions_per_call() -> None:
     )
     assert (total, count) == (6.0, 2.0)
     await scheduler.close()
+
+
+async def test_batch_fires_without_delay_once_every_session_has_a_chunk_queued() -> None:
+    model = GatedFakeModel()
+    scheduler, store, _ = make(model, max_queue_delay_s=3600.0)
+    a, b = store.create("a"), store.create("b")
+    first = scheduler.submit(a, chunk(1))
+    second = scheduler.submit(b, chunk(2))
+    # With an hour of queue delay, only the all-sessions-queued rule can fire this batch.
+    outputs = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    assert model.calls == [(2, 1)] and [float(o[0, 0]) for o in outputs] == [1.0, 2.0]
+    await scheduler.close()
+
+
+async def test_a_lone_chunk_waits_for_the_others_up_to_the_delay() -> None:
+    model = GatedFakeModel()
+    scheduler, store, _ = make(model, max_queue_delay_s=0.01)
+    a, _idle = store.create("a"), store.create("idle")
+    assert float((await asyncio.wait_for(scheduler.submit(a, chunk(5)), timeout=30))[0, 0]) == 5.0
+    assert model.calls == [(1, 1)]  # fired by the deadline: the idle session never sent a chunk
+    await scheduler.close()
