@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -119,3 +120,21 @@ async def test_stream_errors_stay_in_band_and_the_stream_continues(
         "rnnserve_failures_total", {"api": "kserve", "code": "INVALID_ARGUMENT"}
     )
     assert failures == 1.0
+
+
+async def test_cancelled_stream_leaves_the_server_healthy(stub: Any, server: RnnServer) -> None:
+    x = np.ones((3, 3), np.float32)
+
+    async def requests() -> AsyncIterator[kpb.ModelInferRequest]:
+        yield infer_request(MODEL, "gone", x, start=True, request_id="0")
+        await asyncio.Event().wait()  # never finishes writing: the client cancels instead
+
+    call = stub.ModelStreamInfer(requests())
+    first = await call.read()
+    assert first.error_message == ""
+    call.cancel()
+    store = server.engine.model(MODEL).store
+    session = store.get("gone")
+    assert not session.busy and session.steps == 3  # applied, and nothing left in flight
+    again = await stub.ModelInfer(infer_request(MODEL, "gone", x, end=True))
+    assert again.parameters["sequence_steps"].int64_param == 6
