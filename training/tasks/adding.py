@@ -80,8 +80,9 @@ class AddingTask(Task):
         return int(rng.integers(self.length, self.max_length + 1))
 
     def ready_to_stop(self, validation: Evaluation) -> bool:
-        # Stop with a margin so that a fresh test set also meets the criterion.
-        return validation.errors <= self.max_wrong // 3
+        # Stop with a margin so that fresh test sets also meet the criterion: a model stopped at
+        # 1 wrong of 2560 got 4 wrong on another fresh set.
+        return validation.errors == 0
 
     def train_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         seqs = generate_adding(batch_size, self.sample_length(rng), self.length, rng)

@@ -73,8 +73,9 @@ class TemporalOrderTask(Task):
         }
 
     def ready_to_stop(self, validation: Evaluation) -> bool:
-        # Stop with a margin so that a fresh test set also meets the criterion.
-        return validation.errors <= self.max_wrong // 3
+        # Stop with a margin so that fresh test sets also meet the criterion: a model stopped at
+        # 1 wrong of 2560 got 4 wrong on another fresh set.
+        return validation.errors == 0
 
     def train_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         length = int(rng.integers(self.min_length, self.max_length + 1))
