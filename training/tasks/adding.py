@@ -19,6 +19,7 @@ from torch import nn
 from training.tasks.base import Batch, Evaluation, Task, to_tensor
 
 TOLERANCE = 0.04
+STOP_MARGIN = 0.75  # early stop once every validation error is within 3/4 of the tolerance
 CONSTANT_BASELINE_MSE = 1.0 / 24.0  # Var[(X1 + X2) / 4] with X ~ U[-1, 1]
 
 
@@ -80,9 +81,9 @@ class AddingTask(Task):
         return int(rng.integers(self.length, self.max_length + 1))
 
     def ready_to_stop(self, validation: Evaluation) -> bool:
-        # Stop with a margin so that fresh test sets also meet the criterion: a model stopped at
-        # 1 wrong of 2560 got 4 wrong on another fresh set.
-        return validation.errors == 0
+        # A margin in error size, not count: a model stopped at 1 (or 0) wrong of 2560 sat at an
+        # error rate near 0.1% and failed some fresh sets of 2560 by chance.
+        return validation.metrics["max_abs_error"] < STOP_MARGIN * TOLERANCE
 
     def train_batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         seqs = generate_adding(batch_size, self.sample_length(rng), self.length, rng)
