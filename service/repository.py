@@ -51,10 +51,6 @@ class ModelSpec:
         return self.directory / "model.onnx"
 
     @property
-    def state_bytes_per_session(self) -> int:
-        return len(self.state_inputs) * self.num_layers * self.hidden_size * 4
-
-    @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
 

@@ -118,10 +118,6 @@ class BatchScheduler:
         (so no other chunk can arrive before one of these is answered)."""
         return len(self._queue) >= self.max_batch_size or len(self._queue) >= len(self.store)
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def _run_forever(self) -> None:
         while True:
             if not self._queue:

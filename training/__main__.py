@@ -141,7 +141,7 @@ def command_bundle(args: argparse.Namespace) -> int:
             continue
         run_dir = args.runs / experiment.run_name
         if args.retrain or not (run_dir / "results.json").exists():
-            run_experiment(experiment, args.runs / experiment.run_name)
+            run_experiment(experiment, run_dir)
         metadata = export_run(run_dir, args.repository, experiment.bundle_as)
         print(
             f"{experiment.bundle_as}: solved={metadata['metrics']['solved']} sha256={metadata['sha256'][:12]}"

@@ -97,10 +97,3 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("co2", "gru", max_steps=1500, early_stop=False, eval_every=100),
     Experiment("co2", "rnn", max_steps=1500, early_stop=False, eval_every=100),
 )
-
-
-def find_experiment(run_name: str) -> Experiment:
-    for experiment in EXPERIMENTS:
-        if experiment.run_name == run_name:
-            return experiment
-    raise KeyError(run_name)

@@ -17,7 +17,6 @@ import torch
 from training.gradients import gradient_ratios
 from training.models import CellType, InitMode, ModelConfig, RecurrentNet
 from training.recipes import EXPERIMENTS
-from training.tasks import make_task
 from training.tasks.co2 import CO2Task
 from training.tasks.timer import TimerTask
 from training.train import TEST_SEED, load_checkpoint
@@ -231,7 +230,3 @@ def write_report(runs_dir: Path, docs_dir: Path) -> list[Path]:
         plot(images / name)
         written.append(images / name)
     return written
-
-
-def task_criteria() -> dict[str, str]:
-    return {name: make_task(name).criterion for name in TASK_TITLES}

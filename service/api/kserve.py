@@ -27,11 +27,11 @@ from service.api.tensors import decode_float32, encode_float32, from_floats
 from service.engine import InferenceEngine, ModelHandle
 from service.errors import InvalidArgument, NotFound, ServiceError
 from service.metrics import Metrics
+from service.session_store import check_session_id
 
 API = "kserve"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration"]
-MAX_STRING_ID_BYTES = 128
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
             sequence_id = "" if p.uint64_param == 0 else str(p.uint64_param)
         elif choice == "string_param":
             sequence_id = p.string_param
-            if len(sequence_id.encode()) > MAX_STRING_ID_BYTES:
-                raise InvalidArgument(f"sequence_id is longer than {MAX_STRING_ID_BYTES} bytes")
+            if sequence_id:
+                check_session_id(sequence_id)
         else:
             raise InvalidArgument("sequence_id must be an int64, uint64 or string parameter")
     start = bool_parameter(request, "sequence_start")

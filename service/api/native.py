@@ -206,11 +206,8 @@ class SessionStream:
     def _on_end(self, session: Session, reason: EndReason) -> None:
         if reason == EndReason.CLOSED:
             return  # the close request (or the chunk with end) answers for itself
-        notice = pb.StreamResponse(
-            ended=pb.SessionEnded(
-                session_id=session.session_id, reason=END_REASONS[reason], steps=session.steps
-            )
-        )
+        end = SessionEnd(session.session_id, reason, session.steps)
+        notice = pb.StreamResponse(ended=session_ended(end))
         task = asyncio.get_running_loop().create_task(self._notify(notice))
         self._notices.add(task)
         task.add_done_callback(self._notices.discard)
