@@ -8,6 +8,7 @@ import pytest
 
 from service.server import RnnServer
 from service.settings import Settings
+from tests.grpc_helpers import serving
 from tests.models_for_tests import export_tiny_models
 
 
@@ -35,9 +36,5 @@ def make_settings(tiny_repository: Path) -> Callable[..., Settings]:
 
 @pytest.fixture
 async def server(make_settings: Callable[..., Settings]) -> AsyncIterator[RnnServer]:
-    srv = RnnServer(make_settings())
-    await srv.start()
-    try:
+    async with serving(make_settings()) as srv:
         yield srv
-    finally:
-        await srv.stop()

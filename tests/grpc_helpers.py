@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -13,6 +15,8 @@ from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 from service.api.native import to_array, to_tensor
+from service.server import RnnServer
+from service.settings import Settings
 
 
 def channel(server_port: int) -> grpc.aio.Channel:
@@ -72,3 +76,14 @@ async def expect_code(code: grpc.StatusCode, call: Any) -> str:
         await call
     assert info.value.code() == code, info.value.details()
     return str(info.value.details())
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[RnnServer]:
+    """A started server for the block, stopped afterwards whatever happens."""
+    server = RnnServer(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

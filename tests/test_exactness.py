@@ -17,7 +17,6 @@ import numpy as np
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.api.native import to_tensor
-from service.server import RnnServer
 from tests.chunking import chunk_spans
 from tests.grpc_helpers import (
     channel,
@@ -26,6 +25,7 @@ from tests.grpc_helpers import (
     kserve,
     native,
     output_of,
+    serving,
     step_request,
 )
 from tests.models_for_tests import OfflineReference
@@ -52,10 +52,8 @@ def plan(seed: int) -> list[tuple[str, str, np.ndarray, list[int]]]:
 
 
 async def test_200_concurrent_sessions_match_offline_runs(make_settings: Any) -> None:
-    server = RnnServer(make_settings(max_queue_delay_s=0.002, max_batch_size=64))
-    await server.start()
     shuffle = random.Random(11)
-    try:
+    async with serving(make_settings(max_queue_delay_s=0.002, max_batch_size=64)) as server:
         async with channel(server.grpc_port) as ch:
             nat, ks = native(ch), kserve(ch)
 
@@ -163,5 +161,3 @@ async def test_200_concurrent_sessions_match_offline_runs(make_settings: Any) ->
             assert calls and up_to_4 is not None
             assert calls - up_to_4 > 0, f"{model}: no model call held more than 4 sessions"
             assert registry.get_sample_value("rnnserve_active_sessions", labels) == 0
-    finally:
-        await server.stop()

@@ -13,7 +13,7 @@ import pytest
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.api.native import to_tensor
 from service.server import RnnServer
-from tests.grpc_helpers import channel, expect_code, native, output_of, step_request
+from tests.grpc_helpers import channel, expect_code, native, output_of, serving, step_request
 from tests.models_for_tests import OfflineReference
 
 MODEL = "tiny_lstm"
@@ -132,68 +132,60 @@ async def test_unknown_model_and_version(stub: Any) -> None:
 
 
 async def test_max_sessions_is_resource_exhausted(make_settings: Any) -> None:
-    srv = RnnServer(make_settings(max_sessions=3))
-    await srv.start()
-    try:
-        async with channel(srv.grpc_port) as ch:
-            stub = native(ch)
-            w = Witness(stub, srv)
-            await w.open()
-            for _ in range(2):
-                await stub.CreateSession(pb.CreateSessionRequest(model=MODEL))
-            await expect_code(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                stub.CreateSession(pb.CreateSessionRequest(model=MODEL)),
-            )
-            other = await stub.CreateSession(
-                pb.CreateSessionRequest(model="tiny_gru")
-            )  # limits are per model
-            assert other.session_id
-            await w.advance()
-            w.check()
-    finally:
-        await srv.stop()
+    async with serving(make_settings(max_sessions=3)) as srv, channel(srv.grpc_port) as ch:
+        stub = native(ch)
+        w = Witness(stub, srv)
+        await w.open()
+        for _ in range(2):
+            await stub.CreateSession(pb.CreateSessionRequest(model=MODEL))
+        await expect_code(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            stub.CreateSession(pb.CreateSessionRequest(model=MODEL)),
+        )
+        other = await stub.CreateSession(
+            pb.CreateSessionRequest(model="tiny_gru")
+        )  # limits are per model
+        assert other.session_id
+        await w.advance()
+        w.check()
 
 
 async def test_idle_timeout_ends_the_session_and_tells_the_attached_stream(
     make_settings: Any,
 ) -> None:
-    srv = RnnServer(make_settings(session_ttl_s=30.0, ttl_check_interval_s=3600.0))
-    await srv.start()
-    try:
-        async with channel(srv.grpc_port) as ch:
-            stub = native(ch)
-            w = Witness(stub, srv)
-            await w.open()
-            requests: list[pb.StreamRequest] = [
-                pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="idle"))
-            ]
-            call = stub.Stream()
-            await call.write(requests[0])
-            opened = await call.read()
-            assert opened.opened.session_id == "idle"
-            store = srv.engine.model(MODEL).store
-            store.get("idle").last_used_s -= 60.0  # idle for a minute, as far as the store can tell
-            assert srv.engine.expire_idle_sessions() == 1
-            notice = await call.read()
-            assert (
-                notice.ended.reason == pb.END_REASON_IDLE_TIMEOUT
-                and notice.ended.session_id == "idle"
-            )
-            await call.done_writing()
-            await expect_code(
-                grpc.StatusCode.NOT_FOUND,
-                stub.Step(step_request(MODEL, "idle", np.zeros((1, 3), np.float32))),
-            )
-            await w.advance()
-            w.check()
-            ended = srv.metrics.registry.get_sample_value(
-                "rnnserve_sessions_ended_total",
-                {"model": MODEL, "version": "1", "reason": "idle_timeout"},
-            )
-            assert ended == 1.0
-    finally:
-        await srv.stop()
+    async with (
+        serving(make_settings(session_ttl_s=30.0, ttl_check_interval_s=3600.0)) as srv,
+        channel(srv.grpc_port) as ch,
+    ):
+        stub = native(ch)
+        w = Witness(stub, srv)
+        await w.open()
+        requests: list[pb.StreamRequest] = [
+            pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="idle"))
+        ]
+        call = stub.Stream()
+        await call.write(requests[0])
+        opened = await call.read()
+        assert opened.opened.session_id == "idle"
+        store = srv.engine.model(MODEL).store
+        store.get("idle").last_used_s -= 60.0  # idle for a minute, as far as the store can tell
+        assert srv.engine.expire_idle_sessions() == 1
+        notice = await call.read()
+        assert (
+            notice.ended.reason == pb.END_REASON_IDLE_TIMEOUT and notice.ended.session_id == "idle"
+        )
+        await call.done_writing()
+        await expect_code(
+            grpc.StatusCode.NOT_FOUND,
+            stub.Step(step_request(MODEL, "idle", np.zeros((1, 3), np.float32))),
+        )
+        await w.advance()
+        w.check()
+        ended = srv.metrics.registry.get_sample_value(
+            "rnnserve_sessions_ended_total",
+            {"model": MODEL, "version": "1", "reason": "idle_timeout"},
+        )
+        assert ended == 1.0
 
 
 async def test_stream_open_chunks_close_and_detach_reattach(stub: Any, server: RnnServer) -> None:
@@ -244,28 +236,24 @@ async def test_list_and_get_models(stub: Any) -> None:
 
 
 async def test_eviction_when_full_tells_the_evicted_stream(make_settings: Any) -> None:
-    srv = RnnServer(make_settings(max_sessions=2, evict_when_full=True))
-    await srv.start()
-    try:
-        async with channel(srv.grpc_port) as ch:
-            stub = native(ch)
-            call = stub.Stream()
-            await call.write(
-                pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="first"))
-            )
-            await call.read()
-            srv.engine.model(MODEL).store.get("first").last_used_s -= 60.0  # the longest idle
-            await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="second"))
-            await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="third"))
-            notice = await call.read()
-            assert (
-                notice.ended.reason == pb.END_REASON_EVICTED and notice.ended.session_id == "first"
-            )
-            await call.done_writing()
-            evicted = srv.metrics.registry.get_sample_value(
-                "rnnserve_sessions_ended_total",
-                {"model": MODEL, "version": "1", "reason": "evicted"},
-            )
-            assert evicted == 1.0
-    finally:
-        await srv.stop()
+    async with (
+        serving(make_settings(max_sessions=2, evict_when_full=True)) as srv,
+        channel(srv.grpc_port) as ch,
+    ):
+        stub = native(ch)
+        call = stub.Stream()
+        await call.write(
+            pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="first"))
+        )
+        await call.read()
+        srv.engine.model(MODEL).store.get("first").last_used_s -= 60.0  # the longest idle
+        await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="second"))
+        await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="third"))
+        notice = await call.read()
+        assert notice.ended.reason == pb.END_REASON_EVICTED and notice.ended.session_id == "first"
+        await call.done_writing()
+        evicted = srv.metrics.registry.get_sample_value(
+            "rnnserve_sessions_ended_total",
+            {"model": MODEL, "version": "1", "reason": "evicted"},
+        )
+        assert evicted == 1.0
