@@ -7,7 +7,6 @@ flags override the environment, which overrides the defaults.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import typing
 from pathlib import Path
@@ -60,12 +59,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def command_serve(args: argparse.Namespace) -> int:
+    from service.event_loop import run as run_event_loop
     from service.logs import configure_logging
     from service.server import RnnServer
 
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(RnnServer(settings).serve_until_signal())
+    run_event_loop(RnnServer(settings).serve_until_signal(), settings.event_loop)
     return 0
 
 

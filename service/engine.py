@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Histogram
 
 from service.errors import (
     FailedPrecondition,
@@ -69,6 +70,7 @@ class ModelHandle:
         self.runtime = runtime
         self.store = store
         self._scheduler: BatchScheduler | None = None
+        self.request_latency: dict[str, Histogram] = {}  # per API, labelled once (hot path)
 
     @property
     def scheduler(self) -> BatchScheduler:
@@ -105,6 +107,7 @@ class InferenceEngine:
                 fallback=s.provider_fallback,
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
+                spin_wait=s.ort_spin_wait,
             )
             check_contract(spec, runtime)
             store = SessionStore(
@@ -153,6 +156,7 @@ class InferenceEngine:
                 max_batch_size=s.max_batch_size,
                 max_queue_delay_s=s.max_queue_delay_s,
                 max_queue_chunks=s.max_queue_chunks,
+                inline_compute_below_s=s.inline_compute_below_s,
             )
         if s.session_ttl_s > 0:
             self._ttl_task = asyncio.create_task(self._sweep_idle_forever(), name="ttl-sweeper")
@@ -282,9 +286,13 @@ class InferenceEngine:
         output = await handle.scheduler.submit(session, x)
         if end:
             handle.store.end(session, EndReason.CLOSED)
-        self.metrics.request_latency.labels(handle.spec.name, handle.spec.version, api).observe(
-            time.perf_counter() - started
-        )
+        latency = handle.request_latency.get(api)
+        if latency is None:
+            latency = self.metrics.request_latency.labels(
+                handle.spec.name, handle.spec.version, api
+            )
+            handle.request_latency[api] = latency
+        latency.observe(time.perf_counter() - started)
         return StepResult(session.session_id, output, session.steps, ended=end)
 
     def _check_open(self) -> None:

@@ -67,11 +67,15 @@ class ModelRuntime:
         fallback: bool = False,
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        spin_wait: bool = False,
     ) -> None:
         providers = resolve_providers(provider, ort.get_available_providers(), fallback)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
+        spin = "1" if spin_wait else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=providers)

@@ -13,6 +13,12 @@ Concurrency:
 - :meth:`_compute` runs in a single worker thread per model (onnxruntime releases the GIL), so the
   event loop keeps serving I/O while a batch computes, and one model never runs two batches at once.
   While a batch computes, the next one fills up: under load, batches form without any delay.
+- Except when the model is fast: while its recent batches took less than ``inline_compute_below_s``
+  (a moving average), :meth:`_compute` runs on the event loop itself. Handing a 50 µs call to a
+  thread and waking the loop again costs more CPU than the call, and on a small machine that CPU
+  is taken from the gRPC threads (measured in docs/PERFORMANCE.md). A model whose batches grow
+  slower moves back to the worker thread on its next batch. The batch loop awaits
+  :meth:`_execute` either way, so one model still never runs two batches at once.
 - Every chunk's future is resolved exactly once, with its output rows or with the error of its own
   model call; a chunk whose caller went away is still applied (its session's state and step count
   move on) so that a client that reconnects can resume from the step count.
@@ -56,6 +62,7 @@ class BatchOutcome:
     states: list[np.ndarray]
     finished: np.ndarray
     error: Exception | None
+    compute_s: float  # time inside onnxruntime, all segments together
 
 
 class BatchScheduler:
@@ -71,6 +78,7 @@ class BatchScheduler:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_chunks: int,
+        inline_compute_below_s: float = 0.0,
     ) -> None:
         self.spec = spec
         self.runtime = runtime
@@ -78,6 +86,8 @@ class BatchScheduler:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_chunks = max_queue_chunks
+        self.inline_compute_below_s = inline_compute_below_s
+        self._recent_call_s = 0.0  # moving average of one batch's model time
         self._queue: deque[PendingChunk] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.name}")
         self._loop = asyncio.get_running_loop()
@@ -152,25 +162,31 @@ class BatchScheduler:
         inputs = [c.x for c in batch]
         states = self.store.gather(slots)
         try:
-            outcome = await self._loop.run_in_executor(
-                self._executor, self._compute, inputs, states
-            )
+            if self._recent_call_s < self.inline_compute_below_s:
+                outcome = self._compute(inputs, states)
+            else:
+                outcome = await self._loop.run_in_executor(
+                    self._executor, self._compute, inputs, states
+                )
         except BaseException as exc:  # cancelled during shutdown, or the executor is gone
             self._fail(batch, exc if isinstance(exc, Exception) else Unavailable("shutting down"))
             raise
+        self._recent_call_s += 0.2 * (outcome.compute_s - self._recent_call_s)
         finished = outcome.finished
         if finished.any():
             self.store.scatter(slots[finished], [s[:, finished, :] for s in outcome.states])
+        applied_steps = 0
         for i, chunk in enumerate(batch):
             if not finished[i]:
                 self._fail([chunk], outcome.error or InternalError("chunk not computed"))
                 continue
             steps = chunk.x.shape[0]
-            self._steps.inc(steps)
+            applied_steps += steps
             chunk.session.steps += steps
             self.store.finish_chunk(chunk.session)
             if not chunk.future.done():
                 chunk.future.set_result(outcome.outputs[i])
+        self._steps.inc(applied_steps)
 
     def _compute(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
         """Worker thread: run a batch of chunks of any lengths exactly, touching no session state.
@@ -186,6 +202,7 @@ class BatchScheduler:
         finished = np.zeros(len(inputs), dtype=bool)
         error: Exception | None = None
         done_steps = 0
+        compute_s = 0.0
         for end in np.unique(lengths):
             active = np.flatnonzero(lengths >= end)
             everyone = len(active) == len(inputs)
@@ -202,7 +219,9 @@ class BatchScheduler:
                 error = InternalError(f"model {self.spec.label} failed: {type(exc).__name__}")
                 break
             finally:
-                self._compute_time.observe(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                compute_s += elapsed
+                self._compute_time.observe(elapsed)
                 self._batch_size.observe(len(active))
             if everyone:
                 states = list(new_states)
@@ -216,7 +235,9 @@ class BatchScheduler:
         outputs = [
             p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces
         ]
-        return BatchOutcome(outputs=outputs, states=states, finished=finished, error=error)
+        return BatchOutcome(
+            outputs=outputs, states=states, finished=finished, error=error, compute_s=compute_s
+        )
 
     def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:
         for chunk in chunks:

@@ -96,10 +96,6 @@ class RnnServer:
             s.host,
             self.metrics_port,
         )
-        if s.port_file is not None:
-            s.port_file.write_text(
-                json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
-            )
 
     async def stop(self) -> dict[str, int]:
         """Graceful stop: NOT_SERVING, drain in-flight chunks, end sessions, close the ports."""

@@ -39,6 +39,20 @@ class Settings(BaseSettings):
         0, ge=0, description="onnxruntime threads inside one operator (0: onnxruntime decides)"
     )
     inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators")
+    ort_spin_wait: bool = Field(
+        False,
+        description="let onnxruntime's intra-op threads spin between calls (lower latency for one "
+        "busy model, but the spinning steals CPU from the gRPC threads; off by default)",
+    )
+    inline_compute_below_s: float = Field(
+        0.0002,
+        ge=0.0,
+        description="run a model call on the event loop instead of the worker thread while the "
+        "model's recent calls took less than this, in seconds (0: always use the worker thread)",
+    )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="event loop implementation (auto: uvloop when installed)"
+    )
     max_batch_size: int = Field(
         128, ge=1, description="most session chunks in one model call (1 disables batching)"
     )

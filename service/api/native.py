@@ -166,17 +166,28 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
-    ) -> None:
-        await SessionStream(self.engine, self.metrics, context).serve(request_iterator)
+    ) -> AsyncIterator[pb.StreamResponse]:
+        # grpc.aio takes the generator style only from an async generator function.
+        async for response in SessionStream(self.engine, self.metrics, context).responses(
+            request_iterator
+        ):
+            yield response
 
 
 class SessionStream:
     """One bidirectional stream bound to one session.
 
     Requests are handled one at a time in arrival order, so the chunks of the session are applied in
-    order. If the session ends while attached (idle timeout, eviction, shutdown) the stream is told
-    with a ``SessionEnded`` message; writes are serialised by a lock because that notice comes from
-    outside the request loop.
+    order. Replies are *yielded* (grpc.aio's generator style), not written with ``context.write``:
+    on this machine a yield costs about 35 µs less CPU per message (docs/PERFORMANCE.md).
+
+    Concurrency: a session can end from outside the request loop (idle timeout, eviction,
+    shutdown), and the stream must then say so with a ``SessionEnded`` message although a generator
+    cannot be written to from outside. The end hook therefore stores the notice and, if the stream
+    is waiting for the client's next request, cancels that wait (the handler task's pending read);
+    the generator catches its own cancellation, yields the notice and finishes the stream. If the
+    stream is busy instead (handling or replying), the notice goes out right after the reply. Any
+    other cancellation (the client went away) propagates as usual.
     """
 
     def __init__(
@@ -189,29 +200,18 @@ class SessionStream:
         self.version = ""
         self.session_id = ""
         self._session: Session | None = None
-        self._write_lock = asyncio.Lock()
-        self._notices: set[asyncio.Task[None]] = set()
-
-    async def _write(self, response: pb.StreamResponse) -> None:
-        async with self._write_lock:
-            await self.context.write(response)
-
-    async def _notify(self, notice: pb.StreamResponse) -> None:
-        """Best effort: the stream may have finished since the session ended."""
-        try:
-            await self._write(notice)
-        except Exception:
-            logger.debug("could not deliver an end notice; the stream is gone", exc_info=True)
+        self._task: asyncio.Task[object] | None = None
+        self._waiting_for_request = False
+        self._end_notice: pb.StreamResponse | None = None
 
     def _on_end(self, session: Session, reason: EndReason) -> None:
         if reason == EndReason.CLOSED:
             return  # the close request (or the chunk with end) answers for itself
         end = SessionEnd(session.session_id, reason, session.steps)
-        notice = pb.StreamResponse(ended=session_ended(end))
-        task = asyncio.get_running_loop().create_task(self._notify(notice))
-        self._notices.add(task)
-        task.add_done_callback(self._notices.discard)
+        self._end_notice = pb.StreamResponse(ended=session_ended(end))
         self._session = None
+        if self._waiting_for_request and self._task is not None:
+            self._task.cancel()
 
     def _attach(self, view: SessionView) -> None:
         self.model, self.version, self.session_id = view.model, view.version, view.session_id
@@ -224,13 +224,29 @@ class SessionStream:
             self._session.end_listeners.remove(self._on_end)
         self._session = None
 
-    async def serve(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
+    async def responses(
+        self, requests: AsyncIterator[pb.StreamRequest]
+    ) -> AsyncIterator[pb.StreamResponse]:
+        self._task = asyncio.current_task()
+        incoming = aiter(requests)
         try:
-            async for request in requests:
-                response = await self._handle(request)
-                await self._write(response)
-                if request.WhichOneof("kind") == "close":
+            while self._end_notice is None:
+                self._waiting_for_request = True
+                try:
+                    request = await anext(incoming)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if self._end_notice is None or self._task is None:
+                        raise  # not ours: the client went away or the server is stopping
+                    self._task.uncancel()
                     break
+                finally:
+                    self._waiting_for_request = False
+                yield await self._handle(request)
+                if request.WhichOneof("kind") == "close":
+                    return
+            yield self._end_notice
         except grpc.aio.AbortError:
             raise
         except Exception as error:

@@ -94,10 +94,13 @@ def main() -> None:
     import signal
     from pathlib import Path
 
+    from service.event_loop import run as run_event_loop
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--outputs", type=int, required=True, help="output features per step")
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     args = parser.parse_args()
 
     async def serve() -> None:
@@ -109,7 +112,7 @@ def main() -> None:
         await stop.wait()
         await server.stop(grace=0.5)
 
-    asyncio.run(serve())
+    run_event_loop(serve(), args.event_loop)
 
 
 if __name__ == "__main__":
