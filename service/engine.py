@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class InferenceEngine:
         self.settings = settings
         self.metrics = metrics
         self._models: dict[str, dict[str, ModelHandle]] = {}
+        self._latest: dict[str, ModelHandle] = {}  # name -> highest version (hot path lookup)
         self._ttl_task: asyncio.Task[None] | None = None
         self.ready = False
         self._closing = False
@@ -119,6 +121,7 @@ class InferenceEngine:
                 on_end=self._make_end_hook(spec),
             )
             self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(spec, runtime, store)
+            self._latest[spec.name] = self._models[spec.name][self.versions(spec.name)[-1]]
             self.metrics.state_bytes.labels(spec.name, spec.version).set(store.state_bytes)
             self.metrics.active_sessions.labels(spec.name, spec.version).set(0)
             self.metrics.session_capacity.labels(spec.name, spec.version).set(s.max_sessions)
@@ -175,7 +178,7 @@ class InferenceEngine:
             known = ", ".join(sorted(self._models)) or "none"
             raise NotFound(f"model {name!r} not found; loaded models: {known}")
         if not version:
-            version = self.versions(name)[-1]
+            return self._latest[name]
         try:
             return versions[version]
         except KeyError:
@@ -258,7 +261,9 @@ class InferenceEngine:
             raise InvalidArgument(
                 f"chunk of {steps} steps exceeds the limit of {self.settings.max_chunk_steps}"
             )
-        if not np.isfinite(x).all():
+        # A finite sum proves every value finite (NaN and Inf propagate); only a sum that
+        # overflowed or is NaN/Inf needs the element-wise check.
+        if not math.isfinite(x.sum()) and not np.isfinite(x).all():
             raise InvalidArgument("input holds NaN or Inf")
         return x
 

@@ -173,7 +173,9 @@ class BatchScheduler:
             raise
         self._recent_call_s += 0.2 * (outcome.compute_s - self._recent_call_s)
         finished = outcome.finished
-        if finished.any():
+        if outcome.error is None:
+            self.store.scatter(slots, outcome.states)
+        elif finished.any():
             self.store.scatter(slots[finished], [s[:, finished, :] for s in outcome.states])
         applied_steps = 0
         for i, chunk in enumerate(batch):
@@ -197,6 +199,9 @@ class BatchScheduler:
         one call over the whole chunk, so no padding or masking is involved, and when all chunks
         have the same length (the common case) the batch is a single call.
         """
+        steps = inputs[0].shape[0]
+        if all(x.shape[0] == steps for x in inputs):
+            return self._compute_uniform(inputs, states)
         lengths = np.fromiter((x.shape[0] for x in inputs), dtype=np.intp, count=len(inputs))
         pieces: list[list[np.ndarray]] = [[] for _ in inputs]
         finished = np.zeros(len(inputs), dtype=bool)
@@ -238,6 +243,22 @@ class BatchScheduler:
         return BatchOutcome(
             outputs=outputs, states=states, finished=finished, error=error, compute_s=compute_s
         )
+
+    def _compute_uniform(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
+        """The common case of :meth:`_compute`: chunks of one length, so one model call."""
+        x = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
+        started = time.perf_counter()
+        try:
+            y, new_states = self.runtime.run(x, states)
+        except Exception as exc:
+            logger.exception("model %s failed on a batch of %d", self.spec.label, len(inputs))
+            error = InternalError(f"model {self.spec.label} failed: {type(exc).__name__}")
+            return BatchOutcome([], states, np.zeros(len(inputs), bool), error, 0.0)
+        finally:
+            elapsed = time.perf_counter() - started
+            self._compute_time.observe(elapsed)
+            self._batch_size.observe(len(inputs))
+        return BatchOutcome(list(y), new_states, np.ones(len(inputs), bool), None, elapsed)
 
     def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:
         for chunk in chunks:

@@ -14,7 +14,7 @@ import numpy as np
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 from service.api.status import abort, translate_errors
-from service.api.tensors import decode_float32, encode_float32
+from service.api.tensors import FLOAT32, decode_float32, encode_float32
 from service.engine import InferenceEngine, ModelHandle, SessionEnd, SessionView, StepResult
 from service.errors import FailedPrecondition, InvalidArgument
 from service.metrics import Metrics
@@ -52,12 +52,17 @@ def session_info(view: SessionView) -> pb.SessionInfo:
 
 
 def step_response(result: StepResult) -> pb.StepResponse:
-    return pb.StepResponse(
-        session_id=result.session_id,
-        output=to_tensor(result.output),
-        steps=result.steps,
-        ended=result.ended,
-    )
+    return fill_step_response(pb.StepResponse(), result)
+
+
+def fill_step_response(message: pb.StepResponse, result: StepResult) -> pb.StepResponse:
+    """Write ``result`` into ``message`` in place (the hot path: no nested message copies)."""
+    message.session_id = result.session_id
+    message.output.shape.extend(result.output.shape)
+    message.output.data = np.ascontiguousarray(result.output, dtype=FLOAT32).tobytes()
+    message.steps = result.steps
+    message.ended = result.ended
+    return message
 
 
 def session_ended(end: SessionEnd) -> pb.SessionEnded:
@@ -167,11 +172,36 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        # grpc.aio takes the generator style only from an async generator function.
-        async for response in SessionStream(self.engine, self.metrics, context).responses(
-            request_iterator
-        ):
-            yield response
+        # The loop lives here rather than in a SessionStream method because grpc.aio takes the
+        # generator style only from the handler itself, and a second generator layer costs CPU on
+        # every message. SessionStream's docstring explains the end-notice cancellation.
+        stream = SessionStream(self.engine, self.metrics, context)
+        stream.task = asyncio.current_task()
+        incoming = aiter(request_iterator)
+        try:
+            while stream.end_notice is None:
+                stream.waiting_for_request = True
+                try:
+                    request = await anext(incoming)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not stream.cancelled_by_end():
+                        raise  # not ours: the client went away or the server is stopping
+                    break
+                finally:
+                    stream.waiting_for_request = False
+                yield await stream.handle(request)
+                if request.WhichOneof("kind") == "close":
+                    return
+            if stream.end_notice is not None:
+                yield stream.end_notice
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await abort(context, error, self.metrics, API)
+        finally:
+            stream.detach()
 
 
 class SessionStream:
@@ -200,18 +230,18 @@ class SessionStream:
         self.version = ""
         self.session_id = ""
         self._session: Session | None = None
-        self._task: asyncio.Task[object] | None = None
-        self._waiting_for_request = False
-        self._end_notice: pb.StreamResponse | None = None
+        self.task: asyncio.Task[object] | None = None
+        self.waiting_for_request = False
+        self.end_notice: pb.StreamResponse | None = None
 
     def _on_end(self, session: Session, reason: EndReason) -> None:
         if reason == EndReason.CLOSED:
             return  # the close request (or the chunk with end) answers for itself
         end = SessionEnd(session.session_id, reason, session.steps)
-        self._end_notice = pb.StreamResponse(ended=session_ended(end))
+        self.end_notice = pb.StreamResponse(ended=session_ended(end))
         self._session = None
-        if self._waiting_for_request and self._task is not None:
-            self._task.cancel()
+        if self.waiting_for_request and self.task is not None:
+            self.task.cancel()
 
     def _attach(self, view: SessionView) -> None:
         self.model, self.version, self.session_id = view.model, view.version, view.session_id
@@ -219,42 +249,19 @@ class SessionStream:
         session.end_listeners.append(self._on_end)
         self._session = session
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
         if self._session is not None and self._on_end in self._session.end_listeners:
             self._session.end_listeners.remove(self._on_end)
         self._session = None
 
-    async def responses(
-        self, requests: AsyncIterator[pb.StreamRequest]
-    ) -> AsyncIterator[pb.StreamResponse]:
-        self._task = asyncio.current_task()
-        incoming = aiter(requests)
-        try:
-            while self._end_notice is None:
-                self._waiting_for_request = True
-                try:
-                    request = await anext(incoming)
-                except StopAsyncIteration:
-                    return
-                except asyncio.CancelledError:
-                    if self._end_notice is None or self._task is None:
-                        raise  # not ours: the client went away or the server is stopping
-                    self._task.uncancel()
-                    break
-                finally:
-                    self._waiting_for_request = False
-                yield await self._handle(request)
-                if request.WhichOneof("kind") == "close":
-                    return
-            yield self._end_notice
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            await abort(self.context, error, self.metrics, API)
-        finally:
-            self._detach()
+    def cancelled_by_end(self) -> bool:
+        """True if the handler task was cancelled by :meth:`_on_end` (and is un-cancelled now)."""
+        if self.end_notice is None or self.task is None:
+            return False
+        self.task.uncancel()
+        return True
 
-    async def _handle(self, request: pb.StreamRequest) -> pb.StreamResponse:
+    async def handle(self, request: pb.StreamRequest) -> pb.StreamResponse:
         kind = request.WhichOneof("kind")
         if kind == "open" or kind == "attach":
             if self.session_id:
@@ -281,9 +288,11 @@ class SessionStream:
             result = await self.engine.step(
                 self.model, self.version, self.session_id, x, api=API, received_s=received
             )
-            return pb.StreamResponse(output=step_response(result))
+            response = pb.StreamResponse()
+            fill_step_response(response.output, result)
+            return response
         if kind == "close":
-            self._detach()
+            self.detach()
             end = self.engine.close_session(self.model, self.version, self.session_id)
             return pb.StreamResponse(ended=session_ended(end))
         raise InvalidArgument("empty stream message: set open, attach, chunk or close")

@@ -15,8 +15,8 @@ MAX_RANK = 8
 
 def decode_float32(shape: Sequence[int], data: bytes, what: str = "tensor") -> np.ndarray:
     """Little-endian float32 bytes of ``shape`` as a read-only array (no copy)."""
-    dims = [int(d) for d in shape]
-    if len(dims) > MAX_RANK or any(d < 0 for d in dims):
+    dims = list(shape)
+    if len(dims) > MAX_RANK or (dims and min(dims) < 0):
         raise InvalidArgument(f"{what} has an invalid shape {dims}")
     expected = 4 * math.prod(dims)
     if len(data) != expected:
