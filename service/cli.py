@@ -82,24 +82,48 @@ def command_models(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark sweep against servers this command starts on loopback, then write results."""
+    """Run the whole comparison against servers this command starts on loopback, then write
+    bench.{json,md,png}: the sweep, open-loop latency at half load, capacity, and the targets."""
     import logging
 
+    from service.bench import suite
     from service.bench.sweep import SweepPlan, run_sweep, write_outputs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    repository = suite.bench_repository(args.model_repository, args.out, args.synthetic)
+    models = list(args.models)
+    if args.synthetic and suite.SYNTHETIC not in models:
+        models.append(suite.SYNTHETIC)
+    spot = [] if args.no_spot else [
+        p.parent.parent.name for p in sorted(repository.glob("*/*/model.onnx"))
+        if p.parent.parent.name not in models
+    ]  # fmt: skip
     plan = SweepPlan(
-        repository=args.model_repository,
-        models=tuple(args.models),
+        repository=repository,
+        models=tuple(models),
         api=args.api,
         sessions=tuple(args.sessions),
         chunks=tuple(args.chunks),
         duration_s=args.duration_s,
         warmup_s=args.warmup_s,
         compare=not args.no_compare,
+        spot_models=tuple(dict.fromkeys(spot)),
     )
     rows = run_sweep(plan)
-    for path in write_outputs(plan, rows, args.out):
+    half_load = suite.half_load_latency(plan, rows, [*plan.models, *plan.spot_models])
+    figures = suite.capacity(
+        args.model_repository,
+        suite.CapacityPlan(
+            idle_sessions=args.idle_sessions,
+            idle_model=args.idle_model,
+            startup_runs=args.startup_runs,
+        ),
+    )
+    targets = suite.check_targets(rows, half_load, figures)
+    extra = {"half_load": half_load, "capacity": figures, "targets": targets}
+    for path in write_outputs(
+        plan, rows, args.out, extra, suite.targets_markdown(targets, half_load)
+    ):
         print(path)
     return 0
 
@@ -223,6 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--no-compare", action="store_true", help="only this server, batched (no limits)"
+    )
+    bench.add_argument(
+        "--no-synthetic",
+        dest="synthetic",
+        action="store_false",
+        help="skip the synthetic 2-layer LSTM with hidden 512 (exporting it needs torch)",
+    )
+    bench.add_argument(
+        "--no-spot",
+        action="store_true",
+        help="skip the headline point (256 sessions, chunk 1) for the other repository models",
+    )
+    bench.add_argument(
+        "--idle-sessions",
+        type=int,
+        default=100_000,
+        help="idle sessions opened for the memory figure (0 skips it)",
+    )
+    bench.add_argument(
+        "--idle-model", default="adding_lstm", help="model whose idle sessions are measured"
+    )
+    bench.add_argument(
+        "--startup-runs", type=int, default=3, help="server starts timed for the start-up figure"
     )
     bench.add_argument(
         "--out", type=Path, default=Path("bench-results"), help="where bench.{json,md,png} go"

@@ -16,32 +16,18 @@ TINY_MODELS = {
 
 def export_tiny_models(root: Path) -> Path:
     """Write the tiny models into ``root`` as a model repository and return it."""
-    import torch
-
-    from training.export import export_model
-    from training.models import ModelConfig, RecurrentNet
+    from training.synthetic import export_random_model
 
     for seed, (name, (cell, inputs, hidden, outputs, layers)) in enumerate(TINY_MODELS.items()):
-        torch.manual_seed(seed)
-        model = RecurrentNet(
-            ModelConfig(
-                cell=cell,
-                input_size=inputs,
-                output_size=outputs,
-                hidden_size=hidden,
-                num_layers=layers,
-            )
-        )
-        export_model(
-            model,
-            root / name / "1",
-            name=name,
-            task="synthetic",
-            output_kind="regression",
-            task_config={},
-            metrics={},
-            training={},
-            description="random weights, for tests",
+        export_random_model(
+            root,
+            name,
+            cell=cell,
+            input_size=inputs,
+            hidden_size=hidden,
+            output_size=outputs,
+            num_layers=layers,
+            seed=seed,
         )
     return root
 

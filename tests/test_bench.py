@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "bench", "--model-repository", str(tiny_repository),
-         "--models", "tiny_gru", "--sessions", "1", "4", "--chunks", "2", "--duration-s", "0.4",
-         "--warmup-s", "0.1", "--out", str(tmp_path)],
+         "--models", "tiny_gru", "--sessions", "1", "4", "--chunks", "1", "--duration-s", "0.4",
+         "--warmup-s", "0.1", "--no-synthetic", "--idle-sessions", "50", "--idle-model",
+         "tiny_gru", "--startup-runs", "1", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,6 +43,19 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
     table = (tmp_path / "bench.md").read_text()
     assert "vs no-op" in table and "compute limit" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
+    # The other repository model gets the headline point; both get an open-loop half-load point.
+    assert {r["model"] for r in record["rows"]} == {"tiny_gru", "tiny_lstm"}
+    assert {r["model"] for r in record["half_load"]} == {"tiny_gru", "tiny_lstm"}
+    for row in record["half_load"]:
+        assert row["errors"] == 0 and row["steps_per_s"] > 0
+        assert row["rate_per_s"] == row["max_steps_per_s"] / 2
+    idle = record["capacity"]["idle_sessions"]
+    assert idle["sessions"] == 50 and idle["rss_after_mb"] > 0
+    assert record["capacity"]["startup"]["models"] == 2
+    assert record["capacity"]["startup"]["startup_s_median"] > 0
+    measured = {t["target"]: t for t in record["targets"]}
+    assert any("start-up" in name for name in measured)
+    assert "| target | measured | goal | met |" in table
 
 
 def test_load_generator_refuses_non_loopback_targets() -> None:

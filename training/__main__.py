@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
     p.add_argument("--seed", type=int, default=7, help="seed of the fresh held-out data")
 
+    p = commands.add_parser(
+        "synthetic", help="export a random-weight model of any size (for benchmarks)"
+    )
+    p.add_argument("--name", default="synthetic_lstm512", help="model name in the repository")
+    p.add_argument("--cell", choices=("rnn", "lstm", "gru"), default="lstm", help="cell type")
+    p.add_argument("--inputs", type=int, default=32, help="input features per step")
+    p.add_argument("--hidden-size", type=int, default=512, help="hidden units per layer")
+    p.add_argument("--layers", type=int, default=2, help="stacked recurrent layers")
+    p.add_argument("--outputs", type=int, default=1, help="output features per step")
+    p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.add_argument("--repository", type=Path, required=True, help="model repository to write to")
+
     p = commands.add_parser("report", help="write the results table and plots")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="run directories to read")
     p.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="where results.md and plots go")
@@ -171,6 +183,23 @@ def command_verify(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def command_synthetic(args: argparse.Namespace) -> int:
+    from training.synthetic import export_random_model
+
+    metadata = export_random_model(
+        args.repository,
+        args.name,
+        cell=args.cell,
+        input_size=args.inputs,
+        hidden_size=args.hidden_size,
+        output_size=args.outputs,
+        num_layers=args.layers,
+        seed=args.seed,
+    )
+    print(f"exported {args.repository / args.name / metadata['version']}")
+    return 0
+
+
 def command_report(args: argparse.Namespace) -> int:
     from training.report import write_report
 
@@ -186,6 +215,7 @@ COMMANDS = {
     "bundle": command_bundle,
     "export": command_export,
     "verify": command_verify,
+    "synthetic": command_synthetic,
     "report": command_report,
 }
 

@@ -1,4 +1,9 @@
-"""Closed-loop load: N concurrent sessions, each sending a chunk and waiting for its reply.
+"""Load: N concurrent sessions, each sending a chunk and waiting for its reply.
+
+Closed loop (the default): a session sends its next chunk as soon as the reply arrives. Open loop
+(``rate_per_s``): the sessions together send ``rate_per_s`` chunks per second on a fixed schedule,
+and latency is measured from the *scheduled* send time, so a server that falls behind is charged
+for the wait (no coordinated omission). A session still never has two chunks in flight.
 
 Sessions stream over the native API (one bidirectional stream per session) or the KServe v2 API
 (one ModelStreamInfer stream per session, Triton sequence parameters). Latencies are recorded after
@@ -39,6 +44,30 @@ class LoadConfig:
     warmup_s: float = 1.0
     seed: int = 0
     channels: int = 4  # sessions are spread over this many HTTP/2 connections
+    rate_per_s: float | None = None  # open loop: chunks per second over all sessions
+
+    def schedule(self, index: int) -> _Schedule:
+        return _Schedule(self, index)
+
+
+class _Schedule:
+    """When session ``index`` sends its chunks: as fast as replies come (closed loop) or on its
+    share of an open-loop rate, staggered so the sessions do not send in bursts."""
+
+    def __init__(self, cfg: LoadConfig, index: int) -> None:
+        self.interval_s = cfg.sessions / cfg.rate_per_s if cfg.rate_per_s else 0.0
+        self.next_s = time.perf_counter() + self.interval_s * index / max(cfg.sessions, 1)
+
+    async def wait_turn(self) -> float:
+        """Sleep until this session's next send; return the time latency is measured from."""
+        if not self.interval_s:
+            return time.perf_counter()
+        scheduled = self.next_s
+        self.next_s += self.interval_s
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return scheduled
 
 
 @dataclass
@@ -106,7 +135,7 @@ class _Window:
 
 
 async def _native_session(
-    stub: pb_grpc.StreamingInferenceStub, cfg: LoadConfig, x: bytes, window: _Window
+    stub: pb_grpc.StreamingInferenceStub, cfg: LoadConfig, x: bytes, window: _Window, index: int
 ) -> None:
     call = stub.Stream()
     await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=cfg.model)))
@@ -114,8 +143,9 @@ async def _native_session(
     chunk = pb.StreamRequest(
         chunk=pb.Chunk(input=pb.Tensor(shape=[cfg.chunk_steps, cfg.features], data=x))
     )
+    schedule = cfg.schedule(index)
     while window.running:
-        sent = time.perf_counter()
+        sent = await schedule.wait_turn()
         await call.write(chunk)
         reply = await call.read()
         if reply == grpc.aio.EOF or reply.WhichOneof("kind") != "output":
@@ -153,8 +183,9 @@ async def _kserve_session(
     call = stub.ModelStreamInfer(outgoing())
     replies = call.__aiter__()
     first = True
+    schedule = cfg.schedule(sequence_id - 1)
     while window.running:
-        sent = time.perf_counter()
+        sent = await schedule.wait_turn()
         await requests.put(request(first, False))
         first = False
         reply = await replies.__anext__()
@@ -180,7 +211,7 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
     for i in range(cfg.sessions):
         ch = channels[i % len(channels)]
         if cfg.api == "native":
-            sessions.append(_native_session(pb_grpc.StreamingInferenceStub(ch), cfg, x, window))
+            sessions.append(_native_session(pb_grpc.StreamingInferenceStub(ch), cfg, x, window, i))
         else:
             sessions.append(
                 _kserve_session(kpb_grpc.GRPCInferenceServiceStub(ch), cfg, x, window, 1 + i)

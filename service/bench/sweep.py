@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ VARIANTS = ("batched", "unbatched", "noop")
 
 @dataclass(frozen=True)
 class SweepPlan:
+    """What to measure. ``models`` get the whole sweep (every session count x chunk length);
+    ``spot_models`` only the headline point (``spot_sessions`` sessions, chunk 1)."""
+
     repository: Path
     models: tuple[str, ...]
     api: Api = "native"
@@ -36,6 +40,13 @@ class SweepPlan:
     duration_s: float = 3.0
     warmup_s: float = 1.0
     compare: bool = True
+    spot_models: tuple[str, ...] = ()
+    spot_sessions: int = 256
+
+    def points(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        """(model, chunk, session counts) in the order they run."""
+        full = [(m, c, self.sessions) for m in self.models for c in self.chunks]
+        return full + [(m, 1, (self.spot_sessions,)) for m in self.spot_models]
 
 
 def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
@@ -55,41 +66,35 @@ def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
 
 def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for model in plan.models:
+    for model, chunk, session_counts in plan.points():
         spec = read_spec(plan.repository / model / "1")
-        for chunk in plan.chunks:
-            servers: dict[str, ServerProcess] = {"batched": start_server(plan.repository)}
-            if plan.compare:
-                servers["unbatched"] = start_server(plan.repository, max_batch_size=1)
-                servers["noop"] = start_noop_server(spec.output_size)
-            try:
-                for sessions in plan.sessions:
-                    for variant, server in servers.items():
-                        cfg = LoadConfig(target=server.target, model=model, features=spec.input_size, api=plan.api,
-                                         sessions=sessions, chunk_steps=chunk, duration_s=plan.duration_s,
-                                         warmup_s=plan.warmup_s)  # fmt: skip
-                        row = {
-                            "model": model,
-                            "variant": variant,
-                            "api": plan.api,
-                            "sessions": sessions,
-                            "chunk": chunk,
-                        }
-                        row.update(measure(server, cfg))
-                        logger.info(
-                            "%s",
-                            {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
-                        )
-                        rows.append(row)
-                    batched = rows[-len(servers)] if plan.compare else rows[-1]
-                    if plan.compare and batched.get("mean_batch"):
-                        batch = max(1, round(batched["mean_batch"]))
-                        rows.append({"model": model, "variant": "compute", "api": "in-process", "sessions": sessions,
-                                     "chunk": chunk, "mean_batch": batch,
-                                     "steps_per_s": compute_limit(spec.directory, batch, chunk)})  # fmt: skip
-            finally:
-                for server in servers.values():
-                    server.stop()
+        servers: dict[str, ServerProcess] = {"batched": start_server(plan.repository)}
+        if plan.compare:
+            servers["unbatched"] = start_server(plan.repository, max_batch_size=1)
+            servers["noop"] = start_noop_server(spec.output_size)
+        try:
+            for sessions in session_counts:
+                for variant, server in servers.items():
+                    cfg = LoadConfig(target=server.target, model=model, features=spec.input_size,
+                                     api=plan.api, sessions=sessions, chunk_steps=chunk,
+                                     duration_s=plan.duration_s, warmup_s=plan.warmup_s)  # fmt: skip
+                    row = {"model": model, "variant": variant, "api": plan.api,
+                           "sessions": sessions, "chunk": chunk}  # fmt: skip
+                    row.update(measure(server, cfg))
+                    logger.info(
+                        "%s",
+                        {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
+                    )
+                    rows.append(row)
+                batched = rows[-len(servers)]
+                if plan.compare and batched.get("mean_batch"):
+                    batch = max(1, round(batched["mean_batch"]))
+                    rows.append({"model": model, "variant": "compute", "api": "in-process",
+                                 "sessions": sessions, "chunk": chunk, "mean_batch": batch,
+                                 "steps_per_s": compute_limit(spec.directory, batch, chunk)})  # fmt: skip
+        finally:
+            for server in servers.values():
+                server.stop()
     return rows
 
 
@@ -158,18 +163,30 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(plan: SweepPlan, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+def write_outputs(
+    plan: SweepPlan,
+    rows: list[dict[str, Any]],
+    out_dir: Path,
+    extra: dict[str, Any] | None = None,
+    extra_markdown: str = "",
+) -> list[Path]:
+    """bench.json (plan, machine, rows and ``extra``), bench.md (``extra_markdown`` then the
+    sweep table) and bench.png (p99 latency against throughput)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = {
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
     plan_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()}
     (out_dir / "bench.json").write_text(
-        json.dumps({"plan": plan_record, "machine": machine, "rows": rows}, indent=2) + "\n"
+        json.dumps(
+            {"plan": plan_record, "machine": machine, "rows": rows, **(extra or {})}, indent=2
+        )
+        + "\n"
     )
-    (out_dir / "bench.md").write_text(markdown(rows))
+    sweep = markdown(rows)
+    (out_dir / "bench.md").write_text(f"{extra_markdown}\n{sweep}" if extra_markdown else sweep)
     paths = [out_dir / "bench.json", out_dir / "bench.md"]
     try:
         plot(rows, out_dir / "bench.png")
