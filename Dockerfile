@@ -29,7 +29,8 @@ RUN --mount=type=secret,id=pip_ca,required=false \
     && pip install "onnxruntime-gpu[cuda,cudnn]>=1.20" && pip uninstall --yes pip setuptools
 
 FROM ${BASE_IMAGE} AS runtime-base
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rnnserve
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rnnserve \
+    && mkdir -p /var/lib/rnnserve/state && chown -R 10001 /var/lib/rnnserve
 COPY models /models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -37,7 +38,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     RNNSERVE_GRPC_PORT=8001 \
     RNNSERVE_METRICS_PORT=8002 \
     RNNSERVE_MODEL_REPOSITORY=/models \
-    RNNSERVE_LOG_FORMAT=json
+    RNNSERVE_LOG_FORMAT=json \
+    RNNSERVE_SNAPSHOT_DIR=/var/lib/rnnserve/state
+# Session snapshots: mount a volume here so sessions survive a new container.
+VOLUME ["/var/lib/rnnserve/state"]
 USER 10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 CMD ["rnnserve", "health"]

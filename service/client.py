@@ -13,6 +13,7 @@ is awaited, so the session's chunks are applied in order.
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -29,41 +30,147 @@ class SessionEndedError(RuntimeError):
     """The server ended the session (idle timeout, eviction, shutdown)."""
 
 
+class SessionLostError(RuntimeError):
+    """The session could not be resumed exactly after the server went away: it has no snapshot of
+    it, or the snapshot is older than the inputs this client kept."""
+
+
+RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+REPLAY_CHUNK_STEPS = 1024
+
+
 class StreamingSession:
-    """One open session on its own stream. Use as a context manager, or call :meth:`close`."""
+    """One open session on its own stream. Use as a context manager, or call :meth:`close`.
+
+    With ``resume`` (the default) the session survives a server restart or crash: the client keeps
+    the inputs the server has not yet written to a snapshot (the replies' ``durable_steps`` say how
+    far it has), and if the stream breaks it reconnects, attaches to the restored session, replays
+    the inputs after the restored step and carries on, so the outputs are those of an
+    uninterrupted run. A reply lost in the crash is recovered from the session's last output.
+    """
 
     def __init__(
         self,
-        stub: pb_grpc.StreamingInferenceStub,
+        client: Client,
         open_request: pb.StreamRequest,
-        timeout_s: float | None,
+        *,
+        resume: bool = True,
+        reconnect_timeout_s: float = 60.0,
     ) -> None:
-        self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
-        self._requests.put(open_request)
-        self._responses: Iterator[pb.StreamResponse] = stub.Stream(
-            iter(self._requests.get, None), timeout=timeout_s
-        )
-        opened = next(self._responses).opened
+        self._client = client
+        self.resume = resume
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self._kept: list[np.ndarray] = []  # inputs not yet in a snapshot, oldest first
+        self._kept_from = 0  # step index of the first kept input
+        self.reconnects = 0  # times the session was resumed after its stream broke
+        self.replayed_steps = 0  # inputs sent again because the restored session lacked them
+        self._closed = False
+        opened = self._open_stream(open_request)
         self.session_id: str = opened.session_id
         self.model: str = opened.model
         self.version: str = opened.version
         self.steps: int = opened.steps
-        self._closed = False
+        self._kept_from = opened.steps
+
+    def _open_stream(self, request: pb.StreamRequest) -> pb.SessionInfo:
+        self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+        self._requests.put(request)
+        self._responses: Iterator[pb.StreamResponse] = self._client.stub.Stream(
+            iter(self._requests.get, None), metadata=self._client.metadata
+        )
+        return next(self._responses).opened
+
+    def _exchange(self, chunk: np.ndarray) -> pb.StepResponse:
+        self._requests.put(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(chunk))))
+        response = next(self._responses)
+        if response.WhichOneof("kind") == "ended":
+            reason = response.ended.reason
+            if self.resume and reason == pb.END_REASON_SHUTDOWN:
+                raise _ServerGone("the server is shutting down")
+            self._closed = True
+            raise SessionEndedError(
+                f"session {self.session_id} ended by the server: {pb.EndReason.Name(reason)}"
+            )
+        return response.output
 
     def step(self, x: np.ndarray) -> np.ndarray:
         """Send one chunk [steps, features]; return its outputs [steps, outputs]."""
         chunk = np.ascontiguousarray(x, dtype=np.float32)
         if chunk.ndim == 1:
             chunk = chunk[None]
-        self._requests.put(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(chunk))))
-        response = next(self._responses)
-        if response.WhichOneof("kind") == "ended":
-            self._closed = True
-            raise SessionEndedError(
-                f"session {self.session_id} ended by the server: {pb.EndReason.Name(response.ended.reason)}"
+        try:
+            reply = self._exchange(chunk)
+            output = to_array(reply.output, "output").copy()
+            self._applied(chunk, reply.steps, reply.durable_steps)
+        except (grpc.RpcError, _ServerGone) as error:
+            if not self.resume or (
+                isinstance(error, grpc.RpcError) and error.code() not in RECONNECT_CODES
+            ):
+                raise
+            output = self._recover(chunk)
+        return output
+
+    def _applied(self, chunk: np.ndarray, steps: int, durable_steps: int) -> None:
+        self.steps = steps
+        if not self.resume:
+            return
+        self._kept.append(chunk)
+        while self._kept and self._kept_from + len(self._kept[0]) <= durable_steps:
+            self._kept_from += len(self._kept.pop(0))
+
+    def _recover(self, pending: np.ndarray) -> np.ndarray:
+        """Reconnect, attach, replay what the restored session lacks, then apply ``pending``.
+
+        Retried, with backoff, while the server is away or going away (UNAVAILABLE, a shutdown
+        notice), for up to ``reconnect_timeout_s``.
+        """
+        deadline = time.monotonic() + self.reconnect_timeout_s
+        backoff_s = 0.05
+        while True:
+            self._requests.put(None)  # let go of the broken stream
+            try:
+                output = self._resume_once(pending)
+                self.reconnects += 1
+                return output
+            except (grpc.RpcError, _ServerGone) as error:
+                if isinstance(error, grpc.RpcError):
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        raise SessionLostError(
+                            f"the server came back without session {self.session_id} "
+                            "(it had no snapshot of it)"
+                        ) from error
+                    if error.code() not in RECONNECT_CODES:
+                        raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(backoff_s)  # the server is restarting; try again
+                backoff_s = min(backoff_s * 2, 1.0)
+
+    def _resume_once(self, pending: np.ndarray) -> np.ndarray:
+        attach = pb.StreamRequest(
+            attach=pb.GetSessionRequest(
+                model=self.model, version=self.version, session_id=self.session_id
             )
-        self.steps = response.output.steps
-        return to_array(response.output.output, "output").copy()
+        )
+        opened = self._open_stream(attach)
+        restored, known = int(opened.steps), self.steps
+        if restored == known + len(pending):  # applied before the crash; only the reply was lost
+            last = to_array(opened.last_output, "last_output").copy()
+            self._applied(pending, restored, int(opened.durable_steps))
+            return last
+        if not self._kept_from <= restored <= known:
+            raise SessionLostError(
+                f"session {self.session_id} came back at step {restored}, but this client has "
+                f"steps {self._kept_from}..{known} to replay"
+            )
+        kept = np.concatenate(self._kept) if self._kept else np.empty((0, pending.shape[1]))
+        replay = kept[restored - self._kept_from : known - self._kept_from]
+        self.replayed_steps += len(replay)
+        for start in range(0, len(replay), REPLAY_CHUNK_STEPS):
+            self._exchange(replay[start : start + REPLAY_CHUNK_STEPS])  # outputs already delivered
+        reply = self._exchange(pending)
+        self._applied(pending, reply.steps, reply.durable_steps)
+        return to_array(reply.output, "output").copy()
 
     def close(self) -> int:
         """Close the session on the server; returns its final step count."""
@@ -95,6 +202,10 @@ class StreamingSession:
             self.detach()
 
 
+class _ServerGone(Exception):
+    """The stream told us the server is going away (shutdown notice)."""
+
+
 class Client:
     """Connection to an rnnserve server's native API."""
 
@@ -103,17 +214,30 @@ class Client:
         target: str,
         timeout_s: float | None = None,
         options: list[tuple[str, Any]] | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
-        self.channel = grpc.insecure_channel(target, options=options or [])
+        """``credentials``: TLS (``grpc.ssl_channel_credentials``); ``token``: a bearer token."""
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options or [])
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options or [])
         self.stub = pb_grpc.StreamingInferenceStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s).models)
+        reply = self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata
+        )
+        return list(reply.models)
 
     def model(self, name: str, version: str = "") -> pb.ModelInfo:
         return self.stub.GetModel(
-            pb.GetModelRequest(model=name, version=version), timeout=self.timeout_s
+            pb.GetModelRequest(model=name, version=version),
+            timeout=self.timeout_s,
+            metadata=self.metadata,
         )
 
     def open_session(
@@ -122,6 +246,8 @@ class Client:
         version: str = "",
         session_id: str = "",
         initial_state: list[np.ndarray] | None = None,
+        resume: bool = True,
+        reconnect_timeout_s: float = 60.0,
     ) -> StreamingSession:
         request = pb.StreamRequest(
             open=pb.CreateSessionRequest(
@@ -131,14 +257,25 @@ class Client:
                 initial_state=[to_tensor(s) for s in initial_state or []],
             )
         )
-        return StreamingSession(self.stub, request, None)
+        return StreamingSession(
+            self, request, resume=resume, reconnect_timeout_s=reconnect_timeout_s
+        )
 
-    def attach(self, model: str, session_id: str, version: str = "") -> StreamingSession:
+    def attach(
+        self,
+        model: str,
+        session_id: str,
+        version: str = "",
+        resume: bool = True,
+        reconnect_timeout_s: float = 60.0,
+    ) -> StreamingSession:
         """Continue an existing session (e.g. after a reconnect) on a new stream."""
         request = pb.StreamRequest(
             attach=pb.GetSessionRequest(model=model, version=version, session_id=session_id)
         )
-        return StreamingSession(self.stub, request, None)
+        return StreamingSession(
+            self, request, resume=resume, reconnect_timeout_s=reconnect_timeout_s
+        )
 
     def close(self) -> None:
         self.channel.close()

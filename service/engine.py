@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Histogram
 
+from service.durability import Durability, DurableModel, RestoreReport, make_durability
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
     ModelContractError,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from service.metrics import Metrics
@@ -39,11 +41,26 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who sends a request. ``owner`` is the authenticated identity (bearer token or client
+    certificate; "" without authentication): sessions belong to it, and another owner is told a
+    session does not exist. ``client`` is what per-client limits count: the owner, or the peer's
+    address for anonymous callers."""
+
+    owner: str = ""
+    client: str = ""
+
+
+ANONYMOUS = Caller()
+
+
+@dataclass(frozen=True)
 class StepResult:
     session_id: str
     output: np.ndarray  # [steps, outputs] float32
     steps: int  # steps the session has consumed, this chunk included
     ended: bool
+    durable_steps: int = 0  # steps covered by the latest written snapshot
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class SessionView:
     steps: int
     idle_s: float
     state: list[np.ndarray] | None = None
+    durable_steps: int = 0
+    last_output: np.ndarray | None = None  # the reply to the session's last chunk
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,8 @@ class InferenceEngine:
         self._models: dict[str, dict[str, ModelHandle]] = {}
         self._latest: dict[str, ModelHandle] = {}  # name -> highest version (hot path lookup)
         self._ttl_task: asyncio.Task[None] | None = None
+        self.durability: Durability | None = None
+        self.restore_report: RestoreReport | None = None
         self.ready = False
         self._closing = False
 
@@ -133,6 +154,19 @@ class InferenceEngine:
                 spec.hidden_size,
                 ",".join(runtime.providers),
             )
+        self.durability = make_durability(self.settings, self.metrics, self._durable_models)
+        if self.durability is not None:
+            self.restore_report = self.durability.restore()
+            for handle in self.handles():
+                self.metrics.active_sessions.labels(handle.spec.name, handle.spec.version).set(
+                    len(handle.store)
+                )
+
+    def _durable_models(self) -> list[DurableModel]:
+        return [
+            DurableModel(h.spec.name, h.spec.version, h.spec.sha256, h.store)
+            for h in self.handles()
+        ]
 
     def _make_end_hook(self, spec: ModelSpec) -> Callable[[Session, EndReason], None]:
         ended = self.metrics.sessions_ended
@@ -141,6 +175,8 @@ class InferenceEngine:
         def on_end(session: Session, reason: EndReason) -> None:
             ended.labels(spec.name, spec.version, reason.value).inc()
             active.dec()
+            if self.durability is not None and reason != EndReason.SHUTDOWN:
+                self.durability.changed()
             logger.debug(
                 "session ended model=%s reason=%s steps=%d", spec.label, reason.value, session.steps
             )
@@ -163,6 +199,8 @@ class InferenceEngine:
             )
         if s.session_ttl_s > 0:
             self._ttl_task = asyncio.create_task(self._sweep_idle_forever(), name="ttl-sweeper")
+        if self.durability is not None:
+            self.durability.start()
         self.ready = True
 
     # ----- models --------------------------------------------------------------------------
@@ -196,33 +234,53 @@ class InferenceEngine:
         *,
         api: str,
         restart: bool = False,
+        caller: Caller = ANONYMOUS,
     ) -> SessionView:
         """Start a session. With ``restart`` (Triton's START on a live id) a live session is reset."""
         self._check_open()
         handle = self.model(name, version)
         store = handle.store
-        if restart and session_id is not None and session_id in store.sessions:
-            session = store.sessions[session_id]
-            if session.busy:
+        existing = store.find(session_id, caller.owner) if session_id is not None else None
+        if restart and existing is not None:
+            if existing.busy:
                 raise FailedPrecondition(
                     f"session {session_id!r} has a chunk in flight; cannot restart it"
                 )
             logger.warning("sequence restarted by a new START on model %s", handle.spec.label)
-            store.reset_state(session, initial_state)
-            return self._view(handle, session)
-        session = store.create(session_id, initial_state)
+            store.reset_state(existing, initial_state)
+            self._changed()
+            return self._view(handle, existing)
+        limit = self.settings.max_sessions_per_client
+        if limit and store.count_of(caller.client) >= limit:
+            raise ResourceExhausted(
+                f"this client already holds its limit of {limit} sessions on model "
+                f"{handle.spec.label}; close some first"
+            )
+        session = store.create(session_id, initial_state, owner=caller.owner, client=caller.client)
         self.metrics.sessions_started.labels(handle.spec.name, handle.spec.version, api).inc()
         self.metrics.active_sessions.labels(handle.spec.name, handle.spec.version).inc()
+        self._changed()
         return self._view(handle, session)
 
-    def session(self, name: str, version: str, session_id: str) -> tuple[ModelHandle, Session]:
+    def session(
+        self, name: str, version: str, session_id: str, caller: Caller = ANONYMOUS
+    ) -> tuple[ModelHandle, Session]:
+        """The caller's session ``session_id``. Ids are scoped to their owner, so another owner's
+        session is NOT_FOUND exactly like a missing one: ids of others cannot be probed."""
+        if self._closing:  # sessions are being saved and ended: come back to the next server
+            raise Unavailable("the server is shutting down; retry shortly")
         handle = self.model(name, version)
-        return handle, handle.store.get(session_id)
+        return handle, handle.store.get(session_id, caller.owner)
 
     def session_view(
-        self, name: str, version: str, session_id: str, include_state: bool = False
+        self,
+        name: str,
+        version: str,
+        session_id: str,
+        include_state: bool = False,
+        caller: Caller = ANONYMOUS,
     ) -> SessionView:
-        handle, session = self.session(name, version, session_id)
+        handle, session = self.session(name, version, session_id, caller)
         return self._view(handle, session, include_state)
 
     def _view(
@@ -235,12 +293,20 @@ class InferenceEngine:
             steps=session.steps,
             idle_s=0.0 if session.busy else max(0.0, handle.store.clock() - session.last_used_s),
             state=handle.store.read_state(session) if include_state else None,
+            durable_steps=session.durable_steps,
+            last_output=session.last_output,
         )
 
-    def close_session(self, name: str, version: str, session_id: str) -> SessionEnd:
-        handle, session = self.session(name, version, session_id)
+    def close_session(
+        self, name: str, version: str, session_id: str, caller: Caller = ANONYMOUS
+    ) -> SessionEnd:
+        handle, session = self.session(name, version, session_id, caller)
         handle.store.end(session, EndReason.CLOSED)
         return SessionEnd(session_id, EndReason.CLOSED, session.steps)
+
+    def _changed(self) -> None:
+        if self.durability is not None:
+            self.durability.changed()
 
     def check_chunk(self, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
         """A chunk must be float32 [steps, features], 1 <= steps <= max_chunk_steps, all finite."""
@@ -263,7 +329,11 @@ class InferenceEngine:
             )
         # A finite sum proves every value finite (NaN and Inf propagate); only a sum that
         # overflowed or is NaN/Inf needs the element-wise check.
-        if not math.isfinite(x.sum()) and not np.isfinite(x).all():
+        if (
+            self.settings.nonfinite_inputs == "reject"
+            and not math.isfinite(x.sum())
+            and not np.isfinite(x).all()
+        ):
             raise InvalidArgument("input holds NaN or Inf")
         return x
 
@@ -277,18 +347,25 @@ class InferenceEngine:
         api: str,
         end: bool = False,
         received_s: float | None = None,
+        deadline_s: float | None = None,
+        caller: Caller = ANONYMOUS,
     ) -> StepResult:
-        """Apply one chunk to a session and return its outputs; with ``end`` close it afterwards."""
+        """Apply one chunk to a session and return its outputs; with ``end`` close it afterwards.
+
+        ``deadline_s`` (a ``time.perf_counter()`` instant) is the caller's deadline: a chunk still
+        queued when it passes is not computed and fails with DEADLINE_EXCEEDED.
+        """
         started = received_s if received_s is not None else time.perf_counter()
         self._check_open()
-        handle, session = self.session(name, version, session_id)
+        handle, session = self.session(name, version, session_id, caller)
         self.check_chunk(handle.spec, x)
         if session.busy:
             raise FailedPrecondition(
                 f"session {session_id!r} already has a chunk in flight; send the next chunk after "
                 "its reply"
             )
-        output = await handle.scheduler.submit(session, x)
+        output = await handle.scheduler.submit(session, x, deadline_s)
+        self._changed()
         if end:
             handle.store.end(session, EndReason.CLOSED)
         latency = handle.request_latency.get(api)
@@ -298,7 +375,7 @@ class InferenceEngine:
             )
             handle.request_latency[api] = latency
         latency.observe(time.perf_counter() - started)
-        return StepResult(session.session_id, output, session.steps, ended=end)
+        return StepResult(session.session_id, output, session.steps, end, session.durable_steps)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -339,12 +416,20 @@ class InferenceEngine:
                 self.settings.drain_timeout_s
             ):
                 report["models_not_drained"] += 1
+        report["sessions_saved"] = 0
+        if self.durability is not None:
+            await self.durability.stop()
+            try:
+                report["sessions_saved"] = await self.durability.snapshot(force=True)
+            except Exception:
+                logger.error("the shutdown snapshot failed: sessions will not be restored")
         for handle in self.handles():
             report["sessions_ended"] += handle.store.end_all(EndReason.SHUTDOWN)
             if handle._scheduler is not None:
                 await handle._scheduler.close()
         logger.info(
-            "shutdown: ended %d session(s); %d model(s) did not drain in time",
+            "shutdown: saved %d and ended %d session(s); %d model(s) did not drain in time",
+            report["sessions_saved"],
             report["sessions_ended"],
             report["models_not_drained"],
         )

@@ -51,6 +51,10 @@ class Unavailable(ServiceError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class DeadlineExceeded(ServiceError):
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
 class InternalError(ServiceError):
     kind = ErrorKind.INTERNAL
 

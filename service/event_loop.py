@@ -10,11 +10,12 @@ import asyncio
 import importlib.util
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 logger = logging.getLogger(__name__)
 
 EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
+T = TypeVar("T")
 
 
 class EventLoopUnavailable(RuntimeError):
@@ -38,7 +39,10 @@ def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventL
 
 def run(main: Coroutine[Any, Any, None], choice: EventLoopChoice) -> None:
     """Run ``main`` to completion on a new loop of the chosen kind."""
-    factory = loop_factory(choice)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        logger.debug("event loop: %s", type(runner.get_loop()).__module__)
-        runner.run(main)
+    run_to_result(main, choice)
+
+
+def run_to_result(main: Coroutine[Any, Any, T], choice: EventLoopChoice) -> T:
+    """Like :func:`run`, returning ``main``'s result."""
+    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+        return runner.run(main)

@@ -84,6 +84,36 @@ class Metrics:
             ["api", "code"],
             registry=r,
         )
+        self.snapshots = Counter(
+            "rnnserve_snapshots_total",
+            "Session snapshots written (outcome ok) or failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.snapshot_duration = Histogram(
+            "rnnserve_snapshot_duration_seconds",
+            "Time to capture and write one snapshot of every model's sessions.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0),
+            registry=r,
+        )
+        self.sessions_restored = Counter(
+            "rnnserve_sessions_restored_total",
+            "Sessions brought back from a snapshot at start-up.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.snapshots_rejected = Counter(
+            "rnnserve_snapshots_rejected_total",
+            "Snapshots not restored: corrupt, or taken with a different model file.",
+            ["model", "version", "reason"],
+            registry=r,
+        )
+        self.deadline_dropped = Counter(
+            "rnnserve_deadline_dropped_total",
+            "Chunks not computed because their caller's deadline passed while they were queued.",
+            ["model", "version"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "rnnserve_queue_depth", "Chunks waiting for a batch.", ["model", "version"], registry=r
         )

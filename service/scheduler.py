@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import InternalError, ResourceExhausted, Unavailable
+from service.errors import DeadlineExceeded, InternalError, ResourceExhausted, Unavailable
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import ModelRuntime
@@ -51,6 +51,7 @@ class PendingChunk:
     x: np.ndarray  # [steps, features] float32
     future: asyncio.Future[np.ndarray]
     enqueued_s: float
+    deadline_s: float | None = None  # perf_counter instant after which it is not computed
 
 
 @dataclass(eq=False, slots=True)
@@ -88,6 +89,9 @@ class BatchScheduler:
         self.max_queue_chunks = max_queue_chunks
         self.inline_compute_below_s = inline_compute_below_s
         self._recent_call_s = 0.0  # moving average of one batch's model time
+        self._executing = False  # the batch task is inside _execute (maybe awaiting the worker)
+        self._all_finished = np.ones(max_batch_size, bool)
+        self._all_finished.flags.writeable = False
         self._queue: deque[PendingChunk] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.name}")
         self._loop = asyncio.get_running_loop()
@@ -101,9 +105,12 @@ class BatchScheduler:
         self._batch_size = metrics.batch_size.labels(**labels)
         self._steps = metrics.steps.labels(**labels)
         self._queue_depth = metrics.queue_depth.labels(**labels)
+        self._deadline_dropped = metrics.deadline_dropped.labels(**labels)
         self._task = asyncio.create_task(self._run_forever(), name=f"batcher-{spec.label}")
 
-    def submit(self, session: Session, x: np.ndarray) -> asyncio.Future[np.ndarray]:
+    def submit(
+        self, session: Session, x: np.ndarray, deadline_s: float | None = None
+    ) -> asyncio.Future[np.ndarray]:
         """Queue one chunk of ``session``; the future resolves to its output rows [steps, outputs].
 
         The caller has checked the chunk and that the session has nothing in flight; this marks the
@@ -117,10 +124,21 @@ class BatchScheduler:
             )
         future: asyncio.Future[np.ndarray] = self._loop.create_future()
         session.busy = True
-        self._queue.append(PendingChunk(session, x, future, time.perf_counter()))
-        self._idle.clear()
-        if len(self._queue) == 1 or self._batch_complete():
+        self._queue.append(PendingChunk(session, x, future, time.perf_counter(), deadline_s))
+        if self._batch_complete():
+            if self._inline and not self._executing:
+                batch = self._take_batch()
+                if batch:
+                    self._execute_now(batch)
+                if not self._queue:
+                    return future
+            self._idle.clear()
             self._wakeup.set()
+        elif len(self._queue) == 1:
+            self._idle.clear()
+            self._wakeup.set()
+        else:
+            self._idle.clear()
         return future
 
     def _batch_complete(self) -> bool:
@@ -149,28 +167,63 @@ class BatchScheduler:
                 await self._execute(batch)
 
     def _take_batch(self) -> list[PendingChunk]:
+        """Up to ``max_batch_size`` chunks in arrival order; chunks whose caller's deadline has
+        passed are failed here, uncomputed, so that the session stays where it was."""
         batch: list[PendingChunk] = []
+        now = time.perf_counter()
         while self._queue and len(batch) < self.max_batch_size:
-            batch.append(self._queue.popleft())
+            chunk = self._queue.popleft()
+            if chunk.deadline_s is not None and chunk.deadline_s <= now:
+                self._deadline_dropped.inc()
+                self._fail([chunk], DeadlineExceeded("the deadline passed before the chunk ran"))
+                continue
+            batch.append(chunk)
         return batch
 
-    async def _execute(self, batch: list[PendingChunk]) -> None:
+    @property
+    def _inline(self) -> bool:
+        return self._recent_call_s < self.inline_compute_below_s
+
+    def _gather(self, batch: list[PendingChunk]) -> tuple[np.ndarray, list[np.ndarray]]:
         started = time.perf_counter()
         for chunk in batch:
             self._queue_wait.observe(started - chunk.enqueued_s)
         slots = np.fromiter((c.session.slot for c in batch), dtype=np.intp, count=len(batch))
-        inputs = [c.x for c in batch]
-        states = self.store.gather(slots)
+        return slots, self.store.gather(slots)
+
+    async def _execute(self, batch: list[PendingChunk]) -> None:
+        self._executing = True
         try:
-            if self._recent_call_s < self.inline_compute_below_s:
-                outcome = self._compute(inputs, states)
-            else:
-                outcome = await self._loop.run_in_executor(
-                    self._executor, self._compute, inputs, states
+            slots, states = self._gather(batch)
+            inputs = [c.x for c in batch]
+            try:
+                if self._inline:
+                    outcome = self._compute(inputs, states)
+                else:
+                    outcome = await self._loop.run_in_executor(
+                        self._executor, self._compute, inputs, states
+                    )
+            except BaseException as exc:  # cancelled during shutdown, or the executor is gone
+                self._fail(
+                    batch, exc if isinstance(exc, Exception) else Unavailable("shutting down")
                 )
-        except BaseException as exc:  # cancelled during shutdown, or the executor is gone
-            self._fail(batch, exc if isinstance(exc, Exception) else Unavailable("shutting down"))
-            raise
+                raise
+            self._apply(batch, slots, outcome)
+        finally:
+            self._executing = False
+
+    def _execute_now(self, batch: list[PendingChunk]) -> None:
+        """The fast path of :meth:`submit`: compute a complete batch of a fast model right here.
+
+        It never awaits, so nothing else runs on the loop meanwhile and the one-batch-at-a-time
+        rule holds; the futures are resolved before ``submit`` returns, which saves the callers
+        two trips through the event loop (waking the batch task, and being woken by it).
+        """
+        slots, states = self._gather(batch)
+        self._apply(batch, slots, self._compute([c.x for c in batch], states))
+
+    def _apply(self, batch: list[PendingChunk], slots: np.ndarray, outcome: BatchOutcome) -> None:
+        """Scatter the new states and resolve every chunk's future (on the loop thread)."""
         self._recent_call_s += 0.2 * (outcome.compute_s - self._recent_call_s)
         finished = outcome.finished
         if outcome.error is None:
@@ -186,6 +239,7 @@ class BatchScheduler:
             applied_steps += steps
             chunk.session.steps += steps
             self.store.finish_chunk(chunk.session)
+            chunk.session.last_output = outcome.outputs[i]
             if not chunk.future.done():
                 chunk.future.set_result(outcome.outputs[i])
         self._steps.inc(applied_steps)
@@ -258,7 +312,7 @@ class BatchScheduler:
             elapsed = time.perf_counter() - started
             self._compute_time.observe(elapsed)
             self._batch_size.observe(len(inputs))
-        return BatchOutcome(list(y), new_states, np.ones(len(inputs), bool), None, elapsed)
+        return BatchOutcome(list(y), new_states, self._all_finished[: len(inputs)], None, elapsed)
 
     def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:
         for chunk in chunks:

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.rnnserve.v1 import streaming_pb2, streaming_pb2_grpc
+from service.api.auth import BearerTokenInterceptor, load_tokens
 from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.engine import InferenceEngine
@@ -30,6 +31,19 @@ logger = logging.getLogger(__name__)
 
 NATIVE_SERVICE = streaming_pb2.DESCRIPTOR.services_by_name["StreamingInference"].full_name
 KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (None: plaintext). With a client CA bundle the
+    server requires and verifies client certificates (mutual TLS)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    chain = settings.tls_cert_file.read_bytes()
+    key = settings.tls_key_file.read_bytes()
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 class RnnServer:
@@ -53,7 +67,12 @@ class RnnServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
+        interceptors = []
+        tokens = load_tokens(s)
+        if tokens:
+            interceptors.append(BearerTokenInterceptor(tokens))
+            logger.info("bearer-token authentication on (%d identities)", len(set(tokens.values())))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         streaming_pb2_grpc.add_StreamingInferenceServicer_to_server(
             NativeServicer(self.engine, self.metrics), server
         )
@@ -69,7 +88,12 @@ class RnnServer:
         reflection.enable_server_reflection((*services, reflection.SERVICE_NAME), server)
         for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        credentials = server_credentials(s)
+        if credentials is None:
+            self.grpc_port = server.add_insecure_port(address)
+        else:
+            self.grpc_port = server.add_secure_port(address, credentials)
         if self.grpc_port == 0:
             raise OSError(f"could not bind gRPC to {s.host}:{s.grpc_port}")
         await server.start()

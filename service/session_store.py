@@ -12,6 +12,7 @@ closing it defers freeing its slot until the chunk has been scattered.
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 import time
@@ -45,10 +46,20 @@ class Session:
     created_s: float
     last_used_s: float
     steps: int = 0
+    owner: str = ""  # the identity that created it; others are told it does not exist
+    client: str = ""  # what per-client session limits count (the owner, or the peer address)
+    durable_steps: int = 0  # steps covered by the latest snapshot written (0: none yet)
+    last_output: np.ndarray | None = None  # reply to the last chunk, kept for a client's resume
     busy: bool = False
     ended: EndReason | None = None
     close_when_idle: EndReason | None = None
     end_listeners: list[Callable[[Session, EndReason], None]] = field(default_factory=list)
+
+
+def scoped_key(session_id: str, owner: str) -> str:
+    """Where a session lives in its store: ids are scoped to their owner, so two identities may
+    use the same id without either learning of the other."""
+    return f"{owner}\0{session_id}" if owner else session_id
 
 
 def new_session_id() -> str:
@@ -91,6 +102,7 @@ class SessionStore:
         ]
         self.sessions: dict[str, Session] = {}
         self._free_slots = list(range(self.capacity - 1, -1, -1))
+        self._per_client: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -111,14 +123,18 @@ class SessionStore:
         self.capacity = new_capacity
 
     def create(
-        self, session_id: str | None = None, initial_state: Sequence[np.ndarray] | None = None
+        self,
+        session_id: str | None = None,
+        initial_state: Sequence[np.ndarray] | None = None,
+        owner: str = "",
+        client: str = "",
     ) -> Session:
         """A new session with zero (or the given) state. Ids are generated when not given."""
         if session_id is None:
             session_id = new_session_id()
         else:
             check_session_id(session_id)
-            if session_id in self.sessions:
+            if scoped_key(session_id, owner) in self.sessions:
                 raise AlreadyExists(f"session {session_id!r} already exists")
         if initial_state is not None:
             self._check_state(initial_state)
@@ -133,8 +149,34 @@ class SessionStore:
         for k, array in enumerate(self.states):
             array[:, slot, :] = 0.0 if initial_state is None else initial_state[k]
         now = self.clock()
-        session = Session(session_id=session_id, slot=slot, created_s=now, last_used_s=now)
-        self.sessions[session_id] = session
+        session = Session(
+            session_id=session_id,
+            slot=slot,
+            created_s=now,
+            last_used_s=now,
+            owner=owner,
+            client=client or owner,
+        )
+        self.sessions[scoped_key(session_id, owner)] = session
+        self._per_client[session.client] += 1
+        return session
+
+    def count_of(self, client: str) -> int:
+        """Live sessions held by ``client``."""
+        return self._per_client.get(client, 0)
+
+    def restore(
+        self,
+        session_id: str,
+        state: Sequence[np.ndarray],
+        steps: int,
+        owner: str,
+        last_output: np.ndarray | None,
+    ) -> Session:
+        """Bring back a session from a snapshot: its state, step count, owner and last reply."""
+        session = self.create(session_id, state, owner)
+        session.steps = session.durable_steps = steps
+        session.last_output = last_output
         return session
 
     def _evict_longest_idle(self) -> bool:
@@ -165,13 +207,20 @@ class SessionStore:
             if not np.isfinite(tensor).all():
                 raise InvalidArgument(f"initial state tensor {k} holds NaN or Inf")
 
-    def get(self, session_id: str) -> Session:
+    def find(self, session_id: str, owner: str = "") -> Session | None:
+        return self.sessions.get(scoped_key(session_id, owner))
+
+    def get(self, session_id: str, owner: str = "") -> Session:
+        """The session ``session_id`` of ``owner``; NOT_FOUND whether it never existed, ended, or
+        belongs to someone else (the message is the same)."""
         try:
-            return self.sessions[session_id]
+            return self.sessions[scoped_key(session_id, owner)]
         except KeyError:
-            raise NotFound(
-                f"session {session_id!r} not found (never opened, closed or expired)"
-            ) from None
+            raise self.not_found(session_id) from None
+
+    @staticmethod
+    def not_found(session_id: str) -> NotFound:
+        return NotFound(f"session {session_id!r} not found (never opened, closed or expired)")
 
     def end(self, session: Session, reason: EndReason) -> None:
         """End ``session``; if a chunk is in flight the slot is freed when it comes back."""
@@ -184,8 +233,11 @@ class SessionStore:
 
     def _release(self, session: Session, reason: EndReason) -> None:
         session.ended = reason
-        del self.sessions[session.session_id]
+        del self.sessions[scoped_key(session.session_id, session.owner)]
         self._free_slots.append(session.slot)
+        self._per_client[session.client] -= 1
+        if not self._per_client[session.client]:
+            del self._per_client[session.client]
         for listener in session.end_listeners:
             listener(session, reason)
         if self.on_end is not None:
@@ -217,9 +269,17 @@ class SessionStore:
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
         """States of ``slots`` as contiguous [layers, len(slots), hidden] arrays (copies)."""
+        if len(slots) == 1:  # a slice is several times cheaper than fancy indexing
+            slot = int(slots[0])
+            return [array[:, slot : slot + 1, :].copy() for array in self.states]
         return [np.ascontiguousarray(array[:, slots, :]) for array in self.states]
 
     def scatter(self, slots: np.ndarray, new_states: Sequence[np.ndarray]) -> None:
+        if len(slots) == 1:
+            slot = int(slots[0])
+            for array, new in zip(self.states, new_states, strict=True):
+                array[:, slot : slot + 1, :] = new
+            return
         for array, new in zip(self.states, new_states, strict=True):
             array[:, slots, :] = new
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -83,8 +83,58 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         10.0, ge=0.0, description="on SIGTERM, how long in-flight chunks may finish, in seconds"
     )
+    nonfinite_inputs: Literal["reject", "allow"] = Field(
+        "reject",
+        description="what to do with NaN or Inf in a chunk: reject (INVALID_ARGUMENT) or allow",
+    )
+    max_sessions_per_client: int = Field(
+        0, ge=0, description="live sessions one client identity may hold per model (0: no limit)"
+    )
+    snapshot_backend: Literal["none", "directory", "redis"] = Field(
+        "directory",
+        description="where session snapshots go (none: sessions do not survive a restart)",
+    )
+    snapshot_dir: Path = Field(
+        Path("rnnserve-state"), description="directory of the snapshots (backend directory)"
+    )
+    snapshot_redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL of the snapshots (backend redis)"
+    )
+    snapshot_interval_s: float = Field(
+        10.0, ge=0.0, description="snapshot every this many seconds if anything changed (0: off)"
+    )
+    snapshot_when_idle_s: float = Field(
+        1.0,
+        ge=0.0,
+        description="snapshot once no chunk arrived for this many seconds after changes (0: off)",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate chain: serve gRPC over TLS (with tls_key_file)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle: require client certificates signed by it (mutual TLS); "
+        "a client's identity is then its certificate's common name",
+    )
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="file of bearer tokens, one 'identity:token' per line; when set (or "
+        "auth_tokens), every RPC but health needs 'authorization: Bearer <token>'",
+    )
+    auth_tokens: SecretStr = Field(
+        SecretStr(""), description="bearer tokens as 'identity:token,identity:token' (env use)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("text", description="log line format")
     port_file: Path | None = Field(
         None, description="write the bound ports as JSON here once serving (for port 0)"
     )
+
+    @model_validator(mode="after")
+    def _tls_files_come_in_pairs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self

@@ -27,6 +27,7 @@ def make_settings(tiny_repository: Path) -> Callable[..., Settings]:
             "model_repository": tiny_repository,
             "intra_op_threads": 1,
             "session_ttl_s": 0.0,
+            "snapshot_backend": "none",  # durability tests turn it on with their own directory
         }
         base.update(overrides)
         return Settings(**base)

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-TINY_MODELS = {
+from training.models import CellType
+
+TINY_MODELS: dict[str, tuple[CellType, int, int, int, int]] = {
     # name: (cell, input_size, hidden_size, output_size, layers)
     "tiny_lstm": ("lstm", 3, 8, 2, 2),
     "tiny_gru": ("gru", 3, 8, 2, 1),

@@ -19,7 +19,7 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "bench", "--model-repository", str(tiny_repository),
          "--models", "tiny_gru", "--sessions", "1", "4", "--chunks", "1", "--duration-s", "0.4",
-         "--warmup-s", "0.1", "--no-synthetic", "--idle-sessions", "50", "--idle-model",
+         "--warmup-s", "0.1", "--no-synthetic", "--spot-sessions", "4", "--idle-sessions", "50", "--idle-model",
          "tiny_gru", "--startup-runs", "1", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

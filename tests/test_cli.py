@@ -47,7 +47,7 @@ def serve(
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0",
          "--model-repository", str(timer_like_repository), "--port-file", str(port_file),
-         "--log-format", "json", "--session-ttl-s", "0"],
+         "--log-format", "json", "--session-ttl-s", "0", "--snapshot-dir", str(tmp_path / "state")],
         cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     assert process.stderr is not None
@@ -121,7 +121,7 @@ def test_models_stream_and_graceful_sigterm(
     assert process.wait(timeout=60) == 0
     assert process.stderr is not None
     shutdown_log = process.stderr.read()
-    assert "shutdown: ended 0 session(s)" in shutdown_log
+    assert "shutdown: saved 0 and ended 0 session(s)" in shutdown_log
 
 
 def test_bad_repository_fails_start_with_a_clear_message(tmp_path: Path) -> None:

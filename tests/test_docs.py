@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from service.metrics import Metrics
 from service.settings import Settings
@@ -12,8 +16,9 @@ API_DOC = (ROOT / "docs" / "API.md").read_text()
 
 
 def test_every_setting_is_documented_with_flag_and_env() -> None:
-    for name in Settings.model_fields:
-        assert f"`--{name.replace('_', '-')}`" in API_DOC, name
+    for name, field in Settings.model_fields.items():
+        if field.annotation is not SecretStr:  # secrets: environment only, never a flag
+            assert f"`--{name.replace('_', '-')}`" in API_DOC, name
         assert f"`RNNSERVE_{name.upper()}`" in API_DOC, name
 
 
@@ -24,3 +29,13 @@ def test_every_metric_is_documented() -> None:
     }
     for name in names:
         assert f"`{name}`" in API_DOC, name
+
+
+def test_settings_table_is_generated_from_the_settings() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/settings_table.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout

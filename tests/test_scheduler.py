@@ -22,6 +22,7 @@ class GatedFakeModel:
 
     def __init__(self, gated: bool = False) -> None:
         self.calls: list[tuple[int, int]] = []  # (batch, steps)
+        self.threads: list[int] = []  # which thread ran each call
         self.entered = threading.Event()
         self.release = threading.Event()
         if not gated:
@@ -32,6 +33,7 @@ class GatedFakeModel:
         self, x: np.ndarray, states: Sequence[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         self.calls.append((x.shape[0], x.shape[1]))
+        self.threads.append(threading.get_ident())
         self.entered.set()
         self.release.wait(timeout=30)
         if self.fail_on_value is not None and (x == self.fail_on_value).any():
@@ -192,4 +194,38 @@ async def test_a_lone_chunk_waits_for_the_others_up_to_the_delay() -> None:
     a, _idle = store.create("a"), store.create("idle")
     assert float((await asyncio.wait_for(scheduler.submit(a, chunk(5)), timeout=30))[0, 0]) == 5.0
     assert model.calls == [(1, 1)]  # fired by the deadline: the idle session never sent a chunk
+    await scheduler.close()
+
+
+async def test_fast_models_compute_on_the_loop_and_slow_ones_in_the_worker_thread() -> None:
+    # The first call runs inline (no history yet); any real call takes longer than 1 ns, so the
+    # moving average then sends the next call to the worker thread. Outputs are the same either way.
+    model = GatedFakeModel()
+    scheduler, store, _ = make(model, inline_compute_below_s=1e-9)
+    s = store.create("s")
+    y1 = await scheduler.submit(s, chunk(1, 2))
+    y2 = await scheduler.submit(s, chunk(10))
+    assert model.threads[0] == threading.get_ident()
+    assert model.threads[1] != threading.get_ident()
+    np.testing.assert_array_equal(y1[:, 0], [1, 3])
+    np.testing.assert_array_equal(y2[:, 0], [13])
+    await scheduler.close()
+
+
+async def test_a_failing_single_call_batch_fails_its_chunks_and_keeps_their_state() -> None:
+    model = GatedFakeModel(gated=True)
+    model.fail_on_value = 99.0
+    scheduler, store, _ = make(model)
+    a, b, c = (store.create(n) for n in "abc")
+    first = scheduler.submit(a, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    failing = [scheduler.submit(b, chunk(99)), scheduler.submit(c, chunk(3))]  # one call
+    model.release.set()
+    await first
+    for future in failing:
+        with pytest.raises(InternalError, match="fake/1 failed"):
+            await future
+    assert (b.steps, c.steps) == (0, 0) and not b.busy and not c.busy
+    assert (store.read_state(b)[0] == 0).all() and (store.read_state(c)[0] == 0).all()
+    assert float((await scheduler.submit(c, chunk(4)))[0, 0]) == 4.0
     await scheduler.close()

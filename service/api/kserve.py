@@ -22,9 +22,10 @@ from service import __version__
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as mc
-from service.api.status import count_failure, translate_errors
+from service.api.auth import caller_of
+from service.api.status import count_failure, deadline_of, translate_errors
 from service.api.tensors import decode_float32, encode_float32, from_floats
-from service.engine import InferenceEngine, ModelHandle
+from service.engine import ANONYMOUS, Caller, InferenceEngine, ModelHandle
 from service.errors import InvalidArgument, NotFound, ServiceError
 from service.metrics import Metrics
 from service.session_store import check_session_id
@@ -197,21 +198,30 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self.infer(request)
-
-    async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         received = time.perf_counter()
+        return await self.infer(
+            request, caller_of(context), deadline_of(context, received), received
+        )
+
+    async def infer(
+        self,
+        request: pb.ModelInferRequest,
+        caller: Caller = ANONYMOUS,
+        deadline_s: float | None = None,
+        received_s: float | None = None,
+    ) -> pb.ModelInferResponse:
+        received = received_s if received_s is not None else time.perf_counter()
         handle = self.engine.model(request.model_name, request.model_version)
         control = sequence_control(request)
         x = input_chunk(request, handle)
         spec = handle.spec
         if control.start:
             self.engine.open_session(
-                spec.name, spec.version, control.sequence_id, api=API, restart=True
+                spec.name, spec.version, control.sequence_id, api=API, restart=True, caller=caller
             )
         else:
             try:
-                handle.store.get(control.sequence_id)
+                self.engine.session(spec.name, spec.version, control.sequence_id, caller)
             except NotFound:
                 raise InvalidArgument(
                     f"inference request for sequence {control.sequence_id} to model {spec.name!r} must "
@@ -225,6 +235,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             api=API,
             end=control.end,
             received_s=received,
+            deadline_s=deadline_s,
+            caller=caller,
         )
         return infer_response(request, handle, result.output, result.steps)
 
@@ -236,6 +248,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests of different sequences run concurrently (and batch together); requests of one
         sequence run in arrival order. Replies come in completion order, each echoing its request id;
         a failed request answers with ``error_message`` and the stream stays open."""
+        caller = caller_of(context)
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         last_of_sequence: dict[str, asyncio.Task[None]] = {}
         pending: set[asyncio.Task[None]] = set()
@@ -244,7 +257,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if before is not None:
                 await asyncio.wait([before])
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+                received = time.perf_counter()
+                response = await self.infer(
+                    request, caller, deadline_of(context, received), received
+                )
+                reply = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
                 message = count_failure(error, self.metrics, API)
                 reply = pb.ModelStreamInferResponse(

@@ -13,9 +13,17 @@ import numpy as np
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
-from service.api.status import abort, translate_errors
+from service.api.auth import caller_of
+from service.api.status import abort, deadline_of, translate_errors
 from service.api.tensors import FLOAT32, decode_float32, encode_float32
-from service.engine import InferenceEngine, ModelHandle, SessionEnd, SessionView, StepResult
+from service.engine import (
+    Caller,
+    InferenceEngine,
+    ModelHandle,
+    SessionEnd,
+    SessionView,
+    StepResult,
+)
 from service.errors import FailedPrecondition, InvalidArgument
 from service.metrics import Metrics
 from service.session_store import EndReason, Session
@@ -41,14 +49,18 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
 
 
 def session_info(view: SessionView) -> pb.SessionInfo:
-    return pb.SessionInfo(
+    info = pb.SessionInfo(
         session_id=view.session_id,
         model=view.model,
         version=view.version,
         steps=view.steps,
         idle_seconds=view.idle_s,
         state=[to_tensor(s) for s in view.state or []],
+        durable_steps=view.durable_steps,
     )
+    if view.last_output is not None:
+        info.last_output.CopyFrom(to_tensor(view.last_output))
+    return info
 
 
 def step_response(result: StepResult) -> pb.StepResponse:
@@ -62,6 +74,7 @@ def fill_step_response(message: pb.StepResponse, result: StepResult) -> pb.StepR
     message.output.data = np.ascontiguousarray(result.output, dtype=FLOAT32).tobytes()
     message.steps = result.steps
     message.ended = result.ended
+    message.durable_steps = result.durable_steps
     return message
 
 
@@ -117,6 +130,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
             request.session_id or None,
             initial_state(list(request.initial_state)),
             api=API,
+            caller=caller_of(context),
         )
         return session_info(view)
 
@@ -134,6 +148,8 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
             api=API,
             end=request.end,
             received_s=received,
+            deadline_s=deadline_of(context, received),
+            caller=caller_of(context),
         )
         return step_response(result)
 
@@ -142,7 +158,9 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionEnded:
         return session_ended(
-            self.engine.close_session(request.model, request.version, request.session_id)
+            self.engine.close_session(
+                request.model, request.version, request.session_id, caller_of(context)
+            )
         )
 
     @translate_errors(API)
@@ -150,7 +168,11 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         view = self.engine.session_view(
-            request.model, request.version, request.session_id, request.include_state
+            request.model,
+            request.version,
+            request.session_id,
+            request.include_state,
+            caller_of(context),
         )
         return session_info(view)
 
@@ -175,7 +197,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
         # The loop lives here rather than in a SessionStream method because grpc.aio takes the
         # generator style only from the handler itself, and a second generator layer costs CPU on
         # every message. SessionStream's docstring explains the end-notice cancellation.
-        stream = SessionStream(self.engine, self.metrics, context)
+        stream = SessionStream(self.engine, self.metrics, context, caller_of(context))
         stream.task = asyncio.current_task()
         incoming = aiter(request_iterator)
         try:
@@ -221,11 +243,16 @@ class SessionStream:
     """
 
     def __init__(
-        self, engine: InferenceEngine, metrics: Metrics, context: grpc.aio.ServicerContext
+        self,
+        engine: InferenceEngine,
+        metrics: Metrics,
+        context: grpc.aio.ServicerContext,
+        caller: Caller,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.context = context
+        self.caller = caller
         self.model = ""
         self.version = ""
         self.session_id = ""
@@ -245,7 +272,7 @@ class SessionStream:
 
     def _attach(self, view: SessionView) -> None:
         self.model, self.version, self.session_id = view.model, view.version, view.session_id
-        _, session = self.engine.session(view.model, view.version, view.session_id)
+        _, session = self.engine.session(view.model, view.version, view.session_id, self.caller)
         session.end_listeners.append(self._on_end)
         self._session = session
 
@@ -274,10 +301,13 @@ class SessionStream:
                     o.session_id or None,
                     initial_state(list(o.initial_state)),
                     api=API,
+                    caller=self.caller,
                 )
             else:
                 a = request.attach
-                view = self.engine.session_view(a.model, a.version, a.session_id, a.include_state)
+                view = self.engine.session_view(
+                    a.model, a.version, a.session_id, a.include_state, self.caller
+                )
             self._attach(view)
             return pb.StreamResponse(opened=session_info(view))
         if not self.session_id:
@@ -286,13 +316,20 @@ class SessionStream:
             received = time.perf_counter()
             x = to_array(request.chunk.input, "input")
             result = await self.engine.step(
-                self.model, self.version, self.session_id, x, api=API, received_s=received
+                self.model,
+                self.version,
+                self.session_id,
+                x,
+                api=API,
+                received_s=received,
+                deadline_s=deadline_of(self.context, received),
+                caller=self.caller,
             )
             response = pb.StreamResponse()
             fill_step_response(response.output, result)
             return response
         if kind == "close":
             self.detach()
-            end = self.engine.close_session(self.model, self.version, self.session_id)
+            end = self.engine.close_session(self.model, self.version, self.session_id, self.caller)
             return pb.StreamResponse(ended=session_ended(end))
         raise InvalidArgument("empty stream message: set open, attach, chunk or close")

@@ -28,6 +28,12 @@ GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
+def deadline_of(context: grpc.aio.ServicerContext, received_s: float) -> float | None:
+    """The RPC's deadline as a ``time.perf_counter()`` instant (None: the caller set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else received_s + remaining
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-safe message for any exception raised by the core."""
     if isinstance(error, ServiceError):

@@ -78,7 +78,8 @@ def _start(command: list[str], ready_marker: str) -> tuple[subprocess.Popen[str]
 def start_server(repository: Path, **settings: object) -> ServerProcess:
     """``rnnserve serve`` on free loopback ports with the given settings."""
     command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-               "--metrics-port", "0", "--model-repository", str(repository), "--session-ttl-s", "0"]  # fmt: skip
+               "--metrics-port", "0", "--model-repository", str(repository), "--session-ttl-s", "0",
+               "--snapshot-backend", "none"]  # fmt: skip
     for name, value in settings.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     process, ports = _start(command, "serving")

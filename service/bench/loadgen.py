@@ -229,3 +229,11 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
         errors=window.errors,
         error_samples=window.error_samples,
     )
+
+
+def drive(cfg: LoadConfig) -> LoadResult:
+    """Run :func:`run_load` on its own event loop: uvloop when installed, as the server uses, so
+    the load generator takes as little of the shared CPU as it can (same for every variant)."""
+    from service.event_loop import run_to_result
+
+    return run_to_result(run_load(cfg), "auto")

@@ -3,7 +3,6 @@ memory, and the issue's targets checked against what was measured."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import Any
 
 from service.bench.capacity import measure_idle_sessions, measure_startup
 from service.bench.harness import start_server
-from service.bench.loadgen import LoadConfig, run_load
+from service.bench.loadgen import LoadConfig, drive
 from service.bench.sweep import SweepPlan
 from service.repository import discover, read_spec
 
@@ -71,7 +70,7 @@ def half_load_latency(
                              api=plan.api, sessions=plan.spot_sessions, chunk_steps=1,
                              duration_s=plan.duration_s, warmup_s=plan.warmup_s,
                              rate_per_s=best / 2)  # fmt: skip
-            result = asyncio.run(run_load(cfg))
+            result = drive(cfg)
             row = {"model": model, "rate_per_s": best / 2, "max_steps_per_s": best}
             row.update(result.summary())
             logger.info("half load %s", row)

@@ -3,7 +3,6 @@ over a sweep of concurrent sessions, written as a table (markdown + JSON) and a 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from service.bench.harness import (
     start_noop_server,
     start_server,
 )
-from service.bench.loadgen import Api, LoadConfig, run_load
+from service.bench.loadgen import Api, LoadConfig, drive
 from service.repository import read_spec
 
 logger = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ class SweepPlan:
 def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
     before = scrape(server.metrics_port) if server.metrics_port else {}
     cpu_before = server.cpu_seconds()
-    result = asyncio.run(run_load(cfg))
+    result = drive(cfg)
     cpu = server.cpu_seconds() - cpu_before
     row: dict[str, Any] = {**result.summary(), "server_cpu_s": cpu}
     row["server_cpu_per_request_us"] = 1e6 * cpu / max(result.requests, 1)

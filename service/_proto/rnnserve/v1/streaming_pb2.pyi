@@ -55,16 +55,18 @@ class StepRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., end: _Optional[bool] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "output", "steps", "ended")
+    __slots__ = ("session_id", "output", "steps", "ended", "durable_steps")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_STEPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output: Tensor
     steps: int
     ended: bool
-    def __init__(self, session_id: _Optional[str] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., ended: _Optional[bool] = ...) -> None: ...
+    durable_steps: int
+    def __init__(self, session_id: _Optional[str] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., ended: _Optional[bool] = ..., durable_steps: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("model", "version", "session_id")
@@ -89,20 +91,24 @@ class GetSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., include_state: _Optional[bool] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "version", "steps", "idle_seconds", "state")
+    __slots__ = ("session_id", "model", "version", "steps", "idle_seconds", "state", "durable_steps", "last_output")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     version: str
     steps: int
     idle_seconds: float
     state: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., steps: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    durable_steps: int
+    last_output: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., steps: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., durable_steps: _Optional[int] = ..., last_output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionEnded(_message.Message):
     __slots__ = ("session_id", "reason", "steps")

@@ -1,0 +1,212 @@
+"""Durable sessions: snapshot every model's sessions, and restore them when the server starts.
+
+When: at shutdown always (after in-flight chunks drained), every ``snapshot_interval_s``, and once
+the server has gone ``snapshot_when_idle_s`` without a chunk after changes; each only if something
+changed since the last snapshot. Where: a :class:`~service.snapshots.SnapshotBackend`.
+
+Concurrency: a snapshot is *captured* on the event loop thread, between batches, which is the only
+thread that touches session stores, so every captured (state, step count) pair is consistent: a
+session with a chunk in flight is captured as it was before that chunk. Encoding and writing happen
+in a worker thread; an asyncio lock keeps two snapshots from being written at once. A session's
+``durable_steps`` moves forward only after its snapshot is safely written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.errors import ServiceError
+from service.metrics import Metrics
+from service.session_store import Session, SessionStore
+from service.settings import Settings
+from service.snapshots import (
+    CorruptSnapshot,
+    DirectorySnapshots,
+    ModelSnapshot,
+    RedisSnapshots,
+    SessionRecord,
+    SnapshotBackend,
+    decode,
+    encode,
+    snapshot_key,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DurableModel:
+    """What durability needs of one loaded model version (the engine's handle, reduced)."""
+
+    name: str
+    version: str
+    sha256: str
+    store: SessionStore
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    restored: int
+    rejected: dict[str, str]  # model key -> why its snapshot was not loaded
+
+
+class Durability:
+    def __init__(
+        self,
+        backend: SnapshotBackend,
+        models: Callable[[], list[DurableModel]],
+        metrics: Metrics,
+        *,
+        interval_s: float,
+        when_idle_s: float,
+    ) -> None:
+        self.backend = backend
+        self.models = models
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.when_idle_s = when_idle_s
+        self._lock = asyncio.Lock()
+        self._changes = 0  # chunks and session changes since the last snapshot was captured
+        self._last_change_s = time.monotonic()
+        self._last_snapshot_s = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def changed(self) -> None:
+        """Something a snapshot holds changed (a chunk applied, a session opened or ended)."""
+        self._changes += 1
+        self._last_change_s = time.monotonic()
+
+    # ----- restore --------------------------------------------------------------------------
+    def restore(self) -> RestoreReport:
+        """Load every model's snapshot into its (empty) store. A snapshot that is corrupt, or was
+        taken with a different model file, is moved aside and reported, never loaded."""
+        restored, rejected = 0, {}
+        for model in self.models():
+            key = snapshot_key(model.name, model.version)
+            blob = self.backend.read(key)
+            if blob is None:
+                continue
+            try:
+                snapshot = decode(blob)
+                if snapshot.model_sha256 != model.sha256:
+                    raise ValueError(
+                        f"it was taken with model sha256 {snapshot.model_sha256[:12]}, the loaded "
+                        f"model is {model.sha256[:12]}"
+                    )
+            except (CorruptSnapshot, ValueError) as error:
+                reason = "corrupt" if isinstance(error, CorruptSnapshot) else "model_mismatch"
+                moved = self.backend.quarantine(key)
+                rejected[key] = f"{reason}: {error}"
+                self.metrics.snapshots_rejected.labels(model.name, model.version, reason).inc()
+                logger.error(
+                    "snapshot of %s not restored (%s: %s); moved to %s; its sessions are lost",
+                    key, reason, error, moved,
+                )  # fmt: skip
+                continue
+            count = 0
+            for i, record in enumerate(snapshot.sessions):
+                state = [s[:, i, :] for s in snapshot.states]
+                try:
+                    model.store.restore(
+                        record.session_id, state, record.steps, record.owner, record.last_output
+                    )
+                except ServiceError as error:  # e.g. more sessions than max_sessions allows now
+                    dropped = len(snapshot.sessions) - count
+                    rejected[key] = f"{dropped} session(s) not restored: {error.message}"
+                    logger.error("snapshot of %s: %s", key, rejected[key])
+                    break
+                count += 1
+            restored += count
+            self.metrics.sessions_restored.labels(model.name, model.version).inc(count)
+            logger.info("restored %d session(s) of %s from %s", count, key, self.backend.describe())
+        return RestoreReport(restored, rejected)
+
+    # ----- snapshot -------------------------------------------------------------------------
+    def _capture(self, model: DurableModel) -> tuple[ModelSnapshot, list[Session]]:
+        sessions = list(model.store.sessions.values())
+        slots = [s.slot for s in sessions]
+        states = [array[:, slots, :] for array in model.store.states]  # fancy index: a copy
+        records = [SessionRecord(s.session_id, s.steps, s.owner, s.last_output) for s in sessions]
+        snapshot = ModelSnapshot(
+            model.name, model.version, model.sha256, time.time(), records, states
+        )
+        return snapshot, sessions
+
+    async def snapshot(self, force: bool = False) -> int:
+        """Capture and write every model's sessions; returns how many were written.
+
+        Skipped (returns 0) when nothing changed since the last snapshot, unless ``force``.
+        """
+        async with self._lock:
+            if not force and not self._changes:
+                return 0
+            self._changes = 0
+            started = time.perf_counter()
+            captured = [self._capture(m) for m in self.models()]
+            try:
+                await asyncio.to_thread(self._write_all, [c[0] for c in captured])
+            except Exception:
+                self._changes += 1  # try again next time
+                self.metrics.snapshots.labels("failed").inc()
+                logger.exception("snapshot to %s failed", self.backend.describe())
+                raise
+            for snapshot, sessions in captured:
+                for record, session in zip(snapshot.sessions, sessions, strict=True):
+                    session.durable_steps = max(session.durable_steps, record.steps)
+            self._last_snapshot_s = time.monotonic()
+            self.metrics.snapshots.labels("ok").inc()
+            self.metrics.snapshot_duration.observe(time.perf_counter() - started)
+            count = sum(len(s.sessions) for s, _ in captured)
+            logger.debug("snapshot of %d session(s) written", count)
+            return count
+
+    def _write_all(self, snapshots: list[ModelSnapshot]) -> None:
+        for snapshot in snapshots:
+            self.backend.write(snapshot.key, encode(snapshot))
+
+    # ----- schedule -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.interval_s > 0 or self.when_idle_s > 0:
+            self._task = asyncio.create_task(self._run_forever(), name="snapshots")
+
+    async def _run_forever(self) -> None:
+        tick_s = min(t for t in (self.interval_s, self.when_idle_s) if t > 0) / 4
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            due = self.interval_s > 0 and now - self._last_snapshot_s >= self.interval_s
+            idle = self.when_idle_s > 0 and now - self._last_change_s >= self.when_idle_s
+            if self._changes and (due or idle):
+                with contextlib.suppress(Exception):  # logged and counted in snapshot()
+                    await self.snapshot()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def make_durability(
+    settings: Settings, metrics: Metrics, models: Callable[[], list[DurableModel]]
+) -> Durability | None:
+    """The durability the settings ask for, or None (snapshot_backend none)."""
+    backend: SnapshotBackend
+    if settings.snapshot_backend == "none":
+        return None
+    if settings.snapshot_backend == "redis":
+        backend = RedisSnapshots(settings.snapshot_redis_url)
+    else:
+        backend = DirectorySnapshots(settings.snapshot_dir)
+    return Durability(
+        backend,
+        models,
+        metrics,
+        interval_s=settings.snapshot_interval_s,
+        when_idle_s=settings.snapshot_when_idle_s,
+    )

@@ -1,0 +1,155 @@
+"""Real server processes, real signals: SIGTERM under load and kill -9 under load. Clients stream
+with the client library, which reconnects and replays; every session's outputs must equal the
+uninterrupted offline run. No timing assumptions: the signal is sent once every session has made
+progress, wherever the sessions then are."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.client import Client
+from tests.models_for_tests import OfflineReference
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "tiny_lstm"
+SESSIONS = 6
+CHUNKS = 60
+
+
+def free_port() -> int:
+    """A port for both lives of the server: clients reconnect to the same address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, repository: Path, state: Path, port: int, *extra: str) -> None:
+        self.command = [sys.executable, "-m", "service.cli", "serve", "--grpc-port", str(port),
+                        "--metrics-port", "0", "--model-repository", str(repository),
+                        "--snapshot-dir", str(state), "--session-ttl-s", "0",
+                        "--log-format", "json", *extra]  # fmt: skip
+        self.process: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        assert self.process.stderr is not None
+        for line in self.process.stderr:  # until it serves (health SERVING) or exits
+            self.lines.append(line)
+            if "serving" in json.loads(line)["message"]:
+                break
+        else:
+            pytest.fail(f"server exited with {self.process.wait()}: {''.join(self.lines)[-2000:]}")
+        threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
+
+    def _drain(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self.lines.append(line)
+
+    def signal(self, signum: int) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def server_factory(tiny_repository: Path, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def run_sessions_through_a_fault(
+    servers: list[ServerProcess], port: int, tiny_repository: Path, fault: int
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """SESSIONS client threads stream CHUNKS chunks each; once every thread is a third of the way,
+    the server gets ``fault`` and a new server starts on the same port and state directory."""
+    rng = np.random.default_rng(2)
+    inputs = []
+    for _ in range(SESSIONS):
+        lengths = rng.integers(1, 4, CHUNKS)
+        inputs.append([rng.standard_normal((n, 3)).astype(np.float32) for n in lengths])
+    progressed = threading.Barrier(SESSIONS + 1)
+    results: list[tuple[np.ndarray, np.ndarray, int] | BaseException] = [None] * SESSIONS  # type: ignore[list-item]
+
+    def stream(i: int) -> None:
+        try:
+            with Client(f"127.0.0.1:{port}") as client:
+                session = client.open_session(MODEL, reconnect_timeout_s=60)
+                outputs = []
+                for k, x in enumerate(inputs[i]):
+                    outputs.append(session.step(x))
+                    if k == CHUNKS // 3:
+                        progressed.wait(timeout=60)
+                session.close()
+                results[i] = (
+                    np.concatenate(inputs[i]),
+                    np.concatenate(outputs),
+                    session.reconnects,
+                )
+        except BaseException as error:  # reported by the main thread
+            results[i] = error
+            progressed.abort()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(SESSIONS)]
+    for t in threads:
+        t.start()
+    progressed.wait(timeout=60)
+    servers[0].signal(fault)
+    servers[1].start()
+    for t in threads:
+        t.join(timeout=120)
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return results  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("fault", "extra"),
+    [
+        (signal.SIGTERM, ()),  # graceful: drain, snapshot, stop
+        # kill -9: only periodic snapshots exist; clients replay what came after the last one
+        (signal.SIGKILL, ("--snapshot-interval-s", "0.05", "--snapshot-when-idle-s", "0")),
+    ],
+    ids=["sigterm", "kill-9"],
+)
+def test_sessions_continue_exactly_after_the_server_dies_under_load(
+    fault: int, extra: tuple[str, ...], port: int, tiny_repository: Path, tmp_path: Path,
+    server_factory: list[ServerProcess],
+) -> None:  # fmt: skip
+    state = tmp_path / "state"
+    server_factory += [ServerProcess(tiny_repository, state, port, *extra) for _ in range(2)]
+    server_factory[0].start()
+    results = run_sessions_through_a_fault(server_factory, port, tiny_repository, fault)
+    reference = OfflineReference(tiny_repository, MODEL)
+    for x, y, reconnects in results:
+        assert reconnects == 1
+        np.testing.assert_allclose(y, reference(x), atol=1e-5)
+    restored = [json.loads(line) for line in server_factory[1].lines]
+    assert any("restored" in r["message"] and MODEL in r["message"] for r in restored)
