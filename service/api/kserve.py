@@ -215,6 +215,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         control = sequence_control(request)
         x = input_chunk(request, handle)
         spec = handle.spec
+        self.engine.check_chunk(spec, x)  # before START opens anything: a bad chunk changes nothing
         if control.start:
             self.engine.open_session(
                 spec.name, spec.version, control.sequence_id, api=API, restart=True, caller=caller

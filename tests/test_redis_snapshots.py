@@ -1,0 +1,85 @@
+"""The Redis snapshot backend against a real redis-server this test starts on loopback (and stops)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from tests.grpc_helpers import channel, expect_code, native, output_of, serving, step_request
+
+MODEL = "tiny_gru"
+
+
+@pytest.fixture
+def redis_url(tmp_path: Any) -> Iterator[str]:
+    server = shutil.which("redis-server")
+    assert server, "redis-server is needed (Debian package redis-server; .ci/run installs it)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:  # until it says it is ready
+        if "Ready to accept connections" in line:
+            break
+    else:
+        pytest.fail(f"redis-server exited with {process.wait()}")
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def test_sessions_survive_a_restart_through_redis(make_settings: Any, redis_url: str) -> None:
+    settings = make_settings(snapshot_backend="redis", snapshot_redis_url=redis_url)
+    x = np.random.default_rng(3).standard_normal((6, 3)).astype(np.float32)
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        stub = native(ch)
+        await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="r"))
+        first = output_of(await stub.Step(step_request(MODEL, "r", x[:4])))
+        saved = await stub.GetSession(
+            pb.GetSessionRequest(model=MODEL, session_id="r", include_state=True)
+        )
+    assert redis.Redis.from_url(redis_url).exists(f"rnnserve:snapshot:{MODEL}/1")
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        stub = native(ch)
+        restored = await stub.GetSession(
+            pb.GetSessionRequest(model=MODEL, session_id="r", include_state=True)
+        )
+        assert restored.steps == 4 and restored.state[0].data == saved.state[0].data
+        second = output_of(await stub.Step(step_request(MODEL, "r", x[4:])))
+    # The same session streamed without a restart gives the same outputs.
+    async with serving(make_settings()) as srv, channel(srv.grpc_port) as ch:
+        stub = native(ch)
+        await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="r"))
+        uninterrupted = output_of(await stub.Step(step_request(MODEL, "r", x)))
+    np.testing.assert_array_equal(np.concatenate([first, second]), uninterrupted)
+
+
+async def test_a_corrupt_redis_snapshot_is_set_aside(make_settings: Any, redis_url: str) -> None:
+    settings = make_settings(snapshot_backend="redis", snapshot_redis_url=redis_url)
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        await native(ch).CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="r"))
+    client = redis.Redis.from_url(redis_url)
+    key = f"rnnserve:snapshot:{MODEL}/1"
+    blob = client.get(key)
+    assert isinstance(blob, bytes)
+    client.set(key, blob[:-2])
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        await expect_code(grpc.StatusCode.NOT_FOUND, native(ch).GetSession(
+            pb.GetSessionRequest(model=MODEL, session_id="r")))  # fmt: skip
+    assert client.keys(f"{key}:corrupt-*")
