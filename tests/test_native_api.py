@@ -3,6 +3,7 @@ other sessions exact."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -257,3 +258,25 @@ async def test_eviction_when_full_tells_the_evicted_stream(make_settings: Any) -
             {"model": MODEL, "version": "1", "reason": "evicted"},
         )
         assert evicted == 1.0
+
+
+async def test_a_client_that_disconnects_mid_stream_leaves_its_session_to_the_idle_policy(
+    make_settings: Any,
+) -> None:
+    async with serving(make_settings(session_ttl_s=30.0, ttl_check_interval_s=3600.0)) as srv:
+        async with channel(srv.grpc_port) as ch:
+            stub = native(ch)
+            call = stub.Stream()
+            await call.write(
+                pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="gone"))
+            )
+            await call.read()
+            x = np.ones((3, 3), np.float32)
+            await call.write(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(x))))
+            assert (await call.read()).output.steps == 3
+            call.cancel()  # the client goes away without closing
+            info = await stub.GetSession(pb.GetSessionRequest(model=MODEL, session_id="gone"))
+            assert info.steps == 3  # released by the stream, kept for a reconnect
+        store = srv.engine.model(MODEL).store
+        store.clock = lambda: time.monotonic() + 60.0  # later than the TTL
+        assert srv.engine.expire_idle_sessions() == 1 and len(store) == 0

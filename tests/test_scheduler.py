@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import InternalError, ResourceExhausted
+from service.errors import DeadlineExceeded, InternalError, ResourceExhausted
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.scheduler import BatchScheduler
@@ -228,4 +228,24 @@ async def test_a_failing_single_call_batch_fails_its_chunks_and_keeps_their_stat
     assert (b.steps, c.steps) == (0, 0) and not b.busy and not c.busy
     assert (store.read_state(b)[0] == 0).all() and (store.read_state(c)[0] == 0).all()
     assert float((await scheduler.submit(c, chunk(4)))[0, 0]) == 4.0
+    await scheduler.close()
+
+
+async def test_a_chunk_whose_deadline_passed_in_the_queue_is_not_computed() -> None:
+    model = GatedFakeModel(gated=True)
+    scheduler, store, metrics = make(model)
+    a, b = store.create("a"), store.create("b")
+    first = scheduler.submit(a, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    late = scheduler.submit(b, chunk(5), deadline_s=0.0)  # already past when its batch forms
+    model.release.set()
+    await first
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert b.steps == 0 and not b.busy and (store.read_state(b)[0] == 0).all()
+    assert model.calls == [(1, 1)]  # b never reached the model
+    dropped = metrics.registry.get_sample_value(
+        "rnnserve_deadline_dropped_total", {"model": "fake", "version": "1"}
+    )
+    assert dropped == 1.0
     await scheduler.close()
