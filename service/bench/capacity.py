@@ -36,7 +36,7 @@ def measure_startup(repository: Path, runs: int = 3) -> dict[str, Any]:
     }
 
 
-def _rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -62,11 +62,11 @@ def measure_idle_sessions(repository: Path, model: str, count: int) -> dict[str,
     spec = read_spec(sorted(p for p in (repository / model).iterdir() if p.is_dir())[-1])
     server: ServerProcess = start_server(repository, max_sessions=count)
     try:
-        before = _rss_bytes(server.process.pid)
+        before = rss_bytes(server.process.pid)
         started = time.perf_counter()
         asyncio.run(_open_sessions(server.target, model, count))
         opened_s = time.perf_counter() - started
-        after = _rss_bytes(server.process.pid)
+        after = rss_bytes(server.process.pid)
     finally:
         server.stop()
     raw = count * len(spec.state_inputs) * spec.num_layers * spec.hidden_size * 4
