@@ -39,3 +39,11 @@ def test_settings_table_is_generated_from_the_settings() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_every_catalogued_error_case_is_documented() -> None:
+    from tests.test_error_catalogue import CASES
+
+    errors_doc = (ROOT / "docs" / "ERRORS.md").read_text()
+    for case in CASES:
+        assert f"`{case.name}`" in errors_doc, case.name
