@@ -139,7 +139,17 @@ def command_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or f"127.0.0.1:{Settings().grpc_port}"
-    with grpc.insecure_channel(target) as channel:
+    if args.tls_ca_file is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=args.tls_ca_file.read_bytes(),
+            private_key=args.tls_key_file.read_bytes() if args.tls_key_file else None,
+            certificate_chain=args.tls_cert_file.read_bytes() if args.tls_cert_file else None,
+        )
+        options = [("grpc.ssl_target_name_override", args.tls_server_name)]
+        channel = grpc.secure_channel(target, credentials, options=options)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
@@ -297,6 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--service", default="", help="service name to check ('' = the server)")
     health.add_argument("--timeout-s", type=float, default=2.0, help="how long to wait, in seconds")
+    health.add_argument(
+        "--tls-ca-file", type=Path, default=None, help="PEM CA of the server certificate (TLS)"
+    )
+    health.add_argument(
+        "--tls-server-name",
+        default="localhost",
+        help="name the server certificate must carry (TLS; default localhost)",
+    )
+    health.add_argument(
+        "--tls-cert-file", type=Path, default=None, help="PEM client certificate (mutual TLS)"
+    )
+    health.add_argument(
+        "--tls-key-file", type=Path, default=None, help="PEM client key (mutual TLS)"
+    )
     health.set_defaults(handler=command_health)
 
     stream = commands.add_parser(

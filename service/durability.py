@@ -200,7 +200,7 @@ def make_durability(
     if settings.snapshot_backend == "none":
         return None
     if settings.snapshot_backend == "redis":
-        backend = RedisSnapshots(settings.snapshot_redis_url)
+        backend = RedisSnapshots(settings.snapshot_redis_url, settings.snapshot_redis_prefix)
     else:
         backend = DirectorySnapshots(settings.snapshot_dir)
     return Durability(

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     snapshot_redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis URL of the snapshots (backend redis)"
     )
+    snapshot_redis_prefix: str = Field(
+        "rnnserve:snapshot:",
+        description="Redis key prefix of the snapshots; give each replica its own",
+    )
     snapshot_interval_s: float = Field(
         10.0, ge=0.0, description="snapshot every this many seconds if anything changed (0: off)"
     )

@@ -49,6 +49,7 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
     for row in record["half_load"]:
         assert row["errors"] == 0 and row["steps_per_s"] > 0
         assert row["rate_per_s"] == row["max_steps_per_s"] / 2
+        assert row["noop_p99_ms"] > 0  # the transport alone at the same rate
     idle = record["capacity"]["idle_sessions"]
     assert idle["sessions"] == 50 and idle["rss_after_mb"] > 0
     assert record["capacity"]["startup"]["models"] == 2

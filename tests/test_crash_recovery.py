@@ -95,6 +95,7 @@ def run_sessions_through_a_fault(
         lengths = rng.integers(1, 4, CHUNKS)
         inputs.append([rng.standard_normal((n, 3)).astype(np.float32) for n in lengths])
     progressed = threading.Barrier(SESSIONS + 1)
+    replayed = [0] * SESSIONS
     results: list[tuple[np.ndarray, np.ndarray, int] | BaseException] = [None] * SESSIONS  # type: ignore[list-item]
 
     def stream(i: int) -> None:
@@ -112,6 +113,7 @@ def run_sessions_through_a_fault(
                     np.concatenate(outputs),
                     session.reconnects,
                 )
+                replayed[i] = session.replayed_steps
         except BaseException as error:  # reported by the main thread
             results[i] = error
             progressed.abort()
@@ -127,6 +129,12 @@ def run_sessions_through_a_fault(
     for outcome in results:
         if isinstance(outcome, BaseException):
             raise outcome
+    steps = sum(len(r[0]) for r in results)  # type: ignore[index]
+    print(
+        f"\n{signal.Signals(fault).name}: {SESSIONS} sessions, {steps} steps, replayed {replayed}"
+    )
+    if fault == signal.SIGTERM:  # graceful: the shutdown snapshot holds every accepted chunk
+        assert replayed == [0] * SESSIONS
     return results  # type: ignore[return-value]
 
 

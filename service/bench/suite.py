@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from service.bench.capacity import measure_idle_sessions, measure_startup
-from service.bench.harness import start_server
+from service.bench.harness import ServerProcess, start_noop_server, start_server
 from service.bench.loadgen import LoadConfig, drive
 from service.bench.sweep import SweepPlan
 from service.repository import discover, read_spec
@@ -56,6 +56,7 @@ def half_load_latency(
     each model (chunk 1, batched), over ``plan.spot_sessions`` sessions."""
     out = []
     server = start_server(plan.repository)
+    noops: dict[int, ServerProcess] = {}
     try:
         for model in models:
             best = max(
@@ -73,10 +74,20 @@ def half_load_latency(
             result = drive(cfg)
             row = {"model": model, "rate_per_s": best / 2, "max_steps_per_s": best}
             row.update(result.summary())
+            if spec.output_size not in noops:
+                noops[spec.output_size] = start_noop_server(spec.output_size)
+            # The transport alone at the same rate: the latency floor of this machine.
+            noop = drive(replace(cfg, target=noops[spec.output_size].target))
+            row["noop_p50_ms"], row["noop_p99_ms"] = (
+                noop.summary()["p50_ms"],
+                noop.summary()["p99_ms"],
+            )
             logger.info("half load %s", row)
             out.append(row)
     finally:
         server.stop()
+        for noop_server in noops.values():
+            noop_server.stop()
     return out
 
 
@@ -148,11 +159,12 @@ def targets_markdown(targets: list[dict[str, Any]], half_load: list[dict[str, An
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {measured} | {t['goal']} | {met} |")
     lines += ["", "Open-loop latency at half the highest measured throughput (chunk 1):", "",
-              "| model | rate steps/s | achieved steps/s | p50 ms | p99 ms | p99.9 ms | errors |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| model | rate steps/s | achieved steps/s | p50 ms | p99 ms | p99.9 ms | errors | no-op p50 ms | no-op p99 ms |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in half_load:
         lines.append(
             f"| {r['model']} | {r['rate_per_s']:,.0f} | {r['steps_per_s']:,.0f} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']:.0f} |"
+            f"| {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']:.0f} "
+            f"| {r['noop_p50_ms']:.2f} | {r['noop_p99_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"
