@@ -270,18 +270,12 @@ class BatchScheduler:
             else:
                 x = np.stack([inputs[i][done_steps:end] for i in active])
             segment_states = states if everyone else [s[:, active, :] for s in states]
-            started = time.perf_counter()
             try:
-                y, new_states = self.runtime.run(x, segment_states)
-            except Exception as exc:
-                logger.exception("model %s failed on a batch of %d", self.spec.label, len(active))
-                error = InternalError(f"model {self.spec.label} failed: {type(exc).__name__}")
+                y, new_states, elapsed = self._call_model(x, segment_states)
+            except InternalError as failure:
+                error = failure
                 break
-            finally:
-                elapsed = time.perf_counter() - started
-                compute_s += elapsed
-                self._compute_time.observe(elapsed)
-                self._batch_size.observe(len(active))
+            compute_s += elapsed
             if everyone:
                 states = list(new_states)
             else:
@@ -301,18 +295,27 @@ class BatchScheduler:
     def _compute_uniform(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
         """The common case of :meth:`_compute`: chunks of one length, so one model call."""
         x = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
+        try:
+            y, new_states, elapsed = self._call_model(x, states)
+        except InternalError as error:
+            return BatchOutcome([], states, np.zeros(len(inputs), bool), error, 0.0)
+        return BatchOutcome(list(y), new_states, self._all_finished[: len(inputs)], None, elapsed)
+
+    def _call_model(
+        self, x: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray], float]:
+        """One onnxruntime call, timed and counted; a failure is logged and becomes InternalError."""
         started = time.perf_counter()
         try:
             y, new_states = self.runtime.run(x, states)
         except Exception as exc:
-            logger.exception("model %s failed on a batch of %d", self.spec.label, len(inputs))
-            error = InternalError(f"model {self.spec.label} failed: {type(exc).__name__}")
-            return BatchOutcome([], states, np.zeros(len(inputs), bool), error, 0.0)
+            logger.exception("model %s failed on a batch of %d", self.spec.label, x.shape[0])
+            raise InternalError(f"model {self.spec.label} failed: {type(exc).__name__}") from exc
         finally:
             elapsed = time.perf_counter() - started
             self._compute_time.observe(elapsed)
-            self._batch_size.observe(len(inputs))
-        return BatchOutcome(list(y), new_states, self._all_finished[: len(inputs)], None, elapsed)
+            self._batch_size.observe(x.shape[0])
+        return y, new_states, elapsed
 
     def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:
         for chunk in chunks:

@@ -168,13 +168,19 @@ def run_soak(
             finally:
                 sampler.cancel()
 
+        logger.info("warm-up load for %.0f s", warmup_s)
         run_to_result(load(warmup_s), "auto")
         _quiet(server, ttl_s * 3 + 10, samples, t0)
         baseline = _sample(server, t0)
         samples.append(baseline)
+        logger.info("baseline %s; main load for %.0f s", baseline, duration_s - warmup_s)
         run_to_result(load(duration_s - warmup_s), "auto")
+        logger.info(
+            "load done: %d sessions started, %d chunks", sum(tally.started.values()), tally.chunks
+        )
         drained_s = _quiet(server, ttl_s * 3 + 10, samples, t0)
         end = _sample(server, t0)
+        logger.info("end %s", end)
         samples.append(end)
     finally:
         server.stop()
