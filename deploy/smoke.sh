@@ -79,7 +79,7 @@ log "metric moved: rnnserve_steps_total{model=\"$MODEL\"} = $STEPS"
 
 "$DOCKER" stop -t 30 "$NAME" >/dev/null
 exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
-if ! "$DOCKER" logs "$NAME" 2>&1 | grep -q 'shutdown: ended'; then
+if ! "$DOCKER" logs "$NAME" 2>&1 | grep -q 'shutdown: saved [0-9]* and ended'; then
     log "FAILED: no graceful shutdown in the logs"; exit 1
 fi
 [ "$exit_code" = 0 ] || { log "FAILED: exit code $exit_code after SIGTERM"; exit 1; }
