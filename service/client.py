@@ -61,7 +61,6 @@ class StreamingSession:
         self.resume = resume
         self.reconnect_timeout_s = reconnect_timeout_s
         self._kept: list[np.ndarray] = []  # inputs not yet in a snapshot, oldest first
-        self._kept_from = 0  # step index of the first kept input
         self.reconnects = 0  # times the session was resumed after its stream broke
         self.replayed_steps = 0  # inputs sent again because the restored session lacked them
         self._closed = False
@@ -70,7 +69,7 @@ class StreamingSession:
         self.model: str = opened.model
         self.version: str = opened.version
         self.steps: int = opened.steps
-        self._kept_from = opened.steps
+        self._kept_from: int = opened.steps  # step index of the first kept input
 
     def _open_stream(self, request: pb.StreamRequest) -> pb.SessionInfo:
         self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()

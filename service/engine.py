@@ -175,8 +175,8 @@ class InferenceEngine:
         def on_end(session: Session, reason: EndReason) -> None:
             ended.labels(spec.name, spec.version, reason.value).inc()
             active.dec()
-            if self.durability is not None and reason != EndReason.SHUTDOWN:
-                self.durability.changed()
+            if reason != EndReason.SHUTDOWN:
+                self._changed()
             logger.debug(
                 "session ended model=%s reason=%s steps=%d", spec.label, reason.value, session.steps
             )

@@ -125,20 +125,16 @@ class BatchScheduler:
         future: asyncio.Future[np.ndarray] = self._loop.create_future()
         session.busy = True
         self._queue.append(PendingChunk(session, x, future, time.perf_counter(), deadline_s))
-        if self._batch_complete():
-            if self._inline and not self._executing:
-                batch = self._take_batch()
-                if batch:
-                    self._execute_now(batch)
-                if not self._queue:
-                    return future
-            self._idle.clear()
+        complete = self._batch_complete()
+        if complete and self._inline and not self._executing:
+            batch = self._take_batch()
+            if batch:
+                self._execute_now(batch)
+            if not self._queue:
+                return future
+        self._idle.clear()
+        if complete or len(self._queue) == 1:
             self._wakeup.set()
-        elif len(self._queue) == 1:
-            self._idle.clear()
-            self._wakeup.set()
-        else:
-            self._idle.clear()
         return future
 
     def _batch_complete(self) -> bool:

@@ -216,11 +216,9 @@ class SessionStore:
         try:
             return self.sessions[scoped_key(session_id, owner)]
         except KeyError:
-            raise self.not_found(session_id) from None
-
-    @staticmethod
-    def not_found(session_id: str) -> NotFound:
-        return NotFound(f"session {session_id!r} not found (never opened, closed or expired)")
+            raise NotFound(
+                f"session {session_id!r} not found (never opened, closed or expired)"
+            ) from None
 
     def end(self, session: Session, reason: EndReason) -> None:
         """End ``session``; if a chunk is in flight the slot is freed when it comes back."""

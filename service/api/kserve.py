@@ -25,7 +25,7 @@ from service._proto.inference import model_config_pb2 as mc
 from service.api.auth import caller_of
 from service.api.status import count_failure, deadline_of, translate_errors
 from service.api.tensors import decode_float32, encode_float32, from_floats
-from service.engine import ANONYMOUS, Caller, InferenceEngine, ModelHandle
+from service.engine import Caller, InferenceEngine, ModelHandle
 from service.errors import InvalidArgument, NotFound, ServiceError
 from service.metrics import Metrics
 from service.session_store import check_session_id
@@ -206,17 +206,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(
         self,
         request: pb.ModelInferRequest,
-        caller: Caller = ANONYMOUS,
-        deadline_s: float | None = None,
-        received_s: float | None = None,
+        caller: Caller,
+        deadline_s: float | None,
+        received_s: float,
     ) -> pb.ModelInferResponse:
-        received = received_s if received_s is not None else time.perf_counter()
         handle = self.engine.model(request.model_name, request.model_version)
         control = sequence_control(request)
         x = input_chunk(request, handle)
         spec = handle.spec
-        self.engine.check_chunk(spec, x)  # before START opens anything: a bad chunk changes nothing
         if control.start:
+            self.engine.check_chunk(spec, x)  # before START opens anything (step checks it too)
             self.engine.open_session(
                 spec.name, spec.version, control.sequence_id, api=API, restart=True, caller=caller
             )
@@ -235,7 +234,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             x,
             api=API,
             end=control.end,
-            received_s=received,
+            received_s=received_s,
             deadline_s=deadline_s,
             caller=caller,
         )
