@@ -69,7 +69,11 @@ def command_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
-    run_event_loop(RnnServer(settings).serve_until_signal(), settings.event_loop)
+    run_event_loop(
+        RnnServer(settings).serve_until_signal(),
+        settings.event_loop,
+        settings.gil_switch_interval_s,
+    )
     return 0
 
 

@@ -9,7 +9,9 @@ run on the CPU.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,19 @@ def resolve_providers(
         raise ProviderUnavailable(message + " (or RNNSERVE_PROVIDER_FALLBACK=true to run on CPU)")
     logger.warning("%s; falling back to CPUExecutionProvider (provider_fallback is on)", message)
     return [CPU]
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """What one model call costs on this machine, measured when the model loads: a fixed part
+    and a part per batch row, both per time step (a recurrent model's work grows linearly with the
+    chunk's steps). Used to decide where a batch runs, never to report anything."""
+
+    fixed_s: float
+    per_row_s: float
+
+    def estimate_s(self, rows: int, steps: int) -> float:
+        return steps * (self.fixed_s + self.per_row_s * rows)
 
 
 class ModelRuntime:
@@ -95,3 +110,27 @@ class ModelRuntime:
             feeds[name] = state
         y, *new_states = self.session.run(self.output_names, feeds)
         return y, new_states
+
+    def measure_cost(
+        self, *, input_size: int, layers: int, hidden: int, max_rows: int, repeats: int = 5
+    ) -> CallCost:
+        """Time calls of one step at 1 and at ``max_rows`` rows on zeros (the fastest of
+        ``repeats`` each, so a busy machine inflates it little) and fit :class:`CallCost`.
+        The first calls also warm onnxruntime up (its memory arena) before any client waits."""
+
+        def fastest_s(rows: int) -> float:
+            x = np.zeros((rows, 1, input_size), np.float32)
+            states = [np.zeros((layers, rows, hidden), np.float32) for _ in self.input_names[1:]]
+            self.run(x, states)
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.run(x, states)
+                best = min(best, time.perf_counter() - started)
+            return best
+
+        one = fastest_s(1)
+        if max_rows <= 1:
+            return CallCost(fixed_s=one, per_row_s=0.0)
+        per_row = max(0.0, (fastest_s(max_rows) - one) / (max_rows - 1))
+        return CallCost(fixed_s=max(0.0, one - per_row), per_row_s=per_row)

@@ -13,12 +13,14 @@ Concurrency:
 - :meth:`_compute` runs in a single worker thread per model (onnxruntime releases the GIL), so the
   event loop keeps serving I/O while a batch computes, and one model never runs two batches at once.
   While a batch computes, the next one fills up: under load, batches form without any delay.
-- Except when the model is fast: while its recent batches took less than ``inline_compute_below_s``
-  (a moving average), :meth:`_compute` runs on the event loop itself. Handing a 50 µs call to a
-  thread and waking the loop again costs more CPU than the call, and on a small machine that CPU
-  is taken from the gRPC threads (measured in docs/PERFORMANCE.md). A model whose batches grow
-  slower moves back to the worker thread on its next batch. The batch loop awaits
-  :meth:`_execute` either way, so one model still never runs two batches at once.
+- Except when the batch is cheap: when the model's :class:`CallCost` (measured as it loaded)
+  puts the batch under ``inline_compute_below_s``, :meth:`_compute` runs on the event loop itself.
+  Handing a 50 µs call to a thread and waking the loop again costs more CPU than the call, and on
+  a small machine that CPU is taken from the gRPC threads (measured in docs/PERFORMANCE.md). The
+  choice is made per batch from its rows and steps, never from measured call times: those include
+  waiting for the GIL, which the worker thread does most, so a feedback from them could keep a
+  fast model in the thread for good. The batch loop awaits :meth:`_execute` either way, so one
+  model still never runs two batches at once.
 - Every chunk's future is resolved exactly once, with its output rows or with the error of its own
   model call; a chunk whose caller went away is still applied (its session's state and step count
   move on) so that a client that reconnects can resume from the step count.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -39,7 +42,7 @@ import numpy as np
 from service.errors import DeadlineExceeded, InternalError, ResourceExhausted, Unavailable
 from service.metrics import Metrics
 from service.repository import ModelSpec
-from service.runtime import ModelRuntime
+from service.runtime import CallCost, ModelRuntime
 from service.session_store import Session, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,6 @@ class BatchOutcome:
     states: list[np.ndarray]
     finished: np.ndarray
     error: Exception | None
-    compute_s: float  # time inside onnxruntime, all segments together
 
 
 class BatchScheduler:
@@ -80,6 +82,7 @@ class BatchScheduler:
         max_queue_delay_s: float,
         max_queue_chunks: int,
         inline_compute_below_s: float = 0.0,
+        call_cost: CallCost | None = None,
     ) -> None:
         self.spec = spec
         self.runtime = runtime
@@ -88,7 +91,7 @@ class BatchScheduler:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_chunks = max_queue_chunks
         self.inline_compute_below_s = inline_compute_below_s
-        self._recent_call_s = 0.0  # moving average of one batch's model time
+        self.call_cost = call_cost  # None: every batch goes to the worker thread
         self._executing = False  # the batch task is inside _execute (maybe awaiting the worker)
         self._all_finished = np.ones(max_batch_size, bool)
         self._all_finished.flags.writeable = False
@@ -126,7 +129,7 @@ class BatchScheduler:
         session.busy = True
         self._queue.append(PendingChunk(session, x, future, time.perf_counter(), deadline_s))
         complete = self._batch_complete()
-        if complete and self._inline and not self._executing:
+        if complete and not self._executing and self._next_batch_runs_inline():
             batch = self._take_batch()
             if batch:
                 self._execute_now(batch)
@@ -154,9 +157,13 @@ class BatchScheduler:
                 waited = time.perf_counter() - self._queue[0].enqueued_s
                 remaining = self.max_queue_delay_s - waited
                 if remaining > 0:
+                    # A timer that sets the event: asyncio.wait_for would create a task per batch.
                     self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    timer = self._loop.call_later(remaining, self._wakeup.set)
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        timer.cancel()
             batch = self._take_batch()
             self._queue_depth.set(len(self._queue))
             if batch:
@@ -176,9 +183,15 @@ class BatchScheduler:
             batch.append(chunk)
         return batch
 
-    @property
-    def _inline(self) -> bool:
-        return self._recent_call_s < self.inline_compute_below_s
+    def _runs_inline(self, rows: int, steps: int) -> bool:
+        """Whether a batch of ``rows`` chunks of at most ``steps`` steps runs on the event loop."""
+        cost = self.call_cost
+        return cost is not None and cost.estimate_s(rows, steps) < self.inline_compute_below_s
+
+    def _next_batch_runs_inline(self) -> bool:
+        chunks = itertools.islice(self._queue, self.max_batch_size)
+        rows, steps = min(len(self._queue), self.max_batch_size), max(c.x.shape[0] for c in chunks)
+        return self._runs_inline(rows, steps)
 
     def _gather(self, batch: list[PendingChunk]) -> tuple[np.ndarray, list[np.ndarray]]:
         started = time.perf_counter()
@@ -193,7 +206,7 @@ class BatchScheduler:
             slots, states = self._gather(batch)
             inputs = [c.x for c in batch]
             try:
-                if self._inline:
+                if self._runs_inline(len(batch), max(x.shape[0] for x in inputs)):
                     outcome = self._compute(inputs, states)
                 else:
                     outcome = await self._loop.run_in_executor(
@@ -209,7 +222,7 @@ class BatchScheduler:
             self._executing = False
 
     def _execute_now(self, batch: list[PendingChunk]) -> None:
-        """The fast path of :meth:`submit`: compute a complete batch of a fast model right here.
+        """The fast path of :meth:`submit`: compute a complete, cheap batch right here.
 
         It never awaits, so nothing else runs on the loop meanwhile and the one-batch-at-a-time
         rule holds; the futures are resolved before ``submit`` returns, which saves the callers
@@ -220,7 +233,6 @@ class BatchScheduler:
 
     def _apply(self, batch: list[PendingChunk], slots: np.ndarray, outcome: BatchOutcome) -> None:
         """Scatter the new states and resolve every chunk's future (on the loop thread)."""
-        self._recent_call_s += 0.2 * (outcome.compute_s - self._recent_call_s)
         finished = outcome.finished
         if outcome.error is None:
             self.store.scatter(slots, outcome.states)
@@ -257,7 +269,6 @@ class BatchScheduler:
         finished = np.zeros(len(inputs), dtype=bool)
         error: Exception | None = None
         done_steps = 0
-        compute_s = 0.0
         for end in np.unique(lengths):
             active = np.flatnonzero(lengths >= end)
             everyone = len(active) == len(inputs)
@@ -267,11 +278,10 @@ class BatchScheduler:
                 x = np.stack([inputs[i][done_steps:end] for i in active])
             segment_states = states if everyone else [s[:, active, :] for s in states]
             try:
-                y, new_states, elapsed = self._call_model(x, segment_states)
+                y, new_states = self._call_model(x, segment_states)
             except InternalError as failure:
                 error = failure
                 break
-            compute_s += elapsed
             if everyone:
                 states = list(new_states)
             else:
@@ -284,22 +294,20 @@ class BatchScheduler:
         outputs = [
             p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces
         ]
-        return BatchOutcome(
-            outputs=outputs, states=states, finished=finished, error=error, compute_s=compute_s
-        )
+        return BatchOutcome(outputs=outputs, states=states, finished=finished, error=error)
 
     def _compute_uniform(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
         """The common case of :meth:`_compute`: chunks of one length, so one model call."""
         x = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
         try:
-            y, new_states, elapsed = self._call_model(x, states)
+            y, new_states = self._call_model(x, states)
         except InternalError as error:
-            return BatchOutcome([], states, np.zeros(len(inputs), bool), error, 0.0)
-        return BatchOutcome(list(y), new_states, self._all_finished[: len(inputs)], None, elapsed)
+            return BatchOutcome([], states, np.zeros(len(inputs), bool), error)
+        return BatchOutcome(list(y), new_states, self._all_finished[: len(inputs)], None)
 
     def _call_model(
         self, x: np.ndarray, states: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray], float]:
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One onnxruntime call, timed and counted; a failure is logged and becomes InternalError."""
         started = time.perf_counter()
         try:
@@ -308,10 +316,9 @@ class BatchScheduler:
             logger.exception("model %s failed on a batch of %d", self.spec.label, x.shape[0])
             raise InternalError(f"model {self.spec.label} failed: {type(exc).__name__}") from exc
         finally:
-            elapsed = time.perf_counter() - started
-            self._compute_time.observe(elapsed)
+            self._compute_time.observe(time.perf_counter() - started)
             self._batch_size.observe(x.shape[0])
-        return y, new_states, elapsed
+        return y, new_states
 
     def _fail(self, chunks: list[PendingChunk], error: Exception) -> None:
         for chunk in chunks:

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="event loop implementation (auto: uvloop when installed)"
     )
+    gil_switch_interval_s: float = Field(
+        0.0005,
+        gt=0.0,
+        le=1.0,
+        description="longest a thread waits for the GIL behind the busy event loop, in seconds "
+        "(Python's default is 0.005; shorter cuts tail latency, see docs/PERFORMANCE.md)",
+    )
     max_batch_size: int = Field(
         128, ge=1, description="most session chunks in one model call (1 disables batching)"
     )

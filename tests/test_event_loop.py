@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 
 import pytest
 
@@ -44,3 +45,16 @@ def test_run_completes_the_coroutine_on_the_chosen_loop() -> None:
 
     event_loop.run(main(), "asyncio")
     assert seen and seen[0].startswith("asyncio")
+
+
+def test_run_sets_the_gil_switch_interval_it_is_given() -> None:
+    before = sys.getswitchinterval()
+
+    async def main() -> float:
+        return sys.getswitchinterval()
+
+    try:
+        assert event_loop.run_to_result(main(), "asyncio", 0.00025) == pytest.approx(0.00025)
+        assert event_loop.run_to_result(main(), "asyncio") == pytest.approx(0.00025)  # kept
+    finally:
+        sys.setswitchinterval(before)

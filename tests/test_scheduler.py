@@ -13,6 +13,7 @@ import pytest
 from service.errors import DeadlineExceeded, InternalError, ResourceExhausted
 from service.metrics import Metrics
 from service.repository import ModelSpec
+from service.runtime import CallCost
 from service.scheduler import BatchScheduler
 from service.session_store import SessionStore
 
@@ -51,7 +52,7 @@ def spec() -> ModelSpec:
     )  # fmt: skip
 
 
-def make(model: GatedFakeModel, **kw: int | float) -> tuple[BatchScheduler, SessionStore, Metrics]:
+def make(model: GatedFakeModel, **kw: object) -> tuple[BatchScheduler, SessionStore, Metrics]:
     store = SessionStore(state_count=1, layers=1, hidden=1, max_sessions=100)
     metrics = Metrics()
     options = {"max_batch_size": 8, "max_queue_delay_s": 0.0, "max_queue_chunks": 100, **kw}
@@ -197,19 +198,33 @@ async def test_a_lone_chunk_waits_for_the_others_up_to_the_delay() -> None:
     await scheduler.close()
 
 
-async def test_fast_models_compute_on_the_loop_and_slow_ones_in_the_worker_thread() -> None:
-    # The first call runs inline (no history yet); any real call takes longer than 1 ns, so the
-    # moving average then sends the next call to the worker thread. Outputs are the same either way.
+async def test_cheap_batches_compute_on_the_loop_and_costly_ones_in_the_worker_thread() -> None:
+    # The model's cost says one row of one step takes 0.9 ms, under the 1 ms bar: that batch runs
+    # on the loop. Two steps, or two rows, cross the bar and go to the worker thread. The outputs
+    # are the same either way.
     model = GatedFakeModel()
-    scheduler, store, _ = make(model, inline_compute_below_s=1e-9)
-    s = store.create("s")
-    y1 = await scheduler.submit(s, chunk(1, 2))
-    y2 = await scheduler.submit(s, chunk(10))
-    assert model.threads[0] == threading.get_ident()
-    assert model.threads[1] != threading.get_ident()
-    np.testing.assert_array_equal(y1[:, 0], [1, 3])
-    np.testing.assert_array_equal(y2[:, 0], [13])
+    cost = CallCost(fixed_s=0.0005, per_row_s=0.0004)
+    scheduler, store, _ = make(model, inline_compute_below_s=0.001, call_cost=cost)
+    a, b = store.create("a"), store.create("b")
+    y1 = await scheduler.submit(a, chunk(1))
+    y2 = await scheduler.submit(a, chunk(2, 3))
+    y3, y4 = await asyncio.gather(scheduler.submit(a, chunk(4)), scheduler.submit(b, chunk(5)))
+    loop_thread = threading.get_ident()
+    assert model.calls == [(1, 1), (1, 2), (2, 1)]
+    assert model.threads[0] == loop_thread
+    assert model.threads[1] != loop_thread and model.threads[2] != loop_thread
+    np.testing.assert_array_equal(y1[:, 0], [1])
+    np.testing.assert_array_equal(y2[:, 0], [3, 6])
+    np.testing.assert_array_equal(y3[:, 0], [10])
+    np.testing.assert_array_equal(y4[:, 0], [5])
     await scheduler.close()
+
+
+def test_call_cost_grows_with_rows_and_steps() -> None:
+    cost = CallCost(fixed_s=0.0001, per_row_s=0.00001)
+    assert cost.estimate_s(1, 1) == pytest.approx(0.00011)
+    assert cost.estimate_s(10, 1) == pytest.approx(0.0002)
+    assert cost.estimate_s(10, 3) == pytest.approx(0.0006)
 
 
 async def test_a_failing_single_call_batch_fails_its_chunks_and_keeps_their_state() -> None:

@@ -70,8 +70,11 @@ def step_response(result: StepResult) -> pb.StepResponse:
 def fill_step_response(message: pb.StepResponse, result: StepResult) -> pb.StepResponse:
     """Write ``result`` into ``message`` in place (the hot path: no nested message copies)."""
     message.session_id = result.session_id
-    message.output.shape.extend(result.output.shape)
-    message.output.data = np.ascontiguousarray(result.output, dtype=FLOAT32).tobytes()
+    output = result.output
+    if output.dtype != FLOAT32:
+        output = output.astype(FLOAT32)
+    message.output.shape.extend(output.shape)
+    message.output.data = output.tobytes()
     message.steps = result.steps
     message.ended = result.ended
     message.durable_steps = result.durable_steps

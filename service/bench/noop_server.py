@@ -95,12 +95,19 @@ def main() -> None:
     from pathlib import Path
 
     from service.event_loop import run as run_event_loop
+    from service.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--outputs", type=int, required=True, help="output features per step")
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    parser.add_argument(
+        "--gil-switch-interval-s",
+        type=float,
+        default=Settings.model_fields["gil_switch_interval_s"].default,
+        help="as the server's setting of that name (same default)",
+    )
     args = parser.parse_args()
 
     async def serve() -> None:
@@ -112,7 +119,7 @@ def main() -> None:
         await stop.wait()
         await server.stop(grace=0.5)
 
-    run_event_loop(serve(), args.event_loop)
+    run_event_loop(serve(), args.event_loop, args.gil_switch_interval_s)
 
 
 if __name__ == "__main__":
