@@ -157,6 +157,7 @@ class InferenceEngine:
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
                 spin_wait=s.ort_spin_wait,
+                single_thread_twin=s.inline_compute_below_s > 0,
             )
             check_contract(spec, runtime)
             call_cost = None

@@ -70,8 +70,14 @@ class CallCost:
 class ModelRuntime:
     """Runs one ONNX model: ``run(x, states) -> (y, new_states)`` with numpy arrays.
 
-    ``run`` is called from a worker thread (onnxruntime releases the GIL while it computes) and
-    only ever by one thread at a time per model: the model's scheduler owns it.
+    ``run`` is called from the model's worker thread or, for cheap batches, the event loop
+    (onnxruntime releases the GIL while it computes), and only ever by one thread at a time per
+    model: the model's scheduler owns it.
+
+    With ``single_thread_twin`` on the CPU provider, a second session of the same model runs with
+    one intra-op thread, for ``run(..., single_thread=True)``: a small call is faster on the
+    calling thread alone than split across a pool whose threads must be woken on a machine busy
+    with network I/O, while large calls still gain from the pool (docs/PERFORMANCE.md).
     """
 
     def __init__(
@@ -83,49 +89,59 @@ class ModelRuntime:
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
         spin_wait: bool = False,
+        single_thread_twin: bool = False,
     ) -> None:
         providers = resolve_providers(provider, ort.get_available_providers(), fallback)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
-        spin = "1" if spin_wait else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+
+        def open_session(intra_threads: int, chosen: list[str]) -> ort.InferenceSession:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = intra_threads
+            options.inter_op_num_threads = inter_op_threads
+            spin = "1" if spin_wait else "0"
+            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return ort.InferenceSession(str(path), options, providers=chosen)
+
+        self.session = open_session(intra_op_threads, providers)
         active = self.session.get_providers()
         if providers[0] not in active:
             # onnxruntime may skip a provider whose libraries fail to load; treat that like absence.
             resolve_providers(provider, active, fallback)
         self.providers: list[str] = active
+        self.single_thread_session = self.session
+        if single_thread_twin and active == [CPU] and intra_op_threads != 1:
+            self.single_thread_session = open_session(1, [CPU])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(
-        self, x: np.ndarray, states: Sequence[np.ndarray]
+        self, x: np.ndarray, states: Sequence[np.ndarray], single_thread: bool = False
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"x": x}
         for name, state in zip(self.input_names[1:], states, strict=True):
             feeds[name] = state
-        y, *new_states = self.session.run(self.output_names, feeds)
+        session = self.single_thread_session if single_thread else self.session
+        y, *new_states = session.run(self.output_names, feeds)
         return y, new_states
 
     def measure_cost(
         self, *, input_size: int, layers: int, hidden: int, max_rows: int, repeats: int = 5
     ) -> CallCost:
         """Time calls of one step at 1 and at ``max_rows`` rows on zeros (the fastest of
-        ``repeats`` each, so a busy machine inflates it little) and fit :class:`CallCost`.
-        The first calls also warm onnxruntime up (its memory arena) before any client waits."""
+        ``repeats`` each, so a busy machine inflates it little) and fit :class:`CallCost`. The
+        single-thread session is timed: it is the one that runs the batches this cost places on
+        the event loop. The first calls also warm onnxruntime up before any client waits."""
 
         def fastest_s(rows: int) -> float:
             x = np.zeros((rows, 1, input_size), np.float32)
             states = [np.zeros((layers, rows, hidden), np.float32) for _ in self.input_names[1:]]
-            self.run(x, states)
+            self.run(x, states, single_thread=True)
             best = float("inf")
             for _ in range(repeats):
                 started = time.perf_counter()
-                self.run(x, states)
+                self.run(x, states, single_thread=True)
                 best = min(best, time.perf_counter() - started)
             return best
 

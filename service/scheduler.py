@@ -207,7 +207,7 @@ class BatchScheduler:
             inputs = [c.x for c in batch]
             try:
                 if self._runs_inline(len(batch), max(x.shape[0] for x in inputs)):
-                    outcome = self._compute(inputs, states)
+                    outcome = self._compute(inputs, states, inline=True)
                 else:
                     outcome = await self._loop.run_in_executor(
                         self._executor, self._compute, inputs, states
@@ -229,7 +229,7 @@ class BatchScheduler:
         two trips through the event loop (waking the batch task, and being woken by it).
         """
         slots, states = self._gather(batch)
-        self._apply(batch, slots, self._compute([c.x for c in batch], states))
+        self._apply(batch, slots, self._compute([c.x for c in batch], states, inline=True))
 
     def _apply(self, batch: list[PendingChunk], slots: np.ndarray, outcome: BatchOutcome) -> None:
         """Scatter the new states and resolve every chunk's future (on the loop thread)."""
@@ -252,7 +252,9 @@ class BatchScheduler:
                 chunk.future.set_result(outcome.outputs[i])
         self._steps.inc(applied_steps)
 
-    def _compute(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
+    def _compute(
+        self, inputs: list[np.ndarray], states: list[np.ndarray], inline: bool = False
+    ) -> BatchOutcome:
         """Worker thread: run a batch of chunks of any lengths exactly, touching no session state.
 
         The batch runs in step-aligned segments: every chunk takes part in the first call, which
@@ -263,7 +265,7 @@ class BatchScheduler:
         """
         steps = inputs[0].shape[0]
         if all(x.shape[0] == steps for x in inputs):
-            return self._compute_uniform(inputs, states)
+            return self._compute_uniform(inputs, states, inline)
         lengths = np.fromiter((x.shape[0] for x in inputs), dtype=np.intp, count=len(inputs))
         pieces: list[list[np.ndarray]] = [[] for _ in inputs]
         finished = np.zeros(len(inputs), dtype=bool)
@@ -278,7 +280,7 @@ class BatchScheduler:
                 x = np.stack([inputs[i][done_steps:end] for i in active])
             segment_states = states if everyone else [s[:, active, :] for s in states]
             try:
-                y, new_states = self._call_model(x, segment_states)
+                y, new_states = self._call_model(x, segment_states, inline)
             except InternalError as failure:
                 error = failure
                 break
@@ -296,22 +298,25 @@ class BatchScheduler:
         ]
         return BatchOutcome(outputs=outputs, states=states, finished=finished, error=error)
 
-    def _compute_uniform(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
+    def _compute_uniform(
+        self, inputs: list[np.ndarray], states: list[np.ndarray], inline: bool
+    ) -> BatchOutcome:
         """The common case of :meth:`_compute`: chunks of one length, so one model call."""
         x = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
         try:
-            y, new_states = self._call_model(x, states)
+            y, new_states = self._call_model(x, states, inline)
         except InternalError as error:
             return BatchOutcome([], states, np.zeros(len(inputs), bool), error)
         return BatchOutcome(list(y), new_states, self._all_finished[: len(inputs)], None)
 
     def _call_model(
-        self, x: np.ndarray, states: list[np.ndarray]
+        self, x: np.ndarray, states: list[np.ndarray], inline: bool
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One onnxruntime call, timed and counted; a failure is logged and becomes InternalError."""
+        """One onnxruntime call, timed and counted; a failure is logged and becomes InternalError.
+        An inline call (on the event loop) uses the runtime's single-thread session."""
         started = time.perf_counter()
         try:
-            y, new_states = self.runtime.run(x, states)
+            y, new_states = self.runtime.run(x, states, single_thread=inline)
         except Exception as exc:
             logger.exception("model %s failed on a batch of %d", self.spec.label, x.shape[0])
             raise InternalError(f"model {self.spec.label} failed: {type(exc).__name__}") from exc

@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -132,3 +133,21 @@ def test_measured_call_cost_is_positive_and_grows_with_the_batch(tiny_repository
     assert cost.fixed_s > 0 and cost.per_row_s >= 0
     assert cost.estimate_s(64, 1) >= cost.estimate_s(1, 1) > 0
     assert cost.estimate_s(1, 4) == pytest.approx(4 * cost.estimate_s(1, 1))
+
+
+def test_the_single_thread_twin_computes_the_same_outputs(tiny_repository: Path) -> None:
+    spec = read_spec(discover(tiny_repository)[0])
+    runtime = ModelRuntime(spec.onnx_path, intra_op_threads=2, single_thread_twin=True)
+    assert runtime.single_thread_session is not runtime.session
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, spec.input_size)).astype(np.float32)
+    states = [
+        rng.standard_normal((spec.num_layers, 3, spec.hidden_size)).astype(np.float32)
+        for _ in spec.state_inputs
+    ]
+    pooled, one_thread = runtime.run(x, states), runtime.run(x, states, single_thread=True)
+    np.testing.assert_allclose(pooled[0], one_thread[0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(pooled[1], one_thread[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    already_single = ModelRuntime(spec.onnx_path, intra_op_threads=1, single_thread_twin=True)
+    assert already_single.single_thread_session is already_single.session  # no second copy

@@ -24,6 +24,7 @@ class GatedFakeModel:
     def __init__(self, gated: bool = False) -> None:
         self.calls: list[tuple[int, int]] = []  # (batch, steps)
         self.threads: list[int] = []  # which thread ran each call
+        self.single_thread: list[bool] = []  # which session each call asked for
         self.entered = threading.Event()
         self.release = threading.Event()
         if not gated:
@@ -31,10 +32,11 @@ class GatedFakeModel:
         self.fail_on_value: float | None = None
 
     def run(
-        self, x: np.ndarray, states: Sequence[np.ndarray]
+        self, x: np.ndarray, states: Sequence[np.ndarray], single_thread: bool = False
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         self.calls.append((x.shape[0], x.shape[1]))
         self.threads.append(threading.get_ident())
+        self.single_thread.append(single_thread)
         self.entered.set()
         self.release.wait(timeout=30)
         if self.fail_on_value is not None and (x == self.fail_on_value).any():
@@ -213,6 +215,7 @@ async def test_cheap_batches_compute_on_the_loop_and_costly_ones_in_the_worker_t
     assert model.calls == [(1, 1), (1, 2), (2, 1)]
     assert model.threads[0] == loop_thread
     assert model.threads[1] != loop_thread and model.threads[2] != loop_thread
+    assert model.single_thread == [True, False, False]  # the loop's calls use one thread
     np.testing.assert_array_equal(y1[:, 0], [1])
     np.testing.assert_array_equal(y2[:, 0], [3, 6])
     np.testing.assert_array_equal(y3[:, 0], [10])

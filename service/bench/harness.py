@@ -50,6 +50,48 @@ class ServerProcess:
                 self.process.wait()
 
 
+@dataclass(frozen=True)
+class MachineTicks:
+    """The whole machine's CPU time counters (Linux /proc/stat, clock ticks over all CPUs)."""
+
+    total: int
+    idle: int  # idle and iowait
+    steal: int  # taken by the hypervisor for other guests: the noise of a shared VM
+
+    @classmethod
+    def now(cls) -> MachineTicks:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is already in user)
+        return cls(total=sum(fields[:8]), idle=fields[3] + fields[4], steal=fields[7])
+
+    def fractions_since(self, earlier: MachineTicks) -> tuple[float, float]:
+        """(idle, steal) fractions of the machine's CPU time between ``earlier`` and this."""
+        total = max(self.total - earlier.total, 1)
+        return (self.idle - earlier.idle) / total, (self.steal - earlier.steal) / total
+
+
+class WindowCounters:
+    """CPU counters read at the edges of a load's measured window: pass :meth:`record` to
+    ``drive`` as its ``on_window_edge``, then read the server's CPU seconds and the machine's idle
+    and steal fractions over exactly that window."""
+
+    def __init__(self, server: ServerProcess | None = None) -> None:
+        self.server = server
+        self._edges: dict[str, tuple[float, MachineTicks]] = {}
+
+    def record(self, edge: str) -> None:
+        cpu = self.server.cpu_seconds() if self.server is not None else 0.0
+        self._edges[edge] = (cpu, MachineTicks.now())
+
+    @property
+    def server_cpu_s(self) -> float:
+        return self._edges["end"][0] - self._edges["start"][0]
+
+    @property
+    def idle_and_steal(self) -> tuple[float, float]:
+        return self._edges["end"][1].fractions_since(self._edges["start"][1])
+
+
 def _discard(stream: IO[str]) -> None:
     for _ in stream:
         pass

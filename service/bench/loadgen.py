@@ -16,7 +16,7 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -198,8 +198,14 @@ async def _kserve_session(
     await requests.put(None)
 
 
-async def run_load(cfg: LoadConfig) -> LoadResult:
-    """Drive ``cfg.sessions`` closed-loop sessions for warm-up plus duration; return latencies."""
+async def run_load(
+    cfg: LoadConfig, on_window_edge: Callable[[str], None] | None = None
+) -> LoadResult:
+    """Drive ``cfg.sessions`` closed-loop sessions for warm-up plus duration; return latencies.
+
+    ``on_window_edge`` is called with "start" and "end" as the measured window opens and closes
+    (on this loop), so a caller can read CPU counters over exactly the window the latencies cover.
+    """
     require_loopback(cfg.target)
     rng = np.random.default_rng(cfg.seed)
     x = rng.standard_normal((cfg.chunk_steps, cfg.features)).astype("<f4").tobytes()
@@ -207,6 +213,16 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
         grpc.aio.insecure_channel(cfg.target, options=CHANNEL_OPTIONS) for _ in range(cfg.channels)
     ]
     window = _Window(cfg.warmup_s, cfg.duration_s)
+    edges_due = ["start", "end"]
+
+    def reach_edge(edge: str) -> None:
+        if edge in edges_due and on_window_edge is not None:
+            edges_due.remove(edge)
+            on_window_edge(edge)
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(cfg.warmup_s, reach_edge, "start")
+    loop.call_later(cfg.warmup_s + cfg.duration_s, reach_edge, "end")
     sessions = []
     for i in range(cfg.sessions):
         ch = channels[i % len(channels)]
@@ -217,6 +233,8 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
                 _kserve_session(kpb_grpc.GRPCInferenceServiceStub(ch), cfg, x, window, 1 + i)
             )
     results = await asyncio.gather(*sessions, return_exceptions=True)
+    for edge in list(edges_due):  # every session failed early: report the edges now, in order
+        reach_edge(edge)
     for outcome in results:
         if isinstance(outcome, BaseException):
             window.fail(f"{type(outcome).__name__}: {outcome}")
@@ -231,9 +249,9 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
     )
 
 
-def drive(cfg: LoadConfig) -> LoadResult:
+def drive(cfg: LoadConfig, on_window_edge: Callable[[str], None] | None = None) -> LoadResult:
     """Run :func:`run_load` on its own event loop: uvloop when installed, as the server uses, so
     the load generator takes as little of the shared CPU as it can (same for every variant)."""
     from service.event_loop import run_to_result
 
-    return run_to_result(run_load(cfg), "auto")
+    return run_to_result(run_load(cfg, on_window_edge), "auto")

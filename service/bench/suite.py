@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from service.bench.capacity import measure_idle_sessions, measure_startup
-from service.bench.harness import ServerProcess, start_noop_server, start_server
+from service.bench.harness import ServerProcess, WindowCounters, start_noop_server, start_server
 from service.bench.loadgen import LoadConfig, drive
 from service.bench.sweep import SweepPlan
 from service.repository import discover, read_spec
@@ -71,9 +71,11 @@ def half_load_latency(
                              api=plan.api, sessions=plan.spot_sessions, chunk_steps=1,
                              duration_s=plan.duration_s, warmup_s=plan.warmup_s,
                              rate_per_s=best / 2)  # fmt: skip
-            result = drive(cfg)
+            counters = WindowCounters()
+            result = drive(cfg, counters.record)
             row = {"model": model, "rate_per_s": best / 2, "max_steps_per_s": best}
             row.update(result.summary())
+            row["machine_steal"] = counters.idle_and_steal[1]
             if spec.output_size not in noops:
                 noops[spec.output_size] = start_noop_server(spec.output_size)
             # The transport alone at the same rate: the latency floor of this machine.
@@ -159,12 +161,13 @@ def targets_markdown(targets: list[dict[str, Any]], half_load: list[dict[str, An
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {measured} | {t['goal']} | {met} |")
     lines += ["", "Open-loop latency at half the highest measured throughput (chunk 1):", "",
-              "| model | rate steps/s | achieved steps/s | p50 ms | p99 ms | p99.9 ms | errors | no-op p50 ms | no-op p99 ms |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| model | rate steps/s | achieved steps/s | p50 ms | p99 ms | p99.9 ms | errors | steal % | no-op p50 ms | no-op p99 ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in half_load:
         lines.append(
             f"| {r['model']} | {r['rate_per_s']:,.0f} | {r['steps_per_s']:,.0f} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']:.0f} "
+            f"| {100 * r.get('machine_steal', 0.0):.0f} "
             f"| {r['noop_p50_ms']:.2f} | {r['noop_p99_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from typing import Any
 
 from service.bench.harness import (
     ServerProcess,
+    WindowCounters,
     batch_sizes,
     compute_limit,
     scrape,
@@ -49,12 +50,15 @@ class SweepPlan:
 
 
 def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
+    """One point: the load's summary, plus the server's CPU time and the machine's idle and steal
+    fractions read over exactly the measured window (warm-up excluded)."""
     before = scrape(server.metrics_port) if server.metrics_port else {}
-    cpu_before = server.cpu_seconds()
-    result = drive(cfg)
-    cpu = server.cpu_seconds() - cpu_before
+    counters = WindowCounters(server)
+    result = drive(cfg, counters.record)
+    cpu = counters.server_cpu_s
     row: dict[str, Any] = {**result.summary(), "server_cpu_s": cpu}
     row["server_cpu_per_request_us"] = 1e6 * cpu / max(result.requests, 1)
+    row["machine_idle"], row["machine_steal"] = counters.idle_and_steal
     if server.metrics_port:
         calls, mean_batch = batch_sizes(before, scrape(server.metrics_port), cfg.model)
         row["model_calls"], row["mean_batch"] = calls, mean_batch
@@ -114,20 +118,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return "—" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| model | chunk | sessions | variant | steps/s | requests/s | p50 ms | p99 ms | p99.9 ms | mean batch | server CPU µs/req | vs no-op | vs compute | vs unbatched |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | chunk | sessions | variant | steps/s | requests/s | p50 ms | p99 ms | p99.9 ms | mean batch | server CPU µs/req | steal % | vs no-op | vs compute | vs unbatched |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["variant"] == "compute":
             lines.append(
-                f"| {r['model']} | {r['chunk']} | {r['sessions']} | compute limit (in-process, batch {r['mean_batch']}) | {r['steps_per_s']:,.0f} | | | | | | | | | |"
+                f"| {r['model']} | {r['chunk']} | {r['sessions']} | compute limit (in-process, batch {r['mean_batch']}) | {r['steps_per_s']:,.0f} | | | | | | | | | | |"
             )
             continue
         batched = r["variant"] == "batched"
         lines.append(
             f"| {r['model']} | {r['chunk']} | {r['sessions']} | {r['variant']} | {r['steps_per_s']:,.0f} | {r['requests_per_s']:,.0f} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['p999_ms'])} | {fmt(r.get('mean_batch'), 1)} "
-            f"| {r['server_cpu_per_request_us']:.0f} | {fmt(ratio(rows, r, 'noop') if batched else None)} "
+            f"| {r['server_cpu_per_request_us']:.0f} | {100 * r.get('machine_steal', 0.0):.0f} "
+            f"| {fmt(ratio(rows, r, 'noop') if batched else None)} "
             f"| {fmt(ratio(rows, r, 'compute') if batched else None)} | {fmt(ratio(rows, r, 'unbatched') if batched else None)} |"
         )
     return "\n".join(lines) + "\n"
