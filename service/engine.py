@@ -33,7 +33,7 @@ from service.metrics import LoopHistogramChild, Metrics
 from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
 from service.runtime import CallCost, ModelRuntime
 from service.scheduler import BatchScheduler
-from service.session_store import EndReason, Session, SessionStore
+from service.session_store import EndReason, Session, SessionStore, session_not_found
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -396,11 +396,31 @@ class InferenceEngine:
         started = received_s if received_s is not None else time.perf_counter()
         self._check_open()
         handle, session = self.session(name, version, session_id, caller)
+        return await self.step_session(
+            handle, session, x, api=api, end=end, received_s=started, deadline_s=deadline_s
+        )
+
+    async def step_session(
+        self,
+        handle: ModelHandle,
+        session: Session,
+        x: np.ndarray,
+        *,
+        api: str,
+        received_s: float,
+        end: bool = False,
+        deadline_s: float | None = None,
+    ) -> StepResult:
+        """:meth:`step` for a session the caller already holds (a stream bound to it), without
+        looking it up again. A session that has ended since is NOT_FOUND, exactly as by id."""
+        self._check_open()
+        if session.ended is not None or session.close_when_idle is not None:
+            raise session_not_found(session.session_id)
         self.check_chunk(handle.spec, x)
         if session.busy:
             raise FailedPrecondition(
-                f"session {session_id!r} already has a chunk in flight; send the next chunk after "
-                "its reply"
+                f"session {session.session_id!r} already has a chunk in flight; send the next "
+                "chunk after its reply"
             )
         output = await handle.scheduler.submit(session, x, deadline_s)
         self._changed()
@@ -412,7 +432,7 @@ class InferenceEngine:
                 handle.spec.name, handle.spec.version, api
             )
             handle.request_latency[api] = latency
-        latency.observe(time.perf_counter() - started)
+        latency.observe(time.perf_counter() - received_s)
         return StepResult(session.session_id, output, session.steps, end, session.durable_steps)
 
     def _check_open(self) -> None:

@@ -238,18 +238,23 @@ class BatchScheduler:
             self.store.scatter(slots, outcome.states)
         elif finished.any():
             self.store.scatter(slots[finished], [s[:, finished, :] for s in outcome.states])
+        if not outcome.outputs:  # the batch's only model call failed
+            self._fail(batch, outcome.error or InternalError("batch not computed"))
+            return
         applied_steps = 0
-        for i, chunk in enumerate(batch):
-            if not finished[i]:
+        now_s = self.store.clock()
+        for chunk, ok, output in zip(batch, finished.tolist(), outcome.outputs, strict=True):
+            if not ok:
                 self._fail([chunk], outcome.error or InternalError("chunk not computed"))
                 continue
             steps = chunk.x.shape[0]
             applied_steps += steps
-            chunk.session.steps += steps
-            self.store.finish_chunk(chunk.session)
-            chunk.session.last_output = outcome.outputs[i]
+            session = chunk.session
+            session.steps += steps
+            session.last_output = output
+            self.store.finish_chunk(session, now_s)
             if not chunk.future.done():
-                chunk.future.set_result(outcome.outputs[i])
+                chunk.future.set_result(output)
         self._steps.inc(applied_steps)
 
     def _compute(

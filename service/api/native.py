@@ -73,8 +73,9 @@ def fill_step_response(message: pb.StepResponse, result: StepResult) -> pb.StepR
     output = result.output
     if output.dtype != FLOAT32:
         output = output.astype(FLOAT32)
-    message.output.shape.extend(output.shape)
-    message.output.data = output.tobytes()
+    tensor = message.output
+    tensor.shape.extend(output.shape)
+    tensor.data = output.tobytes()
     message.steps = result.steps
     message.ended = result.ended
     message.durable_steps = result.durable_steps
@@ -216,8 +217,12 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):
                     break
                 finally:
                     stream.waiting_for_request = False
-                yield await stream.handle(request)
-                if request.WhichOneof("kind") == "close":
+                kind = request.WhichOneof("kind")
+                if kind == "chunk" and stream.bound is not None:
+                    yield await stream.step(request.chunk.input)  # the hot path
+                    continue
+                yield await stream.handle(request, kind)
+                if kind == "close":
                     return
             if stream.end_notice is not None:
                 yield stream.end_notice
@@ -259,7 +264,9 @@ class SessionStream:
         self.model = ""
         self.version = ""
         self.session_id = ""
-        self._session: Session | None = None
+        self.bound: tuple[ModelHandle, Session] | None = None  # the session, while it lives
+        # A stream's deadline is fixed when it starts, so it is read once, not per chunk.
+        self.deadline_s = deadline_of(context, time.perf_counter())
         self.task: asyncio.Task[object] | None = None
         self.waiting_for_request = False
         self.end_notice: pb.StreamResponse | None = None
@@ -269,20 +276,22 @@ class SessionStream:
             return  # the close request (or the chunk with end) answers for itself
         end = SessionEnd(session.session_id, reason, session.steps)
         self.end_notice = pb.StreamResponse(ended=session_ended(end))
-        self._session = None
+        self.bound = None
         if self.waiting_for_request and self.task is not None:
             self.task.cancel()
 
     def _attach(self, view: SessionView) -> None:
         self.model, self.version, self.session_id = view.model, view.version, view.session_id
-        _, session = self.engine.session(view.model, view.version, view.session_id, self.caller)
+        handle, session = self.engine.session(
+            view.model, view.version, view.session_id, self.caller
+        )
         session.end_listeners.append(self._on_end)
-        self._session = session
+        self.bound = handle, session
 
     def detach(self) -> None:
-        if self._session is not None and self._on_end in self._session.end_listeners:
-            self._session.end_listeners.remove(self._on_end)
-        self._session = None
+        if self.bound is not None and self._on_end in self.bound[1].end_listeners:
+            self.bound[1].end_listeners.remove(self._on_end)
+        self.bound = None
 
     def cancelled_by_end(self) -> bool:
         """True if the handler task was cancelled by :meth:`_on_end` (and is un-cancelled now)."""
@@ -291,8 +300,25 @@ class SessionStream:
         self.task.uncancel()
         return True
 
-    async def handle(self, request: pb.StreamRequest) -> pb.StreamResponse:
-        kind = request.WhichOneof("kind")
+    async def step(self, tensor: pb.Tensor) -> pb.StreamResponse:
+        """A chunk for the live session this stream is bound to: no lookups by id."""
+        assert self.bound is not None
+        received = time.perf_counter()
+        handle, session = self.bound
+        result = await self.engine.step_session(
+            handle,
+            session,
+            to_array(tensor, "input"),
+            api=API,
+            received_s=received,
+            deadline_s=self.deadline_s,
+        )
+        response = pb.StreamResponse()
+        fill_step_response(response.output, result)
+        return response
+
+    async def handle(self, request: pb.StreamRequest, kind: str | None) -> pb.StreamResponse:
+        """Answer any other stream message; ``kind`` is its ``WhichOneof("kind")``."""
         if kind == "open" or kind == "attach":
             if self.session_id:
                 raise FailedPrecondition("this stream already has a session; open a new stream")
@@ -315,17 +341,16 @@ class SessionStream:
             return pb.StreamResponse(opened=session_info(view))
         if not self.session_id:
             raise FailedPrecondition("open or attach a session before sending chunks")
-        if kind == "chunk":
+        if kind == "chunk":  # the session ended (idle timeout, eviction): by id, for its NOT_FOUND
             received = time.perf_counter()
-            x = to_array(request.chunk.input, "input")
             result = await self.engine.step(
                 self.model,
                 self.version,
                 self.session_id,
-                x,
+                to_array(request.chunk.input, "input"),
                 api=API,
                 received_s=received,
-                deadline_s=deadline_of(self.context, received),
+                deadline_s=self.deadline_s,
                 caller=self.caller,
             )
             response = pb.StreamResponse()
