@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     inline_compute_below_s: float = Field(
         0.0002,
         ge=0.0,
-        description="run a model call on the event loop instead of the worker thread while the "
-        "model's recent calls took less than this, in seconds (0: always use the worker thread)",
+        description="run a batch on the event loop (with a one-thread onnxruntime session) "
+        "instead of the worker thread when the model's cost, measured at load, puts it under "
+        "this, in seconds (0: always use the worker thread)",
     )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="event loop implementation (auto: uvloop when installed)"
