@@ -260,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--chunks", type=int, nargs="+", default=[1, 16], help="steps per chunk to sweep"
     )
-    bench.add_argument("--duration-s", type=float, default=3.0, help="measured seconds per point")
+    bench.add_argument("--duration-s", type=float, default=2.5, help="measured seconds per point")
     bench.add_argument(
-        "--warmup-s", type=float, default=1.0, help="unmeasured seconds before each point"
+        "--warmup-s", type=float, default=0.75, help="unmeasured seconds before each point"
     )
     bench.add_argument(
         "--no-compare", action="store_true", help="only this server, batched (no limits)"

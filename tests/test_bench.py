@@ -64,3 +64,26 @@ def test_load_generator_refuses_non_loopback_targets() -> None:
     require_loopback("localhost:8001")
     with pytest.raises(ValueError, match="loopback"):
         require_loopback("192.0.2.10:8001")
+
+
+def test_a_point_disturbed_by_steal_is_measured_again_and_the_calmer_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.bench import sweep
+
+    steals = iter([0.30, 0.02, 0.05, 0.25, 0.40])
+    monkeypatch.setattr(sweep, "measure", lambda server, cfg: {"machine_steal": next(steals)})
+    first = sweep.measure_calm(None, None)  # type: ignore[arg-type]
+    assert first == {"machine_steal": 0.02, "remeasured": True}
+    assert sweep.measure_calm(None, None) == {"machine_steal": 0.05}  # calm: measured once
+    assert sweep.measure_calm(None, None) == {"machine_steal": 0.25, "remeasured": True}
+
+
+def test_machine_ticks_fractions() -> None:
+    from service.bench.harness import MachineTicks
+
+    earlier = MachineTicks(total=1000, idle=400, steal=10)
+    later = MachineTicks(total=1200, idle=450, steal=30)
+    assert later.fractions_since(earlier) == (0.25, 0.1)
+    now = MachineTicks.now()
+    assert now.total >= now.idle >= 0 and now.steal >= 0

@@ -37,8 +37,8 @@ class SweepPlan:
     api: Api = "native"
     sessions: tuple[int, ...] = (1, 16, 64, 256, 1024)
     chunks: tuple[int, ...] = (1, 16)
-    duration_s: float = 3.0
-    warmup_s: float = 1.0
+    duration_s: float = 2.5
+    warmup_s: float = 0.75
     compare: bool = True
     spot_models: tuple[str, ...] = ()
     spot_sessions: int = 256
@@ -67,6 +67,22 @@ def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
     return row
 
 
+DISTURBED_STEAL = 0.10  # a point during which the hypervisor took more than this is measured again
+
+
+def measure_calm(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
+    """:func:`measure`, once more if a neighbouring VM stole more than ``DISTURBED_STEAL`` of the
+    machine's CPU during the window; the calmer of the two is kept (``remeasured`` marks it)."""
+    row = measure(server, cfg)
+    if row["machine_steal"] <= DISTURBED_STEAL:
+        return row
+    logger.warning("%.0f%% of the CPU was stolen during this point; measuring it again",
+                   100 * row["machine_steal"])  # fmt: skip
+    again = measure(server, cfg)
+    again["remeasured"] = True
+    return again if again["machine_steal"] < row["machine_steal"] else {**row, "remeasured": True}
+
+
 def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for model, chunk, session_counts in plan.points():
@@ -83,7 +99,7 @@ def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
                                      duration_s=plan.duration_s, warmup_s=plan.warmup_s)  # fmt: skip
                     row = {"model": model, "variant": variant, "api": plan.api,
                            "sessions": sessions, "chunk": chunk}  # fmt: skip
-                    row.update(measure(server, cfg))
+                    row.update(measure_calm(server, cfg))
                     logger.info(
                         "%s",
                         {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
@@ -131,7 +147,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['chunk']} | {r['sessions']} | {r['variant']} | {r['steps_per_s']:,.0f} | {r['requests_per_s']:,.0f} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['p999_ms'])} | {fmt(r.get('mean_batch'), 1)} "
-            f"| {r['server_cpu_per_request_us']:.0f} | {100 * r.get('machine_steal', 0.0):.0f} "
+            f"| {r['server_cpu_per_request_us']:.0f} | {100 * r.get('machine_steal', 0.0):.0f}"
+            f"{' (2nd try)' if r.get('remeasured') else ''} "
             f"| {fmt(ratio(rows, r, 'noop') if batched else None)} "
             f"| {fmt(ratio(rows, r, 'compute') if batched else None)} | {fmt(ratio(rows, r, 'unbatched') if batched else None)} |"
         )
