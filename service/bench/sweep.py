@@ -156,29 +156,51 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """p99 latency against throughput as the sessions grow, one panel per swept model and chunk
+    length (points measured at a single load are in the table only), two panels a row."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    groups = sorted({(r["model"], r["chunk"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (model, chunk) in zip(axes[0], groups, strict=True):
+    every_group = sorted({(r["model"], r["chunk"]) for r in rows})
+    swept = [
+        g for g in every_group
+        if len({r["sessions"] for r in rows if (r["model"], r["chunk"]) == g}) > 1
+    ]  # fmt: skip
+    groups = swept or every_group
+    columns = min(2, len(groups))
+    lines = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4.2 * lines), squeeze=False)
+    for ax, (model, chunk) in zip(axes.flat, groups, strict=False):
         for variant in VARIANTS:
             points = sorted(
-                (r["steps_per_s"], r["p99_ms"])
+                (r["sessions"], r["steps_per_s"], r["p99_ms"])
                 for r in rows
                 if (r["model"], r["chunk"], r["variant"]) == (model, chunk, variant)
+                and r["steps_per_s"] > 0
             )
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
+            if not points:
+                continue
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label=variant)
+            for sessions, x, y in points:
+                ax.annotate(str(sessions), (x, y), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7, alpha=0.7)  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
         ax.set_xlabel("throughput (steps/s)")
-        ax.set_title(f"{model}, chunk {chunk}", fontsize=10)
+        ax.set_ylabel("p99 latency (ms)")
+        ax.set_title(f"{model}, chunk {chunk} (labels: concurrent sessions)", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("p99 latency (ms)")
-    axes[0][-1].legend()
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
