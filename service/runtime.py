@@ -54,6 +54,8 @@ def resolve_providers(
     return [CPU]
 
 
+MEASURED_ROWS_AT_MOST = 256  # keeps the load-time measurement short for any max_batch_size
+
 @dataclass(frozen=True)
 class CallCost:
     """What one model call costs on this machine, measured when the model loads: a fixed part
@@ -146,7 +148,8 @@ class ModelRuntime:
             return best
 
         one = fastest_s(1)
-        if max_rows <= 1:
+        rows = min(max_rows, MEASURED_ROWS_AT_MOST)  # the cost is linear in rows beyond this
+        if rows <= 1:
             return CallCost(fixed_s=one, per_row_s=0.0)
-        per_row = max(0.0, (fastest_s(max_rows) - one) / (max_rows - 1))
+        per_row = max(0.0, (fastest_s(rows) - one) / (rows - 1))
         return CallCost(fixed_s=max(0.0, one - per_row), per_row_s=per_row)
