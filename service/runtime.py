@@ -56,6 +56,7 @@ def resolve_providers(
 
 MEASURED_ROWS_AT_MOST = 256  # keeps the load-time measurement short for any max_batch_size
 
+
 @dataclass(frozen=True)
 class CallCost:
     """What one model call costs on this machine, measured when the model loads: a fixed part
