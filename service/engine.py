@@ -114,9 +114,8 @@ class ModelHandle:
         self.store = store
         self.call_cost = call_cost  # measured at load; None when nothing runs inline
         self._scheduler: BatchScheduler | None = None
-        self.request_latency: dict[
-            str, LoopHistogramChild
-        ] = {}  # per API, labelled once (hot path)
+        # per API, labelled once (hot path)
+        self.request_latency: dict[str, LoopHistogramChild] = {}
 
     @property
     def scheduler(self) -> BatchScheduler:

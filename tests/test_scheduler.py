@@ -15,7 +15,7 @@ from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import CallCost
 from service.scheduler import BatchScheduler
-from service.session_store import SessionStore
+from service.session_store import Session, SessionStore
 
 
 class GatedFakeModel:
@@ -66,12 +66,21 @@ def chunk(*values: float) -> np.ndarray:
     return np.array(values, np.float32)[:, None]
 
 
+async def batch_in_flight(
+    scheduler: BatchScheduler, model: GatedFakeModel, session: Session
+) -> asyncio.Future[np.ndarray]:
+    """Submit ``session``'s chunk [1] to the gated ``model`` and wait until its call has started,
+    so that what is submitted next queues behind it; release the model to finish it."""
+    first = scheduler.submit(session, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    return first
+
+
 async def test_chunks_queued_while_a_batch_computes_form_the_next_batch() -> None:
     model = GatedFakeModel(gated=True)
     scheduler, store, _ = make(model)
     sessions = [store.create(str(i)) for i in range(4)]
-    first = scheduler.submit(sessions[0], chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, sessions[0])
     rest = [scheduler.submit(s, chunk(i + 2)) for i, s in enumerate(sessions[1:])]
     model.release.set()
     outputs = await asyncio.gather(first, *rest)
@@ -85,8 +94,7 @@ async def test_batch_is_capped_at_max_batch_size() -> None:
     model = GatedFakeModel(gated=True)
     scheduler, store, _ = make(model, max_batch_size=2)
     sessions = [store.create(str(i)) for i in range(5)]
-    first = scheduler.submit(sessions[0], chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, sessions[0])
     rest = [scheduler.submit(s, chunk(1)) for s in sessions[1:]]
     model.release.set()
     await asyncio.gather(first, *rest)
@@ -98,8 +106,7 @@ async def test_different_lengths_share_step_aligned_calls() -> None:
     model = GatedFakeModel(gated=True)
     scheduler, store, _ = make(model)
     a, b, c, d = (store.create(n) for n in "abcd")
-    first = scheduler.submit(a, chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, a)
     fb = scheduler.submit(b, chunk(1, 2))
     fc = scheduler.submit(c, chunk(1, 2, 3))
     fd = scheduler.submit(d, chunk(5, 5))
@@ -131,8 +138,7 @@ async def test_a_failing_call_fails_only_its_own_chunks() -> None:
     model.fail_on_value = 99.0
     scheduler, store, _ = make(model)
     a, b, c = (store.create(n) for n in "abc")
-    first = scheduler.submit(a, chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, a)
     bad = scheduler.submit(b, chunk(1, 99))  # its second segment fails
     good = scheduler.submit(c, chunk(7))  # shares only the first segment, which succeeds
     model.release.set()
@@ -149,8 +155,7 @@ async def test_full_queue_is_refused_with_resource_exhausted() -> None:
     model = GatedFakeModel(gated=True)
     scheduler, store, _ = make(model, max_queue_chunks=2)
     sessions = [store.create(str(i)) for i in range(4)]
-    first = scheduler.submit(sessions[0], chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, sessions[0])
     queued = [scheduler.submit(s, chunk(1)) for s in sessions[1:3]]
     with pytest.raises(ResourceExhausted, match="retry later"):
         scheduler.submit(sessions[3], chunk(1))
@@ -164,8 +169,7 @@ async def test_batch_size_metric_counts_sessions_per_call() -> None:
     model = GatedFakeModel(gated=True)
     scheduler, store, metrics = make(model)
     sessions = [store.create(str(i)) for i in range(6)]
-    first = scheduler.submit(sessions[0], chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, sessions[0])
     rest = [scheduler.submit(s, chunk(1)) for s in sessions[1:]]
     model.release.set()
     await asyncio.gather(first, *rest)
@@ -235,8 +239,7 @@ async def test_a_failing_single_call_batch_fails_its_chunks_and_keeps_their_stat
     model.fail_on_value = 99.0
     scheduler, store, _ = make(model)
     a, b, c = (store.create(n) for n in "abc")
-    first = scheduler.submit(a, chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, a)
     failing = [scheduler.submit(b, chunk(99)), scheduler.submit(c, chunk(3))]  # one call
     model.release.set()
     await first
@@ -253,8 +256,7 @@ async def test_a_chunk_whose_deadline_passed_in_the_queue_is_not_computed() -> N
     model = GatedFakeModel(gated=True)
     scheduler, store, metrics = make(model)
     a, b = store.create("a"), store.create("b")
-    first = scheduler.submit(a, chunk(1))
-    await asyncio.to_thread(model.entered.wait, 30)
+    first = await batch_in_flight(scheduler, model, a)
     late = scheduler.submit(b, chunk(5), deadline_s=0.0)  # already past when its batch forms
     model.release.set()
     await first

@@ -13,10 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
-from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 from service.api.auth import TokenFileError, parse_tokens
 from tests.certs import Pki
-from tests.grpc_helpers import expect_code, serving, step_request
+from tests.grpc_helpers import channel, expect_code, native, serving, step_request
 
 MODEL = "tiny_lstm"
 ALICE = "alice-token-0123456789abcdef"
@@ -58,11 +57,11 @@ async def test_tls_serves_verified_clients_and_refuses_plaintext(
     )
     async with serving(settings) as srv:
         async with secure_channel(srv.grpc_port, pki) as ch:
-            models = await pb_grpc.StreamingInferenceStub(ch).ListModels(pb.ListModelsRequest())
+            models = await native(ch).ListModels(pb.ListModelsRequest())
             assert {m.name for m in models.models} >= {MODEL}
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+        async with channel(srv.grpc_port) as ch:
             await expect_code(grpc.StatusCode.UNAVAILABLE,
-                              pb_grpc.StreamingInferenceStub(ch).ListModels(pb.ListModelsRequest(), timeout=5))  # fmt: skip
+                              native(ch).ListModels(pb.ListModelsRequest(), timeout=5))  # fmt: skip
 
 
 async def test_mutual_tls_requires_a_client_certificate_and_scopes_sessions_to_it(
@@ -74,13 +73,13 @@ async def test_mutual_tls_requires_a_client_certificate_and_scopes_sessions_to_i
     async with serving(settings) as srv:
         async with secure_channel(srv.grpc_port, pki) as ch:  # no client certificate
             await expect_code(grpc.StatusCode.UNAVAILABLE,
-                              pb_grpc.StreamingInferenceStub(ch).ListModels(pb.ListModelsRequest(), timeout=5))  # fmt: skip
+                              native(ch).ListModels(pb.ListModelsRequest(), timeout=5))  # fmt: skip
         async with (
             secure_channel(srv.grpc_port, pki, "alice") as alice_ch,
             secure_channel(srv.grpc_port, pki, "bob") as bob_ch,
         ):
-            alice = pb_grpc.StreamingInferenceStub(alice_ch)
-            bob = pb_grpc.StreamingInferenceStub(bob_ch)
+            alice = native(alice_ch)
+            bob = native(bob_ch)
             await alice.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="mine"))
             await expect_code(grpc.StatusCode.NOT_FOUND,
                               bob.GetSession(pb.GetSessionRequest(model=MODEL, session_id="mine")))  # fmt: skip
@@ -93,9 +92,9 @@ async def test_bearer_tokens_gate_every_rpc_but_health(make_settings: Any) -> No
     settings = make_settings(auth_tokens=f"alice:{ALICE},bob:{BOB}")
     async with (
         serving(settings) as srv,
-        grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch,
+        channel(srv.grpc_port) as ch,
     ):
-        stub = pb_grpc.StreamingInferenceStub(ch)
+        stub = native(ch)
         health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         await expect_code(grpc.StatusCode.UNAUTHENTICATED, stub.ListModels(pb.ListModelsRequest()))
@@ -110,9 +109,9 @@ async def test_sessions_belong_to_the_identity_that_created_them(make_settings: 
     settings = make_settings(auth_tokens=f"alice:{ALICE},bob:{BOB}")
     async with (
         serving(settings) as srv,
-        grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch,
+        channel(srv.grpc_port) as ch,
     ):
-        stub = pb_grpc.StreamingInferenceStub(ch)
+        stub = native(ch)
         created = await stub.CreateSession(
             pb.CreateSessionRequest(model=MODEL), metadata=bearer(ALICE)
         )
@@ -148,9 +147,9 @@ async def test_per_client_session_limit(make_settings: Any) -> None:
     settings = make_settings(auth_tokens=f"alice:{ALICE},bob:{BOB}", max_sessions_per_client=2)
     async with (
         serving(settings) as srv,
-        grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch,
+        channel(srv.grpc_port) as ch,
     ):
-        stub = pb_grpc.StreamingInferenceStub(ch)
+        stub = native(ch)
         first = await stub.CreateSession(
             pb.CreateSessionRequest(model=MODEL), metadata=bearer(ALICE)
         )
@@ -171,9 +170,9 @@ async def test_logs_hold_neither_tokens_nor_input_data(
     marker = 1234.5677490234375  # exactly representable in float32
     async with (
         serving(settings) as srv,
-        grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch,
+        channel(srv.grpc_port) as ch,
     ):
-        stub = pb_grpc.StreamingInferenceStub(ch)
+        stub = native(ch)
         await expect_code(grpc.StatusCode.UNAUTHENTICATED,
                           stub.ListModels(pb.ListModelsRequest(), metadata=bearer(BOB)))  # fmt: skip
         created = await stub.CreateSession(

@@ -219,24 +219,21 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.engine.open_session(
                 spec.name, spec.version, control.sequence_id, api=API, restart=True, caller=caller
             )
-        else:
-            try:
-                self.engine.session(spec.name, spec.version, control.sequence_id, caller)
-            except NotFound:
-                raise InvalidArgument(
-                    f"inference request for sequence {control.sequence_id} to model {spec.name!r} must "
-                    "specify the START flag on the first request of the sequence"
-                ) from None
-        result = await self.engine.step(
-            spec.name,
-            spec.version,
-            control.sequence_id,
+        try:
+            _, session = self.engine.session(spec.name, spec.version, control.sequence_id, caller)
+        except NotFound:  # never after a START, which has just opened it
+            raise InvalidArgument(
+                f"inference request for sequence {control.sequence_id} to model {spec.name!r} must "
+                "specify the START flag on the first request of the sequence"
+            ) from None
+        result = await self.engine.step_session(
+            handle,
+            session,
             x,
             api=API,
             end=control.end,
             received_s=received_s,
             deadline_s=deadline_s,
-            caller=caller,
         )
         return infer_response(request, handle, result.output, result.steps)
 

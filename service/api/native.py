@@ -82,6 +82,13 @@ def fill_step_response(message: pb.StepResponse, result: StepResult) -> pb.StepR
     return message
 
 
+def stream_output(result: StepResult) -> pb.StreamResponse:
+    """A stream's reply to a chunk, filled in place."""
+    response = pb.StreamResponse()
+    fill_step_response(response.output, result)
+    return response
+
+
 def session_ended(end: SessionEnd) -> pb.SessionEnded:
     return pb.SessionEnded(
         session_id=end.session_id, reason=END_REASONS[end.reason], steps=end.steps
@@ -313,9 +320,7 @@ class SessionStream:
             received_s=received,
             deadline_s=self.deadline_s,
         )
-        response = pb.StreamResponse()
-        fill_step_response(response.output, result)
-        return response
+        return stream_output(result)
 
     async def handle(self, request: pb.StreamRequest, kind: str | None) -> pb.StreamResponse:
         """Answer any other stream message; ``kind`` is its ``WhichOneof("kind")``."""
@@ -353,9 +358,7 @@ class SessionStream:
                 deadline_s=self.deadline_s,
                 caller=self.caller,
             )
-            response = pb.StreamResponse()
-            fill_step_response(response.output, result)
-            return response
+            return stream_output(result)
         if kind == "close":
             self.detach()
             end = self.engine.close_session(self.model, self.version, self.session_id, self.caller)

@@ -201,7 +201,8 @@ async def _kserve_session(
 async def run_load(
     cfg: LoadConfig, on_window_edge: Callable[[str], None] | None = None
 ) -> LoadResult:
-    """Drive ``cfg.sessions`` closed-loop sessions for warm-up plus duration; return latencies.
+    """Drive ``cfg.sessions`` sessions (closed or open loop) for warm-up plus duration; return
+    latencies.
 
     ``on_window_edge`` is called with "start" and "end" as the measured window opens and closes
     (on this loop), so a caller can read CPU counters over exactly the window the latencies cover.

@@ -78,9 +78,8 @@ def measure_calm(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
         return row
     logger.warning("%.0f%% of the CPU was stolen during this point; measuring it again",
                    100 * row["machine_steal"])  # fmt: skip
-    again = measure(server, cfg)
-    again["remeasured"] = True
-    return again if again["machine_steal"] < row["machine_steal"] else {**row, "remeasured": True}
+    calmer = min(row, measure(server, cfg), key=lambda r: r["machine_steal"])
+    return {**calmer, "remeasured": True}
 
 
 def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
