@@ -40,8 +40,9 @@ class LoopHistogram(Collector):
     """A Prometheus histogram for per-request observations, about ten times cheaper than
     ``prometheus_client.Histogram`` (a bisect and two additions: no lock, no per-bucket loop).
 
-    Concurrency: each label set must be observed from one thread at a time; the service observes
-    these only on the event loop thread. The scrape (another thread) copies a child's counts in one
+    Concurrency: each label set must be observed from one thread at a time. The per-request ones
+    are observed on the event loop thread; the per-model-call ones on whichever thread runs the
+    model's batch, and a model runs one batch at a time. The scrape (another thread) copies a child's counts in one
     list copy, which the GIL makes atomic, so ``_count`` always equals the ``+Inf`` bucket; the sum
     may be at most one observation ahead of or behind the counts.
     """
@@ -105,14 +106,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.compute = Histogram(
+        # Observed per model call, on the loop or the model's worker thread; never by both at
+        # once, since a model runs one batch at a time (the executor hand-off orders the two).
+        self.compute = LoopHistogram(
             "rnnserve_compute_seconds",
             "Time of one batched onnxruntime call.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = LoopHistogram(
             "rnnserve_batch_size",
             "Chunks (sessions) in one batched model call.",
             ["model", "version"],

@@ -96,8 +96,11 @@ class ModelRuntime:
     ) -> None:
         providers = resolve_providers(provider, ort.get_available_providers(), fallback)
 
-        def open_session(intra_threads: int, chosen: list[str]) -> ort.InferenceSession:
+        def open_session(
+            intra_threads: int, chosen: list[str], arena: bool = True
+        ) -> ort.InferenceSession:
             options = ort.SessionOptions()
+            options.enable_cpu_mem_arena = arena
             options.intra_op_num_threads = intra_threads
             options.inter_op_num_threads = inter_op_threads
             spin = "1" if spin_wait else "0"
@@ -115,7 +118,7 @@ class ModelRuntime:
         self.providers: list[str] = active
         self.single_thread_session = self.session
         if single_thread_twin and active == [CPU] and intra_op_threads != 1:
-            self.single_thread_session = open_session(1, [CPU])
+            self.single_thread_session = open_session(1, [CPU], arena=False)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -197,7 +197,7 @@ class BatchScheduler:
         started = time.perf_counter()
         for chunk in batch:
             self._queue_wait.observe(started - chunk.enqueued_s)
-        slots = np.fromiter((c.session.slot for c in batch), dtype=np.intp, count=len(batch))
+        slots = np.array([c.session.slot for c in batch], dtype=np.intp)
         return slots, self.store.gather(slots)
 
     async def _execute(self, batch: list[PendingChunk]) -> None:
@@ -307,7 +307,11 @@ class BatchScheduler:
         self, inputs: list[np.ndarray], states: list[np.ndarray], inline: bool
     ) -> BatchOutcome:
         """The common case of :meth:`_compute`: chunks of one length, so one model call."""
-        x = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)
+        first = inputs[0]
+        if len(inputs) == 1:
+            x = first[None]
+        else:  # concatenating rows and reshaping is several times cheaper than np.stack
+            x = np.concatenate(inputs).reshape(len(inputs), *first.shape)
         try:
             y, new_states = self._call_model(x, states, inline)
         except InternalError as error:

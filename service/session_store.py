@@ -274,7 +274,7 @@ class SessionStore:
         if len(slots) == 1:  # a slice is several times cheaper than fancy indexing
             slot = int(slots[0])
             return [array[:, slot : slot + 1, :].copy() for array in self.states]
-        return [np.ascontiguousarray(array[:, slots, :]) for array in self.states]
+        return [array.take(slots, axis=1) for array in self.states]  # take: new, C-ordered
 
     def scatter(self, slots: np.ndarray, new_states: Sequence[np.ndarray]) -> None:
         if len(slots) == 1:

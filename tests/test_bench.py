@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from service.bench.loadgen import require_loopback
+from service.bench.harness import start_noop_server
+from service.bench.loadgen import LoadConfig, drive, require_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +88,24 @@ def test_machine_ticks_fractions() -> None:
     assert later.fractions_since(earlier) == (0.25, 0.1)
     now = MachineTicks.now()
     assert now.total >= now.idle >= 0 and now.steal >= 0
+
+
+def established_connections_to(port: int) -> int:
+    """Server-side ESTABLISHED TCP sockets on ``port`` (IPv4 or IPv6 ones, from /proc/net)."""
+    rows = [row for table in ("tcp", "tcp6")
+            for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]]  # fmt: skip
+    local_and_state = ((r.split()[1], r.split()[3]) for r in rows)
+    return sum(local.endswith(f":{port:04X}") and state == "01" for local, state in local_and_state)
+
+
+def test_load_generator_spreads_sessions_over_separate_connections() -> None:
+    server = start_noop_server(outputs=1)
+    seen: list[int] = []
+    try:
+        cfg = LoadConfig(target=server.target, model="m", features=2, sessions=6, channels=3,
+                         duration_s=0.2, warmup_s=0.1)  # fmt: skip
+        result = drive(cfg, lambda edge: seen.append(established_connections_to(server.grpc_port)))
+    finally:
+        server.stop()
+    assert result.errors == 0 and result.requests > 0
+    assert seen[0] == 3  # one HTTP/2 connection per channel, not one shared by all

@@ -29,7 +29,12 @@ from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 
 Api = Literal["native", "kserve"]
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Channels with equal arguments share one connection through gRPC's global subchannel pool;
+    # a pool of its own gives every channel its own HTTP/2 connection.
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 @dataclass(frozen=True)
