@@ -107,7 +107,8 @@ class BatchScheduler:
         self._compute_time = metrics.compute.labels(**labels)
         self._batch_size = metrics.batch_size.labels(**labels)
         self._steps = metrics.steps.labels(**labels)
-        self._queue_depth = metrics.queue_depth.labels(**labels)
+        # Read at scrape time, so batches pay nothing for it; len() of a deque is atomic.
+        metrics.queue_depth.labels(**labels).set_function(lambda: len(self._queue))
         self._deadline_dropped = metrics.deadline_dropped.labels(**labels)
         self._task = asyncio.create_task(self._run_forever(), name=f"batcher-{spec.label}")
 
@@ -149,7 +150,6 @@ class BatchScheduler:
         while True:
             if not self._queue:
                 self._idle.set()
-                self._queue_depth.set(0)
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -165,7 +165,6 @@ class BatchScheduler:
                     finally:
                         timer.cancel()
             batch = self._take_batch()
-            self._queue_depth.set(len(self._queue))
             if batch:
                 await self._execute(batch)
 

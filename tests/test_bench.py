@@ -109,3 +109,15 @@ def test_load_generator_spreads_sessions_over_separate_connections() -> None:
         server.stop()
     assert result.errors == 0 and result.requests > 0
     assert seen[0] == 3  # one HTTP/2 connection per channel, not one shared by all
+
+
+def test_the_window_counts_replies_by_arrival() -> None:
+    from service.bench.loadgen import _Window
+
+    window = _Window(warmup_s=0.0, duration_s=0.0)
+    window.start, window.end = 10.0, 20.0
+    window.record(sent=9.0, received=11.0)  # in flight as the window opened: counts
+    window.record(sent=12.0, received=13.0)
+    window.record(sent=8.0, received=9.5)  # answered during warm-up
+    window.record(sent=19.0, received=21.0)  # answered after the deadline
+    assert window.latencies == [2.0, 1.0]

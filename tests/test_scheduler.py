@@ -78,15 +78,18 @@ async def batch_in_flight(
 
 async def test_chunks_queued_while_a_batch_computes_form_the_next_batch() -> None:
     model = GatedFakeModel(gated=True)
-    scheduler, store, _ = make(model)
+    scheduler, store, metrics = make(model)
     sessions = [store.create(str(i)) for i in range(4)]
     first = await batch_in_flight(scheduler, model, sessions[0])
     rest = [scheduler.submit(s, chunk(i + 2)) for i, s in enumerate(sessions[1:])]
+    depth = {"model": "fake", "version": "1"}
+    assert metrics.registry.get_sample_value("rnnserve_queue_depth", depth) == 3
     model.release.set()
     outputs = await asyncio.gather(first, *rest)
     assert model.calls == [(1, 1), (3, 1)]
     assert [float(o[0, 0]) for o in outputs] == [1.0, 2.0, 3.0, 4.0]
     assert all(s.steps == 1 and not s.busy for s in sessions)
+    assert metrics.registry.get_sample_value("rnnserve_queue_depth", depth) == 0
     await scheduler.close()
 
 
