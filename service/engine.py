@@ -412,6 +412,16 @@ class InferenceEngine:
     ) -> StepResult:
         """:meth:`step` for a session the caller already holds (a stream bound to it), without
         looking it up again. A session that has ended since is NOT_FOUND, exactly as by id."""
+        output = await self.submit_step(handle, session, x, deadline_s)
+        return self.finish_step(handle, session, output, api=api, received_s=received_s, end=end)
+
+    def submit_step(
+        self, handle: ModelHandle, session: Session, x: np.ndarray, deadline_s: float | None = None
+    ) -> asyncio.Future[np.ndarray]:
+        """The first half of :meth:`step_session`, without awaiting: check the chunk and queue it.
+        Errors are raised here; the future resolves to the output rows or fails with the batch's
+        error. Pass its result to :meth:`finish_step`. For adapters that keep several chunks in
+        flight on one stream and would otherwise need a task per chunk."""
         self._check_open()
         if session.ended is not None or session.close_when_idle is not None:
             raise session_not_found(session.session_id)
@@ -421,7 +431,20 @@ class InferenceEngine:
                 f"session {session.session_id!r} already has a chunk in flight; send the next "
                 "chunk after its reply"
             )
-        output = await handle.scheduler.submit(session, x, deadline_s)
+        return handle.scheduler.submit(session, x, deadline_s)
+
+    def finish_step(
+        self,
+        handle: ModelHandle,
+        session: Session,
+        output: np.ndarray,
+        *,
+        api: str,
+        received_s: float,
+        end: bool = False,
+    ) -> StepResult:
+        """The second half of :meth:`step_session`, once the chunk's output is there: close the
+        session if asked (``end``), record the request's latency, build the result."""
         self._changed()
         if end:
             handle.store.end(session, EndReason.CLOSED)

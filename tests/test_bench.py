@@ -111,13 +111,14 @@ def test_load_generator_spreads_sessions_over_separate_connections() -> None:
     assert seen[0] == 3  # one HTTP/2 connection per channel, not one shared by all
 
 
-def test_the_window_counts_replies_by_arrival() -> None:
+def test_the_window_counts_replies_by_arrival_and_latencies_by_sending() -> None:
     from service.bench.loadgen import _Window
 
     window = _Window(warmup_s=0.0, duration_s=0.0)
     window.start, window.end = 10.0, 20.0
-    window.record(sent=9.0, received=11.0)  # in flight as the window opened: counts
-    window.record(sent=12.0, received=13.0)
-    window.record(sent=8.0, received=9.5)  # answered during warm-up
-    window.record(sent=19.0, received=21.0)  # answered after the deadline
-    assert window.latencies == [2.0, 1.0]
+    window.record(sent=9.0, received=11.0)  # in flight as the window opened: counts, no latency
+    window.record(sent=12.0, received=13.0)  # inside: both
+    window.record(sent=8.0, received=9.5)  # answered during warm-up: neither
+    window.record(sent=19.0, received=21.0)  # sent inside, answered after the deadline: latency
+    assert window.answered == 2
+    assert window.latencies == [1.0, 2.0]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from service._proto.inference import grpc_service_pb2 as kpb
+from service.errors import NotFound
 from service.server import RnnServer
 from tests.grpc_helpers import channel, expect_code, infer_output, infer_request, kserve
 from tests.models_for_tests import OfflineReference
@@ -138,3 +139,35 @@ async def test_cancelled_stream_leaves_the_server_healthy(stub: Any, server: Rnn
     assert not session.busy and session.steps == 3  # applied, and nothing left in flight
     again = await stub.ModelInfer(infer_request(MODEL, "gone", x, end=True))
     assert again.parameters["sequence_steps"].int64_param == 6
+
+
+async def test_interleaved_sequences_on_one_stream_apply_in_order(
+    stub: Any, server: RnnServer
+) -> None:
+    # Three sequences, three chunks each, all sent at once round-robin: each sequence's chunks
+    # must apply in their order (the second waits for the first), while the sequences batch.
+    rng = np.random.default_rng(9)
+    inputs = {name: rng.standard_normal((6, 3)).astype(np.float32) for name in "abc"}
+    reference = OfflineReference(server.settings.model_repository, MODEL)
+    requests = [
+        infer_request(MODEL, f"seq-{name}", x[2 * k : 2 * k + 2], start=k == 0, end=k == 2,
+                      request_id=f"{name}{k}")
+        for k in range(3)
+        for name, x in inputs.items()
+    ]  # fmt: skip
+
+    async def send() -> AsyncIterator[kpb.ModelInferRequest]:
+        for r in requests:
+            yield r
+
+    replies = {r.infer_response.id: r async for r in stub.ModelStreamInfer(send())}
+    assert len(replies) == 9 and not any(r.error_message for r in replies.values())
+    for name, x in inputs.items():
+        chunks = [replies[f"{name}{k}"].infer_response for k in range(3)]
+        assert [c.parameters["sequence_steps"].int64_param for c in chunks] == [2, 4, 6]
+        got = np.concatenate([infer_output(c) for c in chunks])
+        np.testing.assert_allclose(got, reference(x), atol=1e-5)
+    store = server.engine.model(MODEL).store
+    for name in inputs:  # END closed each sequence
+        with pytest.raises(NotFound):
+            store.get(f"seq-{name}")

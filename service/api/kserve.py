@@ -10,9 +10,10 @@ The recurrent state never appears in this API.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -24,11 +25,11 @@ from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as mc
 from service.api.auth import caller_of
 from service.api.status import count_failure, deadline_of, translate_errors
-from service.api.tensors import decode_float32, encode_float32, from_floats
-from service.engine import Caller, InferenceEngine, ModelHandle
-from service.errors import InvalidArgument, NotFound, ServiceError
+from service.api.tensors import FLOAT32, decode_float32, from_floats
+from service.engine import Caller, InferenceEngine, ModelHandle, StepResult
+from service.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from service.metrics import Metrics
-from service.session_store import check_session_id
+from service.session_store import Session, check_session_id
 
 API = "kserve"
 PLATFORM = "onnxruntime_onnx"
@@ -46,21 +47,23 @@ def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
     """Read Triton's sequence parameters; a sequence id is required for these stateful models."""
     params = request.parameters
     sequence_id = ""
-    if "sequence_id" in params:
-        p = params["sequence_id"]
+    p = params.get("sequence_id")
+    if p is not None:
         choice = p.WhichOneof("parameter_choice")
         if choice == "int64_param":
-            sequence_id = "" if p.int64_param == 0 else str(p.int64_param)
+            number = p.int64_param
+            sequence_id = str(number) if number else ""
         elif choice == "uint64_param":
-            sequence_id = "" if p.uint64_param == 0 else str(p.uint64_param)
+            number = p.uint64_param
+            sequence_id = str(number) if number else ""
         elif choice == "string_param":
             sequence_id = p.string_param
             if sequence_id:
                 check_session_id(sequence_id)
         else:
             raise InvalidArgument("sequence_id must be an int64, uint64 or string parameter")
-    start = bool_parameter(request, "sequence_start")
-    end = bool_parameter(request, "sequence_end")
+    start = bool_parameter(params, "sequence_start")
+    end = bool_parameter(params, "sequence_end")
     if not sequence_id:
         raise InvalidArgument(
             f"inference request to model {request.model_name!r} must specify a non-zero or non-empty "
@@ -69,10 +72,10 @@ def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
     return SequenceControl(sequence_id, start, end)
 
 
-def bool_parameter(request: pb.ModelInferRequest, name: str) -> bool:
-    if name not in request.parameters:
+def bool_parameter(params: Mapping[str, pb.InferParameter], name: str) -> bool:
+    p = params.get(name)
+    if p is None:
         return False
-    p = request.parameters[name]
     if p.WhichOneof("parameter_choice") != "bool_param":
         raise InvalidArgument(f"{name} must be a bool parameter")
     return p.bool_param
@@ -107,19 +110,25 @@ def input_chunk(request: pb.ModelInferRequest, handle: ModelHandle) -> np.ndarra
     return x[0]
 
 
-def infer_response(
-    request: pb.ModelInferRequest, handle: ModelHandle, y: np.ndarray, steps: int
+def fill_infer_response(
+    message: pb.ModelInferResponse,
+    request: pb.ModelInferRequest,
+    handle: ModelHandle,
+    result: StepResult,
 ) -> pb.ModelInferResponse:
-    shape, data = encode_float32(y[None])
-    response = pb.ModelInferResponse(
-        model_name=handle.spec.name,
-        model_version=handle.spec.version,
-        id=request.id,
-        outputs=[pb.ModelInferResponse.InferOutputTensor(name="y", datatype="FP32", shape=shape)],
-        raw_output_contents=[data],
-    )
-    response.parameters["sequence_steps"].int64_param = steps
-    return response
+    """Write ``result`` (output ``y`` as [1, steps, outputs]) into ``message`` in place: a stream's
+    reply wraps the response, and filling it there saves copying a built one in."""
+    spec = handle.spec
+    message.model_name = spec.name
+    message.model_version = spec.version
+    message.id = request.id
+    y = result.output
+    if y.dtype != FLOAT32:
+        y = y.astype(FLOAT32)
+    message.outputs.add(name="y", datatype="FP32", shape=(1, *y.shape))
+    message.raw_output_contents.append(y.tobytes())
+    message.parameters["sequence_steps"].int64_param = result.steps
+    return message
 
 
 def model_config(handle: ModelHandle, engine: InferenceEngine) -> mc.ModelConfig:
@@ -199,19 +208,27 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         received = time.perf_counter()
-        return await self.infer(
-            request, caller_of(context), deadline_of(context, received), received
+        handle, session, x, end = self.prepare(request, caller_of(context))
+        result = await self.engine.step_session(
+            handle,
+            session,
+            x,
+            api=API,
+            end=end,
+            received_s=received,
+            deadline_s=deadline_of(context, received),
         )
+        return fill_infer_response(pb.ModelInferResponse(), request, handle, result)
 
-    async def infer(
-        self,
-        request: pb.ModelInferRequest,
-        caller: Caller,
-        deadline_s: float | None,
-        received_s: float,
-    ) -> pb.ModelInferResponse:
+    def prepare(
+        self, request: pb.ModelInferRequest, caller: Caller, control: SequenceControl | None = None
+    ) -> tuple[ModelHandle, Session, np.ndarray, bool]:
+        """Everything before the chunk is queued: the model, the sequence (opened or restarted on
+        START), the chunk. Returns them and whether END closes the sequence after this chunk.
+        ``control``: the request's sequence parameters if the caller has read them already."""
         handle = self.engine.model(request.model_name, request.model_version)
-        control = sequence_control(request)
+        if control is None:
+            control = sequence_control(request)
         x = input_chunk(request, handle)
         spec = handle.spec
         if control.start:
@@ -226,16 +243,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"inference request for sequence {control.sequence_id} to model {spec.name!r} must "
                 "specify the START flag on the first request of the sequence"
             ) from None
-        result = await self.engine.step_session(
-            handle,
-            session,
-            x,
-            api=API,
-            end=control.end,
-            received_s=received_s,
-            deadline_s=deadline_s,
-        )
-        return infer_response(request, handle, result.output, result.steps)
+        return handle, session, x, control.end
 
     async def ModelStreamInfer(
         self,
@@ -245,63 +253,149 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests of different sequences run concurrently (and batch together); requests of one
         sequence run in arrival order. Replies come in completion order, each echoing its request id;
         a failed request answers with ``error_message`` and the stream stays open."""
-        caller = caller_of(context)
-        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        last_of_sequence: dict[str, asyncio.Task[None]] = {}
-        pending: set[asyncio.Task[None]] = set()
-
-        async def answer(request: pb.ModelInferRequest, before: asyncio.Task[None] | None) -> None:
-            if before is not None:
-                await asyncio.wait([before])
-            try:
-                received = time.perf_counter()
-                response = await self.infer(
-                    request, caller, deadline_of(context, received), received
-                )
-                reply = pb.ModelStreamInferResponse(infer_response=response)
-            except Exception as error:
-                message = count_failure(error, self.metrics, API)
-                reply = pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name,
-                        model_version=request.model_version,
-                        id=request.id,
-                    ),
-                )
-            await replies.put(reply)
+        # A stream's deadline is fixed when it starts, so it is read once, not per request.
+        stream = StreamRequests(self, caller_of(context), deadline_of(context, time.perf_counter()))
 
         async def read_requests() -> None:
             try:
                 async for request in request_iterator:
-                    key = sequence_key(request)
-                    task = asyncio.create_task(answer(request, last_of_sequence.get(key)))
-                    last_of_sequence[key] = task
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                    task.add_done_callback(functools.partial(forget, key))
-            finally:
-                if pending:
-                    await asyncio.wait(list(pending))
-                await replies.put(None)
-
-        def forget(key: str, task: asyncio.Task[None]) -> None:
-            if last_of_sequence.get(key) is task:
-                del last_of_sequence[key]
+                    stream.receive(request)
+            finally:  # the client half-closed, or the read failed: reply to what came, then end
+                stream.input_ended()
 
         reader = asyncio.create_task(read_requests())
         try:
-            while (reply := await replies.get()) is not None:
+            while (reply := await stream.replies.get()) is not None:
                 yield reply
         finally:
+            stream.closed = True
             reader.cancel()
-            for task in list(pending):
-                task.cancel()
 
 
-def sequence_key(request: pb.ModelInferRequest) -> str:
-    """Orders requests of one sequence within a stream; malformed ids still get a stable key."""
-    try:
-        return f"{request.model_name}\0{sequence_control(request).sequence_id}"
-    except ServiceError:
-        return f"{request.model_name}\0?"
+class StreamRequests:
+    """The requests of one ModelStreamInfer stream, from arrival to reply.
+
+    Concurrency (all on the loop thread, no task per request): a request's chunk is queued with
+    the engine as it arrives (:meth:`InferenceEngine.submit_step`) and its reply is built in the
+    done callback of the chunk's future. A request whose sequence already has one in flight waits
+    in that sequence's line and starts when the one before it has finished, so the chunks of a
+    sequence apply in arrival order while different sequences share batches. Once the stream has
+    closed, waiting requests are dropped; chunks already queued still apply (see the scheduler).
+    """
+
+    def __init__(self, servicer: KServeServicer, caller: Caller, deadline_s: float | None) -> None:
+        self.servicer = servicer
+        self.engine = servicer.engine
+        self.caller = caller
+        self.deadline_s = deadline_s
+        self.replies = ReplyChannel()
+        self.closed = False
+        # A key per sequence with a request in flight, holding the requests waiting behind it.
+        self._lines: dict[str, collections.deque[tuple[pb.ModelInferRequest, SequenceControl | None]]] = {}  # fmt: skip
+        self._unanswered = 0
+        self._input_ended = False
+
+    def receive(self, request: pb.ModelInferRequest) -> None:
+        try:
+            control: SequenceControl | None = sequence_control(request)
+        except ServiceError:  # reported by the request's own reply; malformed ids share a line
+            control = None
+        key = f"{request.model_name}\0{control.sequence_id if control else '?'}"
+        self._unanswered += 1
+        line = self._lines.get(key)
+        if line is not None:
+            line.append((request, control))
+            return
+        self._lines[key] = collections.deque()
+        self._start(request, control, key)
+
+    def input_ended(self) -> None:
+        self._input_ended = True
+        if not self._unanswered:
+            self.replies.put(None)
+
+    def _start(
+        self, request: pb.ModelInferRequest, control: SequenceControl | None, key: str
+    ) -> None:
+        received = time.perf_counter()
+        try:
+            handle, session, x, end = self.servicer.prepare(request, self.caller, control)
+            future = self.engine.submit_step(handle, session, x, self.deadline_s)
+        except Exception as error:
+            self._answer(key, self._error_reply(request, error))
+            return
+        future.add_done_callback(
+            functools.partial(self._computed, request, key, handle, session, end, received)
+        )
+
+    def _computed(
+        self,
+        request: pb.ModelInferRequest,
+        key: str,
+        handle: ModelHandle,
+        session: Session,
+        end: bool,
+        received_s: float,
+        future: asyncio.Future[np.ndarray],
+    ) -> None:
+        reply = pb.ModelStreamInferResponse()
+        try:
+            output = future.result()
+            result = self.engine.finish_step(
+                handle, session, output, api=API, received_s=received_s, end=end
+            )
+            fill_infer_response(reply.infer_response, request, handle, result)
+        except asyncio.CancelledError:  # nothing cancels these futures; never leave one unanswered
+            reply = self._error_reply(request, Unavailable("the request was cancelled"))
+        except Exception as error:
+            reply = self._error_reply(request, error)
+        self._answer(key, reply)
+
+    def _answer(self, key: str, reply: pb.ModelStreamInferResponse) -> None:
+        self.replies.put(reply)
+        self._unanswered -= 1
+        line = self._lines[key]
+        if line and not self.closed:
+            request, control = line.popleft()
+            self._start(request, control, key)
+        else:
+            del self._lines[key]
+        if self._input_ended and not self._unanswered:
+            self.replies.put(None)
+
+    def _error_reply(
+        self, request: pb.ModelInferRequest, error: Exception
+    ) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(
+            error_message=count_failure(error, self.servicer.metrics, API),
+            infer_response=pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            ),
+        )
+
+
+class ReplyChannel:
+    """A stream's replies in completion order: answer tasks put, the stream's generator gets.
+
+    Leaner than ``asyncio.Queue`` on this per-request path: unbounded, and only ever one waiter
+    (the generator), so a put just wakes that waiter's future if there is one. Loop thread only.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[pb.ModelStreamInferResponse | None] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: pb.ModelStreamInferResponse | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> pb.ModelStreamInferResponse | None:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()

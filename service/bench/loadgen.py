@@ -81,11 +81,13 @@ class LoadResult:
     latencies_s: np.ndarray
     measured_s: float
     errors: int
+    answered: int = 0  # replies that arrived in the measured window
     error_samples: list[str] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
-        return len(self.latencies_s)
+        """Requests answered in the measured window (what throughput and CPU per request count)."""
+        return self.answered
 
     def summary(self) -> dict[str, float]:
         lat = self.latencies_s
@@ -115,24 +117,30 @@ def require_loopback(target: str) -> None:
 
 
 class _Window:
-    """Shared clock: records every reply received between warm-up end and the deadline.
+    """Shared clock for the measured window, between warm-up end and the deadline.
 
-    A reply counts by when it arrives, whenever its request was sent: counting only requests both
-    sent and answered inside the window would miss the ones in flight as it opens, about one per
-    session, which undercounts slow points badly (a point whose replies take longer than the window
-    would measure nothing at all).
+    Throughput counts the replies that *arrive* in the window, whenever their requests were sent;
+    latency is recorded for the requests *sent* in the window, whenever their replies arrive (each
+    session waits for its last reply before it stops). Counting only requests both sent and
+    answered inside the window would miss about one request per session at each edge: slow points
+    would be undercounted badly (one whose replies take longer than the window would measure
+    nothing), and their latencies cut off at the window's length. Requests sent during warm-up
+    never enter the latencies, so a start-up backlog cannot either.
     """
 
     def __init__(self, warmup_s: float, duration_s: float) -> None:
         now = time.perf_counter()
         self.start = now + warmup_s
         self.end = self.start + duration_s
+        self.answered = 0
         self.latencies: list[float] = []
         self.errors = 0
         self.error_samples: list[str] = []
 
     def record(self, sent: float, received: float) -> None:
         if self.start <= received <= self.end:
+            self.answered += 1
+        if self.start <= sent <= self.end:
             self.latencies.append(received - sent)
 
     def fail(self, message: str) -> None:
@@ -255,6 +263,7 @@ async def run_load(
     return LoadResult(
         config=cfg,
         latencies_s=np.array(window.latencies),
+        answered=window.answered,
         measured_s=cfg.duration_s,
         errors=window.errors,
         error_samples=window.error_samples,
