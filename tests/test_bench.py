@@ -122,3 +122,19 @@ def test_the_window_counts_replies_by_arrival_and_latencies_by_sending() -> None
     window.record(sent=19.0, received=21.0)  # sent inside, answered after the deadline: latency
     assert window.answered == 2
     assert window.latencies == [1.0, 2.0]
+
+
+def test_interleaved_ab_script_runs(tiny_repository: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/bench_ab.py", "--model-repository", str(tiny_repository),
+         "--model", "tiny_gru", "--runs", "1", "--sessions", "2", "--duration-s", "0.3",
+         "--warmup-s", "0.1", "default", "max_batch_size=1", "noop"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == [
+        "| default",
+        "| max_batch_size=1",
+        "| noop",
+    ]

@@ -1,0 +1,79 @@
+"""Interleaved A/B runs of one load point: server settings against each other and the no-op.
+
+The machine's speed drifts between runs (a shared VM), so variants are measured in turns (A, B,
+no-op, A, B, no-op, ...) and compared by their medians, which is how docs/PERFORMANCE.md's
+"interleaved runs" were taken. Each point starts a fresh server on loopback.
+
+python scripts/bench_ab.py --runs 4                                  # defaults against the no-op
+python scripts/bench_ab.py --rate 2700 max_queue_delay_s=0 default   # open loop, two settings
+python scripts/bench_ab.py --api kserve --model adding_gru default noop
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+from service.bench.harness import ServerProcess, start_noop_server, start_server
+from service.bench.loadgen import LoadConfig
+from service.bench.sweep import measure
+from service.repository import read_spec
+from service.settings import BUNDLED_MODELS
+
+COLUMNS = ("steps_per_s", "p50_ms", "p99_ms", "server_cpu_per_request_us", "machine_steal")
+
+
+def start(variant: str, repository: Path, outputs: int) -> ServerProcess:
+    """``noop``, ``default``, or comma-separated ``setting=value`` pairs for ``rnnserve serve``."""
+    if variant == "noop":
+        return start_noop_server(outputs)
+    if variant == "default":
+        return start_server(repository)
+    settings = dict(pair.split("=", 1) for pair in variant.split(","))
+    return start_server(repository, **settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("variants", nargs="*", default=["default", "noop"])
+    parser.add_argument("--model-repository", type=Path, default=BUNDLED_MODELS)
+    parser.add_argument("--model", default="adding_lstm")
+    parser.add_argument("--api", choices=("native", "kserve"), default="native")
+    parser.add_argument("--sessions", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=1, help="steps per chunk")
+    parser.add_argument("--rate", type=float, default=None, help="open loop: chunks per second")
+    parser.add_argument("--runs", type=int, default=3, help="turns per variant")
+    parser.add_argument("--duration-s", type=float, default=4.0)
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    args = parser.parse_args()
+
+    spec = read_spec(args.model_repository / args.model / "1")
+    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
+    for turn in range(args.runs):
+        for variant in args.variants:
+            server = start(variant, args.model_repository.resolve(), spec.output_size)
+            try:
+                cfg = LoadConfig(target=server.target, model=args.model, features=spec.input_size,
+                                 api=args.api, sessions=args.sessions, chunk_steps=args.chunk,
+                                 duration_s=args.duration_s, warmup_s=args.warmup_s,
+                                 rate_per_s=args.rate)  # fmt: skip
+                row = measure(server, cfg)
+            finally:
+                server.stop()
+            rows[variant].append(row)
+            print(f"turn {turn + 1}/{args.runs} {variant}: "
+                  + " ".join(f"{k}={row[k]:.4g}" for k in COLUMNS), flush=True)  # fmt: skip
+    print("\n| variant | " + " | ".join(f"median {c}" for c in COLUMNS) + " | all steps/s |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for variant, measured in rows.items():
+        medians = [statistics.median(r[c] for r in measured) for c in COLUMNS]
+        every = ", ".join(f"{r['steps_per_s']:,.0f}" for r in measured)
+        print(f"| {variant} | " + " | ".join(f"{m:,.4g}" for m in medians) + f" | {every} |")
+
+
+if __name__ == "__main__":
+    main()
