@@ -25,7 +25,7 @@ from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as mc
 from service.api.auth import caller_of
 from service.api.status import count_failure, deadline_of, translate_errors
-from service.api.tensors import FLOAT32, decode_float32, from_floats
+from service.api.tensors import decode_float32, float32_bytes, from_floats
 from service.engine import Caller, InferenceEngine, ModelHandle, StepResult
 from service.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from service.metrics import Metrics
@@ -123,10 +123,8 @@ def fill_infer_response(
     message.model_version = spec.version
     message.id = request.id
     y = result.output
-    if y.dtype != FLOAT32:
-        y = y.astype(FLOAT32)
     message.outputs.add(name="y", datatype="FP32", shape=(1, *y.shape))
-    message.raw_output_contents.append(y.tobytes())
+    message.raw_output_contents.append(float32_bytes(y))
     message.parameters["sequence_steps"].int64_param = result.steps
     return message
 

@@ -15,7 +15,7 @@ from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 from service.api.auth import caller_of
 from service.api.status import abort, deadline_of, translate_errors
-from service.api.tensors import FLOAT32, decode_float32, encode_float32
+from service.api.tensors import decode_float32, encode_float32, float32_bytes
 from service.engine import (
     Caller,
     InferenceEngine,
@@ -70,12 +70,9 @@ def step_response(result: StepResult) -> pb.StepResponse:
 def fill_step_response(message: pb.StepResponse, result: StepResult) -> pb.StepResponse:
     """Write ``result`` into ``message`` in place (the hot path: no nested message copies)."""
     message.session_id = result.session_id
-    output = result.output
-    if output.dtype != FLOAT32:
-        output = output.astype(FLOAT32)
     tensor = message.output
-    tensor.shape.extend(output.shape)
-    tensor.data = output.tobytes()
+    tensor.shape.extend(result.output.shape)
+    tensor.data = float32_bytes(result.output)
     message.steps = result.steps
     message.ended = result.ended
     message.durable_steps = result.durable_steps

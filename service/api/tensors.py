@@ -51,7 +51,11 @@ def from_floats(shape: Sequence[int], values: Sequence[float], what: str = "tens
     return np.asarray(values, dtype=np.float32).reshape(dims)
 
 
+def float32_bytes(array: np.ndarray) -> bytes:
+    """Little-endian float32 bytes of ``array`` in C order; a float32 array is not converted."""
+    return (array if array.dtype == FLOAT32 else array.astype(FLOAT32)).tobytes()
+
+
 def encode_float32(array: np.ndarray) -> tuple[list[int], bytes]:
     """Shape and little-endian float32 bytes of ``array``."""
-    contiguous = np.ascontiguousarray(array, dtype=FLOAT32)
-    return list(contiguous.shape), contiguous.tobytes()
+    return list(array.shape), float32_bytes(array)

@@ -13,7 +13,7 @@ from typing import Any
 from service.bench.capacity import measure_idle_sessions, measure_startup
 from service.bench.harness import ServerProcess, start_noop_server, start_server
 from service.bench.loadgen import LoadConfig
-from service.bench.sweep import SweepPlan, measure_calm
+from service.bench.sweep import SweepPlan, measure_calm, steal_cell
 from service.repository import discover, read_spec
 
 logger = logging.getLogger(__name__)
@@ -165,8 +165,7 @@ def targets_markdown(targets: list[dict[str, Any]], half_load: list[dict[str, An
         lines.append(
             f"| {r['model']} | {r['rate_per_s']:,.0f} | {r['steps_per_s']:,.0f} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']:.0f} "
-            f"| {100 * r.get('machine_steal', 0.0):.0f}{' (2nd try)' if r.get('remeasured') else ''} "
-            f"| {r['noop_p50_ms']:.2f} | {r['noop_p99_ms']:.2f} "
-            f"| {100 * r.get('noop_machine_steal', 0.0):.0f} |"
+            f"| {steal_cell(r)} | {r['noop_p50_ms']:.2f} | {r['noop_p99_ms']:.2f} "
+            f"| {steal_cell(r, 'noop_')} |"
         )
     return "\n".join(lines) + "\n"

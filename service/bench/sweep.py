@@ -82,6 +82,13 @@ def measure_calm(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
     return {**calmer, "remeasured": True}
 
 
+def steal_cell(row: dict[str, Any], prefix: str = "") -> str:
+    """A point's stolen CPU share (``<prefix>machine_steal``) as a table cell, in percent, marked
+    if it was measured again (``<prefix>remeasured``)."""
+    again = " (2nd try)" if row.get(prefix + "remeasured") else ""
+    return f"{100 * row.get(prefix + 'machine_steal', 0.0):.0f}{again}"
+
+
 def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for model, chunk, session_counts in plan.points():
@@ -146,8 +153,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['chunk']} | {r['sessions']} | {r['variant']} | {r['steps_per_s']:,.0f} | {r['requests_per_s']:,.0f} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['p999_ms'])} | {fmt(r.get('mean_batch'), 1)} "
-            f"| {r['server_cpu_per_request_us']:.0f} | {100 * r.get('machine_steal', 0.0):.0f}"
-            f"{' (2nd try)' if r.get('remeasured') else ''} "
+            f"| {r['server_cpu_per_request_us']:.0f} | {steal_cell(r)} "
             f"| {fmt(ratio(rows, r, 'noop') if batched else None)} "
             f"| {fmt(ratio(rows, r, 'compute') if batched else None)} | {fmt(ratio(rows, r, 'unbatched') if batched else None)} |"
         )
