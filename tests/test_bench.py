@@ -3,6 +3,7 @@ belong in docs/PERFORMANCE.md, measured by the full sweep."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -103,12 +104,55 @@ def test_load_generator_spreads_sessions_over_separate_connections() -> None:
     seen: list[int] = []
     try:
         cfg = LoadConfig(target=server.target, model="m", features=2, sessions=6, channels=3,
-                         duration_s=0.2, warmup_s=0.1)  # fmt: skip
+                         duration_s=0.2, warmup_s=0.0)  # fmt: skip
         result = drive(cfg, lambda edge: seen.append(established_connections_to(server.grpc_port)))
     finally:
         server.stop()
-    assert result.errors == 0 and result.requests > 0
+    assert result.errors == 0
+    # The window opens once every session has been answered, so all connections are up by then.
     assert seen[0] == 3  # one HTTP/2 connection per channel, not one shared by all
+
+
+def test_the_window_opens_after_warm_up_and_every_sessions_first_reply() -> None:
+    from service.bench.loadgen import _Window
+
+    async def scenario() -> list[str]:
+        edges: list[str] = []
+        opened = asyncio.Event()
+        window = _Window(0.0, 60.0, sessions=3,
+                         on_edge=lambda edge: (edges.append(edge), opened.set()))  # fmt: skip
+        await asyncio.sleep(0)  # warm-up (zero) elapses; sessions 0 and 2 are still unanswered
+        await asyncio.sleep(0)
+        window.session_ready(0)
+        window.session_ready(0)  # a session reports on every reply: idempotent
+        assert edges == [] and window.running
+        window.session_ready(2)  # ended without a reply: counts as ready
+        window.session_ready(1)
+        await asyncio.wait_for(opened.wait(), timeout=10)
+        assert edges == ["start"] and window.start <= window.end - 60.0 + 1e-9
+        window.close()  # every session ended before the deadline: the end edge is reported now
+        return edges
+
+    assert asyncio.run(scenario()) == ["start", "end"]
+
+
+def test_a_window_waiting_for_a_silent_session_opens_after_its_timeout() -> None:
+    from service.bench.loadgen import _Window
+
+    async def scenario() -> list[str]:
+        edges: list[str] = []
+        done = asyncio.Event()
+
+        def on_edge(edge: str) -> None:
+            edges.append(edge)
+            if edge == "end":
+                done.set()
+
+        _Window(0.0, 0.0, sessions=1, on_edge=on_edge, ready_timeout_s=0.0)
+        await asyncio.wait_for(done.wait(), timeout=10)
+        return edges
+
+    assert asyncio.run(scenario()) == ["start", "end"]
 
 
 def test_the_window_counts_replies_by_arrival_and_latencies_by_sending() -> None:

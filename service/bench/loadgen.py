@@ -7,7 +7,8 @@ for the wait (no coordinated omission). A session still never has two chunks in 
 
 Sessions stream over the native API (one bidirectional stream per session) or the KServe v2 API
 (one ModelStreamInfer stream per session, Triton sequence parameters). Latencies are recorded after
-a warm-up, for a fixed duration; every session then closes. Only loopback targets are allowed.
+a warm-up that lasts until every session has been answered, for a fixed duration; every session
+then closes. Only loopback targets are allowed.
 """
 
 from __future__ import annotations
@@ -117,7 +118,13 @@ def require_loopback(target: str) -> None:
 
 
 class _Window:
-    """Shared clock for the measured window, between warm-up end and the deadline.
+    """Shared clock for the measured window, which opens once warm-up has elapsed *and* every
+    session has had its first reply (or ended), and closes ``duration_s`` later.
+
+    Waiting for every session keeps connection set-up and model warm-up out of the window on a
+    slow or busy machine, where a fixed warm-up could end before the last session had connected
+    (a short run then measured nothing). If some session has still not been answered
+    ``ready_timeout_s`` after warm-up, the window opens anyway, so a load always ends.
 
     Throughput counts the replies that *arrive* in the window, whenever their requests were sent;
     latency is recorded for the requests *sent* in the window, whenever their replies arrive (each
@@ -126,16 +133,71 @@ class _Window:
     would be undercounted badly (one whose replies take longer than the window would measure
     nothing), and their latencies cut off at the window's length. Requests sent during warm-up
     never enter the latencies, so a start-up backlog cannot either.
+
+    Every method runs on the load's event loop; ``on_edge`` is called there with "start" and
+    "end" as the window opens and closes.
     """
 
-    def __init__(self, warmup_s: float, duration_s: float) -> None:
-        now = time.perf_counter()
-        self.start = now + warmup_s
-        self.end = self.start + duration_s
+    def __init__(
+        self,
+        warmup_s: float,
+        duration_s: float,
+        sessions: int = 0,
+        on_edge: Callable[[str], None] | None = None,
+        ready_timeout_s: float = 30.0,
+    ) -> None:
+        self.duration_s = duration_s
+        self.start = self.end = float("inf")
         self.answered = 0
         self.latencies: list[float] = []
         self.errors = 0
         self.error_samples: list[str] = []
+        self._waiting_for = set(range(sessions))
+        self._warm = False
+        self._on_edge = on_edge
+        self._edges_due = ["start", "end"]
+        self._timers: list[asyncio.TimerHandle] = []
+        if sessions:
+            loop = asyncio.get_running_loop()
+            self._timers += [
+                loop.call_later(warmup_s, self._warmed_up),
+                loop.call_later(warmup_s + ready_timeout_s, self._open),
+            ]
+
+    def session_ready(self, index: int) -> None:
+        """Session ``index`` has had its first reply, or has ended without one."""
+        self._waiting_for.discard(index)
+        if self._warm and not self._waiting_for:
+            self._open()
+
+    def _warmed_up(self) -> None:
+        self._warm = True
+        if not self._waiting_for:
+            self._open()
+
+    def _open(self) -> None:
+        if self.start != float("inf"):
+            return
+        self.start = time.perf_counter()
+        self.end = self.start + self.duration_s
+        self._reach("start")
+        self._timers.append(
+            asyncio.get_running_loop().call_later(self.duration_s, self._reach, "end")
+        )
+
+    def _reach(self, edge: str) -> None:
+        if edge in self._edges_due:
+            self._edges_due.remove(edge)
+            if self._on_edge is not None:
+                self._on_edge(edge)
+
+    def close(self) -> None:
+        """Every session has ended: stop the timers and report the edges not yet reached (all
+        sessions failed early), in order, so a caller reading counters at the edges gets both."""
+        for timer in self._timers:
+            timer.cancel()
+        for edge in list(self._edges_due):
+            self._reach(edge)
 
     def record(self, sent: float, received: float) -> None:
         if self.start <= received <= self.end:
@@ -171,6 +233,7 @@ async def _native_session(
             window.fail("stream ended")
             return
         window.record(sent, time.perf_counter())
+        window.session_ready(index)
     await call.write(pb.StreamRequest(close=pb.Close()))
     await call.read()
     await call.done_writing()
@@ -212,6 +275,7 @@ async def _kserve_session(
             window.fail(reply.error_message)
             break
         window.record(sent, time.perf_counter())
+        window.session_ready(sequence_id - 1)
     await requests.put(request(first, True))
     await replies.__anext__()
     await requests.put(None)
@@ -220,8 +284,8 @@ async def _kserve_session(
 async def run_load(
     cfg: LoadConfig, on_window_edge: Callable[[str], None] | None = None
 ) -> LoadResult:
-    """Drive ``cfg.sessions`` sessions (closed or open loop) for warm-up plus duration; return
-    latencies.
+    """Drive ``cfg.sessions`` sessions (closed or open loop) through warm-up and the measured
+    window (see :class:`_Window`); return what the window measured.
 
     ``on_window_edge`` is called with "start" and "end" as the measured window opens and closes
     (on this loop), so a caller can read CPU counters over exactly the window the latencies cover.
@@ -232,29 +296,20 @@ async def run_load(
     channels = [
         grpc.aio.insecure_channel(cfg.target, options=CHANNEL_OPTIONS) for _ in range(cfg.channels)
     ]
-    window = _Window(cfg.warmup_s, cfg.duration_s)
-    edges_due = ["start", "end"]
+    window = _Window(cfg.warmup_s, cfg.duration_s, cfg.sessions, on_window_edge)
 
-    def reach_edge(edge: str) -> None:
-        if edge in edges_due and on_window_edge is not None:
-            edges_due.remove(edge)
-            on_window_edge(edge)
-
-    loop = asyncio.get_running_loop()
-    loop.call_later(cfg.warmup_s, reach_edge, "start")
-    loop.call_later(cfg.warmup_s + cfg.duration_s, reach_edge, "end")
-    sessions = []
-    for i in range(cfg.sessions):
+    async def session(i: int) -> None:
         ch = channels[i % len(channels)]
-        if cfg.api == "native":
-            sessions.append(_native_session(pb_grpc.StreamingInferenceStub(ch), cfg, x, window, i))
-        else:
-            sessions.append(
-                _kserve_session(kpb_grpc.GRPCInferenceServiceStub(ch), cfg, x, window, 1 + i)
-            )
-    results = await asyncio.gather(*sessions, return_exceptions=True)
-    for edge in list(edges_due):  # every session failed early: report the edges now, in order
-        reach_edge(edge)
+        try:
+            if cfg.api == "native":
+                await _native_session(pb_grpc.StreamingInferenceStub(ch), cfg, x, window, i)
+            else:
+                await _kserve_session(kpb_grpc.GRPCInferenceServiceStub(ch), cfg, x, window, 1 + i)
+        finally:
+            window.session_ready(i)  # one that failed before its first reply holds nobody up
+
+    results = await asyncio.gather(*map(session, range(cfg.sessions)), return_exceptions=True)
+    window.close()
     for outcome in results:
         if isinstance(outcome, BaseException):
             window.fail(f"{type(outcome).__name__}: {outcome}")
