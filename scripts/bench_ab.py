@@ -22,7 +22,8 @@ from service.bench.sweep import measure
 from service.repository import read_spec
 from service.settings import BUNDLED_MODELS
 
-COLUMNS = ("steps_per_s", "p50_ms", "p99_ms", "server_cpu_per_request_us", "machine_steal")
+COLUMNS = ("steps_per_s", "p50_ms", "p99_ms", "p99_from_send_ms", "server_cpu_per_request_us",
+           "machine_steal")  # fmt: skip
 
 
 def start(variant: str, repository: Path, outputs: int) -> ServerProcess:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.bench.harness import start_noop_server
@@ -155,17 +156,30 @@ def test_a_window_waiting_for_a_silent_session_opens_after_its_timeout() -> None
     assert asyncio.run(scenario()) == ["start", "end"]
 
 
-def test_the_window_counts_replies_by_arrival_and_latencies_by_sending() -> None:
+def test_the_window_counts_replies_by_arrival_and_latencies_by_due_time() -> None:
     from service.bench.loadgen import _Window
 
     window = _Window(warmup_s=0.0, duration_s=0.0)
     window.start, window.end = 10.0, 20.0
-    window.record(sent=9.0, received=11.0)  # in flight as the window opened: counts, no latency
-    window.record(sent=12.0, received=13.0)  # inside: both
-    window.record(sent=8.0, received=9.5)  # answered during warm-up: neither
-    window.record(sent=19.0, received=21.0)  # sent inside, answered after the deadline: latency
+    window.record(due=9.0, written=9.0, received=11.0)  # in flight as the window opened: counts
+    window.record(due=12.0, written=12.5, received=13.0)  # inside: both; written 0.5 s late
+    window.record(due=8.0, written=8.0, received=9.5)  # answered during warm-up: neither
+    window.record(due=19.0, written=19.0, received=21.0)  # due inside, answered after: latency
     assert window.answered == 2
     assert window.latencies == [1.0, 2.0]
+    assert window.send_lags == [0.5, 0.0]
+
+
+def test_latency_from_send_leaves_out_the_load_generators_lateness() -> None:
+    from service.bench.loadgen import LoadResult
+
+    cfg = LoadConfig(target="127.0.0.1:1", model="m", features=1, duration_s=1.0)
+    result = LoadResult(config=cfg, latencies_s=np.array([0.004, 0.010]), measured_s=1.0,
+                        errors=0, answered=2, send_lags_s=np.array([0.0, 0.008]))  # fmt: skip
+    summary = result.summary()
+    assert summary["max_ms"] == pytest.approx(10.0)
+    assert summary["send_lag_p99_ms"] == pytest.approx(7.92)
+    assert summary["p99_from_send_ms"] == pytest.approx(3.98)  # 4 ms and 2 ms once written
 
 
 def test_interleaved_ab_script_runs(tiny_repository: Path) -> None:
