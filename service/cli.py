@@ -262,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--duration-s", type=float, default=2.5, help="measured seconds per point")
     bench.add_argument(
-        "--warmup-s", type=float, default=0.75, help="unmeasured seconds before each point"
+        "--warmup-s",
+        type=float,
+        default=0.75,
+        help="unmeasured seconds before each point (longer if some session has not had its "
+        "first reply by then, up to 30 s more)",
     )
     bench.add_argument(
         "--no-compare", action="store_true", help="only this server, batched (no limits)"
