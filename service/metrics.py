@@ -191,6 +191,13 @@ class Metrics:
         self.queue_depth = Gauge(
             "rnnserve_queue_depth", "Chunks waiting for a batch.", ["model", "version"], registry=r
         )
+        self.gc_pause = Histogram(
+            "rnnserve_gc_pause_seconds",
+            "Time the Python garbage collector stopped the process, per collection.",
+            ["generation"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
 
     def series_names(self) -> set[str]:
         """Every series name the exposition can hold (``_total`` counters, histogram series)."""

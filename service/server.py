@@ -18,12 +18,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from service import gc_pauses
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service._proto.rnnserve.v1 import streaming_pb2, streaming_pb2_grpc
 from service.api.auth import BearerTokenInterceptor, load_tokens
 from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.engine import InferenceEngine
+from service.gc_pauses import GcPauseObserver
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -53,6 +55,7 @@ class RnnServer:
         self.settings = settings
         self.metrics = Metrics()
         self.engine = InferenceEngine(settings, self.metrics)
+        self._gc_pauses = GcPauseObserver(self.metrics.gc_pause)
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -60,7 +63,10 @@ class RnnServer:
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self, freeze_start_up_objects: bool = False) -> None:
+        """Bind the ports, load every model, then report SERVING. ``freeze_start_up_objects``
+        (process-wide: for the process's own entry point) takes everything alive at that point
+        out of the garbage collector's scans, see :mod:`service.gc_pauses`."""
         s = self.settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -106,6 +112,9 @@ class RnnServer:
         # Health answers NOT_SERVING while the models load (in a thread: the loop keeps serving probes).
         await asyncio.to_thread(self.engine.load_models)
         await self.engine.start()
+        if freeze_start_up_objects:
+            gc_pauses.freeze_start_up_objects()
+        self._gc_pauses.install()
         for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.port_file is not None:
@@ -130,16 +139,18 @@ class RnnServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self._gc_pauses.uninstall()
         self._stopped.set()
         return report
 
     async def serve_until_signal(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        """Run until SIGTERM or SIGINT, then stop gracefully: the process's own server, so it
+        freezes the start-up objects (:mod:`service.gc_pauses`)."""
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop_requested.set)
-        await self.start()
+        await self.start(freeze_start_up_objects=True)
         await stop_requested.wait()
         logger.info("stop requested; draining (up to %.1f s)", self.settings.drain_timeout_s)
         await self.stop()

@@ -196,3 +196,14 @@ def test_interleaved_ab_script_runs(tiny_repository: Path) -> None:
         "| max_batch_size=1",
         "| noop",
     ]
+
+
+def test_gc_pause_script_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/gc_pause.py", "--freeze", "--sessions", "0", "200"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row[0] for row in rows[1:]] == ["| 0", "| 200"]
+    assert int(rows[1][1].replace(",", "")) < 100  # frozen: start-up objects are not scanned

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import re
 import shutil
 import urllib.request
 from typing import Any
@@ -29,6 +31,7 @@ EXPECTED_METRICS = (
     "rnnserve_sessions_started_total",
     "rnnserve_sessions_ended_total",
     "rnnserve_failures_total",
+    "rnnserve_gc_pause_seconds",
 )
 
 
@@ -51,6 +54,7 @@ async def exercise(server: RnnServer) -> str:
 
 async def test_metrics_exposition_has_every_metric_and_moves(server: RnnServer) -> None:
     session_id = await exercise(server)
+    gc.collect()  # one full collection, timed by the running server
     text = await asyncio.to_thread(scrape, server.metrics_port)
     for name in EXPECTED_METRICS:
         assert f"\n{name}" in text or text.startswith(name), name
@@ -58,6 +62,27 @@ async def test_metrics_exposition_has_every_metric_and_moves(server: RnnServer) 
     assert 'rnnserve_sessions_ended_total{model="tiny_gru",reason="closed",version="1"} 1.0' in text
     assert 'rnnserve_failures_total{api="native",code="NOT_FOUND"} 1.0' in text
     assert session_id not in text and "session_id" not in text  # labels stay low-cardinality
+    full_collections = r'rnnserve_gc_pause_seconds_count{generation="2"} (\d+)'
+    assert int(float(re.search(full_collections + r"\.0", text).group(1))) >= 1  # type: ignore[union-attr]
+
+
+async def test_a_stopped_server_stops_timing_collections(make_settings: Any) -> None:
+    server = RnnServer(make_settings())
+    await server.start()
+    assert server._gc_pauses._on_collection in gc.callbacks
+    await server.stop()
+    assert server._gc_pauses._on_collection not in gc.callbacks
+
+
+def test_freezing_start_up_objects_takes_them_out_of_collections() -> None:
+    from service.gc_pauses import freeze_start_up_objects
+
+    try:
+        frozen = freeze_start_up_objects()
+        assert frozen == gc.get_freeze_count() > 1000
+        assert len(gc.get_objects()) < frozen  # what collections still scan
+    finally:
+        gc.unfreeze()
 
 
 async def test_promtool_accepts_the_exposition(server: RnnServer) -> None:

@@ -289,12 +289,12 @@ class SessionStream:
         handle, session = self.engine.session(
             view.model, view.version, view.session_id, self.caller
         )
-        session.end_listeners.append(self._on_end)
+        session.add_end_listener(self._on_end)
         self.bound = handle, session
 
     def detach(self) -> None:
-        if self.bound is not None and self._on_end in self.bound[1].end_listeners:
-            self.bound[1].end_listeners.remove(self._on_end)
+        if self.bound is not None:
+            self.bound[1].remove_end_listener(self._on_end)
         self.bound = None
 
     def cancelled_by_end(self) -> bool:
