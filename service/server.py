@@ -25,7 +25,6 @@ from service.api.auth import BearerTokenInterceptor, load_tokens
 from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.engine import InferenceEngine
-from service.gc_pauses import GcPauseObserver
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -55,7 +54,7 @@ class RnnServer:
         self.settings = settings
         self.metrics = Metrics()
         self.engine = InferenceEngine(settings, self.metrics)
-        self._gc_pauses = GcPauseObserver(self.metrics.gc_pause)
+        self._gc_pauses = gc_pauses.GcPauseObserver(self.metrics.gc_pause)
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None

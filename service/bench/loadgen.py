@@ -80,12 +80,12 @@ class _Schedule:
 class LoadResult:
     config: LoadConfig
     latencies_s: np.ndarray  # from each request's due time: its scheduled one in an open loop
+    # How late the load generator itself wrote each of those requests after its due time (open
+    # loop; about zero in a closed one): CPU contention on the shared machine, not the server's.
+    send_lags_s: np.ndarray
     measured_s: float
     errors: int
     answered: int = 0  # replies that arrived in the measured window
-    # How late the load generator itself wrote each request after its due time (open loop; about
-    # zero in a closed one): CPU contention on the shared machine, not the server's doing.
-    send_lags_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     error_samples: list[str] = field(default_factory=list)
 
     @property
