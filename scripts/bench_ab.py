@@ -7,6 +7,11 @@ no-op, A, B, no-op, ...) and compared by their medians, which is how docs/PERFOR
 python scripts/bench_ab.py --runs 4                                  # defaults against the no-op
 python scripts/bench_ab.py --rate 2700 max_queue_delay_s=0 default   # open loop, two settings
 python scripts/bench_ab.py --api kserve --model adding_gru default noop
+python scripts/bench_ab.py --rate 2700 default zero-model noop       # the model call's share
+
+Variants: ``default``; comma-separated ``setting=value`` pairs for ``rnnserve serve``; ``noop``
+(the transport limit, ``grpc.aio``); ``noop-threads`` (the same on the synchronous thread-pool
+server); ``zero-model`` (the server with every model call answering zeros).
 """
 
 from __future__ import annotations
@@ -27,9 +32,14 @@ COLUMNS = ("steps_per_s", "p50_ms", "p99_ms", "p99_from_send_ms", "server_cpu_pe
 
 
 def start(variant: str, repository: Path, outputs: int) -> ServerProcess:
-    """``noop``, ``default``, or comma-separated ``setting=value`` pairs for ``rnnserve serve``."""
+    """``noop``, ``noop-threads``, ``zero-model``, ``default``, or comma-separated
+    ``setting=value`` pairs for ``rnnserve serve``."""
     if variant == "noop":
         return start_noop_server(outputs)
+    if variant == "noop-threads":
+        return start_noop_server(outputs, flavour="threads")
+    if variant == "zero-model":
+        return start_server(repository, zero_model=True)
     if variant == "default":
         return start_server(repository)
     settings = dict(pair.split("=", 1) for pair in variant.split(","))

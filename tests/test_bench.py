@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bench.harness import start_noop_server
+from service.bench.harness import scrape, start_noop_server, start_server
 from service.bench.loadgen import LoadConfig, drive, require_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +60,44 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
     measured = {t["target"]: t for t in record["targets"]}
     assert any("start-up" in name for name in measured)
     assert "| target | measured | goal | met |" in table
+
+
+@pytest.mark.parametrize("flavour", ["asyncio", "threads"])
+@pytest.mark.parametrize("api", ["native", "kserve"])
+def test_both_noop_flavours_answer_both_apis(flavour: str, api: str) -> None:
+    server = start_noop_server(outputs=3, flavour=flavour)  # type: ignore[arg-type]
+    try:
+        cfg = LoadConfig(target=server.target, model="m", features=2, api=api, sessions=2,
+                         channels=1, duration_s=0.2, warmup_s=0.0)  # fmt: skip
+        result = drive(cfg)
+    finally:
+        server.stop()
+    assert result.errors == 0 and result.answered > 0
+
+
+def test_the_zero_model_server_serves_zeros_through_the_whole_server(
+    tiny_repository: Path,
+) -> None:
+    from service.client import Client
+    from service.repository import read_spec
+
+    spec = read_spec(tiny_repository / "tiny_lstm" / "1")
+    server = start_server(tiny_repository, zero_model=True)
+    try:
+        with (
+            Client(server.target, timeout_s=30) as client,
+            client.open_session("tiny_lstm") as session,
+        ):
+            x = np.ones((3, spec.input_size), np.float32)
+            first = session.step(x)
+            second = session.step(x)
+        metrics = scrape(server.metrics_port)  # type: ignore[arg-type]
+    finally:
+        server.stop()
+    assert first.shape == second.shape == (3, spec.output_size)
+    assert not first.any() and not second.any()
+    # The chunks went through the scheduler and were counted like real model calls.
+    assert metrics['rnnserve_batch_size_count{model="tiny_lstm",version="1"}'] >= 2
 
 
 def test_load_generator_refuses_non_loopback_targets() -> None:

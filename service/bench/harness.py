@@ -17,6 +17,7 @@ from typing import IO
 
 import numpy as np
 
+from service.bench.noop_server import Flavour
 from service.repository import read_spec
 from service.runtime import ModelRuntime
 
@@ -117,9 +118,13 @@ def _start(command: list[str], ready_marker: str) -> tuple[subprocess.Popen[str]
     return process, json.loads(port_file.read_text())
 
 
-def start_server(repository: Path, **settings: object) -> ServerProcess:
-    """``rnnserve serve`` on free loopback ports with the given settings."""
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+def start_server(
+    repository: Path, *, zero_model: bool = False, **settings: object
+) -> ServerProcess:
+    """``rnnserve serve`` on free loopback ports with the given settings; with ``zero_model``, the
+    diagnostic whose model calls return zeros (``service.bench.zero_model_server``)."""
+    module = "service.bench.zero_model_server" if zero_model else "service.cli"
+    command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--grpc-port", "0",
                "--metrics-port", "0", "--model-repository", str(repository), "--session-ttl-s", "0",
                "--snapshot-backend", "none"]  # fmt: skip
     for name, value in settings.items():
@@ -128,8 +133,10 @@ def start_server(repository: Path, **settings: object) -> ServerProcess:
     return ServerProcess(process, ports["grpc_port"], ports["metrics_port"])
 
 
-def start_noop_server(outputs: int) -> ServerProcess:
-    command = [sys.executable, "-m", "service.bench.noop_server", "--outputs", str(outputs)]
+def start_noop_server(outputs: int, flavour: Flavour = "asyncio") -> ServerProcess:
+    """The no-op transport server (``service.bench.noop_server``) on a free loopback port."""
+    command = [sys.executable, "-m", "service.bench.noop_server", "--outputs", str(outputs),
+               "--flavour", flavour]  # fmt: skip
     process, ports = _start(command, "serving")
     return ServerProcess(process, ports["grpc_port"], None)
 
