@@ -42,9 +42,9 @@ class LoopHistogram(Collector):
 
     Concurrency: each label set must be observed from one thread at a time. The per-request ones
     are observed on the event loop thread; the per-model-call ones on whichever thread runs the
-    model's batch, and a model runs one batch at a time. The scrape (another thread) copies a child's counts in one
-    list copy, which the GIL makes atomic, so ``_count`` always equals the ``+Inf`` bucket; the sum
-    may be at most one observation ahead of or behind the counts.
+    model's batch, and a model runs one batch at a time. The scrape (another thread) copies a
+    child's counts in one list copy, which the GIL makes atomic, so ``_count`` always equals the
+    ``+Inf`` bucket; the sum may be at most one observation ahead of or behind the counts.
     """
 
     def __init__(

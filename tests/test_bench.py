@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from service.bench.harness import scrape, start_noop_server, start_server
-from service.bench.loadgen import LoadConfig, drive, require_loopback
+from service.bench.loadgen import Api, LoadConfig, drive, require_loopback
+from service.bench.noop_server import Flavour
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,8 +65,8 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
 
 @pytest.mark.parametrize("flavour", ["asyncio", "threads"])
 @pytest.mark.parametrize("api", ["native", "kserve"])
-def test_both_noop_flavours_answer_both_apis(flavour: str, api: str) -> None:
-    server = start_noop_server(outputs=3, flavour=flavour)  # type: ignore[arg-type]
+def test_both_noop_flavours_answer_both_apis(flavour: Flavour, api: Api) -> None:
+    server = start_noop_server(outputs=3, flavour=flavour)
     try:
         cfg = LoadConfig(target=server.target, model="m", features=2, api=api, sessions=2,
                          channels=1, duration_s=0.2, warmup_s=0.0)  # fmt: skip

@@ -373,7 +373,8 @@ class StreamRequests:
 
 
 class ReplyChannel:
-    """A stream's replies in completion order: answer tasks put, the stream's generator gets.
+    """A stream's replies in completion order: the stream's done callbacks put, its generator
+    gets.
 
     Leaner than ``asyncio.Queue`` on this per-request path: unbounded, and only ever one waiter
     (the generator), so a put just wakes that waiter's future if there is one. Loop thread only.

@@ -27,15 +27,14 @@ Flavour = Literal["asyncio", "threads"]
 
 
 class NativeReplies:
-    """The replies of one native stream: ``answer`` maps each request to its reply, or to None
-    after the stream's end, which closes the stream."""
+    """The replies of one native stream, in order: ``answer`` gives each request's reply and
+    whether the stream ends with it (the reply to a close)."""
 
     def __init__(self, outputs: int) -> None:
         self.outputs = outputs
         self.steps = 0
 
     def answer(self, request: pb.StreamRequest) -> tuple[pb.StreamResponse, bool]:
-        """(reply, whether the stream ends with it)."""
         kind = request.WhichOneof("kind")
         if kind == "open":
             info = pb.SessionInfo(session_id="noop", model=request.open.model)
