@@ -126,13 +126,17 @@ def command_bench(args: argparse.Namespace) -> int:
             idle_sessions=args.idle_sessions,
             idle_model=args.idle_model,
             startup_runs=args.startup_runs,
+            admission_streams=args.admission_streams,
+            admission_busy_sessions=plan.spot_sessions,
+            admission_unary_s=plan.duration_s,
         ),
     )
     targets = suite.check_targets(rows, half_load, figures, sessions=plan.spot_sessions)
     extra = {"half_load": half_load, "capacity": figures, "targets": targets}
-    for path in write_outputs(
-        plan, rows, args.out, extra, suite.targets_markdown(targets, half_load)
-    ):
+    summary = suite.targets_markdown(targets, half_load)
+    if figures["admission"]:
+        summary += "\n" + suite.admission_markdown(figures["admission"])
+    for path in write_outputs(plan, rows, args.out, extra, summary):
         print(path)
     return 0
 
@@ -265,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-s",
         type=float,
         default=0.75,
-        help="unmeasured seconds before each point (longer if some session has not had its "
-        "first reply by then, up to 30 s more)",
+        help="unmeasured seconds before each point, counted once every session has opened its "
+        "stream (longer if some session has not been answered by then, up to 30 s more)",
     )
     bench.add_argument(
         "--no-compare", action="store_true", help="only this server, batched (no limits)"
@@ -295,10 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="idle sessions opened for the memory figure (0 skips it)",
     )
     bench.add_argument(
-        "--idle-model", default="adding_lstm", help="model whose idle sessions are measured"
+        "--idle-model",
+        default="adding_lstm",
+        help="model of the idle-session memory and the admission figures",
     )
     bench.add_argument(
         "--startup-runs", type=int, default=3, help="server starts timed for the start-up figure"
+    )
+    bench.add_argument(
+        "--admission-streams",
+        type=int,
+        default=100,
+        help="new streams opened at once, idle and beside --spot-sessions busy ones, for the "
+        "admission figure (0 skips it)",
     )
     bench.add_argument(
         "--out", type=Path, default=Path("bench-results"), help="where bench.{json,md,png} go"

@@ -13,6 +13,7 @@ is awaited, so the session's chunks are applied in order.
 from __future__ import annotations
 
 import queue
+import random
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -121,7 +122,9 @@ class StreamingSession:
         """Reconnect, attach, replay what the restored session lacks, then apply ``pending``.
 
         Retried, with backoff, while the server is away or going away (UNAVAILABLE, a shutdown
-        notice), for up to ``reconnect_timeout_s``.
+        notice), for up to ``reconnect_timeout_s``. Each wait is drawn between half and all of the
+        backoff, so that the many clients one restart cuts off do not all come back at the same
+        instants: a busy server admits new streams at only tens per second (docs/PERFORMANCE.md).
         """
         deadline = time.monotonic() + self.reconnect_timeout_s
         backoff_s = 0.05
@@ -142,7 +145,7 @@ class StreamingSession:
                         raise
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(backoff_s)  # the server is restarting; try again
+                time.sleep(random.uniform(backoff_s / 2, backoff_s))  # restarting; try again
                 backoff_s = min(backoff_s * 2, 1.0)
 
     def _resume_once(self, pending: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
         [sys.executable, "-m", "service.cli", "bench", "--model-repository", str(tiny_repository),
          "--models", "tiny_gru", "--sessions", "1", "4", "--chunks", "1", "--duration-s", "0.4",
          "--warmup-s", "0.1", "--no-synthetic", "--spot-sessions", "4", "--idle-sessions", "50", "--idle-model",
-         "tiny_gru", "--startup-runs", "1", "--out", str(tmp_path)],
+         "tiny_gru", "--startup-runs", "1", "--admission-streams", "5", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,6 +58,11 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
     assert idle["sessions"] == 50 and idle["rss_after_mb"] > 0
     assert record["capacity"]["startup"]["models"] == 2
     assert record["capacity"]["startup"]["startup_s_median"] > 0
+    admission = record["capacity"]["admission"]  # new work taken on, idle and beside 4 streams
+    assert admission["new_streams"] == 5 and admission["busy_sessions"] == 4
+    assert admission["idle_open_s"] > 0 and admission["busy_open_s"] > 0
+    assert admission["idle_unary_steps_per_s"] > 0 and admission["busy_unary_steps_per_s"] > 0
+    assert "Admission of new work" in table
     measured = {t["target"]: t for t in record["targets"]}
     assert any("start-up" in name for name in measured)
     assert "| target | measured | goal | met |" in table
@@ -161,6 +166,9 @@ def test_the_window_opens_after_warm_up_and_every_sessions_first_reply() -> None
         opened = asyncio.Event()
         window = _Window(0.0, 60.0, sessions=3,
                          on_edge=lambda edge: (edges.append(edge), opened.set()))  # fmt: skip
+        for index in range(3):  # every session opens its stream: the load and warm-up begin
+            window.session_opened(index)
+        await asyncio.wait_for(window.all_opened(), timeout=10)
         await asyncio.sleep(0)  # warm-up (zero) elapses; sessions 0 and 2 are still unanswered
         await asyncio.sleep(0)
         window.session_ready(0)
@@ -174,6 +182,23 @@ def test_the_window_opens_after_warm_up_and_every_sessions_first_reply() -> None
         return edges
 
     assert asyncio.run(scenario()) == ["start", "end"]
+
+
+def test_the_load_begins_only_when_every_session_has_opened() -> None:
+    from service.bench.loadgen import _Window
+
+    async def scenario() -> None:
+        window = _Window(0.0, 60.0, sessions=2)
+        waiting = asyncio.create_task(window.all_opened())
+        window.session_opened(0)
+        window.session_opened(0)  # idempotent
+        await asyncio.sleep(0)
+        assert not waiting.done()  # session 1 is still opening: nobody sends chunks yet
+        window.session_opened(1)  # or it ended without opening: it holds nobody up either
+        await asyncio.wait_for(waiting, timeout=10)
+        window.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_window_waiting_for_a_silent_session_opens_after_its_timeout() -> None:

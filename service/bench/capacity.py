@@ -1,9 +1,12 @@
-"""Two capacity figures: start-up time (process start to SERVING) and the memory of idle sessions."""
+"""Capacity figures: start-up time (process start to SERVING), the memory of idle sessions, and
+how fast a loaded server admits new work (new streams, unary calls)."""
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import grpc
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 from service.bench.harness import ServerProcess, start_server
-from service.bench.loadgen import require_loopback
+from service.bench.loadgen import CHANNEL_OPTIONS, require_loopback
 from service.repository import discover, read_spec
 
 
@@ -82,4 +85,109 @@ def measure_idle_sessions(repository: Path, model: str, count: int) -> dict[str,
         "raw_state_mb": raw / 2**20,
         "budget_mb": budget / 2**20,
         "within_budget": grown < budget,
+    }
+
+
+async def _open_burst(target: str, model: str, count: int) -> float:
+    """Seconds until ``count`` native streams, opened at once over one fresh connection, have all
+    been answered (their sessions are then closed)."""
+    require_loopback(target)
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        await channel.channel_ready()
+        stub = pb_grpc.StreamingInferenceStub(channel)
+
+        async def open_one() -> grpc.aio.StreamStreamCall:
+            call = stub.Stream(timeout=120)
+            await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=model)))
+            await call.read()
+            return call
+
+        started = time.perf_counter()
+        calls = await asyncio.gather(*(open_one() for _ in range(count)))
+        elapsed = time.perf_counter() - started
+        for call in calls:
+            await call.write(pb.StreamRequest(close=pb.Close()))
+            await call.read()
+            await call.done_writing()
+    return elapsed
+
+
+async def _unary_steps_per_s(
+    target: str, model: str, features: int, sessions: int, duration_s: float
+) -> float:
+    """Unary ``Step`` calls per second answered for ``sessions`` concurrent sessions, each sending
+    its next step when the last is answered, over ``duration_s``."""
+    require_loopback(target)
+    x = pb.Tensor(shape=[1, features], data=bytes(4 * features))
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.StreamingInferenceStub(channel)
+        ids = [
+            (await stub.CreateSession(pb.CreateSessionRequest(model=model), timeout=60)).session_id
+            for _ in range(sessions)
+        ]
+        answered = 0
+        stop_s = time.perf_counter() + duration_s
+
+        async def stepper(session_id: str) -> None:
+            nonlocal answered
+            request = pb.StepRequest(model=model, session_id=session_id, input=x)
+            while time.perf_counter() < stop_s:
+                await stub.Step(request, timeout=60)
+                answered += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*map(stepper, ids))
+        elapsed = time.perf_counter() - started
+        for session_id in ids:
+            await stub.CloseSession(pb.CloseSessionRequest(model=model, session_id=session_id))
+    return answered / elapsed
+
+
+def measure_admission(
+    repository: Path,
+    model: str,
+    busy_sessions: int = 256,
+    new_streams: int = 100,
+    unary_sessions: int = 16,
+    unary_s: float = 2.0,
+) -> dict[str, Any]:
+    """How fast the server takes on new work, idle and while ``busy_sessions`` sessions stream
+    chunks in a closed loop (the load runs in a child process): the seconds until ``new_streams``
+    streams opened at once are all answered, and unary ``Step`` calls per second from
+    ``unary_sessions`` sessions. Every new call, a stream or a unary request, has to be accepted
+    by grpc.aio's server loop first (docs/PERFORMANCE.md, "Capacity")."""
+    spec = read_spec(sorted(p for p in (repository / model).iterdir() if p.is_dir())[-1])
+    server = start_server(repository)
+    try:
+        idle_open_s = asyncio.run(_open_burst(server.target, model, new_streams))
+        idle_unary = asyncio.run(
+            _unary_steps_per_s(server.target, model, spec.input_size, unary_sessions, unary_s)
+        )
+        load_command = [sys.executable, "-m", "service.bench.loadgen", "--target", server.target,
+                        "--model", model, "--features", str(spec.input_size),
+                        "--sessions", str(busy_sessions), "--duration-s", "600",
+                        "--warmup-s", "0.5"]  # fmt: skip
+        load = subprocess.Popen(load_command, stdout=subprocess.PIPE, text=True)
+        try:
+            assert load.stdout is not None
+            if load.stdout.readline().strip() != "measuring":  # blocks until the load runs
+                raise RuntimeError(f"the background load ended early (exit {load.wait()})")
+            busy_open_s = asyncio.run(_open_burst(server.target, model, new_streams))
+            busy_unary = asyncio.run(
+                _unary_steps_per_s(server.target, model, spec.input_size, unary_sessions, unary_s)
+            )
+        finally:
+            load.terminate()
+            load.wait()
+    finally:
+        server.stop()
+    return {
+        "model": model,
+        "busy_sessions": busy_sessions,
+        "new_streams": new_streams,
+        "unary_sessions": unary_sessions,
+        "idle_open_s": idle_open_s,
+        "busy_open_s": busy_open_s,
+        "idle_unary_steps_per_s": idle_unary,
+        "busy_unary_steps_per_s": busy_unary,
     }

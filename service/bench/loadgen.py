@@ -6,9 +6,15 @@ and latency is measured from the *scheduled* send time, so a server that falls b
 for the wait (no coordinated omission). A session still never has two chunks in flight.
 
 Sessions stream over the native API (one bidirectional stream per session) or the KServe v2 API
-(one ModelStreamInfer stream per session, Triton sequence parameters). Latencies are recorded after
-a warm-up that lasts until every session has been answered, for a fixed duration; every session
-then closes. Only loopback targets are allowed.
+(one ModelStreamInfer stream per session, Triton sequence parameters). Every session first opens
+its stream and has its first request answered; only when all have, the load begins. Latencies are
+recorded after a warm-up that lasts until every session has been answered again, for a fixed
+duration; every session then closes. Only loopback targets are allowed.
+
+Opening every stream before the load begins matters with many sessions: grpc.aio's server accepts
+one new call per round of its event loop, and a round grows with the streams already busy, so
+streams opened while a thousand others stream wait seconds, and whole connections' worth of them
+tens of seconds (docs/PERFORMANCE.md, "Capacity").
 """
 
 from __future__ import annotations
@@ -128,13 +134,17 @@ def require_loopback(target: str) -> None:
 
 
 class _Window:
-    """Shared clock for the measured window, which opens once warm-up has elapsed *and* every
-    session has had its first reply (or ended), and closes ``duration_s`` later.
+    """Shared clock of a load's phases. Set-up: every session opens its stream and has its first
+    request answered (:meth:`session_opened`), and waits in :meth:`all_opened` for the others.
+    Warm-up: it begins once all are open, and lasts ``warmup_s`` *and* until every session has
+    been answered again (:meth:`session_ready`). Then the measured window opens, and closes
+    ``duration_s`` later.
 
     Waiting for every session keeps connection set-up and model warm-up out of the window on a
     slow or busy machine, where a fixed warm-up could end before the last session had connected
-    (a short run then measured nothing). If some session has still not been answered
-    ``ready_timeout_s`` after warm-up, the window opens anyway, so a load always ends.
+    (a short run then measured nothing). If some session has still not opened ``ready_timeout_s``
+    after the load was created, warm-up begins anyway; if one has not been answered
+    ``ready_timeout_s`` after warm-up, the window opens anyway: a load always ends.
 
     Throughput counts the replies that *arrive* in the window, whenever their requests were sent;
     latency is recorded for the requests *sent* in the window, whenever their replies arrive (each
@@ -163,6 +173,10 @@ class _Window:
         self.send_lags: list[float] = []
         self.errors = 0
         self.error_samples: list[str] = []
+        self._warmup_s = warmup_s
+        self._ready_timeout_s = ready_timeout_s
+        self._unopened = set(range(sessions))
+        self._all_opened = asyncio.Event()
         self._waiting_for = set(range(sessions))
         self._warm = False
         self._on_edge = on_edge
@@ -170,10 +184,27 @@ class _Window:
         self._timers: list[asyncio.TimerHandle] = []
         if sessions:
             loop = asyncio.get_running_loop()
-            self._timers += [
-                loop.call_later(warmup_s, self._warmed_up),
-                loop.call_later(warmup_s + ready_timeout_s, self._open),
-            ]
+            self._timers.append(loop.call_later(ready_timeout_s, self._begin_warmup))
+
+    def session_opened(self, index: int) -> None:
+        """Session ``index`` has opened its stream and had its first reply, or has ended."""
+        self._unopened.discard(index)
+        if not self._unopened:
+            self._begin_warmup()
+
+    async def all_opened(self) -> None:
+        """Wait until every session has opened (or set-up has timed out): the load begins."""
+        await self._all_opened.wait()
+
+    def _begin_warmup(self) -> None:
+        if self._all_opened.is_set():
+            return
+        self._all_opened.set()
+        loop = asyncio.get_running_loop()
+        self._timers += [
+            loop.call_later(self._warmup_s, self._warmed_up),
+            loop.call_later(self._warmup_s + self._ready_timeout_s, self._open),
+        ]
 
     def session_ready(self, index: int) -> None:
         """Session ``index`` has had its first reply, or has ended without one."""
@@ -235,6 +266,8 @@ async def _native_session(
     call = stub.Stream()
     await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=cfg.model)))
     await call.read()
+    window.session_opened(index)
+    await window.all_opened()
     chunk = pb.StreamRequest(
         chunk=pb.Chunk(input=pb.Tensor(shape=[cfg.chunk_steps, cfg.features], data=x))
     )
@@ -279,20 +312,26 @@ async def _kserve_session(
 
     call = stub.ModelStreamInfer(outgoing())
     replies = call.__aiter__()
-    first = True
+    await requests.put(request(True, False))  # the sequence's START, answered before the load
+    opening = await replies.__anext__()
+    window.session_opened(sequence_id - 1)
+    if opening.error_message:
+        window.fail(opening.error_message)
+        await requests.put(None)
+        return
+    await window.all_opened()
     schedule = cfg.schedule(sequence_id - 1)
     while window.running:
         due = await schedule.wait_turn()
         written = time.perf_counter()
-        await requests.put(request(first, False))
-        first = False
+        await requests.put(request(False, False))
         reply = await replies.__anext__()
         if reply.error_message:
             window.fail(reply.error_message)
             break
         window.record(due, written, time.perf_counter())
         window.session_ready(sequence_id - 1)
-    await requests.put(request(first, True))
+    await requests.put(request(False, True))
     await replies.__anext__()
     await requests.put(None)
 
@@ -321,8 +360,9 @@ async def run_load(
                 await _native_session(pb_grpc.StreamingInferenceStub(ch), cfg, x, window, i)
             else:
                 await _kserve_session(kpb_grpc.GRPCInferenceServiceStub(ch), cfg, x, window, 1 + i)
-        finally:
-            window.session_ready(i)  # one that failed before its first reply holds nobody up
+        finally:  # one that failed before its first reply holds nobody up
+            window.session_opened(i)
+            window.session_ready(i)
 
     results = await asyncio.gather(*map(session, range(cfg.sessions)), return_exceptions=True)
     window.close()
@@ -348,3 +388,49 @@ def drive(cfg: LoadConfig, on_window_edge: Callable[[str], None] | None = None) 
     from service.event_loop import run_to_result
 
     return run_to_result(run_load(cfg, on_window_edge), "auto")
+
+
+def main() -> None:
+    """``python -m service.bench.loadgen --target HOST:PORT --model M --features F ...``: one load,
+    its summary printed as JSON. Prints ``measuring`` (flushed) as the measured window opens, so a
+    parent process can do something while the load runs at full speed."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--target", required=True, help="a loopback host:port")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--features", type=int, required=True, help="input features per step")
+    parser.add_argument("--api", choices=("native", "kserve"), default="native")
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--chunk-steps", type=int, default=1)
+    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument(
+        "--rate-per-s", type=float, default=None, help="open loop (default: closed)"
+    )
+    args = parser.parse_args()
+    cfg = LoadConfig(
+        target=args.target,
+        model=args.model,
+        features=args.features,
+        api=args.api,
+        sessions=args.sessions,
+        chunk_steps=args.chunk_steps,
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        rate_per_s=args.rate_per_s,
+    )
+
+    def announce(edge: str) -> None:
+        if edge == "start":
+            print("measuring", flush=True)
+
+    result = drive(cfg, announce)
+    json.dump(result.summary(), sys.stdout)
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from service.bench.capacity import measure_idle_sessions, measure_startup
+from service.bench.capacity import measure_admission, measure_idle_sessions, measure_startup
 from service.bench.harness import ServerProcess, start_noop_server, start_server
 from service.bench.loadgen import LoadConfig
 from service.bench.sweep import SweepPlan, measure_calm, steal_cell
@@ -25,6 +25,9 @@ class CapacityPlan:
     idle_sessions: int = 100_000
     idle_model: str = "adding_lstm"
     startup_runs: int = 3
+    admission_streams: int = 100  # new streams opened at once for the admission figure (0: skip)
+    admission_busy_sessions: int = 256  # sessions streaming meanwhile
+    admission_unary_s: float = 2.5  # seconds of unary calls, idle and busy
 
 
 def bench_repository(source: Path, out_dir: Path, synthetic: bool) -> Path:
@@ -98,6 +101,15 @@ def capacity(repository: Path, plan: CapacityPlan) -> dict[str, Any]:
         "idle_sessions": measure_idle_sessions(repository, plan.idle_model, plan.idle_sessions)
         if plan.idle_sessions
         else None,
+        "admission": measure_admission(
+            repository,
+            plan.idle_model,
+            busy_sessions=plan.admission_busy_sessions,
+            new_streams=plan.admission_streams,
+            unary_s=plan.admission_unary_s,
+        )
+        if plan.admission_streams
+        else None,
     }
 
 
@@ -151,6 +163,22 @@ def check_targets(
         add(f"start-up to SERVING, {startup['models']} models: seconds",
             startup["startup_s_median"], "< 3", startup["startup_s_median"] < 3)  # fmt: skip
     return targets
+
+
+def admission_markdown(admission: dict[str, Any]) -> str:
+    """The admission figure as a short table: new work taken on idle and while sessions stream."""
+    a = admission
+    return "\n".join([
+        f"Admission of new work ({a['model']}): {a['new_streams']} new streams opened at once, and "
+        f"unary `Step` calls from {a['unary_sessions']} sessions, on an idle server and beside "
+        f"{a['busy_sessions']} sessions streaming in a closed loop:", "",
+        "| server | seconds until all new streams answered | new streams per s | unary Step calls per s |",
+        "|---|---|---|---|",
+        f"| idle | {a['idle_open_s']:.2f} | {a['new_streams'] / a['idle_open_s']:,.0f} "
+        f"| {a['idle_unary_steps_per_s']:,.0f} |",
+        f"| {a['busy_sessions']} sessions streaming | {a['busy_open_s']:.2f} "
+        f"| {a['new_streams'] / a['busy_open_s']:,.0f} | {a['busy_unary_steps_per_s']:,.0f} |",
+    ]) + "\n"  # fmt: skip
 
 
 def targets_markdown(targets: list[dict[str, Any]], half_load: list[dict[str, Any]]) -> str:
