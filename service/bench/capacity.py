@@ -149,7 +149,7 @@ def measure_admission(
     busy_sessions: int = 256,
     new_streams: int = 100,
     unary_sessions: int = 16,
-    unary_s: float = 2.0,
+    unary_s: float = 2.5,
 ) -> dict[str, Any]:
     """How fast the server takes on new work, idle and while ``busy_sessions`` sessions stream
     chunks in a closed loop (the load runs in a child process): the seconds until ``new_streams``
