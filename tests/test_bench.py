@@ -126,6 +126,32 @@ def test_a_point_disturbed_by_steal_is_measured_again_and_the_calmer_kept(
     assert sweep.measure_calm(None, None) == {"machine_steal": 0.25, "remeasured": True}
 
 
+def test_a_half_load_rows_no_op_point_keeps_its_second_try_mark(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from service.bench import suite
+    from service.bench.sweep import SweepPlan
+
+    fake_server = SimpleNamespace(target="127.0.0.1:1", stop=lambda: None)
+    monkeypatch.setattr(suite, "start_server", lambda repository: fake_server)
+    monkeypatch.setattr(suite, "start_noop_server", lambda outputs: fake_server)
+    monkeypatch.setattr(suite, "read_spec", lambda d: SimpleNamespace(input_size=2, output_size=1))
+    point = {"steps_per_s": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "p999_ms": 3.0,
+             "p99_from_send_ms": 1.5, "errors": 0.0, "machine_steal": 0.01}  # fmt: skip
+    measured = iter([point, {**point, "machine_steal": 0.12, "remeasured": True}])
+    monkeypatch.setattr(suite, "measure_calm", lambda server, cfg: next(measured))
+    rows = [{"model": "m", "chunk": 1, "variant": "batched", "steps_per_s": 200.0}]
+    plan = SweepPlan(repository=tmp_path, models=("m",))
+
+    [row] = suite.half_load_latency(plan, rows, ["m"])
+    assert row["noop_remeasured"] is True and row["noop_machine_steal"] == 0.12
+    assert "remeasured" not in row  # the server's own point was calm
+    table_row = suite.targets_markdown([], [row]).splitlines()[-1]
+    assert table_row.endswith("| 12 (2nd try) |") and table_row.count("2nd try") == 1
+
+
 def test_machine_ticks_fractions() -> None:
     from service.bench.harness import MachineTicks
 

@@ -207,7 +207,7 @@ class _Window:
         ]
 
     def session_ready(self, index: int) -> None:
-        """Session ``index`` has had its first reply, or has ended without one."""
+        """Session ``index`` has had a reply since the load began, or has ended without one."""
         self._waiting_for.discard(index)
         if self._warm and not self._waiting_for:
             self._open()
