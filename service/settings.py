@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     max_queue_delay_s: float = Field(
         0.0005,
         ge=0.0,
-        description="longest a chunk waits for others to join its batch, in seconds",
+        description="longest a chunk waits for others to join its batch, in seconds (uvloop "
+        "counts whole milliseconds: up to 0.0005 means until the event loop's next round)",
     )
     max_queue_chunks: int = Field(
         4096, ge=1, description="chunks waiting per model before new ones are refused"

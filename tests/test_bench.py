@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,29 @@ def test_the_window_counts_replies_by_arrival_and_latencies_by_due_time() -> Non
     assert window.answered == 2
     assert window.latencies == [1.0, 2.0]
     assert window.send_lags == [0.5, 0.0]
+
+
+def test_an_open_loop_never_sends_a_chunk_before_its_scheduled_time() -> None:
+    """uvloop's sleeps end up to ~1.5 ms early (whole milliseconds of a cached clock); a chunk
+    sent early would have its latency, counted from the scheduled time, cut short."""
+    from service.bench.loadgen import _Schedule
+    from service.event_loop import run_to_result
+
+    cfg = LoadConfig(target="127.0.0.1:1", model="m", features=1, sessions=8, rate_per_s=8000.0)
+
+    async def turns(schedule: _Schedule, lags_s: list[float]) -> None:
+        for _ in range(40):
+            scheduled = await schedule.wait_turn()
+            lags_s.append(time.perf_counter() - scheduled)
+
+    async def scenario() -> list[float]:
+        lags_s: list[float] = []
+        await asyncio.gather(*(turns(cfg.schedule(i), lags_s) for i in range(cfg.sessions)))
+        return lags_s
+
+    lags_s = run_to_result(scenario(), "auto")  # the load generator's loop: uvloop if installed
+    assert len(lags_s) == 320
+    assert min(lags_s) >= 0.0
 
 
 def test_latency_from_send_leaves_out_the_load_generators_lateness() -> None:
