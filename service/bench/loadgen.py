@@ -3,7 +3,8 @@
 Closed loop (the default): a session sends its next chunk as soon as the reply arrives. Open loop
 (``rate_per_s``): the sessions together send ``rate_per_s`` chunks per second on a fixed schedule,
 none before its time, and latency is measured from the *scheduled* send time, so a server that
-falls behind is charged for the wait (no coordinated omission). A session still never has two chunks in flight.
+falls behind is charged for the wait (no coordinated omission). A session still never has two
+chunks in flight.
 
 Sessions stream over the native API (one bidirectional stream per session) or the KServe v2 API
 (one ModelStreamInfer stream per session, Triton sequence parameters). Every session first opens
