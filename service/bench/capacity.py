@@ -17,7 +17,13 @@ from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 from service.bench.harness import ServerProcess, start_server
 from service.bench.loadgen import CHANNEL_OPTIONS, require_loopback
-from service.repository import discover, read_spec
+from service.repository import ModelSpec, discover, read_spec, version_key
+
+
+def _latest_spec(repository: Path, model: str) -> ModelSpec:
+    """The spec of ``model``'s newest version, ordered as the server orders versions."""
+    versions = [p for p in (repository / model).iterdir() if p.is_dir()]
+    return read_spec(max(versions, key=lambda p: version_key(p.name)))
 
 
 def measure_startup(repository: Path, runs: int = 3) -> dict[str, Any]:
@@ -62,7 +68,7 @@ async def _open_sessions(target: str, model: str, count: int, concurrency: int =
 def measure_idle_sessions(repository: Path, model: str, count: int) -> dict[str, Any]:
     """Server RSS before and after opening ``count`` sessions of ``model`` that then sit idle,
     against their raw state bytes (layers x hidden x float32 x state tensors per session)."""
-    spec = read_spec(sorted(p for p in (repository / model).iterdir() if p.is_dir())[-1])
+    spec = _latest_spec(repository, model)
     server: ServerProcess = start_server(repository, max_sessions=count)
     try:
         before = rss_bytes(server.process.pid)
@@ -156,7 +162,7 @@ def measure_admission(
     streams opened at once are all answered, and unary ``Step`` calls per second from
     ``unary_sessions`` sessions. Every new call, a stream or a unary request, has to be accepted
     by grpc.aio's server loop first (docs/PERFORMANCE.md, "Capacity")."""
-    spec = read_spec(sorted(p for p in (repository / model).iterdir() if p.is_dir())[-1])
+    spec = _latest_spec(repository, model)
     server = start_server(repository)
     try:
         idle_open_s = asyncio.run(_open_burst(server.target, model, new_streams))
