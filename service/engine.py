@@ -127,9 +127,12 @@ class ModelHandle:
 class InferenceEngine:
     """Loads the repository, owns every session, and runs chunks through the batch schedulers."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, runtime_class: type[ModelRuntime] = ModelRuntime
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.runtime_class = runtime_class
         self._models: dict[str, dict[str, ModelHandle]] = {}
         self._latest: dict[str, ModelHandle] = {}  # name -> highest version (hot path lookup)
         self._ttl_task: asyncio.Task[None] | None = None
@@ -149,7 +152,7 @@ class InferenceEngine:
             )
         for directory in directories:
             spec = read_spec(directory)
-            runtime = ModelRuntime(
+            runtime = self.runtime_class(
                 spec.onnx_path,
                 provider=s.execution_provider,
                 fallback=s.provider_fallback,

@@ -26,6 +26,7 @@ from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.engine import InferenceEngine
 from service.metrics import Metrics
+from service.runtime import ModelRuntime
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 class RnnServer:
     """The whole service in one object: build, ``await start()``, ``await stop()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, runtime_class: type[ModelRuntime] = ModelRuntime
+    ) -> None:
+        """``runtime_class`` runs each model: :class:`ModelRuntime`, or a subclass that a
+        diagnostic (the benchmark's zero-model server) passes in."""
         self.settings = settings
         self.metrics = Metrics()
-        self.engine = InferenceEngine(settings, self.metrics)
+        self.engine = InferenceEngine(settings, self.metrics, runtime_class)
         self._gc_pauses = gc_pauses.GcPauseObserver(self.metrics.gc_pause)
         self.grpc_port = 0
         self.metrics_port = 0
