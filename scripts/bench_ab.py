@@ -11,19 +11,41 @@ python scripts/bench_ab.py --rate 2700 default zero-model noop       # the model
 
 Variants: ``default``; comma-separated ``setting=value`` pairs for ``rnnserve serve``; ``noop``
 (the transport limit, ``grpc.aio``); ``noop-threads`` (the same on the synchronous thread-pool
-server); ``zero-model`` (the server with every model call answering zeros).
+server); ``zero-model`` (the server with every model call answering zeros);
+``checkout=PATH[,setting=value...]`` (the server of another source tree, e.g. an older commit:
+``python -m service.cli serve`` run with PATH as working directory and first on PYTHONPATH,
+with the settings given after it). The other variants run this checkout's server.
+
+Comparing this checkout with an older commit (the worktree shares this repository's history):
+
+git worktree add /tmp/base <commit>
+python scripts/bench_ab.py --runs 5 checkout=/tmp/base default noop              # 256 sessions, chunk 1
+python scripts/bench_ab.py --rate 2700 --runs 5 checkout=/tmp/base default noop  # open loop
+git worktree remove /tmp/base
+
+For the open-loop half-load point, pass half the closed-loop steps per second that ``python -m
+bench`` measured at that point as ``--rate`` (chunks per second, all sessions together). The other
+tree's server must accept this checkout's start-up flags (``--host``, ``--grpc-port``,
+``--metrics-port``, ``--model-repository``, ``--session-ttl-s``, ``--snapshot-backend``,
+``--port-file``) and log "serving" when it serves. Every variant loads ``--model-repository``
+(this checkout's bundled models by default), so both trees serve the same models.
+
+Run from the checkout root or anywhere: the script puts the checkout on ``sys.path`` itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from service.bench.harness import ServerProcess, start_noop_server, start_server
-from service.bench.loadgen import LoadConfig
-from service.bench.sweep import measure
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: bench, service
+
+from bench.harness import ServerProcess, start_noop_server, start_server
+from bench.loadgen import LoadConfig
+from bench.sweep import measure
 from service.repository import read_spec
 from service.settings import BUNDLED_MODELS
 
@@ -31,9 +53,21 @@ COLUMNS = ("steps_per_s", "p50_ms", "p99_ms", "p99_from_send_ms", "server_cpu_pe
            "machine_steal")  # fmt: skip
 
 
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``setting=value`` pairs as a dict (a ``ValueError`` names a pair without ``=``)."""
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise ValueError(f"expected setting=value, got {pair!r}")
+        settings[name] = value
+    return settings
+
+
 def start(variant: str, repository: Path, outputs: int) -> ServerProcess:
-    """``noop``, ``noop-threads``, ``zero-model``, ``default``, or comma-separated
-    ``setting=value`` pairs for ``rnnserve serve``."""
+    """``noop``, ``noop-threads``, ``zero-model``, ``default``, ``checkout=PATH`` followed by
+    optional ``,setting=value`` pairs, or comma-separated ``setting=value`` pairs for ``rnnserve
+    serve``."""
     if variant == "noop":
         return start_noop_server(outputs)
     if variant == "noop-threads":
@@ -42,8 +76,29 @@ def start(variant: str, repository: Path, outputs: int) -> ServerProcess:
         return start_server(repository, zero_model=True)
     if variant == "default":
         return start_server(repository)
-    settings = dict(pair.split("=", 1) for pair in variant.split(","))
-    return start_server(repository, **settings)
+    first, *rest = variant.split(",")
+    if first.startswith("checkout="):
+        source = Path(first.removeprefix("checkout=")).expanduser()
+        return start_server(repository, source=source, **parse_settings(rest))
+    return start_server(repository, **parse_settings(variant.split(",")))
+
+
+def check_variant(variant: str) -> None:
+    """Refuse a malformed variant before any server starts (a typo would waste the other runs)."""
+    if variant in ("noop", "noop-threads", "zero-model", "default"):
+        return
+    first, *rest = variant.split(",")
+    if first.startswith("checkout="):
+        source = Path(first.removeprefix("checkout=")).expanduser()
+        if not (source / "service" / "cli.py").is_file():
+            raise SystemExit(f"{variant}: {source} is not a source tree (no service/cli.py)")
+        pairs = rest
+    else:
+        pairs = variant.split(",")
+    try:
+        parse_settings(pairs)
+    except ValueError as error:
+        raise SystemExit(f"variant {variant!r}: {error}") from None
 
 
 def main() -> None:
@@ -61,6 +116,8 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=4.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     args = parser.parse_args()
+    for variant in args.variants:
+        check_variant(variant)
 
     spec = read_spec(args.model_repository / args.model / "1")
     rows: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}

@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bench.harness import scrape, start_noop_server, start_server
-from service.bench.loadgen import Api, LoadConfig, drive, require_loopback
-from service.bench.noop_server import Flavour
+from bench.harness import scrape, start_noop_server, start_server
+from bench.loadgen import Api, LoadConfig, drive, require_loopback
+from bench.noop_server import Flavour
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "--model-repository", str(tiny_repository),
+        [sys.executable, "-m", "bench", "--model-repository", str(tiny_repository),
          "--models", "tiny_gru", "--sessions", "1", "4", "--chunks", "1", "--duration-s", "0.4",
          "--warmup-s", "0.1", "--no-synthetic", "--spot-sessions", "4", "--idle-sessions", "50", "--idle-model",
          "tiny_gru", "--startup-runs", "1", "--admission-streams", "5", "--out", str(tmp_path)],
@@ -69,6 +70,7 @@ def test_bench_sweep_runs_and_writes_its_outputs(tiny_repository: Path, tmp_path
     assert "| target | measured | goal | met |" in table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["asyncio", "threads"])
 @pytest.mark.parametrize("api", ["native", "kserve"])
 def test_both_noop_flavours_answer_both_apis(flavour: Flavour, api: Api) -> None:
@@ -82,6 +84,7 @@ def test_both_noop_flavours_answer_both_apis(flavour: Flavour, api: Api) -> None
     assert result.errors == 0 and result.answered > 0
 
 
+@pytest.mark.slow
 def test_the_zero_model_server_serves_zeros_through_the_whole_server(
     tiny_repository: Path,
 ) -> None:
@@ -117,7 +120,7 @@ def test_load_generator_refuses_non_loopback_targets() -> None:
 def test_a_point_disturbed_by_steal_is_measured_again_and_the_calmer_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from service.bench import sweep
+    from bench import sweep
 
     steals = iter([0.30, 0.02, 0.05, 0.25, 0.40])
     monkeypatch.setattr(sweep, "measure", lambda server, cfg: {"machine_steal": next(steals)})
@@ -132,8 +135,8 @@ def test_a_half_load_rows_no_op_point_keeps_its_second_try_mark(
 ) -> None:
     from types import SimpleNamespace
 
-    from service.bench import suite
-    from service.bench.sweep import SweepPlan
+    from bench import suite
+    from bench.sweep import SweepPlan
 
     fake_server = SimpleNamespace(target="127.0.0.1:1", stop=lambda: None)
     monkeypatch.setattr(suite, "start_server", lambda repository: fake_server)
@@ -154,7 +157,7 @@ def test_a_half_load_rows_no_op_point_keeps_its_second_try_mark(
 
 
 def test_machine_ticks_fractions() -> None:
-    from service.bench.harness import MachineTicks
+    from bench.harness import MachineTicks
 
     earlier = MachineTicks(total=1000, idle=400, steal=10)
     later = MachineTicks(total=1200, idle=450, steal=30)
@@ -171,6 +174,7 @@ def established_connections_to(port: int) -> int:
     return sum(local.endswith(f":{port:04X}") and state == "01" for local, state in local_and_state)
 
 
+@pytest.mark.slow
 def test_load_generator_spreads_sessions_over_separate_connections() -> None:
     server = start_noop_server(outputs=1)
     seen: list[int] = []
@@ -186,7 +190,7 @@ def test_load_generator_spreads_sessions_over_separate_connections() -> None:
 
 
 def test_the_window_opens_after_warm_up_and_every_sessions_first_reply() -> None:
-    from service.bench.loadgen import _Window
+    from bench.loadgen import _Window
 
     async def scenario() -> list[str]:
         edges: list[str] = []
@@ -212,7 +216,7 @@ def test_the_window_opens_after_warm_up_and_every_sessions_first_reply() -> None
 
 
 def test_the_load_begins_only_when_every_session_has_opened() -> None:
-    from service.bench.loadgen import _Window
+    from bench.loadgen import _Window
 
     async def scenario() -> None:
         window = _Window(0.0, 60.0, sessions=2)
@@ -229,7 +233,7 @@ def test_the_load_begins_only_when_every_session_has_opened() -> None:
 
 
 def test_a_window_waiting_for_a_silent_session_opens_after_its_timeout() -> None:
-    from service.bench.loadgen import _Window
+    from bench.loadgen import _Window
 
     async def scenario() -> list[str]:
         edges: list[str] = []
@@ -248,7 +252,7 @@ def test_a_window_waiting_for_a_silent_session_opens_after_its_timeout() -> None
 
 
 def test_the_window_counts_replies_by_arrival_and_latencies_by_due_time() -> None:
-    from service.bench.loadgen import _Window
+    from bench.loadgen import _Window
 
     window = _Window(warmup_s=0.0, duration_s=0.0)
     window.start, window.end = 10.0, 20.0
@@ -264,7 +268,7 @@ def test_the_window_counts_replies_by_arrival_and_latencies_by_due_time() -> Non
 def test_an_open_loop_never_sends_a_chunk_before_its_scheduled_time() -> None:
     """uvloop's sleeps end up to ~1.5 ms early (whole milliseconds of a cached clock); a chunk
     sent early would have its latency, counted from the scheduled time, cut short."""
-    from service.bench.loadgen import _Schedule
+    from bench.loadgen import _Schedule
     from service.event_loop import run_to_result
 
     cfg = LoadConfig(target="127.0.0.1:1", model="m", features=1, sessions=8, rate_per_s=8000.0)
@@ -285,7 +289,7 @@ def test_an_open_loop_never_sends_a_chunk_before_its_scheduled_time() -> None:
 
 
 def test_latency_from_send_leaves_out_the_load_generators_lateness() -> None:
-    from service.bench.loadgen import LoadResult
+    from bench.loadgen import LoadResult
 
     cfg = LoadConfig(target="127.0.0.1:1", model="m", features=1, duration_s=1.0)
     result = LoadResult(config=cfg, latencies_s=np.array([0.004, 0.010]), measured_s=1.0,
@@ -296,11 +300,13 @@ def test_latency_from_send_leaves_out_the_load_generators_lateness() -> None:
     assert summary["p99_from_send_ms"] == pytest.approx(3.98)  # 4 ms and 2 ms once written
 
 
+@pytest.mark.slow
 def test_interleaved_ab_script_runs(tiny_repository: Path) -> None:
     result = subprocess.run(
         [sys.executable, "scripts/bench_ab.py", "--model-repository", str(tiny_repository),
          "--model", "tiny_gru", "--runs", "1", "--sessions", "2", "--duration-s", "0.3",
-         "--warmup-s", "0.1", "default", "max_batch_size=1", "noop"],
+         "--warmup-s", "0.1", "default", "max_batch_size=1", "noop",
+         f"checkout={ROOT},max_batch_size=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -309,7 +315,88 @@ def test_interleaved_ab_script_runs(tiny_repository: Path) -> None:
         "| default",
         "| max_batch_size=1",
         "| noop",
+        f"| checkout={ROOT},max_batch_size=2",
     ]
+
+
+def test_the_ab_script_refuses_a_malformed_variant_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    for variant, message in ((f"checkout={tmp_path}", "not a source tree"),
+                             ("max_batch_size", "expected setting=value")):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "scripts/bench_ab.py", "--runs", "1", "default", variant],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
+        assert "turn 1/1" not in result.stdout
+
+
+STUB_CLI = """
+import json, pathlib, signal, sys, time
+
+argv = sys.argv[1:]
+port_file = pathlib.Path(argv[argv.index("--port-file") + 1])
+port_file.write_text(json.dumps({"grpc_port": 4242, "metrics_port": 4343}))
+print("serving", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+time.sleep(60)
+"""
+
+
+def test_a_server_from_another_source_tree_runs_that_trees_code(tmp_path: Path) -> None:
+    """``source`` (``checkout=PATH`` in scripts/bench_ab.py) runs the other tree's
+    ``service.cli``, not the installed or this checkout's one."""
+    (tmp_path / "other" / "service").mkdir(parents=True)
+    (tmp_path / "other" / "service" / "__init__.py").write_text("")
+    (tmp_path / "other" / "service" / "cli.py").write_text(STUB_CLI)
+    server = start_server(tmp_path / "models", source=tmp_path / "other")
+    try:
+        assert (server.grpc_port, server.metrics_port) == (4242, 4343)  # only the stub says so
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="this checkout"):
+        start_server(tmp_path / "models", source=tmp_path / "other", zero_model=True)
+
+
+def test_the_zero_runtime_answers_zeros_in_the_models_shapes(tiny_repository: Path) -> None:
+    from bench.zero_model_server import ZeroRuntime
+    from service.repository import read_spec
+
+    spec = read_spec(tiny_repository / "tiny_lstm" / "1")
+    runtime = ZeroRuntime(spec.onnx_path, intra_op_threads=1)
+    x = np.ones((2, 3, spec.input_size), np.float32)
+    states = [np.ones((spec.num_layers, 2, spec.hidden_size), np.float32)
+              for _ in spec.state_inputs]  # fmt: skip
+    y, new_states = runtime.run(x, states)
+    assert y.shape == (2, 3, spec.output_size) and y.dtype == np.float32 and not y.any()
+    assert [s.shape for s in new_states] == [s.shape for s in states]
+    assert not any(s.any() for s in new_states)
+
+
+def test_bench_runs_as_a_module_and_rnnserve_has_no_bench_command() -> None:
+    from service.cli import build_parser
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--spot-sessions" in result.stdout and "--admission-streams" in result.stdout
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench"])
+
+
+def test_the_serving_package_never_imports_the_benchmark() -> None:
+    importing = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "service").rglob("*.py")
+        if any(
+            line.lstrip().startswith(("import bench", "from bench"))
+            for line in path.read_text().splitlines()
+        )
+    ]
+    assert importing == []
 
 
 def test_gc_pause_script_prints_its_table() -> None:

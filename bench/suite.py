@@ -10,10 +10,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from service.bench.capacity import measure_admission, measure_idle_sessions, measure_startup
-from service.bench.harness import ServerProcess, start_noop_server, start_server
-from service.bench.loadgen import LoadConfig
-from service.bench.sweep import SweepPlan, measure_calm, steal_cell
+from bench.capacity import measure_admission, measure_idle_sessions, measure_startup
+from bench.harness import ServerProcess, start_noop_server, start_server
+from bench.loadgen import LoadConfig
+from bench.sweep import SweepPlan, measure_calm, steal_cell
 from service.repository import discover, read_spec
 
 logger = logging.getLogger(__name__)

@@ -17,11 +17,14 @@ from typing import IO
 
 import numpy as np
 
-from service.bench.noop_server import Flavour
+from bench.noop_server import Flavour
 from service.repository import read_spec
 from service.runtime import ModelRuntime
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The checkout this package runs from: the processes started here import ``bench`` (and, unless
+# told to run another source tree, ``service``) from it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -98,14 +101,25 @@ def _discard(stream: IO[str]) -> None:
         pass
 
 
-def _start(command: list[str], ready_marker: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
+def source_env(source: Path = REPO_ROOT) -> dict[str, str]:
+    """The environment of a ``python -m`` child that imports its packages from the source tree
+    ``source`` (run it with ``cwd=source`` too): that tree first on PYTHONPATH, output unbuffered."""
+    pythonpath = os.pathsep.join(p for p in (str(source), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
+
+
+def _start(
+    command: list[str], ready_marker: str, source: Path = REPO_ROOT
+) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """Run ``command`` (``python -m MODULE ...``) from the source tree ``source``."""
     port_file = Path(tempfile.mkdtemp(prefix="rnnserve-bench-")) / "ports.json"
     process = subprocess.Popen(
         [*command, "--port-file", str(port_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=source,
+        env=source_env(source),
     )
     assert process.stdout is not None
     for line in process.stdout:  # blocks until the server says it serves, or exits
@@ -119,23 +133,34 @@ def _start(command: list[str], ready_marker: str) -> tuple[subprocess.Popen[str]
 
 
 def start_server(
-    repository: Path, *, zero_model: bool = False, **settings: object
+    repository: Path,
+    *,
+    zero_model: bool = False,
+    source: Path | None = None,
+    **settings: object,
 ) -> ServerProcess:
     """``rnnserve serve`` on free loopback ports with the given settings; with ``zero_model``, the
-    diagnostic whose model calls return zeros (``service.bench.zero_model_server``)."""
-    module = "service.bench.zero_model_server" if zero_model else "service.cli"
+    diagnostic whose model calls return zeros (``bench.zero_model_server``); with ``source``, the
+    server of another source tree (a checkout of another commit, e.g. a ``git worktree``), run as
+    ``python -m service.cli serve`` with that tree as working directory and first on PYTHONPATH.
+
+    The server runs in its source tree's directory: relative paths in ``settings`` resolve there.
+    """
+    if zero_model and source is not None:
+        raise ValueError("the zero-model server runs from this checkout only")
+    module = "bench.zero_model_server" if zero_model else "service.cli"
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-               "--metrics-port", "0", "--model-repository", str(repository), "--session-ttl-s", "0",
-               "--snapshot-backend", "none"]  # fmt: skip
+               "--metrics-port", "0", "--model-repository", str(repository.resolve()),
+               "--session-ttl-s", "0", "--snapshot-backend", "none"]  # fmt: skip
     for name, value in settings.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
-    process, ports = _start(command, "serving")
+    process, ports = _start(command, "serving", REPO_ROOT if source is None else source.resolve())
     return ServerProcess(process, ports["grpc_port"], ports["metrics_port"])
 
 
 def start_noop_server(outputs: int, flavour: Flavour = "asyncio") -> ServerProcess:
-    """The no-op transport server (``service.bench.noop_server``) on a free loopback port."""
-    command = [sys.executable, "-m", "service.bench.noop_server", "--outputs", str(outputs),
+    """The no-op transport server (``bench.noop_server``) on a free loopback port."""
+    command = [sys.executable, "-m", "bench.noop_server", "--outputs", str(outputs),
                "--flavour", flavour]  # fmt: skip
     process, ports = _start(command, "serving")
     return ServerProcess(process, ports["grpc_port"], None)

@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 
+from bench.harness import REPO_ROOT, ServerProcess, source_env, start_server
+from bench.loadgen import CHANNEL_OPTIONS, require_loopback
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
-from service.bench.harness import ServerProcess, start_server
-from service.bench.loadgen import CHANNEL_OPTIONS, require_loopback
 from service.repository import ModelSpec, discover, read_spec, version_key
 
 
@@ -169,11 +169,13 @@ def measure_admission(
         idle_unary = asyncio.run(
             _unary_steps_per_s(server.target, model, spec.input_size, unary_sessions, unary_s)
         )
-        load_command = [sys.executable, "-m", "service.bench.loadgen", "--target", server.target,
+        load_command = [sys.executable, "-m", "bench.loadgen", "--target", server.target,
                         "--model", model, "--features", str(spec.input_size),
                         "--sessions", str(busy_sessions), "--duration-s", "600",
                         "--warmup-s", "0.5"]  # fmt: skip
-        load = subprocess.Popen(load_command, stdout=subprocess.PIPE, text=True)
+        load = subprocess.Popen(
+            load_command, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=source_env()
+        )
         try:
             assert load.stdout is not None
             if load.stdout.readline().strip() != "measuring":  # blocks until the load runs

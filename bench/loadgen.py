@@ -403,7 +403,7 @@ def drive(cfg: LoadConfig, on_window_edge: Callable[[str], None] | None = None) 
 
 
 def main() -> None:
-    """``python -m service.bench.loadgen --target HOST:PORT --model M --features F ...``: one load,
+    """``python -m bench.loadgen --target HOST:PORT --model M --features F ...``: one load,
     its summary printed as JSON. Prints ``measuring`` (flushed) as the measured window opens, so a
     parent process can do something while the load runs at full speed."""
     import argparse

@@ -156,7 +156,7 @@ def start_threaded_noop_server(
 
 
 def main() -> None:
-    """``python -m service.bench.noop_server --outputs N --port-file F``: serve until SIGTERM."""
+    """``python -m bench.noop_server --outputs N --port-file F``: serve until SIGTERM."""
     import argparse
     import asyncio
     import json

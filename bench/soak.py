@@ -1,7 +1,7 @@
 """A bounded soak: sessions constantly created, streamed, abandoned and closed over both APIs
 against a server this script starts on loopback; memory and session count are sampled throughout.
 
-    python -m service.bench.soak --duration-s 600 --out soak-results
+    python -m bench.soak --duration-s 600 --out soak-results
 
 Phases: a warm-up load (a tenth of the duration), then quiet until every abandoned session has
 timed out (the baseline: server RSS with no sessions after everything has been allocated once), then
@@ -24,13 +24,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.capacity import rss_bytes
+from bench.harness import ServerProcess, scrape, start_server
+from bench.loadgen import require_loopback
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
-from service.bench.capacity import rss_bytes
-from service.bench.harness import ServerProcess, scrape, start_server
-from service.bench.loadgen import require_loopback
 from service.event_loop import run_to_result
 from service.repository import read_spec
 from service.settings import BUNDLED_MODELS

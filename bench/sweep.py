@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from service.bench.harness import (
+from bench.harness import (
     ServerProcess,
     WindowCounters,
     batch_sizes,
@@ -20,7 +20,7 @@ from service.bench.harness import (
     start_noop_server,
     start_server,
 )
-from service.bench.loadgen import Api, LoadConfig, drive
+from bench.loadgen import Api, LoadConfig, drive
 from service.repository import read_spec
 
 logger = logging.getLogger(__name__)

@@ -1,1 +1,0 @@
-"""Load generation and limits for ``rnnserve bench`` (loopback only, bounded in time and count)."""
