@@ -24,7 +24,7 @@ import numpy as np
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
-from service.api.native import to_array, to_tensor
+from service.api.native_messages import to_array, to_tensor
 
 
 class SessionEndedError(RuntimeError):
@@ -69,7 +69,8 @@ class StreamingSession:
         self.session_id: str = opened.session_id
         self.model: str = opened.model
         self.version: str = opened.version
-        self.steps: int = opened.steps
+        self.steps: int = opened.steps  # steps the server has applied
+        self.durable_steps: int = opened.durable_steps  # of those, how many a snapshot holds
         self._kept_from: int = opened.steps  # step index of the first kept input
 
     def _open_stream(self, request: pb.StreamRequest) -> pb.SessionInfo:
@@ -112,6 +113,7 @@ class StreamingSession:
 
     def _applied(self, chunk: np.ndarray, steps: int, durable_steps: int) -> None:
         self.steps = steps
+        self.durable_steps = durable_steps
         if not self.resume:
             return
         self._kept.append(chunk)

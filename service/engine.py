@@ -1,11 +1,13 @@
-"""The core: models, their session stores and schedulers, behind a protocol-neutral API.
+"""The data plane: the one protocol-neutral API both adapters call.
 
-Both protocol adapters (``service.api.native`` and ``service.api.kserve``) call only this module.
-It speaks numpy and domain errors, never protobuf or grpc.
+``service.api.native`` and ``service.api.kserve`` convert their messages and call only this
+module. It speaks numpy and domain errors (``service.errors``), never protobuf or grpc. Every chunk,
+from either API, enters through :meth:`InferenceEngine.submit`, which returns a future of its
+:class:`StepResult`; per-session order is kept by the model's batcher.
 
-Concurrency: every public method runs on the event loop thread (the adapters are asyncio
-servicers), so sessions and stores are mutated from one thread only; model calls happen in each
-scheduler's worker thread.
+Concurrency: every method runs on the event loop thread (the adapters are asyncio servicers), so
+sessions and stores are mutated from one thread only; model calls happen in each batcher's worker
+thread.
 """
 
 from __future__ import annotations
@@ -13,48 +15,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.batcher import Batcher, PendingChunk, StepResult
+from service.chunk_checks import check_chunk
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
-from service.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    ModelContractError,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
-from service.metrics import LoopHistogramChild, Metrics
-from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
-from service.runtime import CallCost, ModelRuntime
-from service.scheduler import BatchScheduler
-from service.session_store import EndReason, Session, SessionStore, session_not_found
+from service.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from service.metrics import Metrics
+from service.models import EndHook, ModelHandle, ModelRegistry
+from service.repository import ModelSpec
+from service.runtime import ModelRuntime
+from service.session_store import EndReason, Session, session_not_found
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-SUMMED_IN_PYTHON_BELOW = 64  # values; under this a numpy reduction costs more than a Python sum
-
-
-def all_finite(array: np.ndarray) -> bool:
-    """True if no value is NaN or Inf.
-
-    A finite sum proves every value finite (NaN and Inf propagate through a sum), so only a sum
-    that is not finite needs the element-wise check; it may still be all finite values whose
-    float32 sum overflowed. Small arrays are summed as Python floats (doubles: a sum of fewer than
-    64 float32 values cannot overflow), which skips numpy's per-call overhead on the hot path.
-    """
-    if array.size < SUMMED_IN_PYTHON_BELOW:
-        return math.isfinite(sum(array.ravel().tolist()))
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an answer here
-        total = array.sum()
-    return math.isfinite(total) or bool(np.isfinite(array).all())
 
 
 @dataclass(frozen=True)
@@ -69,15 +46,6 @@ class Caller:
 
 
 ANONYMOUS = Caller()
-
-
-@dataclass(slots=True)  # built once per chunk: a frozen dataclass's __init__ costs ~3x more
-class StepResult:
-    session_id: str
-    output: np.ndarray  # [steps, outputs] float32
-    steps: int  # steps the session has consumed, this chunk included
-    ended: bool
-    durable_steps: int = 0  # steps covered by the latest written snapshot
 
 
 @dataclass(frozen=True)
@@ -99,33 +67,8 @@ class SessionEnd:
     steps: int
 
 
-class ModelHandle:
-    """One loaded model version: spec, runtime, sessions and (once started) its scheduler."""
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        runtime: ModelRuntime,
-        store: SessionStore,
-        call_cost: CallCost | None = None,
-    ) -> None:
-        self.spec = spec
-        self.runtime = runtime
-        self.store = store
-        self.call_cost = call_cost  # measured at load; None when nothing runs inline
-        self._scheduler: BatchScheduler | None = None
-        # per API, labelled once (hot path)
-        self.request_latency: dict[str, LoopHistogramChild] = {}
-
-    @property
-    def scheduler(self) -> BatchScheduler:
-        if self._scheduler is None:
-            raise Unavailable("the server is not started yet")
-        return self._scheduler
-
-
 class InferenceEngine:
-    """Loads the repository, owns every session, and runs chunks through the batch schedulers."""
+    """Loads the repository, owns every session, and runs chunks through the batchers."""
 
     def __init__(
         self, settings: Settings, metrics: Metrics, runtime_class: type[ModelRuntime] = ModelRuntime
@@ -133,79 +76,24 @@ class InferenceEngine:
         self.settings = settings
         self.metrics = metrics
         self.runtime_class = runtime_class
-        self._models: dict[str, dict[str, ModelHandle]] = {}
-        self._latest: dict[str, ModelHandle] = {}  # name -> highest version (hot path lookup)
-        self._ttl_task: asyncio.Task[None] | None = None
+        self.registry = ModelRegistry()
         self.durability: Durability | None = None
         self.restore_report: RestoreReport | None = None
         self.ready = False
+        self.model_failed: Callable[[ModelHandle], None] = lambda handle: None  # server's hook
+        self._ttl_task: asyncio.Task[None] | None = None
         self._closing = False
 
-    # ----- loading -------------------------------------------------------------------------
+    # ----- loading and models ----------------------------------------------------------------
     def load_models(self) -> None:
-        """Load and check every model of the repository; raises ModelContractError on any problem."""
-        s = self.settings
-        directories = discover(s.model_repository)
-        if not directories:
-            raise ModelContractError(
-                f"model repository {s.model_repository} holds no */*/model.onnx"
-            )
-        for directory in directories:
-            spec = read_spec(directory)
-            runtime = self.runtime_class(
-                spec.onnx_path,
-                provider=s.execution_provider,
-                fallback=s.provider_fallback,
-                intra_op_threads=s.intra_op_threads,
-                inter_op_threads=s.inter_op_threads,
-                spin_wait=s.ort_spin_wait,
-                single_thread_twin=s.inline_compute_below_s > 0,
-            )
-            check_contract(spec, runtime)
-            call_cost = None
-            if s.inline_compute_below_s > 0:
-                call_cost = runtime.measure_cost(
-                    input_size=spec.input_size,
-                    layers=spec.num_layers,
-                    hidden=spec.hidden_size,
-                    max_rows=s.max_batch_size,
-                )
-            store = SessionStore(
-                state_count=len(spec.state_inputs),
-                layers=spec.num_layers,
-                hidden=spec.hidden_size,
-                max_sessions=s.max_sessions,
-                evict_when_full=s.evict_when_full,
-                on_end=self._make_end_hook(spec),
-            )
-            handle = ModelHandle(spec, runtime, store, call_cost)
-            self._models.setdefault(spec.name, {})[spec.version] = handle
-            self._latest[spec.name] = self._models[spec.name][self.versions(spec.name)[-1]]
-            self.metrics.state_bytes.labels(spec.name, spec.version).set(store.state_bytes)
-            self.metrics.active_sessions.labels(spec.name, spec.version).set(0)
-            self.metrics.session_capacity.labels(spec.name, spec.version).set(s.max_sessions)
-            logger.info(
-                "loaded model %s (%s, %d layer(s), hidden %d) on %s",
-                spec.label,
-                spec.cell,
-                spec.num_layers,
-                spec.hidden_size,
-                ",".join(runtime.providers),
-            )
-            if call_cost is not None:
-                logger.info(
-                    "model %s: a one-step call takes %.0f µs + %.2f µs per session",
-                    spec.label,
-                    call_cost.fixed_s * 1e6,
-                    call_cost.per_row_s * 1e6,
-                )
+        """Load and check every model, then restore saved sessions (runs in a thread)."""
+        self.registry.load(self.settings, self.metrics, self.runtime_class, self._end_hook)
         self.durability = make_durability(self.settings, self.metrics, self._durable_models)
         if self.durability is not None:
             self.restore_report = self.durability.restore()
             for handle in self.handles():
-                self.metrics.active_sessions.labels(handle.spec.name, handle.spec.version).set(
-                    len(handle.store)
-                )
+                labels = (handle.spec.name, handle.spec.version)
+                self.metrics.active_sessions.labels(*labels).set(len(handle.store))
 
     def _durable_models(self) -> list[DurableModel]:
         return [
@@ -213,7 +101,7 @@ class InferenceEngine:
             for h in self.handles()
         ]
 
-    def _make_end_hook(self, spec: ModelSpec) -> Callable[[Session, EndReason], None]:
+    def _end_hook(self, spec: ModelSpec) -> EndHook:
         ended = self.metrics.sessions_ended
         active = self.metrics.active_sessions.labels(spec.name, spec.version)
 
@@ -222,55 +110,33 @@ class InferenceEngine:
             active.dec()
             if reason != EndReason.SHUTDOWN:
                 self._changed()
-            logger.debug(
-                "session ended model=%s reason=%s steps=%d", spec.label, reason.value, session.steps
-            )
 
         return on_end
 
     async def start(self) -> None:
-        """Create the schedulers on the running loop and start the idle-session sweeper."""
-        s = self.settings
-        for handle in self.handles():
-            handle._scheduler = BatchScheduler(
-                spec=handle.spec,
-                runtime=handle.runtime,
-                store=handle.store,
-                metrics=self.metrics,
-                max_batch_size=s.max_batch_size,
-                max_queue_delay_s=s.max_queue_delay_s,
-                max_queue_chunks=s.max_queue_chunks,
-                inline_compute_below_s=s.inline_compute_below_s,
-                call_cost=handle.call_cost,
-            )
-        if s.session_ttl_s > 0:
+        """Create the batchers on the running loop and start the idle-session sweeper."""
+        self.registry.start(self.settings, self.metrics, self._changed, self._batcher_failed)
+        if self.settings.session_ttl_s > 0:
             self._ttl_task = asyncio.create_task(self._sweep_idle_forever(), name="ttl-sweeper")
         if self.durability is not None:
             self.durability.start()
         self.ready = True
 
-    # ----- models --------------------------------------------------------------------------
+    def _batcher_failed(self, batcher: Batcher) -> None:
+        handle = self.registry.get(batcher.spec.name, batcher.spec.version)
+        self.metrics.model_ready.labels(batcher.spec.name, batcher.spec.version).set(0)
+        self.model_failed(handle)
+
     def handles(self) -> list[ModelHandle]:
-        return [h for versions in self._models.values() for h in versions.values()]
+        return self.registry.handles()
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self._models.get(name, {}), key=version_key)
+        return self.registry.versions(name)
 
     def model(self, name: str, version: str = "") -> ModelHandle:
-        versions = self._models.get(name)
-        if not versions:
-            known = ", ".join(sorted(self._models)) or "none"
-            raise NotFound(f"model {name!r} not found; loaded models: {known}")
-        if not version:
-            return self._latest[name]
-        try:
-            return versions[version]
-        except KeyError:
-            raise NotFound(
-                f"model {name!r} has no version {version!r}; versions: {', '.join(self.versions(name))}"
-            ) from None
+        return self.registry.get(name, version)
 
-    # ----- sessions ------------------------------------------------------------------------
+    # ----- sessions --------------------------------------------------------------------------
     def open_session(
         self,
         name: str,
@@ -279,34 +145,35 @@ class InferenceEngine:
         initial_state: Sequence[np.ndarray] | None = None,
         *,
         api: str,
-        restart: bool = False,
         caller: Caller = ANONYMOUS,
     ) -> SessionView:
-        """Start a session. With ``restart`` (Triton's START on a live id) a live session is reset."""
+        """Start a session with zero (or the given) state."""
         self._check_open()
         handle = self.model(name, version)
-        store = handle.store
-        existing = store.find(session_id, caller.owner) if session_id is not None else None
-        if restart and existing is not None:
-            if existing.busy:
-                raise FailedPrecondition(
-                    f"session {session_id!r} has a chunk in flight; cannot restart it"
-                )
-            logger.warning("sequence restarted by a new START on model %s", handle.spec.label)
-            store.reset_state(existing, initial_state)
-            self._changed()
-            return self._view(handle, existing)
+        return self._view(handle, self._create(handle, session_id, initial_state, api, caller))
+
+    def _create(
+        self,
+        handle: ModelHandle,
+        session_id: str | None,
+        initial_state: Sequence[np.ndarray] | None,
+        api: str,
+        caller: Caller,
+    ) -> Session:
         limit = self.settings.max_sessions_per_client
-        if limit and store.count_of(caller.client) >= limit:
+        if limit and handle.store.count_of(caller.client) >= limit:
             raise ResourceExhausted(
                 f"this client already holds its limit of {limit} sessions on model "
                 f"{handle.spec.label}; close some first"
             )
-        session = store.create(session_id, initial_state, owner=caller.owner, client=caller.client)
-        self.metrics.sessions_started.labels(handle.spec.name, handle.spec.version, api).inc()
-        self.metrics.active_sessions.labels(handle.spec.name, handle.spec.version).inc()
+        session = handle.store.create(
+            session_id, initial_state, owner=caller.owner, client=caller.client
+        )
+        labels = (handle.spec.name, handle.spec.version)
+        self.metrics.sessions_started.labels(*labels, api).inc()
+        self.metrics.active_sessions.labels(*labels).inc()
         self._changed()
-        return self._view(handle, session)
+        return session
 
     def session(
         self, name: str, version: str, session_id: str, caller: Caller = ANONYMOUS
@@ -354,30 +221,8 @@ class InferenceEngine:
         if self.durability is not None:
             self.durability.changed()
 
-    def check_chunk(self, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
-        """A chunk must be float32 [steps, features], 1 <= steps <= max_chunk_steps, all finite."""
-        if x.dtype != np.float32:
-            raise InvalidArgument(f"input must be float32, got {x.dtype}")
-        if x.ndim != 2:
-            raise InvalidArgument(
-                f"input must be [steps, {spec.input_size}], got shape {list(x.shape)}"
-            )
-        steps, features = x.shape
-        if features != spec.input_size:
-            raise InvalidArgument(
-                f"model {spec.label} takes {spec.input_size} features per step, got {features}"
-            )
-        if steps < 1:
-            raise InvalidArgument("a chunk needs at least one step")
-        if steps > self.settings.max_chunk_steps:
-            raise InvalidArgument(
-                f"chunk of {steps} steps exceeds the limit of {self.settings.max_chunk_steps}"
-            )
-        if self.settings.nonfinite_inputs == "reject" and not all_finite(x):
-            raise InvalidArgument("input holds NaN or Inf")
-        return x
-
-    async def step(
+    # ----- chunks ----------------------------------------------------------------------------
+    def submit(
         self,
         name: str,
         version: str,
@@ -385,80 +230,47 @@ class InferenceEngine:
         x: np.ndarray,
         *,
         api: str,
-        end: bool = False,
-        received_s: float | None = None,
-        deadline_s: float | None = None,
+        received_s: float,
         caller: Caller = ANONYMOUS,
-    ) -> StepResult:
-        """Apply one chunk to a session and return its outputs; with ``end`` close it afterwards.
-
-        ``deadline_s`` (a ``time.perf_counter()`` instant) is the caller's deadline: a chunk still
-        queued when it passes is not computed and fails with DEADLINE_EXCEEDED.
-        """
-        started = received_s if received_s is not None else time.perf_counter()
-        self._check_open()
-        handle, session = self.session(name, version, session_id, caller)
-        return await self.step_session(
-            handle, session, x, api=api, end=end, received_s=started, deadline_s=deadline_s
-        )
-
-    async def step_session(
-        self,
-        handle: ModelHandle,
-        session: Session,
-        x: np.ndarray,
-        *,
-        api: str,
-        received_s: float,
-        end: bool = False,
         deadline_s: float | None = None,
-    ) -> StepResult:
-        """:meth:`step` for a session the caller already holds (a stream bound to it), without
-        looking it up again. A session that has ended since is NOT_FOUND, exactly as by id."""
-        output = await self.submit_step(handle, session, x, deadline_s)
-        return self.finish_step(handle, session, output, api=api, received_s=received_s, end=end)
-
-    def submit_step(
-        self, handle: ModelHandle, session: Session, x: np.ndarray, deadline_s: float | None = None
-    ) -> asyncio.Future[np.ndarray]:
-        """The first half of :meth:`step_session`, without awaiting: check the chunk and queue it.
-        Errors are raised here; the future resolves to the output rows or fails with the batch's
-        error. Pass its result to :meth:`finish_step`. For adapters that keep several chunks in
-        flight on one stream and would otherwise need a task per chunk."""
-        self._check_open()
-        if session.ended is not None or session.close_when_idle is not None:
-            raise session_not_found(session.session_id)
-        self.check_chunk(handle.spec, x)
-        if session.busy:
-            raise FailedPrecondition(
-                f"session {session.session_id!r} already has a chunk in flight; send the next "
-                "chunk after its reply"
-            )
-        return handle.scheduler.submit(session, x, deadline_s)
-
-    def finish_step(
-        self,
-        handle: ModelHandle,
-        session: Session,
-        output: np.ndarray,
-        *,
-        api: str,
-        received_s: float,
+        start: bool = False,
         end: bool = False,
-    ) -> StepResult:
-        """The second half of :meth:`step_session`, once the chunk's output is there: close the
-        session if asked (``end``), record the request's latency, build the result."""
-        self._changed()
-        if end:
-            handle.store.end(session, EndReason.CLOSED)
-        latency = handle.request_latency.get(api)
-        if latency is None:
-            latency = self.metrics.request_latency.labels(
-                handle.spec.name, handle.spec.version, api
-            )
-            handle.request_latency[api] = latency
-        latency.observe(time.perf_counter() - received_s)
-        return StepResult(session.session_id, output, session.steps, end, session.durable_steps)
+        wait_if_busy: bool = False,
+    ) -> asyncio.Future[StepResult]:
+        """The one way in for a chunk ``x`` [steps, features] of session ``session_id``.
+
+        ``start`` opens the session first (Triton's START: a live one restarts from zero state),
+        ``end`` closes it once the chunk is applied. A session with a chunk in flight answers
+        FAILED_PRECONDITION, unless ``wait_if_busy`` (Triton's sequences): then the chunk waits its
+        turn. ``deadline_s`` (a ``time.perf_counter()`` instant): a chunk still queued when it
+        passes is not computed and fails with DEADLINE_EXCEEDED. Errors in the request raise here;
+        the future resolves to the chunk's result or fails with its batch's error.
+        """
+        self._check_open()
+        handle = self.model(name, version)
+        s = self.settings
+        check_chunk(handle.spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
+        restart = False
+        if start:
+            session = handle.store.find(session_id, caller.owner)
+            if session is None:
+                session = self._create(handle, session_id, None, api, caller)
+            elif session.busy and not wait_if_busy:
+                raise FailedPrecondition(
+                    f"session {session_id!r} has a chunk in flight; cannot restart it"
+                )
+            else:
+                logger.warning("sequence restarted by a new START on model %s", handle.spec.label)
+                restart = True  # from zero state when its turn comes
+        else:
+            session = handle.store.get(session_id, caller.owner)
+        if session.close_when_idle is not None:
+            raise session_not_found(session_id)
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        latency = handle.latency(self.metrics, api)
+        chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, restart, end)
+        handle.batcher.submit(chunk, wait_if_busy)
+        return future
 
     def _check_open(self) -> None:
         if self._closing:
@@ -466,7 +278,7 @@ class InferenceEngine:
         if not self.ready:
             raise Unavailable("the server is still loading its models")
 
-    # ----- lifetime ------------------------------------------------------------------------
+    # ----- lifetime --------------------------------------------------------------------------
     def expire_idle_sessions(self) -> int:
         """End every session idle for longer than the TTL; returns how many ended."""
         ttl = self.settings.session_ttl_s
@@ -486,20 +298,19 @@ class InferenceEngine:
                 )
 
     async def shutdown(self) -> dict[str, int]:
-        """Drain in-flight chunks (up to drain_timeout_s), end every session, stop the workers."""
+        """Drain in-flight chunks (up to drain_timeout_s), snapshot, end every session, stop the
+        batchers. Never waits longer than the drain timeout on a model, failed or not."""
         self._closing = True
         self.ready = False
         if self._ttl_task is not None:
             self._ttl_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ttl_task
-        report = {"sessions_ended": 0, "models_not_drained": 0}
-        for handle in self.handles():
-            if handle._scheduler is not None and not await handle._scheduler.drain(
-                self.settings.drain_timeout_s
-            ):
+        report = {"sessions_ended": 0, "models_not_drained": 0, "sessions_saved": 0}
+        started = [h for h in self.handles() if h._batcher is not None]
+        for handle in started:
+            if not await handle.batcher.drain(self.settings.drain_timeout_s):
                 report["models_not_drained"] += 1
-        report["sessions_saved"] = 0
         if self.durability is not None:
             await self.durability.stop()
             try:
@@ -508,12 +319,10 @@ class InferenceEngine:
                 logger.error("the shutdown snapshot failed: sessions will not be restored")
         for handle in self.handles():
             report["sessions_ended"] += handle.store.end_all(EndReason.SHUTDOWN)
-            if handle._scheduler is not None:
-                await handle._scheduler.close()
+        for handle in started:
+            await handle.batcher.close()
         logger.info(
             "shutdown: saved %d and ended %d session(s); %d model(s) did not drain in time",
-            report["sessions_saved"],
-            report["sessions_ended"],
-            report["models_not_drained"],
-        )
+            report["sessions_saved"], report["sessions_ended"], report["models_not_drained"],
+        )  # fmt: skip
         return report

@@ -106,8 +106,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        # Observed per model call, on the loop or the model's worker thread; never by both at
-        # once, since a model runs one batch at a time (the executor hand-off orders the two).
+        # Observed on the loop thread once the batch is back (the worker thread only times).
         self.compute = LoopHistogram(
             "rnnserve_compute_seconds",
             "Time of one batched onnxruntime call.",
@@ -185,6 +184,18 @@ class Metrics:
         self.deadline_dropped = Counter(
             "rnnserve_deadline_dropped_total",
             "Chunks not computed because their caller's deadline passed while they were queued.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "rnnserve_batch_failures_total",
+            "Batches that failed outside the model call (their chunks answered INTERNAL).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "rnnserve_model_ready",
+            "1 while the model version serves, 0 once it cannot go on (its requests fail fast).",
             ["model", "version"],
             registry=r,
         )

@@ -26,6 +26,7 @@ from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.engine import InferenceEngine
 from service.metrics import Metrics
+from service.models import ModelHandle
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -33,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 NATIVE_SERVICE = streaming_pb2.DESCRIPTOR.services_by_name["StreamingInference"].full_name
 KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def model_health_name(handle: ModelHandle) -> str:
+    """The health service name of one model version: ``model/<name>/<version>``."""
+    return f"model/{handle.spec.label}"
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -66,6 +72,7 @@ class RnnServer:
         self._health = health_aio.HealthServicer()
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self, freeze_start_up_objects: bool = False) -> None:
         """Bind the ports, load every model, then report SERVING. ``freeze_start_up_objects``
@@ -115,11 +122,13 @@ class RnnServer:
         self.metrics_port = int(http_server.server_address[1])
         # Health answers NOT_SERVING while the models load (in a thread: the loop keeps serving probes).
         await asyncio.to_thread(self.engine.load_models)
+        handles = self.engine.handles()
         await self.engine.start()
+        self.engine.model_failed = self._model_failed
         if freeze_start_up_objects:
             gc_pauses.freeze_start_up_objects()
         self._gc_pauses.install()
-        for name in ("", NATIVE_SERVICE, KSERVE_SERVICE):
+        for name in ("", NATIVE_SERVICE, KSERVE_SERVICE, *map(model_health_name, handles)):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.port_file is not None:
             s.port_file.write_text(
@@ -133,6 +142,14 @@ class RnnServer:
             s.host,
             self.metrics_port,
         )
+
+    def _model_failed(self, handle: ModelHandle) -> None:
+        """A model cannot go on (its batch loop stopped): its health name says NOT_SERVING."""
+        task = asyncio.get_running_loop().create_task(
+            self._health.set(model_health_name(handle), health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def stop(self) -> dict[str, int]:
         """Graceful stop: NOT_SERVING, drain in-flight chunks, end sessions, close the ports."""

@@ -308,5 +308,6 @@ class SessionStore:
             self._check_state(state)
         for k, array in enumerate(self.states):
             array[:, session.slot, :] = 0.0 if state is None else state[k]
-        session.steps = 0
+        session.steps = session.durable_steps = 0
+        session.last_output = None
         session.last_used_s = self.clock()

@@ -73,6 +73,20 @@ class Settings(BaseSettings):
     max_queue_chunks: int = Field(
         4096, ge=1, description="chunks waiting per model before new ones are refused"
     )
+    max_waiting_chunks_per_session: int = Field(
+        64,
+        ge=0,
+        description="chunks of one session that may wait behind its chunk in flight (KServe "
+        "sequences; the native API answers FAILED_PRECONDITION instead); more are refused with "
+        "RESOURCE_EXHAUSTED",
+    )
+    max_stream_requests_in_flight: int = Field(
+        64,
+        ge=1,
+        description="unanswered requests of one KServe ModelStreamInfer stream before the server "
+        "stops reading it (backpressure: a client that does not read replies is not read "
+        "either); a native stream handles one request at a time",
+    )
     max_sessions: int = Field(10_000, ge=1, description="live sessions per model version")
     evict_when_full: bool = Field(
         False,

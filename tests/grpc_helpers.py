@@ -14,7 +14,7 @@ from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
-from service.api.native import to_array, to_tensor
+from service.api.native_messages import to_array, to_tensor
 from service.server import RnnServer
 from service.settings import Settings
 

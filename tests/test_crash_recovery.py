@@ -87,7 +87,8 @@ def server_factory(tiny_repository: Path, tmp_path: Path) -> Iterator[list[Serve
 def run_sessions_through_a_fault(
     servers: list[ServerProcess], port: int, tiny_repository: Path, fault: int
 ) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """SESSIONS client threads stream CHUNKS chunks each; once every thread is a third of the way,
+    """SESSIONS client threads stream CHUNKS chunks each; once every thread is a third of the way
+    and its session is in a snapshot (else a kill -9 right after it opened would rightly lose it),
     the server gets ``fault`` and a new server starts on the same port and state directory."""
     rng = np.random.default_rng(2)
     inputs = []
@@ -103,10 +104,16 @@ def run_sessions_through_a_fault(
             with Client(f"127.0.0.1:{port}") as client:
                 session = client.open_session(MODEL, reconnect_timeout_s=60)
                 outputs = []
+                waiting = True
                 for k, x in enumerate(inputs[i]):
                     outputs.append(session.step(x))
-                    if k == CHUNKS // 3:
+                    if (
+                        waiting
+                        and k >= CHUNKS // 3
+                        and (fault == signal.SIGTERM or session.durable_steps)
+                    ):
                         progressed.wait(timeout=60)
+                        waiting = False
                 session.close()
                 results[i] = (
                     np.concatenate(inputs[i]),

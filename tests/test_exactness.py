@@ -16,7 +16,7 @@ import numpy as np
 
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
-from service.api.native import to_tensor
+from service.api.native_messages import to_tensor
 from tests.chunking import chunk_spans
 from tests.grpc_helpers import (
     channel,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
-from service.api.native import to_tensor
+from service.api.native_messages import to_tensor
 from service.server import RnnServer
 from tests.grpc_helpers import channel, expect_code, native, output_of, serving, step_request
 from tests.models_for_tests import OfflineReference

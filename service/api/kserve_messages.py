@@ -1,0 +1,145 @@
+"""Conversions between KServe v2 / Triton messages (package ``inference``) and the core's types.
+
+Sequence semantics follow Triton: ``sequence_id`` (int64 or string; int ids are kept as their
+decimal text, so 5 and "5" name the same sequence), ``sequence_start`` opens (or restarts) the
+sequence, ``sequence_end`` closes it after the request. Each request carries one chunk: ``x`` of
+shape [1, steps, features]. The recurrent state never appears in this API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from service._proto.inference import grpc_service_pb2 as pb
+from service._proto.inference import model_config_pb2 as mc
+from service.api.tensors import decode_float32, float32_bytes, from_floats
+from service.batcher import StepResult
+from service.errors import InvalidArgument
+from service.repository import ModelSpec
+from service.session_store import check_session_id
+from service.settings import Settings
+
+API = "kserve"
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration"]
+
+
+@dataclass(frozen=True)
+class SequenceControl:
+    sequence_id: str
+    start: bool
+    end: bool
+
+
+def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
+    """Read Triton's sequence parameters; a sequence id is required for these stateful models."""
+    params = request.parameters
+    sequence_id = ""
+    p = params.get("sequence_id")
+    if p is not None:
+        choice = p.WhichOneof("parameter_choice")
+        if choice == "int64_param":
+            number = p.int64_param
+            sequence_id = str(number) if number else ""
+        elif choice == "uint64_param":
+            number = p.uint64_param
+            sequence_id = str(number) if number else ""
+        elif choice == "string_param":
+            sequence_id = p.string_param
+            if sequence_id:
+                check_session_id(sequence_id)
+        else:
+            raise InvalidArgument("sequence_id must be an int64, uint64 or string parameter")
+    start = bool_parameter(params, "sequence_start")
+    end = bool_parameter(params, "sequence_end")
+    if not sequence_id:
+        raise InvalidArgument(
+            f"inference request to model {request.model_name!r} must specify a non-zero or non-empty "
+            "sequence_id: this model keeps state per sequence"
+        )
+    return SequenceControl(sequence_id, start, end)
+
+
+def bool_parameter(params: Mapping[str, pb.InferParameter], name: str) -> bool:
+    p = params.get(name)
+    if p is None:
+        return False
+    if p.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidArgument(f"{name} must be a bool parameter")
+    return p.bool_param
+
+
+def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
+    """The request's ``x`` as [steps, features]; it must be FP32 with a batch of exactly 1."""
+    if len(request.inputs) != 1 or request.inputs[0].name != "x":
+        names = [i.name for i in request.inputs]
+        raise InvalidArgument(f"model {spec.label} takes exactly one input named 'x', got {names}")
+    tensor = request.inputs[0]
+    if tensor.datatype != "FP32":
+        raise InvalidArgument(f"input 'x' must be FP32, got {tensor.datatype or 'no datatype'}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument("raw_input_contents must hold one entry per input (1)")
+        x = decode_float32(tensor.shape, request.raw_input_contents[0], "input 'x'")
+    else:
+        x = from_floats(tensor.shape, tensor.contents.fp32_contents, "input 'x'")
+    if x.ndim != 3 or x.shape[0] != 1:
+        raise InvalidArgument(
+            f"input 'x' must be [1, steps, {spec.input_size}] (a sequence request carries "
+            f"batch size 1), got {list(x.shape)}"
+        )
+    for output in request.outputs:
+        if output.name != "y":
+            raise InvalidArgument(
+                f"model {spec.label} has one output, 'y'; unknown {output.name!r}"
+            )
+    return x[0]
+
+
+def fill_infer_response(
+    message: pb.ModelInferResponse,
+    request: pb.ModelInferRequest,
+    spec: ModelSpec,
+    result: StepResult,
+) -> pb.ModelInferResponse:
+    """Write ``result`` (output ``y`` as [1, steps, outputs]) into ``message`` in place: a stream's
+    reply wraps the response, and filling it there saves copying a built one in."""
+    message.model_name = spec.name
+    message.model_version = spec.version
+    message.id = request.id
+    y = result.output
+    message.outputs.add(name="y", datatype="FP32", shape=(1, *y.shape))
+    message.raw_output_contents.append(float32_bytes(y))
+    message.parameters["sequence_steps"].int64_param = result.steps
+    return message
+
+
+def model_config(spec: ModelSpec, settings: Settings) -> mc.ModelConfig:
+    return mc.ModelConfig(
+        name=spec.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=settings.max_batch_size,
+        input=[mc.ModelInput(name="x", data_type=mc.TYPE_FP32, dims=[-1, spec.input_size])],
+        output=[mc.ModelOutput(name="y", data_type=mc.TYPE_FP32, dims=[-1, spec.output_size])],
+        sequence_batching=mc.ModelSequenceBatching(
+            max_sequence_idle_microseconds=int(settings.session_ttl_s * 1e6),
+            oldest=mc.ModelSequenceBatching.StrategyOldest(
+                max_candidate_sequences=settings.max_sessions,
+                max_queue_delay_microseconds=int(settings.max_queue_delay_s * 1e6),
+            ),
+        ),
+    )
+
+
+def error_reply(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A stream's in-band answer to a failed request: Triton's error_message, the request's id."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )

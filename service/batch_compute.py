@@ -1,0 +1,97 @@
+"""Computing one batch: chunks of any lengths through one model, exactly, touching no session.
+
+:func:`compute_batch` runs in the model's worker thread (or, for a cheap batch, on the event
+loop); it sees only the arrays it is handed. :func:`check_outcome` proves that what came back fits
+the batch before anything is written to a session, so a model that answers in the wrong shapes
+fails its batch instead of corrupting state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InternalError
+
+logger = logging.getLogger(__name__)
+
+ModelCall = Callable[[np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
+
+
+@dataclass(eq=False, slots=True)
+class BatchOutcome:
+    """Per-chunk outputs, the batch's final states, and which chunks finished (a failed model call
+    leaves the chunks it held unfinished, with ``error``)."""
+
+    outputs: list[np.ndarray]
+    states: list[np.ndarray]
+    finished: np.ndarray  # bool per chunk
+    error: InternalError | None
+    calls: list[tuple[int, float]]  # (rows, seconds) of each model call, for the metrics
+
+
+def compute_batch(
+    call: ModelCall, label: str, inputs: Sequence[np.ndarray], states: list[np.ndarray]
+) -> BatchOutcome:
+    """Run chunks ``inputs`` ([steps, features] each) from ``states`` ([layers, rows, hidden]).
+
+    The batch runs in step-aligned segments: every chunk takes part in the first call, which
+    covers as many steps as the shortest chunk; the chunks with steps left continue from the
+    states they reached, and so on. Chaining states this way is exactly the computation of one
+    call over each whole chunk, so no padding or masking is involved, and when all chunks have the
+    same length (the common case) the batch is a single call. A failing call is logged and ends
+    the batch: the chunks it held are left unfinished with an :class:`InternalError`.
+    """
+    lengths = np.fromiter((x.shape[0] for x in inputs), dtype=np.intp, count=len(inputs))
+    pieces: list[list[np.ndarray]] = [[] for _ in inputs]
+    finished = np.zeros(len(inputs), dtype=bool)
+    error: InternalError | None = None
+    calls: list[tuple[int, float]] = []
+    done_steps = 0
+    for end in np.unique(lengths):
+        active = np.flatnonzero(lengths >= end)
+        rows = active.tolist()
+        everyone = len(rows) == len(inputs)
+        x = np.stack([inputs[i][done_steps:end] for i in rows])
+        segment_states = states if everyone else [s[:, active, :] for s in states]
+        started = time.perf_counter()
+        try:
+            y, new_states = call(x, segment_states)
+            calls.append((len(active), time.perf_counter() - started))
+            check_call(x, segment_states, y, new_states)
+        except Exception as exc:
+            logger.exception("model %s failed on a batch of %d", label, len(active))
+            error = InternalError(f"model {label} failed: {type(exc).__name__}")
+            break
+        if everyone:
+            states = list(new_states)
+        else:
+            for state, new in zip(states, new_states, strict=True):
+                state[:, active, :] = new
+        for row, i in enumerate(rows):
+            pieces[i].append(y[row])
+        finished[lengths == end] = True
+        done_steps = int(end)
+    outputs = [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces]
+    return BatchOutcome(outputs, states, finished, error, calls)
+
+
+def check_call(
+    x: np.ndarray, states: Sequence[np.ndarray], y: np.ndarray, new_states: Sequence[np.ndarray]
+) -> None:
+    """A model call's results must fit its inputs: y [rows, steps, *], one new state per state,
+    each of its state's shape. Raises ValueError naming the mismatch."""
+    rows, steps = x.shape[0], x.shape[1]
+    if y.ndim != 3 or y.shape[:2] != (rows, steps):
+        raise ValueError(f"output y has shape {list(y.shape)}, expected [{rows}, {steps}, *]")
+    if len(new_states) != len(states):
+        raise ValueError(f"{len(new_states)} state outputs for {len(states)} state inputs")
+    for k, (old, new) in enumerate(zip(states, new_states, strict=True)):
+        if new.shape != old.shape:
+            raise ValueError(
+                f"state output {k} has shape {list(new.shape)}, expected {list(old.shape)}"
+            )

@@ -1,0 +1,368 @@
+"""The batcher of one model version: per-session order, the shared queue, and the batch loop.
+
+A chunk enters through :meth:`Batcher.submit`. A session has at most one chunk in the queue or
+computing (it is ``busy``); later chunks of the same session wait in that session's line, in
+arrival order, at most ``max_waiting_per_session`` of them, and enter the queue one at a time as
+the one before them finishes. A batch therefore holds at most one chunk per session, and the
+chunks of a session apply in order.
+
+A batch starts when ``max_batch_size`` chunks are queued, when every live session of the model has
+a chunk queued (nothing else can arrive), or when the oldest has waited ``max_queue_delay_s``.
+
+Concurrency:
+- Everything here runs on the event loop thread except :func:`compute_batch`, so sessions, lines
+  and the store need no lock. The batch computes in the model's single worker thread
+  (onnxruntime releases the GIL), so the loop keeps serving I/O and the next batch fills meanwhile;
+  or on the loop itself when the model's :class:`CallCost` (measured as it loaded) puts the batch
+  under ``inline_compute_below_s``: handing a 50 µs call to a thread and waking the loop again
+  costs more CPU than the call (docs/PERFORMANCE.md). One model never runs two batches at once.
+- The loop cannot die silently: an exception anywhere in a batch fails exactly that batch's
+  chunks (INTERNAL, naming the model), is logged once with its cause, leaves their sessions in
+  their previous state (outputs are checked before any state is written), and the loop goes on.
+  Should the loop task stop anyway, the model is marked failed: everything queued or waiting
+  fails with UNAVAILABLE, new chunks fail fast, and ``on_failed`` tells the server (not ready).
+- Every chunk's future is resolved exactly once. A chunk whose caller went away is still applied,
+  so the session's step count stays the truth a reconnecting client resumes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batch_compute import BatchOutcome, compute_batch
+from service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InternalError,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+from service.metrics import LoopHistogramChild, Metrics
+from service.repository import ModelSpec
+from service.runtime import CallCost, ModelRuntime
+from service.session_store import EndReason, Session, SessionStore, session_not_found
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a chunk gave: its output rows and where its session stands after it."""
+
+    session_id: str
+    output: np.ndarray  # [steps, outputs] float32
+    steps: int  # steps the session has consumed, this chunk included
+    ended: bool  # the chunk closed its session (end)
+    durable_steps: int = 0  # steps covered by the latest written snapshot
+
+
+@dataclass(eq=False, slots=True)
+class PendingChunk:
+    """One chunk on its way through the batcher."""
+
+    session: Session
+    x: np.ndarray  # [steps, features] float32
+    future: asyncio.Future[StepResult]
+    received_s: float  # perf_counter instant the request arrived (latency is counted from it)
+    latency: LoopHistogramChild  # the request latency histogram of the chunk's API
+    deadline_s: float | None = None  # perf_counter instant after which it is not computed
+    start: bool = False  # restart the session (zero state, step 0) right before this chunk
+    end: bool = False  # close the session once this chunk is applied
+    enqueued_s: float = 0.0  # when it entered the shared queue
+
+
+class Batcher:
+    """Queue, session lines and batch loop of one model version. Create it on the running loop."""
+
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        runtime: ModelRuntime,
+        store: SessionStore,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_chunks: int,
+        max_waiting_per_session: int,
+        inline_compute_below_s: float = 0.0,
+        call_cost: CallCost | None = None,
+        on_applied: Callable[[], None] = lambda: None,
+        on_failed: Callable[[Batcher], None] = lambda batcher: None,
+    ) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.store = store
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_chunks = max_queue_chunks
+        self.max_waiting_per_session = max_waiting_per_session
+        self.inline_compute_below_s = inline_compute_below_s
+        self.call_cost = call_cost  # None: every batch goes to the worker thread
+        self.failure: str | None = None  # why the model cannot go on (None: it can)
+        self._on_applied = on_applied
+        self._on_failed = on_failed
+        self._queue: collections.deque[PendingChunk] = collections.deque()
+        self._lines: dict[Session, collections.deque[PendingChunk]] = {}
+        self._executing: list[PendingChunk] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.name}")
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = True
+        self._closing = False
+        labels = {"model": spec.name, "version": spec.version}
+        self._queue_wait = metrics.queue_wait.labels(**labels)
+        self._compute_time = metrics.compute.labels(**labels)
+        self._batch_size = metrics.batch_size.labels(**labels)
+        self._steps = metrics.steps.labels(**labels)
+        self._deadline_dropped = metrics.deadline_dropped.labels(**labels)
+        self._batch_failures = metrics.batch_failures.labels(**labels)
+        # Read at scrape time, so batches pay nothing for it; len() of a deque is atomic.
+        metrics.queue_depth.labels(**labels).set_function(lambda: len(self._queue))
+        self._task = asyncio.create_task(self._run_forever(), name=f"batcher-{spec.label}")
+        self._task.add_done_callback(self._loop_stopped)
+
+    # ----- entry -----------------------------------------------------------------------------
+    def submit(self, chunk: PendingChunk, wait_if_busy: bool) -> None:
+        """Queue ``chunk``; its future resolves with its :class:`StepResult` or an error.
+
+        A session with a chunk in flight is FAILED_PRECONDITION, unless ``wait_if_busy``: then the
+        chunk waits in the session's line (RESOURCE_EXHAUSTED once the line is full).
+        """
+        if self.failure is not None:
+            raise Unavailable(f"model {self.spec.label} is not available: {self.failure}")
+        if not self._accepting:
+            raise Unavailable("the server is shutting down; no new chunks are accepted")
+        session = chunk.session
+        if session.busy:
+            if not wait_if_busy:
+                raise FailedPrecondition(
+                    f"session {session.session_id!r} already has a chunk in flight; send the "
+                    "next chunk after its reply"
+                )
+            line = self._lines.setdefault(session, collections.deque())
+            if len(line) >= self.max_waiting_per_session:
+                raise ResourceExhausted(
+                    f"session {session.session_id!r} already has {len(line)} chunks waiting; "
+                    "wait for replies before sending more"
+                )
+            line.append(chunk)
+            return
+        if len(self._queue) >= self.max_queue_chunks:
+            raise ResourceExhausted(
+                f"model {self.spec.label} has {len(self._queue)} chunks waiting; retry later"
+            )
+        self._enqueue(chunk)
+
+    def _enqueue(self, chunk: PendingChunk) -> None:
+        session = chunk.session
+        session.busy = True
+        if chunk.start:
+            self.store.reset_state(session)
+        chunk.enqueued_s = time.perf_counter()
+        self._queue.append(chunk)
+        self._idle.clear()
+        if len(self._queue) == 1 or self._batch_complete():
+            self._wakeup.set()
+
+    def _batch_complete(self) -> bool:
+        """No reason to wait: the batch is full, or every live session already has a chunk queued
+        (so no other chunk can arrive before one of these is answered)."""
+        return len(self._queue) >= self.max_batch_size or len(self._queue) >= len(self.store)
+
+    # ----- the loop --------------------------------------------------------------------------
+    async def _run_forever(self) -> None:
+        while True:
+            await self._batch_ready()
+            batch: list[PendingChunk] = []
+            try:
+                batch = self._take_batch()
+                if batch:
+                    await self._execute(batch)
+            except Exception as error:  # anything at all: fail this batch, keep the loop
+                self._batch_failed(batch, error)
+            self._executing = []  # kept if the task is cancelled: close() fails those chunks
+
+    async def _batch_ready(self) -> None:
+        """Wait until the queue holds a batch worth starting."""
+        while not self._queue:
+            self._idle.set()  # nothing queued or computing, so no session is busy or waiting
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self._batch_complete() or self.max_queue_delay_s <= 0:
+            return
+        remaining = self.max_queue_delay_s - (time.perf_counter() - self._queue[0].enqueued_s)
+        if remaining > 0:
+            # A timer that sets the event: asyncio.wait_for would create a task per batch.
+            self._wakeup.clear()
+            timer = self._loop.call_later(remaining, self._wakeup.set)
+            try:
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
+
+    def _take_batch(self) -> list[PendingChunk]:
+        """Up to ``max_batch_size`` chunks in arrival order; chunks whose caller's deadline has
+        passed are failed here, uncomputed, so that the session stays where it was."""
+        batch: list[PendingChunk] = []
+        now = time.perf_counter()
+        while self._queue and len(batch) < self.max_batch_size:
+            chunk = self._queue.popleft()
+            if chunk.deadline_s is not None and chunk.deadline_s <= now:
+                self._deadline_dropped.inc()
+                self._finish(chunk, DeadlineExceeded("the deadline passed before the chunk ran"))
+                continue
+            self._queue_wait.observe(now - chunk.enqueued_s)
+            batch.append(chunk)
+        return batch
+
+    async def _execute(self, batch: list[PendingChunk]) -> None:
+        """Gather the batch's states, compute, check, then write states and answer."""
+        self._executing = batch
+        slots = np.fromiter((c.session.slot for c in batch), dtype=np.intp, count=len(batch))
+        states = self.store.gather(slots)
+        inputs = [c.x for c in batch]
+        steps = max(x.shape[0] for x in inputs)
+        if self._runs_inline(len(batch), steps):
+            outcome = compute_batch(self._call_inline, self.spec.label, inputs, states)
+        else:
+            outcome = await self._loop.run_in_executor(
+                self._executor, compute_batch, self.runtime.run, self.spec.label, inputs, states
+            )
+        for rows, seconds in outcome.calls:
+            self._compute_time.observe(seconds)
+            self._batch_size.observe(rows)
+        self._apply(batch, slots, outcome)
+
+    def _call_inline(
+        self, x: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.runtime.run(x, states, single_thread=True)
+
+    def _runs_inline(self, rows: int, steps: int) -> bool:
+        """Whether a batch of ``rows`` chunks of at most ``steps`` steps runs on the event loop."""
+        cost = self.call_cost
+        return cost is not None and cost.estimate_s(rows, steps) < self.inline_compute_below_s
+
+    def _apply(self, batch: list[PendingChunk], slots: np.ndarray, outcome: BatchOutcome) -> None:
+        """Write the finished chunks' states, then answer every chunk (loop thread)."""
+        finished = outcome.finished
+        if finished.all():
+            self.store.scatter(slots, outcome.states)
+        elif finished.any():
+            self.store.scatter(slots[finished], [s[:, finished, :] for s in outcome.states])
+        applied_steps = 0
+        now_s = time.perf_counter()
+        for chunk, ok, output in zip(batch, finished.tolist(), outcome.outputs, strict=True):
+            if not ok:
+                self._finish(chunk, outcome.error or InternalError("chunk not computed"))
+                continue
+            steps = chunk.x.shape[0]
+            applied_steps += steps
+            session = chunk.session
+            session.steps += steps
+            session.last_output = output
+            chunk.latency.observe(now_s - chunk.received_s)
+            self._finish(chunk, StepResult(session.session_id, output, session.steps, chunk.end,
+                                           session.durable_steps))  # fmt: skip
+        self._steps.inc(applied_steps)
+        if applied_steps:
+            self._on_applied()
+
+    def _batch_failed(self, batch: list[PendingChunk], error: Exception) -> None:
+        """A batch broke outside the model call: fail the chunks not yet answered."""
+        self._batch_failures.inc()
+        logger.error(
+            "model %s: a batch of %d chunk(s) failed (%s: %s); their sessions keep their state",
+            self.spec.label, len(batch), type(error).__name__, error, exc_info=error,
+        )  # fmt: skip
+        failure = InternalError(f"model {self.spec.label} failed to run a batch")
+        for chunk in batch:
+            if not chunk.future.done():
+                self._finish(chunk, failure)
+
+    # ----- a chunk's end ---------------------------------------------------------------------
+    def _finish(self, chunk: PendingChunk, result: StepResult | ServiceError) -> None:
+        """Answer ``chunk`` and hand its session's turn on: to the next chunk in its line, or
+        back to the store (which then applies a close that waited for the chunk)."""
+        if not chunk.future.done():
+            if isinstance(result, StepResult):
+                chunk.future.set_result(result)
+            else:
+                chunk.future.set_exception(result)
+        session = chunk.session
+        line = self._lines.get(session)
+        applied_end = chunk.end and isinstance(result, StepResult)
+        if line and not applied_end and session.close_when_idle is None:
+            self._enqueue(line.popleft())  # the session stays busy
+            if not line:
+                del self._lines[session]
+            return
+        if line and applied_end and line[0].start:  # END, then START of the same sequence
+            self._enqueue(line.popleft())  # restarted in place as its turn comes
+            if not line:
+                del self._lines[session]
+            return
+        self.store.finish_chunk(session)
+        if applied_end:
+            self.store.end(session, EndReason.CLOSED)
+        self._fail_line(session, session_not_found(session.session_id))
+
+    def _fail_line(self, session: Session, error: ServiceError) -> None:
+        for waiting in self._lines.pop(session, ()):
+            if not waiting.future.done():
+                waiting.future.set_exception(error)
+
+    # ----- failure and shutdown ----------------------------------------------------------------
+    def _loop_stopped(self, task: asyncio.Task[None]) -> None:
+        """Done callback of the loop task: only :meth:`close` may stop it."""
+        if self._closing:
+            return
+        cause = "cancelled" if task.cancelled() else repr(task.exception())
+        self.failure = f"its batch loop stopped ({cause})"
+        logger.error("model %s cannot go on: %s", self.spec.label, self.failure)
+        self._fail_everything(Unavailable(f"model {self.spec.label} is not available"))
+        self._on_failed(self)
+
+    def _fail_everything(self, error: ServiceError) -> None:
+        pending = [*self._executing, *self._queue]
+        self._queue.clear()
+        for chunk in pending:
+            if not chunk.future.done():
+                chunk.future.set_exception(error)
+            chunk.session.busy = False
+        for session in list(self._lines):
+            self._fail_line(session, error)
+        self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting chunks and wait for queued and waiting ones to finish; False if time
+        ran out."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        """Stop the loop, fail what is still queued or waiting, and stop the worker thread."""
+        self._accepting = False
+        self._closing = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._fail_everything(Unavailable("the server shut down before this chunk ran"))
+        self._executor.shutdown(wait=True)

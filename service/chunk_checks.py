@@ -1,0 +1,49 @@
+"""What a chunk must be before it is queued: float32 ``[steps, features]``, a bounded number of
+steps, and (unless allowed) finite values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from service.errors import InvalidArgument
+from service.repository import ModelSpec
+
+SUMMED_IN_PYTHON_BELOW = 64  # values; under this a numpy reduction costs more than a Python sum
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True if no value is NaN or Inf.
+
+    A finite sum proves every value finite (NaN and Inf propagate through a sum), so only a sum
+    that is not finite needs the element-wise check; it may still be all finite values whose
+    float32 sum overflowed. Small arrays are summed as Python floats (doubles: a sum of fewer than
+    64 float32 values cannot overflow), which skips numpy's per-call overhead on the hot path.
+    """
+    if array.size < SUMMED_IN_PYTHON_BELOW:
+        return math.isfinite(sum(array.ravel().tolist()))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an answer here
+        total = array.sum()
+    return math.isfinite(total) or bool(np.isfinite(array).all())
+
+
+def check_chunk(spec: ModelSpec, x: np.ndarray, max_steps: int, reject_nonfinite: bool) -> None:
+    """Raise INVALID_ARGUMENT unless ``x`` is a chunk that model ``spec`` can take."""
+    if x.dtype != np.float32:
+        raise InvalidArgument(f"input must be float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise InvalidArgument(
+            f"input must be [steps, {spec.input_size}], got shape {list(x.shape)}"
+        )
+    steps, features = x.shape
+    if features != spec.input_size:
+        raise InvalidArgument(
+            f"model {spec.label} takes {spec.input_size} features per step, got {features}"
+        )
+    if steps < 1:
+        raise InvalidArgument("a chunk needs at least one step")
+    if steps > max_steps:
+        raise InvalidArgument(f"chunk of {steps} steps exceeds the limit of {max_steps}")
+    if reject_nonfinite and not all_finite(x):
+        raise InvalidArgument("input holds NaN or Inf")

@@ -1,0 +1,176 @@
+"""The registry of loaded models: each version's spec, runtime, session store and batcher.
+
+Loading checks every model against the ONNX contract before any is served; lookups by name (and
+optional version: the highest when none is given) are what every request starts with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from service.batcher import Batcher
+from service.errors import ModelContractError, NotFound, Unavailable
+from service.metrics import LoopHistogramChild, Metrics
+from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
+from service.runtime import CallCost, ModelRuntime
+from service.session_store import EndReason, Session, SessionStore
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EndHook = Callable[[Session, EndReason], None]
+
+
+class ModelHandle:
+    """One loaded model version: spec, runtime, sessions and (once started) its batcher."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        runtime: ModelRuntime,
+        store: SessionStore,
+        call_cost: CallCost | None,
+    ) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.store = store
+        self.call_cost = call_cost  # measured at load; None when nothing runs inline
+        self._batcher: Batcher | None = None
+        self._latency: dict[str, LoopHistogramChild] = {}  # per API, labelled once
+
+    @property
+    def batcher(self) -> Batcher:
+        if self._batcher is None:
+            raise Unavailable("the server is not started yet")
+        return self._batcher
+
+    @property
+    def ready(self) -> bool:
+        """Started, and its batcher can go on."""
+        return self._batcher is not None and self._batcher.failure is None
+
+    def latency(self, metrics: Metrics, api: str) -> LoopHistogramChild:
+        """The request-latency histogram of this model for ``api``."""
+        child = self._latency.get(api)
+        if child is None:
+            child = self._latency[api] = metrics.request_latency.labels(
+                self.spec.name, self.spec.version, api
+            )
+        return child
+
+
+class ModelRegistry:
+    """Every loaded model version, by name and version."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, dict[str, ModelHandle]] = {}
+        self._latest: dict[str, ModelHandle] = {}  # name -> highest version
+
+    def load(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        runtime_class: type[ModelRuntime],
+        end_hook: Callable[[ModelSpec], EndHook],
+    ) -> None:
+        """Load and check every model of the repository; raises ModelContractError on any problem."""
+        s = settings
+        directories = discover(s.model_repository)
+        if not directories:
+            raise ModelContractError(
+                f"model repository {s.model_repository} holds no */*/model.onnx"
+            )
+        for directory in directories:
+            spec = read_spec(directory)
+            runtime = runtime_class(
+                spec.onnx_path,
+                provider=s.execution_provider,
+                fallback=s.provider_fallback,
+                intra_op_threads=s.intra_op_threads,
+                inter_op_threads=s.inter_op_threads,
+                spin_wait=s.ort_spin_wait,
+                single_thread_twin=s.inline_compute_below_s > 0,
+            )
+            check_contract(spec, runtime)
+            call_cost = None
+            if s.inline_compute_below_s > 0:
+                call_cost = runtime.measure_cost(
+                    input_size=spec.input_size,
+                    layers=spec.num_layers,
+                    hidden=spec.hidden_size,
+                    max_rows=s.max_batch_size,
+                )
+            store = SessionStore(
+                state_count=len(spec.state_inputs),
+                layers=spec.num_layers,
+                hidden=spec.hidden_size,
+                max_sessions=s.max_sessions,
+                evict_when_full=s.evict_when_full,
+                on_end=end_hook(spec),
+            )
+            self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(
+                spec, runtime, store, call_cost
+            )
+            self._latest[spec.name] = self._models[spec.name][self.versions(spec.name)[-1]]
+            labels = (spec.name, spec.version)
+            metrics.state_bytes.labels(*labels).set(store.state_bytes)
+            metrics.active_sessions.labels(*labels).set(0)
+            metrics.session_capacity.labels(*labels).set(s.max_sessions)
+            logger.info(
+                "loaded model %s (%s, %d layer(s), hidden %d) on %s",
+                spec.label, spec.cell, spec.num_layers, spec.hidden_size,
+                ",".join(runtime.providers),
+            )  # fmt: skip
+            if call_cost is not None:
+                logger.info(
+                    "model %s: a one-step call takes %.0f µs + %.2f µs per session",
+                    spec.label, call_cost.fixed_s * 1e6, call_cost.per_row_s * 1e6,
+                )  # fmt: skip
+
+    def start(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        on_applied: Callable[[], None],
+        on_failed: Callable[[Batcher], None],
+    ) -> None:
+        """Create every model's batcher on the running loop."""
+        s = settings
+        for handle in self.handles():
+            handle._batcher = Batcher(
+                spec=handle.spec,
+                runtime=handle.runtime,
+                store=handle.store,
+                metrics=metrics,
+                max_batch_size=s.max_batch_size,
+                max_queue_delay_s=s.max_queue_delay_s,
+                max_queue_chunks=s.max_queue_chunks,
+                max_waiting_per_session=s.max_waiting_chunks_per_session,
+                inline_compute_below_s=s.inline_compute_below_s,
+                call_cost=handle.call_cost,
+                on_applied=on_applied,
+                on_failed=on_failed,
+            )
+            metrics.model_ready.labels(handle.spec.name, handle.spec.version).set(1)
+
+    def handles(self) -> list[ModelHandle]:
+        return [h for versions in self._models.values() for h in versions.values()]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=version_key)
+
+    def get(self, name: str, version: str = "") -> ModelHandle:
+        """Model ``name`` at ``version`` (the highest when empty); NOT_FOUND names what exists."""
+        versions = self._models.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise NotFound(f"model {name!r} not found; loaded models: {known}")
+        if not version:
+            return self._latest[name]
+        try:
+            return versions[version]
+        except KeyError:
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; versions: {', '.join(self.versions(name))}"
+            ) from None

@@ -1,0 +1,433 @@
+"""The batcher with a fake model: batch formation, per-session order, lengths, errors, a loop that
+cannot die. No sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, PendingChunk, StepResult
+from service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InternalError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from service.metrics import Metrics
+from service.repository import ModelSpec
+from service.runtime import CallCost
+from service.session_store import Session, SessionStore
+
+
+class GatedFakeModel:
+    """y = x + h (per step, cumulative); h' = h + sum over steps. Blocks until released if gated."""
+
+    def __init__(self, gated: bool = False) -> None:
+        self.calls: list[tuple[int, int]] = []  # (batch, steps)
+        self.threads: list[int] = []  # which thread ran each call
+        self.single_thread: list[bool] = []  # which session each call asked for
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not gated:
+            self.release.set()
+        self.fail_on_value: float | None = None
+
+    def run(
+        self, x: np.ndarray, states: Sequence[np.ndarray], single_thread: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        self.calls.append((x.shape[0], x.shape[1]))
+        self.threads.append(threading.get_ident())
+        self.single_thread.append(single_thread)
+        self.entered.set()
+        self.release.wait(timeout=30)
+        if self.fail_on_value is not None and (x == self.fail_on_value).any():
+            raise RuntimeError("boom")
+        h = states[0][0, :, :1]  # [batch, 1]
+        cumulative = np.cumsum(x[..., :1], axis=1) + h[:, None, :]
+        new_h = states[0] + x[..., :1].sum(axis=1)[None, :, :]
+        return cumulative.astype(np.float32), [new_h.astype(np.float32)]
+
+
+def spec() -> ModelSpec:
+    return ModelSpec(
+        name="fake", version="1", directory=Path("."), cell="gru", num_layers=1, hidden_size=1,
+        input_size=1, output_size=1, sha256="", metadata={},
+    )  # fmt: skip
+
+
+def make(model: GatedFakeModel, **kw: object) -> tuple[Batcher, SessionStore, Metrics]:
+    store = SessionStore(state_count=1, layers=1, hidden=1, max_sessions=100)
+    metrics = Metrics()
+    options = {"max_batch_size": 8, "max_queue_delay_s": 0.0, "max_queue_chunks": 100,
+               "max_waiting_per_session": 4, **kw}  # fmt: skip
+    batcher = Batcher(spec=spec(), runtime=model, store=store, metrics=metrics, **options)  # type: ignore[arg-type]
+    return batcher, store, metrics
+
+
+def submit_chunk(
+    batcher: Batcher, session: Session, x: np.ndarray, deadline_s: float | None = None, *,
+    wait: bool = False, start: bool = False, end: bool = False,
+) -> asyncio.Future[StepResult]:  # fmt: skip
+    """Hand one chunk to the batcher as the engine does; the future of its result."""
+    future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+    latency = Metrics().request_latency.labels("fake", "1", "test")
+    pending = PendingChunk(session, x, future, time.perf_counter(), latency, deadline_s, start, end)
+    batcher.submit(pending, wait_if_busy=wait)
+    return future
+
+
+def submit(
+    batcher: Batcher, session: Session, x: np.ndarray, deadline_s: float | None = None
+) -> asyncio.Future[np.ndarray]:
+    """:func:`submit_chunk`, resolving to the chunk's output rows."""
+    result = submit_chunk(batcher, session, x, deadline_s)
+    output: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future[StepResult]) -> None:
+        error = f.exception()
+        if error is not None:
+            output.set_exception(error)
+        else:
+            output.set_result(f.result().output)
+
+    result.add_done_callback(done)
+    return output
+
+
+def chunk(*values: float) -> np.ndarray:
+    return np.array(values, np.float32)[:, None]
+
+
+async def batch_in_flight(
+    batcher: Batcher, model: GatedFakeModel, session: Session
+) -> asyncio.Future[np.ndarray]:
+    """Submit ``session``'s chunk [1] to the gated ``model`` and wait until its call has started,
+    so that what is submitted next queues behind it; release the model to finish it."""
+    first = submit(batcher, session, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    return first
+
+
+async def test_chunks_queued_while_a_batch_computes_form_the_next_batch() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, metrics = make(model)
+    sessions = [store.create(str(i)) for i in range(4)]
+    first = await batch_in_flight(batcher, model, sessions[0])
+    rest = [submit(batcher, s, chunk(i + 2)) for i, s in enumerate(sessions[1:])]
+    depth = {"model": "fake", "version": "1"}
+    assert metrics.registry.get_sample_value("rnnserve_queue_depth", depth) == 3
+    model.release.set()
+    outputs = await asyncio.gather(first, *rest)
+    assert model.calls == [(1, 1), (3, 1)]
+    assert [float(o[0, 0]) for o in outputs] == [1.0, 2.0, 3.0, 4.0]
+    assert all(s.steps == 1 and not s.busy for s in sessions)
+    assert metrics.registry.get_sample_value("rnnserve_queue_depth", depth) == 0
+    await batcher.close()
+
+
+async def test_batch_is_capped_at_max_batch_size() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model, max_batch_size=2)
+    sessions = [store.create(str(i)) for i in range(5)]
+    first = await batch_in_flight(batcher, model, sessions[0])
+    rest = [submit(batcher, s, chunk(1)) for s in sessions[1:]]
+    model.release.set()
+    await asyncio.gather(first, *rest)
+    assert [b for b, _ in model.calls] == [1, 2, 2]
+    await batcher.close()
+
+
+async def test_different_lengths_share_step_aligned_calls() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model)
+    a, b, c, d = (store.create(n) for n in "abcd")
+    first = await batch_in_flight(batcher, model, a)
+    fb = submit(batcher, b, chunk(1, 2))
+    fc = submit(batcher, c, chunk(1, 2, 3))
+    fd = submit(batcher, d, chunk(5, 5))
+    model.release.set()
+    await first
+    yb, yc, yd = await asyncio.gather(fb, fc, fd)
+    # All three run the first two steps together; the 3-step chunk continues alone from its state.
+    assert model.calls[1:] == [(3, 2), (1, 1)]
+    np.testing.assert_array_equal(yb[:, 0], [1, 3])
+    np.testing.assert_array_equal(yc[:, 0], [1, 3, 6])
+    np.testing.assert_array_equal(yd[:, 0], [5, 10])
+    assert (b.steps, c.steps, d.steps) == (2, 3, 2)
+    await batcher.close()
+
+
+async def test_state_carries_over_between_chunks_of_a_session() -> None:
+    batcher, store, _ = make(GatedFakeModel())
+    s = store.create("s")
+    y1 = await submit(batcher, s, chunk(1, 2))
+    y2 = await submit(batcher, s, chunk(10))
+    np.testing.assert_array_equal(y1[:, 0], [1, 3])
+    np.testing.assert_array_equal(y2[:, 0], [13])
+    assert s.steps == 3
+    await batcher.close()
+
+
+async def test_a_failing_call_fails_only_its_own_chunks() -> None:
+    model = GatedFakeModel(gated=True)
+    model.fail_on_value = 99.0
+    batcher, store, _ = make(model)
+    a, b, c = (store.create(n) for n in "abc")
+    first = await batch_in_flight(batcher, model, a)
+    bad = submit(batcher, b, chunk(1, 99))  # its second segment fails
+    good = submit(batcher, c, chunk(7))  # shares only the first segment, which succeeds
+    model.release.set()
+    await first
+    with pytest.raises(InternalError, match="fake/1 failed"):
+        await bad
+    assert float((await good)[0, 0]) == 7.0
+    assert b.steps == 0 and not b.busy and c.steps == 1
+    assert (store.read_state(b)[0] == 0).all() and (store.read_state(c)[0] == 7).all()
+    await batcher.close()
+
+
+async def test_full_queue_is_refused_with_resource_exhausted() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model, max_queue_chunks=2)
+    sessions = [store.create(str(i)) for i in range(4)]
+    first = await batch_in_flight(batcher, model, sessions[0])
+    queued = [submit(batcher, s, chunk(1)) for s in sessions[1:3]]
+    with pytest.raises(ResourceExhausted, match="retry later"):
+        submit(batcher, sessions[3], chunk(1))
+    assert not sessions[3].busy
+    model.release.set()
+    await asyncio.gather(first, *queued)
+    await batcher.close()
+
+
+async def test_batch_size_metric_counts_sessions_per_call() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, metrics = make(model)
+    sessions = [store.create(str(i)) for i in range(6)]
+    first = await batch_in_flight(batcher, model, sessions[0])
+    rest = [submit(batcher, s, chunk(1)) for s in sessions[1:]]
+    model.release.set()
+    await asyncio.gather(first, *rest)
+    total = metrics.registry.get_sample_value(
+        "rnnserve_batch_size_sum", {"model": "fake", "version": "1"}
+    )
+    count = metrics.registry.get_sample_value(
+        "rnnserve_batch_size_count", {"model": "fake", "version": "1"}
+    )
+    assert (total, count) == (6.0, 2.0)
+    await batcher.close()
+
+
+async def test_batch_fires_without_delay_once_every_session_has_a_chunk_queued() -> None:
+    model = GatedFakeModel()
+    batcher, store, _ = make(model, max_queue_delay_s=3600.0)
+    a, b = store.create("a"), store.create("b")
+    first = submit(batcher, a, chunk(1))
+    second = submit(batcher, b, chunk(2))
+    # With an hour of queue delay, only the all-sessions-queued rule can fire this batch.
+    outputs = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    assert model.calls == [(2, 1)] and [float(o[0, 0]) for o in outputs] == [1.0, 2.0]
+    await batcher.close()
+
+
+async def test_a_lone_chunk_waits_for_the_others_up_to_the_delay() -> None:
+    model = GatedFakeModel()
+    batcher, store, _ = make(model, max_queue_delay_s=0.01)
+    a, _idle = store.create("a"), store.create("idle")
+    assert float((await asyncio.wait_for(submit(batcher, a, chunk(5)), timeout=30))[0, 0]) == 5.0
+    assert model.calls == [(1, 1)]  # fired by the deadline: the idle session never sent a chunk
+    await batcher.close()
+
+
+async def test_cheap_batches_compute_on_the_loop_and_costly_ones_in_the_worker_thread() -> None:
+    # The model's cost says one row of one step takes 0.9 ms, under the 1 ms bar: that batch runs
+    # on the loop. Two steps, or two rows, cross the bar and go to the worker thread. The outputs
+    # are the same either way.
+    model = GatedFakeModel()
+    cost = CallCost(fixed_s=0.0005, per_row_s=0.0004)
+    batcher, store, _ = make(model, inline_compute_below_s=0.001, call_cost=cost)
+    a, b = store.create("a"), store.create("b")
+    y1 = await submit(batcher, a, chunk(1))
+    y2 = await submit(batcher, a, chunk(2, 3))
+    y3, y4 = await asyncio.gather(submit(batcher, a, chunk(4)), submit(batcher, b, chunk(5)))
+    loop_thread = threading.get_ident()
+    assert model.calls == [(1, 1), (1, 2), (2, 1)]
+    assert model.threads[0] == loop_thread
+    assert model.threads[1] != loop_thread and model.threads[2] != loop_thread
+    assert model.single_thread == [True, False, False]  # the loop's calls use one thread
+    np.testing.assert_array_equal(y1[:, 0], [1])
+    np.testing.assert_array_equal(y2[:, 0], [3, 6])
+    np.testing.assert_array_equal(y3[:, 0], [10])
+    np.testing.assert_array_equal(y4[:, 0], [5])
+    await batcher.close()
+
+
+def test_call_cost_grows_with_rows_and_steps() -> None:
+    cost = CallCost(fixed_s=0.0001, per_row_s=0.00001)
+    assert cost.estimate_s(1, 1) == pytest.approx(0.00011)
+    assert cost.estimate_s(10, 1) == pytest.approx(0.0002)
+    assert cost.estimate_s(10, 3) == pytest.approx(0.0006)
+
+
+async def test_a_failing_single_call_batch_fails_its_chunks_and_keeps_their_state() -> None:
+    model = GatedFakeModel(gated=True)
+    model.fail_on_value = 99.0
+    batcher, store, _ = make(model)
+    a, b, c = (store.create(n) for n in "abc")
+    first = await batch_in_flight(batcher, model, a)
+    failing = [submit(batcher, b, chunk(99)), submit(batcher, c, chunk(3))]  # one call
+    model.release.set()
+    await first
+    for future in failing:
+        with pytest.raises(InternalError, match="fake/1 failed"):
+            await future
+    assert (b.steps, c.steps) == (0, 0) and not b.busy and not c.busy
+    assert (store.read_state(b)[0] == 0).all() and (store.read_state(c)[0] == 0).all()
+    assert float((await submit(batcher, c, chunk(4)))[0, 0]) == 4.0
+    await batcher.close()
+
+
+async def test_a_chunk_whose_deadline_passed_in_the_queue_is_not_computed() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, metrics = make(model)
+    a, b = store.create("a"), store.create("b")
+    first = await batch_in_flight(batcher, model, a)
+    late = submit(batcher, b, chunk(5), deadline_s=0.0)  # already past when its batch forms
+    model.release.set()
+    await first
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert b.steps == 0 and not b.busy and (store.read_state(b)[0] == 0).all()
+    assert model.calls == [(1, 1)]  # b never reached the model
+    dropped = metrics.registry.get_sample_value(
+        "rnnserve_deadline_dropped_total", {"model": "fake", "version": "1"}
+    )
+    assert dropped == 1.0
+    await batcher.close()
+
+
+async def test_chunks_of_a_busy_session_wait_in_its_line_and_apply_in_order() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model, max_waiting_per_session=2)
+    a = store.create("a")
+    first = submit_chunk(batcher, a, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    waiting = [submit_chunk(batcher, a, chunk(v), wait=True) for v in (10, 100)]
+    with pytest.raises(ResourceExhausted, match="chunks waiting"):
+        submit_chunk(batcher, a, chunk(5), wait=True)  # the line holds 2
+    with pytest.raises(FailedPrecondition, match="in flight"):
+        submit_chunk(batcher, a, chunk(5))  # an API that does not queue
+    model.release.set()
+    results = [await f for f in (first, *waiting)]
+    assert [float(r.output[0, 0]) for r in results] == [1.0, 11.0, 111.0]  # cumulative: in order
+    assert [r.steps for r in results] == [1, 2, 3] and not a.busy
+    assert model.calls == [(1, 1), (1, 1), (1, 1)]  # one chunk of a session per batch
+    await batcher.close()
+
+
+async def test_end_then_start_in_one_line_restarts_and_end_fails_what_waits_without_start() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model)
+    a = store.create("a")
+    first = submit_chunk(batcher, a, chunk(1), end=True)
+    await asyncio.to_thread(model.entered.wait, 30)
+    restarted = submit_chunk(batcher, a, chunk(5), wait=True, start=True)
+    model.release.set()
+    assert (await first).ended
+    result = await restarted
+    assert (float(result.output[0, 0]), result.steps) == (5.0, 1)  # from zero state, step 0
+    model.release.clear()
+    model.entered.clear()
+    last = submit_chunk(batcher, a, chunk(1), end=True)
+    await asyncio.to_thread(model.entered.wait, 30)
+    orphan = submit_chunk(batcher, a, chunk(2), wait=True)  # no START after the END
+    model.release.set()
+    await last
+    with pytest.raises(NotFound):
+        await orphan
+    assert a.ended is not None and len(store) == 0
+    await batcher.close()
+
+
+class BrokenScatterStore(SessionStore):
+    """A store whose scatter raises once: a failure while a batch's results are applied."""
+
+    def __init__(self) -> None:
+        super().__init__(state_count=1, layers=1, hidden=1, max_sessions=100)
+        self.fail_next_scatter = False
+
+    def scatter(self, slots: np.ndarray, new_states: Sequence[np.ndarray]) -> None:
+        if self.fail_next_scatter:
+            self.fail_next_scatter = False
+            raise IndexError("scatter broke")
+        super().scatter(slots, new_states)
+
+
+async def test_a_batch_whose_apply_raises_fails_only_its_chunks_and_the_loop_goes_on() -> None:
+    # Regression: an exception while a batch's results were applied killed the model's batch
+    # loop silently, and every later chunk of every session of the model hung.
+    model = GatedFakeModel(gated=True)
+    store = BrokenScatterStore()
+    metrics = Metrics()
+    batcher = Batcher(spec=spec(), runtime=model, store=store, metrics=metrics, max_batch_size=8,  # type: ignore[arg-type]
+                      max_queue_delay_s=0.0, max_queue_chunks=100, max_waiting_per_session=4)  # fmt: skip
+    a, b, c = (store.create(n) for n in "abc")
+    first = await batch_in_flight(batcher, model, a)
+    store.fail_next_scatter = True  # the batch in flight fails as it is applied
+    model.release.set()
+    with pytest.raises(InternalError, match="fake/1 failed to run a batch"):
+        await asyncio.wait_for(first, timeout=30)
+    assert a.steps == 0 and not a.busy and (store.read_state(a)[0] == 0).all()
+    # A concurrent session of the same model is answered, and so is the failed one's next chunk.
+    yb, yc = await asyncio.wait_for(
+        asyncio.gather(submit(batcher, b, chunk(2)), submit(batcher, a, chunk(3))), timeout=30
+    )
+    assert (float(yb[0, 0]), float(yc[0, 0])) == (2.0, 3.0)
+    failures = metrics.registry.get_sample_value(
+        "rnnserve_batch_failures_total", {"model": "fake", "version": "1"}
+    )
+    assert failures == 1.0 and batcher.failure is None and c.steps == 0
+    await batcher.close()
+
+
+async def test_outputs_of_the_wrong_shape_fail_the_batch_before_any_state_is_written() -> None:
+    class WrongStates(GatedFakeModel):
+        def run(
+            self, x: np.ndarray, states: Sequence[np.ndarray], single_thread: bool = False
+        ) -> tuple[np.ndarray, list[np.ndarray]]:
+            y, new = super().run(x, states, single_thread)
+            return y, [np.concatenate([new[0], new[0]], axis=1)]  # twice the rows
+
+    batcher, store, _ = make(WrongStates())
+    a = store.create("a")
+    with pytest.raises(InternalError, match="fake/1 failed: ValueError"):
+        await asyncio.wait_for(submit(batcher, a, chunk(4)), timeout=30)
+    assert a.steps == 0 and not a.busy and (store.read_state(a)[0] == 0).all()
+    await batcher.close()
+
+
+async def test_a_batch_loop_that_stops_fails_everything_fast_and_reports_the_model_failed() -> None:
+    model = GatedFakeModel(gated=True)
+    failed: list[Batcher] = []
+    batcher, store, _ = make(model, on_failed=failed.append)
+    a, b = store.create("a"), store.create("b")
+    first = await batch_in_flight(batcher, model, a)
+    queued = submit(batcher, b, chunk(2))
+    batcher._task.cancel()  # the loop stops, as if it had died
+    for future in (first, queued):
+        with pytest.raises(Unavailable, match="not available"):
+            await asyncio.wait_for(future, timeout=30)
+    assert failed == [batcher] and batcher.failure is not None
+    with pytest.raises(Unavailable, match="batch loop stopped"):
+        submit(batcher, a, chunk(1))
+    assert not a.busy and not b.busy
+    model.release.set()
+    await batcher.close()
