@@ -3,10 +3,11 @@
 A stream's requests are read by a reader task of their own; each is handed to the adapter's
 ``handle`` coroutine, which answers it with :meth:`RequestPump.reply` (at once, after awaiting its
 chunk, or from a done callback). The stream's handler generator yields the replies in the order
-they are given. The reader reads the next request only while fewer than ``window`` requests are
-unanswered, counting a reply as answered once the generator has taken it for gRPC to send: a
-client that stops reading its replies is, soon after, not read either, so what the server holds
-per stream stays bounded (``window`` requests and replies, plus gRPC's flow-control buffers).
+they are given. The reader stops reading while more than ``window`` requests are unanswered,
+counting a reply as answered once the generator has taken it for gRPC to send: a client that stops
+reading its replies is, soon after, not read either, so what the server holds per stream stays
+bounded (``window`` + 1 requests and replies, plus gRPC's flow-control buffers). A native stream
+(window 1) thus reads its next request while its last reply is on its way, without a wake-up.
 
 Concurrency: all on the event loop thread. The generator waits on one future, resolved by
 :meth:`reply`, :meth:`finish` (a final message, e.g. the session's end notice) or the reader's
@@ -26,7 +27,8 @@ Reply = TypeVar("Reply")
 
 
 class RequestPump(Generic[Request, Reply]):
-    """Reads one stream's requests, at most ``window`` unanswered, and hands out its replies."""
+    """Reads one stream's requests, pausing while over ``window`` are unanswered, and hands out
+    its replies."""
 
     def __init__(self, window: int) -> None:
         self.window = window
@@ -89,7 +91,7 @@ class RequestPump(Generic[Request, Reply]):
             async for request in requests:
                 self._unanswered += 1
                 await handle(request)
-                while self._unanswered >= self.window and self._final is None:
+                while self._unanswered > self.window and self._final is None:
                     self._room_waiter = asyncio.get_running_loop().create_future()
                     try:
                         await self._room_waiter
