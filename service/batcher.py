@@ -34,11 +34,11 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from service.batch_compute import BatchOutcome, compute_batch
+from service.chunks import PendingChunk, StepResult
 from service.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -47,38 +47,14 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
-from service.metrics import LoopHistogramChild, Metrics
+from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import CallCost, ModelRuntime
-from service.session_store import EndReason, Session, SessionStore, session_not_found
+from service.session import EndReason, session_not_found
+from service.session_lines import SessionLines
+from service.session_store import SessionStore
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepResult:
-    """What a chunk gave: its output rows and where its session stands after it."""
-
-    session_id: str
-    output: np.ndarray  # [steps, outputs] float32
-    steps: int  # steps the session has consumed, this chunk included
-    ended: bool  # the chunk closed its session (end)
-    durable_steps: int = 0  # steps covered by the latest written snapshot
-
-
-@dataclass(eq=False, slots=True)
-class PendingChunk:
-    """One chunk on its way through the batcher."""
-
-    session: Session
-    x: np.ndarray  # [steps, features] float32
-    future: asyncio.Future[StepResult]
-    received_s: float  # perf_counter instant the request arrived (latency is counted from it)
-    latency: LoopHistogramChild  # the request latency histogram of the chunk's API
-    deadline_s: float | None = None  # perf_counter instant after which it is not computed
-    start: bool = False  # restart the session (zero state, step 0) right before this chunk
-    end: bool = False  # close the session once this chunk is applied
-    enqueued_s: float = 0.0  # when it entered the shared queue
 
 
 class Batcher:
@@ -106,14 +82,13 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_chunks = max_queue_chunks
-        self.max_waiting_per_session = max_waiting_per_session
         self.inline_compute_below_s = inline_compute_below_s
         self.call_cost = call_cost  # None: every batch goes to the worker thread
         self.failure: str | None = None  # why the model cannot go on (None: it can)
         self._on_applied = on_applied
         self._on_failed = on_failed
         self._queue: collections.deque[PendingChunk] = collections.deque()
-        self._lines: dict[Session, collections.deque[PendingChunk]] = {}
+        self._lines = SessionLines(max_waiting_per_session)
         self._executing: list[PendingChunk] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.name}")
         self._loop = asyncio.get_running_loop()
@@ -152,13 +127,7 @@ class Batcher:
                     f"session {session.session_id!r} already has a chunk in flight; send the "
                     "next chunk after its reply"
                 )
-            line = self._lines.setdefault(session, collections.deque())
-            if len(line) >= self.max_waiting_per_session:
-                raise ResourceExhausted(
-                    f"session {session.session_id!r} already has {len(line)} chunks waiting; "
-                    "wait for replies before sending more"
-                )
-            line.append(chunk)
+            self._lines.wait(chunk)
             return
         if len(self._queue) >= self.max_queue_chunks:
             raise ResourceExhausted(
@@ -303,27 +272,15 @@ class Batcher:
             else:
                 chunk.future.set_exception(result)
         session = chunk.session
-        line = self._lines.get(session)
         applied_end = chunk.end and isinstance(result, StepResult)
-        if line and not applied_end and session.close_when_idle is None:
-            self._enqueue(line.popleft())  # the session stays busy
-            if not line:
-                del self._lines[session]
-            return
-        if line and applied_end and line[0].start:  # END, then START of the same sequence
-            self._enqueue(line.popleft())  # restarted in place as its turn comes
-            if not line:
-                del self._lines[session]
+        following = self._lines.next_after(chunk, applied_end)
+        if following is not None:
+            self._enqueue(following)  # the session stays busy
             return
         self.store.finish_chunk(session)
         if applied_end:
             self.store.end(session, EndReason.CLOSED)
-        self._fail_line(session, session_not_found(session.session_id))
-
-    def _fail_line(self, session: Session, error: ServiceError) -> None:
-        for waiting in self._lines.pop(session, ()):
-            if not waiting.future.done():
-                waiting.future.set_exception(error)
+        self._lines.fail(session, session_not_found(session.session_id))
 
     # ----- failure and shutdown ----------------------------------------------------------------
     def _loop_stopped(self, task: asyncio.Task[None]) -> None:
@@ -343,8 +300,7 @@ class Batcher:
             if not chunk.future.done():
                 chunk.future.set_exception(error)
             chunk.session.busy = False
-        for session in list(self._lines):
-            self._fail_line(session, error)
+        self._lines.fail_all(error)
         self._idle.set()
 
     async def drain(self, timeout_s: float) -> bool:

@@ -144,8 +144,11 @@ def command_stream(args: argparse.Namespace) -> int:
         else rows[np.linspace(0, len(rows) - 1, args.show).astype(int)]
     )
     print(f"{'step':>6}  {'input':<24} {'target':<20} prediction")
+
+    def fmt(v: np.ndarray) -> str:
+        return np.array2string(v, precision=3, suppress_small=True)
+
     for t in shown:
-        fmt = lambda v: np.array2string(v, precision=3, suppress_small=True)  # noqa: E731
         print(f"{t:>6}  {fmt(demo.inputs[t]):<24} {fmt(demo.targets[t]):<20} {fmt(prediction[t])}")
     error = prediction[has_target] - demo.targets[has_target]
     print(

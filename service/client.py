@@ -79,7 +79,8 @@ class StreamingSession:
         self._responses: Iterator[pb.StreamResponse] = self._client.stub.Stream(
             iter(self._requests.get, None), metadata=self._client.metadata
         )
-        return next(self._responses).opened
+        info: pb.SessionInfo = next(self._responses).opened
+        return info
 
     def _exchange(self, chunk: np.ndarray) -> pb.StepResponse:
         self._requests.put(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(chunk))))
@@ -238,11 +239,12 @@ class Client:
         return list(reply.models)
 
     def model(self, name: str, version: str = "") -> pb.ModelInfo:
-        return self.stub.GetModel(
+        info: pb.ModelInfo = self.stub.GetModel(
             pb.GetModelRequest(model=name, version=version),
             timeout=self.timeout_s,
             metadata=self.metadata,
         )
+        return info
 
     def open_session(
         self,

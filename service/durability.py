@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.session_store import Session, SessionStore
+from service.session import Session
+from service.session_store import SessionStore
 from service.settings import Settings
 from service.snapshots import (
     CorruptSnapshot,

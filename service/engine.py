@@ -16,55 +16,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from service.batcher import Batcher, PendingChunk, StepResult
-from service.chunk_checks import check_chunk
+from service.batcher import Batcher
+from service.chunks import PendingChunk, StepResult, check_chunk
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
 from service.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from service.metrics import Metrics
 from service.models import EndHook, ModelHandle, ModelRegistry
 from service.repository import ModelSpec
 from service.runtime import ModelRuntime
-from service.session_store import EndReason, Session, session_not_found
+from service.session import (
+    ANONYMOUS,
+    Caller,
+    EndReason,
+    Session,
+    SessionEnd,
+    SessionView,
+    session_not_found,
+)
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sends a request. ``owner`` is the authenticated identity (bearer token or client
-    certificate; "" without authentication): sessions belong to it, and another owner is told a
-    session does not exist. ``client`` is what per-client limits count: the owner, or the peer's
-    address for anonymous callers."""
-
-    owner: str = ""
-    client: str = ""
-
-
-ANONYMOUS = Caller()
-
-
-@dataclass(frozen=True)
-class SessionView:
-    session_id: str
-    model: str
-    version: str
-    steps: int
-    idle_s: float
-    state: list[np.ndarray] | None = None
-    durable_steps: int = 0
-    last_output: np.ndarray | None = None  # the reply to the session's last chunk
-
-
-@dataclass(frozen=True)
-class SessionEnd:
-    session_id: str
-    reason: EndReason
-    steps: int
 
 
 class InferenceEngine:

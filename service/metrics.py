@@ -21,6 +21,13 @@ LATENCY_BUCKETS_S = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def go_float(value: float) -> str:
+    """A bucket bound as Prometheus writes it ("+Inf", "0.005"): prometheus_client's untyped
+    helper, typed."""
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
+
+
 class LoopHistogramChild:
     """One label set of a :class:`LoopHistogram`: bucket counts and a sum, nothing else."""
 
@@ -81,7 +88,7 @@ class LoopHistogram(Collector):
             cumulative, running = [], 0
             for bound, count in zip((*self.bounds, math.inf), counts, strict=True):
                 running += count
-                cumulative.append((floatToGoString(bound), float(running)))
+                cumulative.append((go_float(bound), float(running)))
             family.add_metric(list(key), cumulative, sum_value=total)
         yield family
 

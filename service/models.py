@@ -14,7 +14,8 @@ from service.errors import ModelContractError, NotFound, Unavailable
 from service.metrics import LoopHistogramChild, Metrics
 from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
 from service.runtime import CallCost, ModelRuntime
-from service.session_store import EndReason, Session, SessionStore
+from service.session import EndReason, Session
+from service.session_store import SessionStore
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

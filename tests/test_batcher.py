@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, PendingChunk, StepResult
+from service.batcher import Batcher
+from service.chunks import PendingChunk, StepResult
 from service.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -24,7 +25,8 @@ from service.errors import (
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import CallCost
-from service.session_store import Session, SessionStore
+from service.session import Session
+from service.session_store import SessionStore
 
 
 class GatedFakeModel:

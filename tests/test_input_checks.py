@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.api.tensors import decode_float32
-from service.chunk_checks import SUMMED_IN_PYTHON_BELOW, all_finite
+from service.chunks import SUMMED_IN_PYTHON_BELOW, all_finite
 from service.errors import InvalidArgument
 
 SIZES = [1, 2, SUMMED_IN_PYTHON_BELOW - 1, SUMMED_IN_PYTHON_BELOW, 4096]

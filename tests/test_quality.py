@@ -29,6 +29,23 @@ def test_mypy_on_service_and_training() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_mypy_strict_on_service() -> None:
+    result = run(sys.executable, "-m", "mypy", "--strict", "service")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_client_imports_neither_onnxruntime_nor_the_engine() -> None:
+    probe = (
+        "import sys\n"
+        "from service.client import Client\n"
+        "print(sorted(m for m in ('onnxruntime', 'service.engine', 'service.batcher') "
+        "if m in sys.modules))\n"
+    )
+    result = run(sys.executable, "-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_generated_protobuf_code_is_up_to_date() -> None:
     result = run(sys.executable, "scripts/generate_protos.py", "--check")
     assert result.returncode == 0, result.stdout + result.stderr

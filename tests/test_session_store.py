@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from service.session_store import INITIAL_CAPACITY, EndReason, SessionStore
+from service.session import EndReason
+from service.session_store import INITIAL_CAPACITY, SessionStore
 
 
 class FakeClock:

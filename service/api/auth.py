@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from service.engine import Caller
+from service.session import Caller
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _with_owner(handler: grpc.RpcMethodHandler, owner: str) -> grpc.RpcMethodHan
     )
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
     def __init__(self, tokens: dict[str, str]) -> None:
         if not tokens:
             raise ValueError("no tokens configured")

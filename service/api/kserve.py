@@ -30,14 +30,15 @@ from service.api.kserve_messages import (
 )
 from service.api.status import count_failure, deadline_of, translate_errors
 from service.api.streams import RequestPump
-from service.batcher import StepResult
-from service.engine import Caller, InferenceEngine
+from service.chunks import StepResult
+from service.engine import InferenceEngine
 from service.errors import InvalidArgument, NotFound
 from service.metrics import Metrics
 from service.repository import ModelSpec
+from service.session import Caller
 
 
-class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # untyped base
     def __init__(self, engine: InferenceEngine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics

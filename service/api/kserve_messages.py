@@ -16,10 +16,10 @@ import numpy as np
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import model_config_pb2 as mc
 from service.api.tensors import decode_float32, float32_bytes, from_floats
-from service.batcher import StepResult
+from service.chunks import StepResult
 from service.errors import InvalidArgument
 from service.repository import ModelSpec
-from service.session_store import check_session_id
+from service.session import check_session_id
 from service.settings import Settings
 
 API = "kserve"
@@ -96,7 +96,8 @@ def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
             raise InvalidArgument(
                 f"model {spec.label} has one output, 'y'; unknown {output.name!r}"
             )
-    return x[0]
+    chunk: np.ndarray = x[0]
+    return chunk
 
 
 def fill_infer_response(

@@ -21,15 +21,15 @@ from service.api.native_messages import (
 )
 from service.api.status import abort, deadline_of, translate_errors
 from service.api.streams import RequestPump
-from service.engine import Caller, InferenceEngine, SessionEnd
+from service.engine import InferenceEngine
 from service.errors import FailedPrecondition, InvalidArgument
 from service.metrics import Metrics
-from service.session_store import EndReason, Session
+from service.session import Caller, EndReason, Session, SessionEnd
 
 API = "native"
 
 
-class NativeServicer(pb_grpc.StreamingInferenceServicer):
+class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc]  # untyped base
     def __init__(self, engine: InferenceEngine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics

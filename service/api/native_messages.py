@@ -12,12 +12,12 @@ import numpy as np
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.api.tensors import decode_float32, encode_float32, float32_bytes
-from service.session_store import EndReason
+from service.session import EndReason
 
 if TYPE_CHECKING:
-    from service.batcher import StepResult
-    from service.engine import SessionEnd, SessionView
+    from service.chunks import StepResult
     from service.models import ModelHandle
+    from service.session import SessionEnd, SessionView
 
 END_REASONS = {
     EndReason.CLOSED: pb.END_REASON_CLOSED,

@@ -1,14 +1,18 @@
-"""What a chunk must be before it is queued: float32 ``[steps, features]``, a bounded number of
-steps, and (unless allowed) finite values."""
+"""A chunk: what it must be before it is queued (float32 ``[steps, features]``, a bounded number
+of steps, finite values unless allowed), its record on the way through the batcher, its result."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from service.errors import InvalidArgument
+from service.metrics import LoopHistogramChild
 from service.repository import ModelSpec
+from service.session import Session
 
 SUMMED_IN_PYTHON_BELOW = 64  # values; under this a numpy reduction costs more than a Python sum
 
@@ -47,3 +51,29 @@ def check_chunk(spec: ModelSpec, x: np.ndarray, max_steps: int, reject_nonfinite
         raise InvalidArgument(f"chunk of {steps} steps exceeds the limit of {max_steps}")
     if reject_nonfinite and not all_finite(x):
         raise InvalidArgument("input holds NaN or Inf")
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a chunk gave: its output rows and where its session stands after it."""
+
+    session_id: str
+    output: np.ndarray  # [steps, outputs] float32
+    steps: int  # steps the session has consumed, this chunk included
+    ended: bool  # the chunk closed its session (end)
+    durable_steps: int = 0  # steps covered by the latest written snapshot
+
+
+@dataclass(eq=False, slots=True)
+class PendingChunk:
+    """One chunk on its way through the batcher."""
+
+    session: Session
+    x: np.ndarray  # [steps, features] float32
+    future: asyncio.Future[StepResult]
+    received_s: float  # perf_counter instant the request arrived (latency is counted from it)
+    latency: LoopHistogramChild  # the request latency histogram of the chunk's API
+    deadline_s: float | None = None  # perf_counter instant after which it is not computed
+    start: bool = False  # restart the session (zero state, step 0) right before this chunk
+    end: bool = False  # close the session once this chunk is applied
+    enqueued_s: float = 0.0  # when it entered the shared queue

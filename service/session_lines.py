@@ -1,0 +1,57 @@
+"""Chunks waiting for their session's turn: per session, in arrival order, with a bound.
+
+A session has at most one chunk queued or computing; the batcher parks the later ones here and
+takes the next when the one before finishes. Loop thread only, like the batcher.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from service.chunks import PendingChunk
+from service.errors import ResourceExhausted, ServiceError
+from service.session import Session
+
+
+class SessionLines:
+    """The waiting chunks of every busy session of one model."""
+
+    def __init__(self, max_per_session: int) -> None:
+        self.max_per_session = max_per_session
+        self._lines: dict[Session, collections.deque[PendingChunk]] = {}
+
+    def wait(self, chunk: PendingChunk) -> None:
+        """Park ``chunk`` behind its session's chunk in flight (RESOURCE_EXHAUSTED when full)."""
+        line = self._lines.setdefault(chunk.session, collections.deque())
+        if len(line) >= self.max_per_session:
+            raise ResourceExhausted(
+                f"session {chunk.session.session_id!r} already has {len(line)} chunks waiting; "
+                "wait for replies before sending more"
+            )
+        line.append(chunk)
+
+    def next_after(self, finished: PendingChunk, applied_end: bool) -> PendingChunk | None:
+        """The chunk that takes the session's turn after ``finished``, if one may.
+
+        None when nothing waits, when the session is closing, or when ``finished`` ended the
+        sequence (``applied_end``) and the next chunk does not start it again (Triton's START):
+        those are the caller's to fail with :meth:`fail`.
+        """
+        session = finished.session
+        line = self._lines.get(session)
+        if not line or session.close_when_idle is not None or (applied_end and not line[0].start):
+            return None
+        chunk = line.popleft()
+        if not line:
+            del self._lines[session]
+        return chunk
+
+    def fail(self, session: Session, error: ServiceError) -> None:
+        """Fail every chunk waiting for ``session``."""
+        for waiting in self._lines.pop(session, ()):
+            if not waiting.future.done():
+                waiting.future.set_exception(error)
+
+    def fail_all(self, error: ServiceError) -> None:
+        for session in list(self._lines):
+            self.fail(session, error)
