@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -318,7 +317,6 @@ class Batcher:
         self._accepting = False
         self._closing = True
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await asyncio.wait([self._task])  # never raises: a failure was reported as it stopped
         self._fail_everything(Unavailable("the server shut down before this chunk ran"))
         self._executor.shutdown(wait=True)

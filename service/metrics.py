@@ -47,9 +47,9 @@ class LoopHistogram(Collector):
     """A Prometheus histogram for per-request observations, about ten times cheaper than
     ``prometheus_client.Histogram`` (a bisect and two additions: no lock, no per-bucket loop).
 
-    Concurrency: each label set must be observed from one thread at a time. The per-request ones
-    are observed on the event loop thread; the per-model-call ones on whichever thread runs the
-    model's batch, and a model runs one batch at a time. The scrape (another thread) copies a
+    Concurrency: each label set must be observed from one thread at a time: all of them are
+    observed on the event loop thread (model calls are timed in the worker thread and observed
+    once the batch is back). The scrape (another thread) copies a
     child's counts in one list copy, which the GIL makes atomic, so ``_count`` always equals the
     ``+Inf`` bucket; the sum may be at most one observation ahead of or behind the counts.
     """

@@ -433,3 +433,23 @@ async def test_a_batch_loop_that_stops_fails_everything_fast_and_reports_the_mod
     assert not a.busy and not b.busy
     model.release.set()
     await batcher.close()
+
+
+async def test_a_batch_loop_that_dies_of_an_exception_fails_fast_and_closes_cleanly() -> None:
+    batcher, store, _ = make(GatedFakeModel())
+    a, b = store.create("a"), store.create("b")
+    assert float((await submit(batcher, a, chunk(1)))[0, 0]) == 1.0
+
+    async def broken() -> None:
+        raise RuntimeError("the loop itself broke")
+
+    batcher._batch_ready = broken  # type: ignore[method-assign]  # the round after next raises
+    assert float((await submit(batcher, b, chunk(2)))[0, 0]) == 2.0  # this round still runs
+    for _ in range(1000):  # let the loop take its next round: no timer
+        if batcher.failure is not None:
+            break
+        await asyncio.sleep(0)
+    assert batcher.failure is not None and "the loop itself broke" in batcher.failure
+    with pytest.raises(Unavailable, match="not available"):
+        submit(batcher, a, chunk(3))
+    await batcher.close()  # does not raise the loop's exception

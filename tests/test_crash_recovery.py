@@ -21,6 +21,8 @@ import pytest
 from service.client import Client
 from tests.models_for_tests import OfflineReference
 
+pytestmark = pytest.mark.slow  # real server processes under load and signals
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny_lstm"
 SESSIONS = 6

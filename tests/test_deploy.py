@@ -17,6 +17,8 @@ import yaml
 from service.metrics import Metrics
 from service.settings import Settings
 
+pytestmark = pytest.mark.slow  # deploy checks (hadolint, promtool, schemas)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S_FILES = sorted(

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the quality gates (ruff, mypy, generated code)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
