@@ -75,7 +75,7 @@ class ModelRuntime:
 
     ``run`` is called from the model's worker thread or, for cheap batches, the event loop
     (onnxruntime releases the GIL while it computes), and only ever by one thread at a time per
-    model: the model's scheduler owns it.
+    model: the model's batcher owns it.
 
     With ``single_thread_twin`` on the CPU provider, a second session of the same model runs with
     one intra-op thread, for ``run(..., single_thread=True)``: a small call is faster on the

@@ -4,7 +4,7 @@
 ``states[k][:, s, :]``. A batch gathers the slots of its sessions into contiguous arrays, runs the
 model, and scatters the new states back. Capacity grows by doubling up to ``max_sessions``.
 
-Concurrency: the store is only touched from the event loop thread. The scheduler gathers before it
+Concurrency: the store is only touched from the event loop thread. The batcher gathers before it
 hands a batch to the worker thread and scatters after the worker returns, so the worker never sees
 the store and no lock is needed. A session with a chunk in flight (``busy``) is never expired, and
 closing it defers freeing its slot until the chunk has been scattered.

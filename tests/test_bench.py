@@ -106,7 +106,7 @@ def test_the_zero_model_server_serves_zeros_through_the_whole_server(
         server.stop()
     assert first.shape == second.shape == (3, spec.output_size)
     assert not first.any() and not second.any()
-    # The chunks went through the scheduler and were counted like real model calls.
+    # The chunks went through the batcher and were counted like real model calls.
     assert metrics['rnnserve_batch_size_count{model="tiny_lstm",version="1"}'] >= 2
 
 

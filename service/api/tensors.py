@@ -15,20 +15,6 @@ MAX_RANK = 8
 
 def decode_float32(shape: Sequence[int], data: bytes, what: str = "tensor") -> np.ndarray:
     """Little-endian float32 bytes of ``shape`` as a read-only array (no copy)."""
-    rank = len(shape)
-    if rank == 2:  # the hot path, a chunk [steps, features]: the same checks, fewer calls
-        steps, features = shape[0], shape[1]  # indexing a protobuf list beats unpacking it
-        if steps >= 0 and features >= 0 and len(data) == 4 * steps * features:
-            return np.ndarray((steps, features), FLOAT32, data)  # read-only, like its bytes
-    elif rank == 3:  # KServe's chunk, [1, steps, features]
-        batch, steps, features = shape[0], shape[1], shape[2]
-        if (
-            batch >= 0
-            and steps >= 0
-            and features >= 0
-            and len(data) == 4 * batch * steps * features
-        ):
-            return np.ndarray((batch, steps, features), FLOAT32, data)
     dims = list(shape)
     if len(dims) > MAX_RANK or (dims and min(dims) < 0):
         raise InvalidArgument(f"{what} has an invalid shape {dims}")
