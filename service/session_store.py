@@ -198,7 +198,7 @@ class SessionStore:
             self.on_end(session, reason)
 
     def finish_chunk(self, session: Session, now_s: float | None = None) -> None:
-        """The scheduler is done with ``session``'s chunk: apply a close that waited for it.
+        """The batcher is done with ``session``'s chunk: apply a close that waited for it.
         ``now_s`` (this store's clock) saves a clock read per chunk when a batch finishes."""
         session.busy = False
         session.last_used_s = self.clock() if now_s is None else now_s
