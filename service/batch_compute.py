@@ -46,38 +46,41 @@ def compute_batch(
     same length (the common case) the batch is a single call. A failing call is logged and ends
     the batch: the chunks it held are left unfinished with an :class:`InternalError`.
     """
-    lengths = np.fromiter((x.shape[0] for x in inputs), dtype=np.intp, count=len(inputs))
+    lengths = [x.shape[0] for x in inputs]
     pieces: list[list[np.ndarray]] = [[] for _ in inputs]
-    finished = np.zeros(len(inputs), dtype=bool)
+    finished = [False] * len(inputs)
     error: InternalError | None = None
     calls: list[tuple[int, float]] = []
     done_steps = 0
-    for end in np.unique(lengths):
-        active = np.flatnonzero(lengths >= end)
-        rows = active.tolist()
+    ends = sorted(set(lengths))
+    for end in ends:
+        rows = [i for i, n in enumerate(lengths) if n >= end]
         everyone = len(rows) == len(inputs)
-        x = np.stack([inputs[i][done_steps:end] for i in rows])
-        segment_states = states if everyone else [s[:, active, :] for s in states]
+        if len(ends) == 1:  # one length (the common case): whole chunks, one call
+            x = np.stack(inputs)
+        else:
+            x = np.stack([inputs[i][done_steps:end] for i in rows])
+        segment_states = states if everyone else [s[:, rows, :] for s in states]
         started = time.perf_counter()
         try:
             y, new_states = call(x, segment_states)
-            calls.append((len(active), time.perf_counter() - started))
+            calls.append((len(rows), time.perf_counter() - started))
             check_call(x, segment_states, y, new_states)
         except Exception as exc:
-            logger.exception("model %s failed on a batch of %d", label, len(active))
+            logger.exception("model %s failed on a batch of %d", label, len(rows))
             error = InternalError(f"model {label} failed: {type(exc).__name__}")
             break
         if everyone:
             states = list(new_states)
         else:
             for state, new in zip(states, new_states, strict=True):
-                state[:, active, :] = new
-        for row, i in enumerate(rows):
-            pieces[i].append(y[row])
-        finished[lengths == end] = True
-        done_steps = int(end)
+                state[:, rows, :] = new
+        for i, y_row in zip(rows, y, strict=True):
+            pieces[i].append(y_row)
+            finished[i] = lengths[i] == end
+        done_steps = end
     outputs = [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces]
-    return BatchOutcome(outputs, states, finished, error, calls)
+    return BatchOutcome(outputs, states, np.array(finished, dtype=bool), error, calls)
 
 
 def check_call(

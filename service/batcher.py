@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -173,13 +174,9 @@ class Batcher:
             return
         remaining = self.max_queue_delay_s - (time.perf_counter() - self._queue[0].enqueued_s)
         if remaining > 0:
-            # A timer that sets the event: asyncio.wait_for would create a task per batch.
             self._wakeup.clear()
-            timer = self._loop.call_later(remaining, self._wakeup.set)
-            try:
-                await self._wakeup.wait()
-            finally:
-                timer.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     def _take_batch(self) -> list[PendingChunk]:
         """Up to ``max_batch_size`` chunks in arrival order; chunks whose caller's deadline has
