@@ -50,7 +50,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import CallCost, ModelRuntime
-from service.session import EndReason, session_not_found
+from service.session import EndReason, break_sequence, session_not_found
 from service.session_lines import SessionLines
 from service.session_store import SessionStore
 
@@ -138,8 +138,6 @@ class Batcher:
     def _enqueue(self, chunk: PendingChunk) -> None:
         session = chunk.session
         session.busy = True
-        if chunk.start:
-            self.store.reset_state(session)
         chunk.enqueued_s = time.perf_counter()
         self._queue.append(chunk)
         self._idle.clear()
@@ -198,6 +196,10 @@ class Batcher:
         self._executing = batch
         slots = np.fromiter((c.session.slot for c in batch), dtype=np.intp, count=len(batch))
         states = self.store.gather(slots)
+        for row, chunk in enumerate(batch):
+            if chunk.start:  # a restarting sequence begins from zero state
+                for state in states:
+                    state[:, row, :] = 0.0
         inputs = [c.x for c in batch]
         steps = max(x.shape[0] for x in inputs)
         if self._runs_inline(len(batch), steps):
@@ -237,6 +239,8 @@ class Batcher:
             steps = chunk.x.shape[0]
             applied_steps += steps
             session = chunk.session
+            if chunk.start:
+                self.store.restarted(session)
             session.steps += steps
             session.last_output = output
             chunk.latency.observe(now_s - chunk.received_s)
@@ -255,26 +259,42 @@ class Batcher:
         )  # fmt: skip
         failure = InternalError(f"model {self.spec.label} failed to run a batch")
         for chunk in batch:
-            if not chunk.future.done():
+            if not chunk.answered:
                 self._finish(chunk, failure)
 
     # ----- a chunk's end ---------------------------------------------------------------------
     def _finish(self, chunk: PendingChunk, result: StepResult | ServiceError) -> None:
-        """Answer ``chunk`` and hand its session's turn on: to the next chunk in its line, or
-        back to the store (which then applies a close that waited for the chunk)."""
-        if not chunk.future.done():
+        """Answer ``chunk``, then hand its session's turn on. Never raises: what goes wrong after
+        the answer is logged, so that no other chunk of the batch is left unanswered."""
+        chunk.answered = True
+        if not chunk.future.done():  # a caller that went away has cancelled it
             if isinstance(result, StepResult):
                 chunk.future.set_result(result)
             else:
                 chunk.future.set_exception(result)
+        try:
+            self._pass_turn(chunk, result)
+        except Exception:
+            logger.exception("model %s: ending a chunk's turn failed", self.spec.label)
+
+    def _pass_turn(self, chunk: PendingChunk, result: StepResult | ServiceError) -> None:
+        """To the next chunk in the session's line, or back to the store (which then applies a
+        close that waited for the chunk). A failed chunk of a pipelined sequence breaks it: the
+        chunks sent behind it fail too, up to a START, since they would apply to a history that
+        lacks it."""
         session = chunk.session
-        applied_end = chunk.end and isinstance(result, StepResult)
-        following = self._lines.next_after(chunk, applied_end)
+        applied = isinstance(result, StepResult)
+        if not applied and chunk.ordered:
+            broken = break_sequence(
+                session, result.message if isinstance(result, ServiceError) else ""
+            )
+            self._lines.fail_until_start(session, broken)
+        following = self._lines.next_after(chunk, applied_end=chunk.end and applied)
         if following is not None:
             self._enqueue(following)  # the session stays busy
             return
         self.store.finish_chunk(session)
-        if applied_end:
+        if chunk.end and applied:
             self.store.end(session, EndReason.CLOSED)
         self._lines.fail(session, session_not_found(session.session_id))
 
@@ -292,11 +312,10 @@ class Batcher:
     def _fail_everything(self, error: ServiceError) -> None:
         pending = [*self._executing, *self._queue]
         self._queue.clear()
-        for chunk in pending:
-            if not chunk.future.done():
-                chunk.future.set_exception(error)
-            chunk.session.busy = False
         self._lines.fail_all(error)
+        for chunk in pending:
+            if not chunk.answered:
+                self._finish(chunk, error)
         self._idle.set()
 
     async def drain(self, timeout_s: float) -> bool:
@@ -316,4 +335,5 @@ class Batcher:
         self._task.cancel()
         await asyncio.wait([self._task])  # never raises: a failure was reported as it stopped
         self._fail_everything(Unavailable("the server shut down before this chunk ran"))
-        self._executor.shutdown(wait=True)
+        # Not waiting: a model call still running must not hold up the loop (and the shutdown).
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -74,6 +74,8 @@ class PendingChunk:
     received_s: float  # perf_counter instant the request arrived (latency is counted from it)
     latency: Histogram  # the request latency histogram of the chunk's API
     deadline_s: float | None = None  # perf_counter instant after which it is not computed
-    start: bool = False  # restart the session (zero state, step 0) right before this chunk
+    start: bool = False  # the session restarts (zero state, step 0) with this chunk
     end: bool = False  # close the session once this chunk is applied
+    ordered: bool = False  # part of a pipelined sequence: its failure breaks the sequence
     enqueued_s: float = 0.0  # when it entered the shared queue
+    answered: bool = False  # its future was resolved, or its caller had cancelled it

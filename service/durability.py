@@ -128,7 +128,9 @@ class Durability:
         return RestoreReport(restored, rejected)
 
     # ----- snapshot -------------------------------------------------------------------------
-    def _capture(self, model: DurableModel) -> tuple[ModelSnapshot, list[Session]]:
+    def _capture(self, model: DurableModel) -> tuple[ModelSnapshot, list[Session], list[int]]:
+        """The model's sessions as a snapshot, the sessions, and their generations (a session
+        restarted while the snapshot is written gains nothing from it)."""
         sessions = list(model.store.sessions.values())
         slots = [s.slot for s in sessions]
         states = [array[:, slots, :] for array in model.store.states]  # fancy index: a copy
@@ -136,7 +138,7 @@ class Durability:
         snapshot = ModelSnapshot(
             model.name, model.version, model.sha256, time.time(), records, states
         )
-        return snapshot, sessions
+        return snapshot, sessions, [s.generation for s in sessions]
 
     async def snapshot(self, force: bool = False) -> int:
         """Capture and write every model's sessions; returns how many were written.
@@ -156,13 +158,16 @@ class Durability:
                 self.metrics.snapshots.labels("failed").inc()
                 logger.exception("snapshot to %s failed", self.backend.describe())
                 raise
-            for snapshot, sessions in captured:
-                for record, session in zip(snapshot.sessions, sessions, strict=True):
-                    session.durable_steps = max(session.durable_steps, record.steps)
+            for snapshot, sessions, generations in captured:
+                for record, session, generation in zip(
+                    snapshot.sessions, sessions, generations, strict=True
+                ):
+                    if session.generation == generation:
+                        session.durable_steps = max(session.durable_steps, record.steps)
             self._last_snapshot_s = time.monotonic()
             self.metrics.snapshots.labels("ok").inc()
             self.metrics.snapshot_duration.observe(time.perf_counter() - started)
-            count = sum(len(s.sessions) for s, _ in captured)
+            count = sum(len(s.sessions) for s, _, _ in captured)
             logger.debug("snapshot of %d session(s) written", count)
             return count
 

@@ -22,7 +22,7 @@ import numpy as np
 from service.batcher import Batcher
 from service.chunks import PendingChunk, StepResult, check_chunk
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
-from service.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from service.errors import ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
 from service.models import EndHook, ModelHandle, ModelRegistry
 from service.repository import ModelSpec
@@ -34,6 +34,7 @@ from service.session import (
     Session,
     SessionEnd,
     SessionView,
+    break_sequence,
     session_not_found,
 )
 from service.settings import Settings
@@ -213,10 +214,10 @@ class InferenceEngine:
     ) -> asyncio.Future[StepResult]:
         """The one way in for a chunk ``x`` [steps, features] of session ``session_id``.
 
-        ``start`` opens the session first (Triton's START: a live one restarts from zero state),
-        ``end`` closes it once the chunk is applied. A session with a chunk in flight answers
-        FAILED_PRECONDITION, unless ``wait_if_busy`` (Triton's sequences): then the chunk waits its
-        turn. ``deadline_s`` (a ``time.perf_counter()`` instant): a chunk still queued when it
+        ``start`` opens the session first (Triton's START: a live one restarts from zero state
+        with this chunk), ``end`` closes it once the chunk is applied. A session with a chunk in
+        flight answers FAILED_PRECONDITION, unless ``wait_if_busy`` (Triton's sequences): then the
+        chunk waits its turn, and a failed chunk breaks the sequence until its next START. ``deadline_s`` (a ``time.perf_counter()`` instant): a chunk still queued when it
         passes is not computed and fails with DEADLINE_EXCEEDED. Errors in the request raise here;
         the future resolves to the chunk's result or fails with its batch's error.
         """
@@ -224,27 +225,38 @@ class InferenceEngine:
         handle = self.model(name, version)
         s = self.settings
         check_chunk(handle.spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
-        restart = False
+        session = handle.store.find(session_id, caller.owner)
+        created = False
         if start:
-            session = handle.store.find(session_id, caller.owner)
             if session is None:
-                session = self._create(handle, session_id, None, api, caller)
-            elif session.busy and not wait_if_busy:
-                raise FailedPrecondition(
-                    f"session {session_id!r} has a chunk in flight; cannot restart it"
-                )
+                session, created = self._create(handle, session_id, None, api, caller), True
             else:
                 logger.warning("sequence restarted by a new START on model %s", handle.spec.label)
-                restart = True  # from zero state when its turn comes
-        else:
-            session = handle.store.get(session_id, caller.owner)
-        if session.close_when_idle is not None:
+        elif session is None or session.close_when_idle is not None:
             raise session_not_found(session_id)
+        elif session.broken is not None:
+            raise break_sequence(session, session.broken)
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         latency = handle.latency(self.metrics, api)
-        chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, restart, end)
-        handle.batcher.submit(chunk, wait_if_busy)
+        chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, start, end,
+                             ordered=wait_if_busy)  # fmt: skip
+        try:
+            handle.batcher.submit(chunk, wait_if_busy)
+        except ServiceError:
+            if created:  # a START refused: leave no empty session behind
+                handle.store.end(session, EndReason.CLOSED)
+            raise
         return future
+
+    def sequence_failed(
+        self, name: str, version: str, session_id: str, caller: Caller, error: ServiceError
+    ) -> None:
+        """A request of a pipelined sequence (KServe) failed before it was queued: the sequence
+        cannot go on until a START, since requests sent behind the failed one would apply to a
+        history that lacks it (see :func:`service.session.break_sequence`)."""
+        session = self.model(name, version).store.find(session_id, caller.owner)
+        if session is not None:
+            break_sequence(session, error.message)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -282,9 +294,9 @@ class InferenceEngine:
                 await self._ttl_task
         report = {"sessions_ended": 0, "models_not_drained": 0, "sessions_saved": 0}
         started = [h for h in self.handles() if h._batcher is not None]
-        for handle in started:
-            if not await handle.batcher.drain(self.settings.drain_timeout_s):
-                report["models_not_drained"] += 1
+        timeout_s = self.settings.drain_timeout_s
+        drained = await asyncio.gather(*(h.batcher.drain(timeout_s) for h in started))
+        report["models_not_drained"] = drained.count(False)
         if self.durability is not None:
             await self.durability.stop()
             try:

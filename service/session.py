@@ -9,7 +9,7 @@ from enum import Enum
 
 import numpy as np
 
-from service.errors import InvalidArgument, NotFound
+from service.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MAX_ID_BYTES = 128
 
@@ -41,6 +41,8 @@ class Session:
     busy: bool = False
     ended: EndReason | None = None
     close_when_idle: EndReason | None = None
+    broken: str | None = None  # why a pipelined sequence cannot go on until it restarts
+    generation: int = 0  # how often it restarted: a snapshot of an older one is not durable
     end_listeners: list[Callable[[Session, EndReason], None]] | None = None
 
     def add_end_listener(self, listener: Callable[[Session, EndReason], None]) -> None:
@@ -63,6 +65,18 @@ def scoped_key(session_id: str, owner: str) -> str:
 def session_not_found(session_id: str) -> NotFound:
     """The one NOT_FOUND for a session, whether it never existed, ended, or is someone else's."""
     return NotFound(f"session {session_id!r} not found (never opened, closed or expired)")
+
+
+def break_sequence(session: Session, reason: str) -> FailedPrecondition:
+    """Mark a pipelined sequence (KServe) broken: a request of it failed, so the requests sent
+    behind it would apply to a history that lacks it. The first reason is kept. Returns the error
+    its later requests get until a START begins it again."""
+    if session.broken is None:
+        session.broken = reason or "unknown error"
+    return FailedPrecondition(
+        f"sequence {session.session_id!r} cannot go on: an earlier request of it failed "
+        f"({session.broken}); send START to begin it again"
+    )
 
 
 def new_session_id() -> str:

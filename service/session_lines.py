@@ -46,11 +46,23 @@ class SessionLines:
             del self._lines[session]
         return chunk
 
+    def fail_until_start(self, session: Session, error: ServiceError) -> None:
+        """Fail the chunks waiting for ``session`` up to the first that restarts it (START)."""
+        line = self._lines.get(session)
+        while line and not line[0].start:
+            waiting = line.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(error)
+            waiting.answered = True
+        if line is not None and not line:
+            del self._lines[session]
+
     def fail(self, session: Session, error: ServiceError) -> None:
         """Fail every chunk waiting for ``session``."""
         for waiting in self._lines.pop(session, ()):
             if not waiting.future.done():
                 waiting.future.set_exception(error)
+            waiting.answered = True
 
     def fail_all(self, error: ServiceError) -> None:
         for session in list(self._lines):

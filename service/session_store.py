@@ -197,12 +197,11 @@ class SessionStore:
         if self.on_end is not None:
             self.on_end(session, reason)
 
-    def finish_chunk(self, session: Session, now_s: float | None = None) -> None:
-        """The batcher is done with ``session``'s chunk: apply a close that waited for it.
-        ``now_s`` (this store's clock) saves a clock read per chunk when a batch finishes."""
+    def finish_chunk(self, session: Session) -> None:
+        """The batcher is done with ``session``'s chunk: apply a close that waited for it."""
         session.busy = False
-        session.last_used_s = self.clock() if now_s is None else now_s
-        if session.close_when_idle is not None:
+        session.last_used_s = self.clock()
+        if session.close_when_idle is not None and session.ended is None:
             reason, session.close_when_idle = session.close_when_idle, None
             self._release(session, reason)
 
@@ -241,12 +240,10 @@ class SessionStore:
     def read_state(self, session: Session) -> list[np.ndarray]:
         return [array[:, session.slot, :].copy() for array in self.states]
 
-    def reset_state(self, session: Session, state: Sequence[np.ndarray] | None = None) -> None:
-        """Start ``session`` over: zero (or the given) state, step count 0."""
-        if state is not None:
-            self._check_state(state)
-        for k, array in enumerate(self.states):
-            array[:, session.slot, :] = 0.0 if state is None else state[k]
+    def restarted(self, session: Session) -> None:
+        """``session`` starts over (its state was zeroed for the chunk that restarts it): step 0,
+        no output, no durable step, a new generation, nothing broken."""
         session.steps = session.durable_steps = 0
         session.last_output = None
-        session.last_used_s = self.clock()
+        session.broken = None
+        session.generation += 1

@@ -81,7 +81,8 @@ def submit_chunk(
     """Hand one chunk to the batcher as the engine does; the future of its result."""
     future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
     latency = Metrics().request_latency.labels("fake", "1", "test")
-    pending = PendingChunk(session, x, future, time.perf_counter(), latency, deadline_s, start, end)
+    pending = PendingChunk(session, x, future, time.perf_counter(), latency, deadline_s, start, end,
+                           ordered=wait)  # fmt: skip
     batcher.submit(pending, wait_if_busy=wait)
     return future
 
@@ -453,3 +454,65 @@ async def test_a_batch_loop_that_dies_of_an_exception_fails_fast_and_closes_clea
     with pytest.raises(Unavailable, match="not available"):
         submit(batcher, a, chunk(3))
     await batcher.close()  # does not raise the loop's exception
+
+
+async def test_a_failed_chunk_of_a_pipelined_sequence_fails_those_behind_it_up_to_a_start() -> None:
+    # They would otherwise apply to a history that lacks it: silently wrong outputs.
+    model = GatedFakeModel(gated=True)
+    model.fail_on_value = 99.0
+    batcher, store, _ = make(model)
+    a = store.create("a")
+    model.release.set()
+    assert (await submit_chunk(batcher, a, chunk(1), wait=True)).steps == 1
+    model.release.clear()
+    model.entered.clear()
+    failing = submit_chunk(batcher, a, chunk(99), wait=True)
+    await asyncio.to_thread(model.entered.wait, 30)
+    behind = submit_chunk(batcher, a, chunk(5), wait=True)
+    restart = submit_chunk(batcher, a, chunk(7), wait=True, start=True)
+    after = submit_chunk(batcher, a, chunk(1), wait=True)
+    model.release.set()
+    with pytest.raises(InternalError):
+        await failing
+    with pytest.raises(FailedPrecondition, match="cannot go on: an earlier request of it failed"):
+        await behind
+    restarted, continued = await restart, await after
+    assert (float(restarted.output[0, 0]), restarted.steps) == (7.0, 1)  # from zero state
+    assert (float(continued.output[0, 0]), continued.steps) == (8.0, 2)
+    assert a.broken is None and not a.busy
+    await batcher.close()
+
+
+async def test_a_failed_start_leaves_the_state_as_it_was() -> None:
+    model = GatedFakeModel()
+    model.fail_on_value = 99.0
+    batcher, store, _ = make(model)
+    a = store.create("a")
+    await submit(batcher, a, chunk(3))
+    with pytest.raises(InternalError):
+        await submit_chunk(batcher, a, chunk(99), start=True)
+    assert a.steps == 1 and (store.read_state(a)[0] == 3).all()
+    await batcher.close()
+
+
+async def test_a_cancelled_chunk_in_a_batch_that_breaks_still_frees_its_session() -> None:
+    # Its caller went away (the future is cancelled); the batch then fails as it is applied. The
+    # session must not stay busy, or it could never be closed, expired or stepped again.
+    model = GatedFakeModel(gated=True)
+    store = BrokenScatterStore()
+    batcher = Batcher(spec=spec(), runtime=model, store=store, metrics=Metrics(), max_batch_size=8,  # type: ignore[arg-type]
+                      max_queue_delay_s=0.0, max_queue_chunks=100, max_waiting_per_session=4)  # fmt: skip
+    a = store.create("a")
+    gone = submit_chunk(batcher, a, chunk(1))
+    await asyncio.to_thread(model.entered.wait, 30)
+    gone.cancel()
+    store.fail_next_scatter = True
+    model.release.set()
+    await asyncio.get_running_loop().run_in_executor(batcher._executor, lambda: None)  # call done
+    for _ in range(1000):  # let the loop apply (and fail) that batch: no timer
+        if not a.busy:
+            break
+        await asyncio.sleep(0)
+    assert float((await asyncio.wait_for(submit(batcher, a, chunk(2)), timeout=30))[0, 0]) == 2.0
+    assert not a.busy and a.steps == 1
+    await batcher.close()

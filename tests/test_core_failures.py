@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -116,10 +117,14 @@ def server_process(tiny_repository: Path, tmp_path: Path) -> Iterator[tuple[int,
                 break
         else:
             pytest.fail(f"server exited with {process.wait()}")
+        # Keep reading its log so that a full pipe never blocks it.
+        threading.Thread(target=process.stderr.read, daemon=True).start()
         yield process.pid, json.loads(ports.read_text())["grpc_port"]
     finally:
         process.kill()
         process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 WRITE_FOR_S = 20.0
@@ -157,3 +162,33 @@ async def test_a_client_that_never_reads_replies_leaves_server_memory_bounded(
     )
     assert written > 64  # the client did push past the window
     assert grown < MEMORY_BOUND_BYTES
+
+
+async def test_a_failed_request_breaks_its_kserve_sequence_until_a_start(
+    make_settings: Any,
+) -> None:
+    # Requests pipelined behind a failed one would apply to a history that lacks it: they are
+    # refused (clear error) rather than answered with outputs that differ from the offline run.
+    async with serving(make_settings()) as srv, channel(srv.grpc_port) as ch:
+        stub = kserve(ch)
+        x = np.ones((2, 3), np.float32)
+
+        async def requests() -> AsyncIterator[kpb.ModelInferRequest]:
+            yield infer_request(MODEL, 8, x, start=True, request_id="start")
+            bad = infer_request(MODEL, 8, x, request_id="bad")
+            bad.inputs[0].datatype = "FP64"
+            yield bad
+            yield infer_request(MODEL, 8, x, request_id="behind")
+
+        replies = {r.infer_response.id: r async for r in stub.ModelStreamInfer(requests())}
+        assert replies["start"].error_message == ""
+        assert "must be FP32" in replies["bad"].error_message
+        assert "cannot go on: an earlier request of it failed" in replies["behind"].error_message
+        details = await expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION, stub.ModelInfer(infer_request(MODEL, 8, x))
+        )
+        assert "send START to begin it again" in details
+        again = await stub.ModelInfer(infer_request(MODEL, 8, x, start=True))
+        assert again.parameters["sequence_steps"].int64_param == 2  # a new sequence
+        more = await stub.ModelInfer(infer_request(MODEL, 8, x, end=True))
+        assert more.parameters["sequence_steps"].int64_param == 4

@@ -28,11 +28,11 @@ from service.api.kserve_messages import (
     model_config,
     sequence_control,
 )
-from service.api.status import count_failure, deadline_of, translate_errors
+from service.api.status import abort, count_failure, deadline_of, translate_errors
 from service.api.streams import RequestPump
 from service.chunks import StepResult
 from service.engine import InferenceEngine
-from service.errors import InvalidArgument, NotFound
+from service.errors import InvalidArgument, NotFound, ServiceError
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.session import Caller
@@ -95,8 +95,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        received = time.perf_counter()
-        spec, future = self.submit(request, caller_of(context), deadline_of(context, received))
+        spec, future = self.submit(
+            request, caller_of(context), deadline_of(context, time.perf_counter())
+        )
         return fill_infer_response(pb.ModelInferResponse(), request, spec, await future)
 
     def submit(
@@ -107,8 +108,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         received = time.perf_counter()
         spec = self.engine.model(request.model_name, request.model_version).spec
         control = sequence_control(request)
-        x = input_chunk(request, spec)
         try:
+            x = input_chunk(request, spec)
             future = self.engine.submit(
                 spec.name,
                 spec.version,
@@ -127,6 +128,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 f"inference request for sequence {control.sequence_id} to model {spec.name!r} must "
                 "specify the START flag on the first request of the sequence"
             ) from None
+        except ServiceError as error:  # the requests sent behind it must not skip it
+            self.engine.sequence_failed(spec.name, spec.version, control.sequence_id, caller, error)
+            raise
         return spec, future
 
     async def ModelStreamInfer(
@@ -163,5 +167,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 reply = error_reply(request, count_failure(error, self.metrics, API))
             pump.reply(reply)
 
-        async for reply in pump.replies(request_iterator, handle):
-            yield reply
+        try:
+            async for reply in pump.replies(request_iterator, handle):
+                yield reply
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # the request stream broke (a failed request answers in-band)
+            await abort(context, error, self.metrics, API)

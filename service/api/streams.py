@@ -71,9 +71,9 @@ class RequestPump(Generic[Request, Reply]):
                 elif self._final is not None:
                     yield self._final
                     return
-                elif self._error is not None:
-                    raise self._error
-                elif self._input_done and not self._unanswered:
+                elif self._input_done and not self._unanswered:  # every request answered
+                    if self._error is not None:
+                        raise self._error
                     return
                 else:
                     self._reply_waiter = asyncio.get_running_loop().create_future()
@@ -90,7 +90,11 @@ class RequestPump(Generic[Request, Reply]):
         try:
             async for request in requests:
                 self._unanswered += 1
-                await handle(request)
+                try:
+                    await handle(request)
+                except BaseException:
+                    self._unanswered -= 1  # answered by the error, which ends the stream
+                    raise
                 while self._unanswered > self.window and self._final is None:
                     self._room_waiter = asyncio.get_running_loop().create_future()
                     try:
@@ -102,7 +106,7 @@ class RequestPump(Generic[Request, Reply]):
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a handler's error, or the read failed: end the stream
-            self._error = error
+            self._error = error  # raised once the requests already handed on are answered
         finally:
             self._input_done = True
             self._wake_generator()
