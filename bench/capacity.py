@@ -187,6 +187,8 @@ def measure_admission(
         finally:
             load.terminate()
             load.wait()
+            if load.stdout is not None:
+                load.stdout.close()
     finally:
         server.stop()
     return {

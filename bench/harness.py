@@ -45,6 +45,7 @@ class ServerProcess:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
     def stop(self) -> None:
+        """Stop the process; its output pipe is closed by the thread that reads it to its end."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -97,8 +98,10 @@ class WindowCounters:
 
 
 def _discard(stream: IO[str]) -> None:
-    for _ in stream:
-        pass
+    """Read ``stream`` to its end (the process exited) and close it."""
+    with stream:
+        for _ in stream:
+            pass
 
 
 def source_env(source: Path = REPO_ROOT) -> dict[str, str]:
@@ -126,6 +129,7 @@ def _start(
         if ready_marker in line:
             break
     else:
+        process.stdout.close()
         raise RuntimeError(f"{command[2:4]} exited with {process.wait()} before serving")
     # Keep reading its output so a chatty server never blocks on a full pipe.
     threading.Thread(target=_discard, args=(process.stdout,), daemon=True).start()

@@ -55,6 +55,7 @@ def serve(
         if "serving" in json.loads(line)["message"]:
             break
     else:
+        process.stderr.close()
         pytest.fail(f"server exited with {process.wait()} before serving")
     try:
         yield process, json.loads(port_file.read_text())
@@ -62,6 +63,7 @@ def serve(
         if process.poll() is None:
             process.kill()
             process.wait()
+        process.stderr.close()
 
 
 def rnnserve(*args: str) -> subprocess.CompletedProcess[str]:

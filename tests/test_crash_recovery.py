@@ -54,13 +54,15 @@ class ServerProcess:
             if "serving" in json.loads(line)["message"]:
                 break
         else:
+            self.process.stderr.close()
             pytest.fail(f"server exited with {self.process.wait()}: {''.join(self.lines)[-2000:]}")
         threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
 
     def _drain(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None
-        for line in process.stderr:
-            self.lines.append(line)
+        with process.stderr:  # closed once the server has exited
+            for line in process.stderr:
+                self.lines.append(line)
 
     def signal(self, signum: int) -> int:
         assert self.process is not None

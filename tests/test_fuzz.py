@@ -58,6 +58,7 @@ class ServerThread:
         asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=60)
+        self.loop.close()
 
 
 OUTCOMES: collections.Counter[str] = collections.Counter()  # reported with -s, for RELIABILITY.md

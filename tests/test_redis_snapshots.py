@@ -42,6 +42,7 @@ def redis_url(tmp_path: Any) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+        process.stdout.close()
 
 
 async def test_sessions_survive_a_restart_through_redis(make_settings: Any, redis_url: str) -> None:
