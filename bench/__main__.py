@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import suite
 from bench.sweep import SweepPlan, run_sweep, write_outputs
+from service.cli import exit_code
 from service.settings import Settings
 
 
@@ -148,20 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        return 130
-    except ValueError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:
-        import grpc
-
-        if isinstance(error, grpc.RpcError):
-            print(f"bench: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
-        raise
+    return exit_code("bench", lambda: run(args))
 
 
 if __name__ == "__main__":

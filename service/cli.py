@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,22 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def exit_code(program: str, command: Callable[[], int]) -> int:
+    """Run a command line's ``command``: a bad value exits 2 and a gRPC error 1, each with a
+    one-line message instead of a traceback; Ctrl-C exits 130."""
     try:
-        return int(args.handler(args))
+        return command()
     except KeyboardInterrupt:
         return 130
     except ValueError as error:
-        print(f"rnnserve: {error}", file=sys.stderr)
+        print(f"{program}: {error}", file=sys.stderr)
         return 2
     except Exception as error:
         import grpc
 
         if isinstance(error, grpc.RpcError):
-            print(f"rnnserve: {error.code().name}: {error.details()}", file=sys.stderr)
+            print(f"{program}: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
         raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_code("rnnserve", lambda: int(args.handler(args)))
 
 
 if __name__ == "__main__":

@@ -65,8 +65,11 @@ def spec() -> ModelSpec:
     )  # fmt: skip
 
 
-def make(model: GatedFakeModel, **kw: object) -> tuple[Batcher, SessionStore, Metrics]:
-    store = SessionStore(state_count=1, layers=1, hidden=1, max_sessions=100)
+def make(
+    model: GatedFakeModel, store: SessionStore | None = None, **kw: object
+) -> tuple[Batcher, SessionStore, Metrics]:
+    if store is None:
+        store = SessionStore(state_count=1, layers=1, hidden=1, max_sessions=100)
     metrics = Metrics()
     options = {"max_batch_size": 8, "max_queue_delay_s": 0.0, "max_queue_chunks": 100,
                "max_waiting_per_session": 4, **kw}  # fmt: skip
@@ -379,9 +382,7 @@ async def test_a_batch_whose_apply_raises_fails_only_its_chunks_and_the_loop_goe
     # loop silently, and every later chunk of every session of the model hung.
     model = GatedFakeModel(gated=True)
     store = BrokenScatterStore()
-    metrics = Metrics()
-    batcher = Batcher(spec=spec(), runtime=model, store=store, metrics=metrics, max_batch_size=8,  # type: ignore[arg-type]
-                      max_queue_delay_s=0.0, max_queue_chunks=100, max_waiting_per_session=4)  # fmt: skip
+    batcher, _, metrics = make(model, store)
     a, b, c = (store.create(n) for n in "abc")
     first = await batch_in_flight(batcher, model, a)
     store.fail_next_scatter = True  # the batch in flight fails as it is applied
@@ -500,8 +501,7 @@ async def test_a_cancelled_chunk_in_a_batch_that_breaks_still_frees_its_session(
     # session must not stay busy, or it could never be closed, expired or stepped again.
     model = GatedFakeModel(gated=True)
     store = BrokenScatterStore()
-    batcher = Batcher(spec=spec(), runtime=model, store=store, metrics=Metrics(), max_batch_size=8,  # type: ignore[arg-type]
-                      max_queue_delay_s=0.0, max_queue_chunks=100, max_waiting_per_session=4)  # fmt: skip
+    batcher, _, _ = make(model, store)
     a = store.create("a")
     gone = submit_chunk(batcher, a, chunk(1))
     await asyncio.to_thread(model.entered.wait, 30)
