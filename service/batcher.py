@@ -296,7 +296,8 @@ class Batcher:
         self.store.finish_chunk(session)
         if chunk.end and applied:
             self.store.end(session, EndReason.CLOSED)
-        self._lines.fail(session, session_not_found(session.session_id))
+        if self._lines.waiting(session):  # behind a close or an END: the session is gone
+            self._lines.fail(session, session_not_found(session.session_id))
 
     # ----- failure and shutdown ----------------------------------------------------------------
     def _loop_stopped(self, task: asyncio.Task[None]) -> None:

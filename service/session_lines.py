@@ -46,6 +46,9 @@ class SessionLines:
             del self._lines[session]
         return chunk
 
+    def waiting(self, session: Session) -> bool:
+        return session in self._lines
+
     def fail_until_start(self, session: Session, error: ServiceError) -> None:
         """Fail the chunks waiting for ``session`` up to the first that restarts it (START)."""
         line = self._lines.get(session)

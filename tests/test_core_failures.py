@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from service.snapshots import DirectorySnapshots, decode, snapshot_key
 from tests.grpc_helpers import channel, expect_code, infer_request, kserve, native, serving
 
 MODEL = "tiny_gru"  # 3 features, 2 outputs
@@ -63,9 +64,10 @@ async def test_2000_malformed_requests_behind_one_in_flight_are_all_answered(
 
 
 async def test_a_model_whose_batch_loop_stops_is_not_ready_and_fails_fast(
-    make_settings: Any,
+    make_settings: Any, tmp_path: Path
 ) -> None:
-    async with serving(make_settings()) as srv, channel(srv.grpc_port) as ch:
+    settings = make_settings(snapshot_backend="directory", snapshot_dir=tmp_path / "state")
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
         stub, health = kserve(ch), health_pb2_grpc.HealthStub(ch)
         x = np.ones((2, 3), np.float32)
         await stub.ModelInfer(infer_request(MODEL, 9, x, start=True))
@@ -91,6 +93,9 @@ async def test_a_model_whose_batch_loop_stops_is_not_ready_and_fails_fast(
         assert ready == 0.0
         started = time.monotonic()
     assert time.monotonic() - started < srv.settings.drain_timeout_s  # the stop did not wait on it
+    # ... and still wrote the shutdown snapshot, the failed model's sequence in it.
+    snapshot = decode(DirectorySnapshots(tmp_path / "state").read(snapshot_key(MODEL, "1")) or b"")
+    assert [(r.session_id, r.steps) for r in snapshot.sessions] == [("9", 2)]
 
 
 def rss_bytes(pid: int) -> int:
