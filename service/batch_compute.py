@@ -29,7 +29,7 @@ class BatchOutcome:
 
     outputs: list[np.ndarray]
     states: list[np.ndarray]
-    finished: np.ndarray  # bool per chunk
+    finished: list[bool]  # per chunk
     error: InternalError | None
     calls: list[tuple[int, float]]  # (rows, seconds) of each model call, for the metrics
 
@@ -57,9 +57,9 @@ def compute_batch(
         rows = [i for i, n in enumerate(lengths) if n >= end]
         everyone = len(rows) == len(inputs)
         if len(ends) == 1:  # one length (the common case): whole chunks, one call
-            x = np.stack(inputs)
+            x = np.array(inputs)
         else:
-            x = np.stack([inputs[i][done_steps:end] for i in rows])
+            x = np.array([inputs[i][done_steps:end] for i in rows])
         segment_states = states if everyone else [s[:, rows, :] for s in states]
         started = time.perf_counter()
         try:
@@ -80,7 +80,7 @@ def compute_batch(
             finished[i] = lengths[i] == end
         done_steps = end
     outputs = [p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0,)) for p in pieces]
-    return BatchOutcome(outputs, states, np.array(finished, dtype=bool), error, calls)
+    return BatchOutcome(outputs, states, finished, error, calls)
 
 
 def check_call(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -172,9 +171,13 @@ class Batcher:
             return
         remaining = self.max_queue_delay_s - (time.perf_counter() - self._queue[0].enqueued_s)
         if remaining > 0:
+            # A timer that sets the event: asyncio.wait_for would create a task per batch.
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            timer = self._loop.call_later(remaining, self._wakeup.set)
+            try:
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
 
     def _take_batch(self) -> list[PendingChunk]:
         """Up to ``max_batch_size`` chunks in arrival order; chunks whose caller's deadline has
@@ -226,13 +229,14 @@ class Batcher:
     def _apply(self, batch: list[PendingChunk], slots: np.ndarray, outcome: BatchOutcome) -> None:
         """Write the finished chunks' states, then answer every chunk (loop thread)."""
         finished = outcome.finished
-        if finished.all():
+        if all(finished):
             self.store.scatter(slots, outcome.states)
-        elif finished.any():
-            self.store.scatter(slots[finished], [s[:, finished, :] for s in outcome.states])
+        elif any(finished):
+            rows = np.array(finished)
+            self.store.scatter(slots[rows], [s[:, rows, :] for s in outcome.states])
         applied_steps = 0
         now_s = time.perf_counter()
-        for chunk, ok, output in zip(batch, finished.tolist(), outcome.outputs, strict=True):
+        for chunk, ok, output in zip(batch, finished, outcome.outputs, strict=True):
             if not ok:
                 self._finish(chunk, outcome.error or InternalError("chunk not computed"))
                 continue

@@ -8,9 +8,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Histogram
 
 from service.errors import InvalidArgument
+from service.metrics import LoopHistogramChild
 from service.repository import ModelSpec
 from service.session import Session
 
@@ -72,7 +72,7 @@ class PendingChunk:
     x: np.ndarray  # [steps, features] float32
     future: asyncio.Future[StepResult]
     received_s: float  # perf_counter instant the request arrived (latency is counted from it)
-    latency: Histogram  # the request latency histogram of the chunk's API
+    latency: LoopHistogramChild  # the request latency histogram of the chunk's API
     deadline_s: float | None = None  # perf_counter instant after which it is not computed
     start: bool = False  # the session restarts (zero state, step 0) with this chunk
     end: bool = False  # close the session once this chunk is applied

@@ -57,6 +57,7 @@ class InferenceEngine:
         self.ready = False
         self.model_failed: Callable[[ModelHandle], None] = lambda handle: None  # server's hook
         self._ttl_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # the serving loop, set by start()
         self._closing = False
 
     # ----- loading and models ----------------------------------------------------------------
@@ -90,6 +91,7 @@ class InferenceEngine:
 
     async def start(self) -> None:
         """Create the batchers on the running loop and start the idle-session sweeper."""
+        self._loop = asyncio.get_running_loop()
         self.registry.start(self.settings, self.metrics, self._changed, self._batcher_failed)
         if self.settings.session_ttl_s > 0:
             self._ttl_task = asyncio.create_task(self._sweep_idle_forever(), name="ttl-sweeper")
@@ -236,7 +238,7 @@ class InferenceEngine:
             raise session_not_found(session_id)
         elif session.broken is not None:
             raise break_sequence(session, session.broken)
-        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[StepResult] = self._loop.create_future()
         latency = handle.latency(self.metrics, api)
         chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, start, end,
                              ordered=wait_if_busy)  # fmt: skip

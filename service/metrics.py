@@ -6,12 +6,91 @@ reason, code. Never a session id.
 
 from __future__ import annotations
 
+import bisect
+import math
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def go_float(value: float) -> str:
+    """A bucket bound as Prometheus writes it ("+Inf", "0.005"): prometheus_client's untyped
+    helper, typed."""
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
+
+
+class LoopHistogramChild:
+    """One label set of a :class:`LoopHistogram`: bucket counts and a sum, nothing else."""
+
+    __slots__ = ("_bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is the +Inf bucket
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1
+        self.total += value
+
+
+class LoopHistogram(Collector):
+    """A Prometheus histogram for per-request observations, about ten times cheaper than
+    ``prometheus_client.Histogram`` (a bisect and two additions: no lock, no per-bucket loop).
+
+    Concurrency: each label set must be observed from one thread at a time: all of them are
+    observed on the event loop thread (model calls are timed in the worker thread and observed
+    once the batch is back). The scrape (another thread) copies a child's counts in one list
+    copy, which the GIL makes atomic, so ``_count`` always equals the ``+Inf`` bucket; the sum may
+    be at most one observation ahead of or behind the counts.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets if not math.isinf(b))
+        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str, **named: str) -> LoopHistogramChild:
+        key = tuple(str(v) for v in values) or tuple(str(named[n]) for n in self.labelnames)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes the labels {self.labelnames}, got {key}")
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, LoopHistogramChild(self.bounds))
+        return child
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in list(self._children.items()):
+            counts, total = list(child.counts), child.total
+            cumulative, running = [], 0
+            for bound, count in zip((*self.bounds, math.inf), counts, strict=True):
+                running += count
+                cumulative.append((go_float(bound), float(running)))
+            family.add_metric(list(key), cumulative, sum_value=total)
+        yield family
 
 
 class Metrics:
@@ -20,28 +99,29 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.request_latency = Histogram(
+        self.request_latency = LoopHistogram(
             "rnnserve_request_latency_seconds",
             "End-to-end time of one chunk request, from arrival to reply.",
             ["model", "version", "api"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = LoopHistogram(
             "rnnserve_queue_wait_seconds",
             "Time a chunk waited in its model's queue before its batch started.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.compute = Histogram(
+        # Observed on the loop thread once the batch is back (the worker thread only times).
+        self.compute = LoopHistogram(
             "rnnserve_compute_seconds",
             "Time of one batched onnxruntime call.",
             ["model", "version"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = LoopHistogram(
             "rnnserve_batch_size",
             "Chunks (sessions) in one batched model call.",
             ["model", "version"],

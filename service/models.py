@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from prometheus_client import Histogram
-
 from service.batcher import Batcher
 from service.errors import ModelContractError, NotFound, Unavailable
-from service.metrics import Metrics
+from service.metrics import LoopHistogramChild, Metrics
 from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
 from service.runtime import CallCost, ModelRuntime
 from service.session import EndReason, Session
@@ -40,7 +38,7 @@ class ModelHandle:
         self.store = store
         self.call_cost = call_cost  # measured at load; None when nothing runs inline
         self._batcher: Batcher | None = None
-        self._latency: dict[str, Histogram] = {}  # per API, labelled once
+        self._latency: dict[str, LoopHistogramChild] = {}  # per API, labelled once
 
     @property
     def batcher(self) -> Batcher:
@@ -53,7 +51,7 @@ class ModelHandle:
         """Started, and its batcher can go on."""
         return self._batcher is not None and self._batcher.failure is None
 
-    def latency(self, metrics: Metrics, api: str) -> Histogram:
+    def latency(self, metrics: Metrics, api: str) -> LoopHistogramChild:
         """The request-latency histogram of this model for ``api``."""
         child = self._latency.get(api)
         if child is None:

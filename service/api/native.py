@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -21,8 +22,9 @@ from service.api.native_messages import (
 )
 from service.api.status import abort, deadline_of, translate_errors
 from service.api.streams import RequestPump
+from service.chunks import StepResult
 from service.engine import InferenceEngine
-from service.errors import FailedPrecondition, InvalidArgument
+from service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from service.metrics import Metrics
 from service.session import Caller, EndReason, Session, SessionEnd
 
@@ -123,8 +125,9 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
 class SessionStream:
     """The state of one native stream: the session it is bound to, and its request pump.
 
-    A stream handles one request at a time (its pump's window is 1), so its chunks apply in
-    order and its replies come in request order. A session that ends from outside the stream
+    A stream handles one request at a time: a request sent before the previous chunk's reply
+    waits for it, so chunks apply in order and replies come in request order (its pump's window
+    is 1: reading pauses while more than one request is unanswered). A session that ends from outside the stream
     (idle timeout, eviction, shutdown) is announced with a final ``SessionEnded`` message: the
     session's end listener hands it to the pump, which sends it and ends the stream.
     """
@@ -139,26 +142,30 @@ class SessionStream:
         self.version = ""
         self.session_id = ""
         self.bound: Session | None = None  # the session, while it lives
+        self.in_flight: asyncio.Future[StepResult] | None = None  # the last chunk's future
         # A stream's deadline is fixed when it starts, so it is read once, not per chunk.
         self.deadline_s = deadline_of(context, time.perf_counter())
 
     async def handle(self, request: pb.StreamRequest) -> None:
+        if self.in_flight is not None and not self.in_flight.done():
+            # Sent before the previous chunk's reply (a pipelining client): wait for it, so that
+            # requests are handled one at a time and replies keep their order.
+            await asyncio.wait([self.in_flight])
         kind = request.WhichOneof("kind")
         if kind == "chunk":
             if not self.session_id:
                 raise FailedPrecondition("open or attach a session before sending chunks")
-            received = time.perf_counter()
-            result = await self.engine.submit(
+            self.in_flight = self.engine.submit(
                 self.model,
                 self.version,
                 self.session_id,
                 to_array(request.chunk.input, "input"),
                 api=API,
-                received_s=received,
+                received_s=time.perf_counter(),
                 caller=self.caller,
                 deadline_s=self.deadline_s,
             )
-            self.pump.reply(stream_output(result))
+            self.in_flight.add_done_callback(self._answer)
         elif kind == "open" or kind == "attach":
             if self.session_id:
                 raise FailedPrecondition("this stream already has a session; open a new stream")
@@ -191,6 +198,15 @@ class SessionStream:
             self.pump.finish(pb.StreamResponse(ended=session_ended(end)))
         else:
             raise InvalidArgument("empty stream message: set open, attach, chunk or close")
+
+    def _answer(self, future: asyncio.Future[StepResult]) -> None:
+        """Done callback of a chunk's future: its reply, or the error that ends the stream."""
+        if future.cancelled():
+            self.pump.fail(Unavailable("the chunk was cancelled"))
+        elif (error := future.exception()) is not None:
+            self.pump.fail(error)
+        else:
+            self.pump.reply(stream_output(future.result()))
 
     def _on_end(self, session: Session, reason: EndReason) -> None:
         self.bound = None

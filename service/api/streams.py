@@ -1,13 +1,14 @@
 """The request pump shared by both APIs' bidirectional streams, with backpressure.
 
 A stream's requests are read by a reader task of their own; each is handed to the adapter's
-``handle`` coroutine, which answers it with :meth:`RequestPump.reply` (at once, after awaiting its
-chunk, or from a done callback). The stream's handler generator yields the replies in the order
+``handle`` coroutine, which answers it with :meth:`RequestPump.reply` (or :meth:`RequestPump.fail`)
+at once or, for a chunk, from its future's done callback: the reader then goes straight back to
+reading, and a chunk costs one step of each task (the reader's and the generator's), as a plain
+handler that awaited its chunk would. The stream's handler generator yields the replies in the order
 they are given. The reader stops reading while more than ``window`` requests are unanswered,
 counting a reply as answered once the generator has taken it for gRPC to send: a client that stops
 reading its replies is, soon after, not read either, so what the server holds per stream stays
-bounded (``window`` + 1 requests and replies, plus gRPC's flow-control buffers). A native stream
-(window 1) thus reads its next request while its last reply is on its way, without a wake-up.
+bounded (``window`` + 1 requests and replies, plus gRPC's flow-control buffers).
 
 Concurrency: all on the event loop thread. The generator waits on one future, resolved by
 :meth:`reply`, :meth:`finish` (a final message, e.g. the session's end notice) or the reader's
@@ -39,10 +40,19 @@ class RequestPump(Generic[Request, Reply]):
         self._error: BaseException | None = None  # the reader's failure, raised in the generator
         self._reply_waiter: asyncio.Future[None] | None = None
         self._room_waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()  # built by a handler, on the serving loop
 
     def reply(self, reply: Reply) -> None:
         """Answer one request (loop thread; from anywhere: a handler or a done callback)."""
         self._replies.append(reply)
+        self._wake_generator()
+
+    def fail(self, error: BaseException) -> None:
+        """Answer one request with ``error``, which ends the stream once the replies given
+        before it are sent (the native API's way: a failed request fails its stream)."""
+        self._unanswered -= 1
+        if self._error is None:
+            self._error = error
         self._wake_generator()
 
     def finish(self, final: Reply) -> None:
@@ -71,12 +81,12 @@ class RequestPump(Generic[Request, Reply]):
                 elif self._final is not None:
                     yield self._final
                     return
+                elif self._error is not None and not self._unanswered:
+                    raise self._error  # after every reply given before it
                 elif self._input_done and not self._unanswered:  # every request answered
-                    if self._error is not None:
-                        raise self._error
                     return
                 else:
-                    self._reply_waiter = asyncio.get_running_loop().create_future()
+                    self._reply_waiter = self._loop.create_future()
                     try:
                         await self._reply_waiter
                     finally:
@@ -96,7 +106,7 @@ class RequestPump(Generic[Request, Reply]):
                     self._unanswered -= 1  # answered by the error, which ends the stream
                     raise
                 while self._unanswered > self.window and self._final is None:
-                    self._room_waiter = asyncio.get_running_loop().create_future()
+                    self._room_waiter = self._loop.create_future()
                     try:
                         await self._room_waiter
                     finally:
@@ -106,7 +116,8 @@ class RequestPump(Generic[Request, Reply]):
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a handler's error, or the read failed: end the stream
-            self._error = error  # raised once the requests already handed on are answered
+            if self._error is None:
+                self._error = error  # raised once the requests already handed on are answered
         finally:
             self._input_done = True
             self._wake_generator()
