@@ -1,21 +1,25 @@
 """Computing one batch: chunks of any lengths through one model, exactly, touching no session.
 
-:func:`compute_batch` runs in the model's worker thread (or, for a cheap batch, on the event
-loop); it sees only the arrays it is handed. :func:`check_outcome` proves that what came back fits
+:class:`BatchRunner` decides where a batch computes; :func:`compute_batch` computes it and sees only
+the arrays it is handed. :func:`check_outcome` proves that what came back fits
 the batch before anything is written to a session, so a model that answers in the wrong shapes
 fails its batch instead of corrupting state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.errors import InternalError
+from service.repository import ModelSpec
+from service.runtime import CallCost, ModelRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -98,3 +102,43 @@ def check_call(
             raise ValueError(
                 f"state output {k} has shape {list(new.shape)}, expected {list(old.shape)}"
             )
+
+
+class BatchRunner:
+    """Where one model's batches compute: in the model's single worker thread (onnxruntime
+    releases the GIL, so the event loop serves I/O meanwhile), or on the event loop itself when the
+    model's :class:`CallCost` (timed at load) puts the batch under ``inline_compute_below_s``:
+    handing a 50 µs call to a thread and waking the loop again costs more CPU than the call
+    (docs/PERFORMANCE.md). Those run on the runtime's one-thread session. The choice is made from
+    rows and steps, never from measured call times, which include waits for the GIL."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        spec: ModelSpec,
+        inline_compute_below_s: float,
+        call_cost: CallCost | None,  # None: every batch goes to the worker thread
+    ) -> None:
+        self.runtime = runtime
+        self.label = spec.label
+        self.inline_compute_below_s = inline_compute_below_s
+        self.call_cost = call_cost
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.name}")
+
+    async def run(self, inputs: list[np.ndarray], states: list[np.ndarray]) -> BatchOutcome:
+        steps = max(x.shape[0] for x in inputs)
+        cost = self.call_cost
+        if cost is not None and cost.estimate_s(len(inputs), steps) < self.inline_compute_below_s:
+            return compute_batch(self._call_inline, self.label, inputs, states)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, compute_batch, self.runtime.run, self.label, inputs, states
+        )
+
+    def _call_inline(
+        self, x: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.runtime.run(x, states, single_thread=True)
+
+    def close(self) -> None:
+        """Stop the worker thread, not waiting: a call still running must not hold up shutdown."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,28 +1,21 @@
 """The batcher of one model version: per-session order, the shared queue, and the batch loop.
 
-A chunk enters through :meth:`Batcher.submit`. A session has at most one chunk in the queue or
-computing (it is ``busy``); later chunks of the same session wait in that session's line, in
-arrival order, at most ``max_waiting_per_session`` of them, and enter the queue one at a time as
-the one before them finishes. A batch therefore holds at most one chunk per session, and the
-chunks of a session apply in order.
-
-A batch starts when ``max_batch_size`` chunks are queued, when every live session of the model has
-a chunk queued (nothing else can arrive), or when the oldest has waited ``max_queue_delay_s``.
+A session has at most one chunk queued or computing (``busy``); later chunks of it wait in its
+line (:mod:`service.session_lines`) and enter the queue one at a time, so a batch holds at most one
+chunk per session and a session's chunks apply in order. A batch starts when ``max_batch_size``
+chunks are queued, when every live session has one queued, or when the oldest has waited
+``max_queue_delay_s``.
 
 Concurrency:
-- Everything here runs on the event loop thread except :func:`compute_batch`, so sessions, lines
-  and the store need no lock. The batch computes in the model's single worker thread
-  (onnxruntime releases the GIL), so the loop keeps serving I/O and the next batch fills meanwhile;
-  or on the loop itself when the model's :class:`CallCost` (measured as it loaded) puts the batch
-  under ``inline_compute_below_s``: handing a 50 µs call to a thread and waking the loop again
-  costs more CPU than the call (docs/PERFORMANCE.md). One model never runs two batches at once.
-- The loop cannot die silently: an exception anywhere in a batch fails exactly that batch's
-  chunks (INTERNAL, naming the model), is logged once with its cause, leaves their sessions in
-  their previous state (outputs are checked before any state is written), and the loop goes on.
-  Should the loop task stop anyway, the model is marked failed: everything queued or waiting
-  fails with UNAVAILABLE, new chunks fail fast, and ``on_failed`` tells the server (not ready).
-- Every chunk's future is resolved exactly once. A chunk whose caller went away is still applied,
-  so the session's step count stays the truth a reconnecting client resumes from.
+- All of it runs on the event loop thread but the batch computation, which its
+  :class:`BatchRunner` places (the model's worker thread, or the loop for a cheap batch). The loop
+  awaits each batch, so one model never runs two batches at once.
+- The loop cannot die silently: an exception in a batch fails exactly its unanswered chunks
+  (INTERNAL, naming the model), is logged once, and leaves their sessions as they were (outputs are
+  checked before any state is written). If the loop task stops anyway, the model is failed: its
+  chunks fail with UNAVAILABLE, new ones fail fast, and ``on_failed`` tells the server.
+- Every chunk is answered exactly once; one whose caller went away is still applied, so the step
+  count stays the truth a reconnecting client resumes from.
 """
 
 from __future__ import annotations
@@ -32,11 +25,10 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.batch_compute import BatchOutcome, compute_batch
+from service.batch_compute import BatchOutcome, BatchRunner
 from service.chunks import PendingChunk, StepResult
 from service.errors import (
     DeadlineExceeded,
@@ -81,15 +73,13 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_chunks = max_queue_chunks
-        self.inline_compute_below_s = inline_compute_below_s
-        self.call_cost = call_cost  # None: every batch goes to the worker thread
         self.failure: str | None = None  # why the model cannot go on (None: it can)
         self._on_applied = on_applied
         self._on_failed = on_failed
         self._queue: collections.deque[PendingChunk] = collections.deque()
         self._lines = SessionLines(max_waiting_per_session)
         self._executing: list[PendingChunk] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{spec.name}")
+        self.runner = BatchRunner(runtime, spec, inline_compute_below_s, call_cost)
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -203,28 +193,11 @@ class Batcher:
             if chunk.start:  # a restarting sequence begins from zero state
                 for state in states:
                     state[:, row, :] = 0.0
-        inputs = [c.x for c in batch]
-        steps = max(x.shape[0] for x in inputs)
-        if self._runs_inline(len(batch), steps):
-            outcome = compute_batch(self._call_inline, self.spec.label, inputs, states)
-        else:
-            outcome = await self._loop.run_in_executor(
-                self._executor, compute_batch, self.runtime.run, self.spec.label, inputs, states
-            )
+        outcome = await self.runner.run([c.x for c in batch], states)
         for rows, seconds in outcome.calls:
             self._compute_time.observe(seconds)
             self._batch_size.observe(rows)
         self._apply(batch, slots, outcome)
-
-    def _call_inline(
-        self, x: np.ndarray, states: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        return self.runtime.run(x, states, single_thread=True)
-
-    def _runs_inline(self, rows: int, steps: int) -> bool:
-        """Whether a batch of ``rows`` chunks of at most ``steps`` steps runs on the event loop."""
-        cost = self.call_cost
-        return cost is not None and cost.estimate_s(rows, steps) < self.inline_compute_below_s
 
     def _apply(self, batch: list[PendingChunk], slots: np.ndarray, outcome: BatchOutcome) -> None:
         """Write the finished chunks' states, then answer every chunk (loop thread)."""
@@ -340,5 +313,4 @@ class Batcher:
         self._task.cancel()
         await asyncio.wait([self._task])  # never raises: a failure was reported as it stopped
         self._fail_everything(Unavailable("the server shut down before this chunk ran"))
-        # Not waiting: a model call still running must not hold up the loop (and the shutdown).
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.runner.close()

@@ -508,7 +508,9 @@ async def test_a_cancelled_chunk_in_a_batch_that_breaks_still_frees_its_session(
     gone.cancel()
     store.fail_next_scatter = True
     model.release.set()
-    await asyncio.get_running_loop().run_in_executor(batcher._executor, lambda: None)  # call done
+    await asyncio.get_running_loop().run_in_executor(
+        batcher.runner._executor, lambda: None
+    )  # call done
     for _ in range(1000):  # let the loop apply (and fail) that batch: no timer
         if not a.busy:
             break
