@@ -68,7 +68,6 @@ class Batcher:
         on_failed: Callable[[Batcher], None] = lambda batcher: None,
     ) -> None:
         self.spec = spec
-        self.runtime = runtime
         self.store = store
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
