@@ -98,11 +98,12 @@ class Batcher:
         self._task.add_done_callback(self._loop_stopped)
 
     # ----- entry -----------------------------------------------------------------------------
-    def submit(self, chunk: PendingChunk, wait_if_busy: bool) -> None:
+    def submit(self, chunk: PendingChunk) -> None:
         """Queue ``chunk``; its future resolves with its :class:`StepResult` or an error.
 
-        A session with a chunk in flight is FAILED_PRECONDITION, unless ``wait_if_busy``: then the
-        chunk waits in the session's line (RESOURCE_EXHAUSTED once the line is full).
+        A session with a chunk in flight is FAILED_PRECONDITION, unless the chunk is ``ordered``
+        (part of a pipelined sequence): then it waits in the session's line (RESOURCE_EXHAUSTED
+        once the line is full).
         """
         if self.failure is not None:
             raise Unavailable(f"model {self.spec.label} is not available: {self.failure}")
@@ -110,7 +111,7 @@ class Batcher:
             raise Unavailable("the server is shutting down; no new chunks are accepted")
         session = chunk.session
         if session.busy:
-            if not wait_if_busy:
+            if not chunk.ordered:
                 raise FailedPrecondition(
                     f"session {session.session_id!r} already has a chunk in flight; send the "
                     "next chunk after its reply"
@@ -260,11 +261,8 @@ class Batcher:
         lacks it."""
         session = chunk.session
         applied = isinstance(result, StepResult)
-        if not applied and chunk.ordered:
-            broken = break_sequence(
-                session, result.message if isinstance(result, ServiceError) else ""
-            )
-            self._lines.fail_until_start(session, broken)
+        if isinstance(result, ServiceError) and chunk.ordered:
+            self._lines.fail_until_start(session, break_sequence(session, result.message))
         following = self._lines.next_after(chunk, applied_end=chunk.end and applied)
         if following is not None:
             self._enqueue(following)  # the session stays busy

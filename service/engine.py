@@ -219,8 +219,9 @@ class InferenceEngine:
         ``start`` opens the session first (Triton's START: a live one restarts from zero state
         with this chunk), ``end`` closes it once the chunk is applied. A session with a chunk in
         flight answers FAILED_PRECONDITION, unless ``wait_if_busy`` (Triton's sequences): then the
-        chunk waits its turn, and a failed chunk breaks the sequence until its next START. ``deadline_s`` (a ``time.perf_counter()`` instant): a chunk still queued when it
-        passes is not computed and fails with DEADLINE_EXCEEDED. Errors in the request raise here;
+        chunk waits its turn, and a failed chunk breaks the sequence until its next START.
+        ``deadline_s`` (a ``time.perf_counter()`` instant): a chunk still queued when it passes
+        is not computed and fails with DEADLINE_EXCEEDED. Errors in the request raise here;
         the future resolves to the chunk's result or fails with its batch's error.
         """
         self._check_open()
@@ -243,7 +244,7 @@ class InferenceEngine:
         chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, start, end,
                              ordered=wait_if_busy)  # fmt: skip
         try:
-            handle.batcher.submit(chunk, wait_if_busy)
+            handle.batcher.submit(chunk)
         except ServiceError:
             if created:  # a START refused: leave no empty session behind
                 handle.store.end(session, EndReason.CLOSED)

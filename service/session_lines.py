@@ -22,13 +22,13 @@ class SessionLines:
 
     def wait(self, chunk: PendingChunk) -> None:
         """Park ``chunk`` behind its session's chunk in flight (RESOURCE_EXHAUSTED when full)."""
-        line = self._lines.setdefault(chunk.session, collections.deque())
-        if len(line) >= self.max_per_session:
+        waiting = len(self._lines.get(chunk.session, ()))
+        if waiting >= self.max_per_session:
             raise ResourceExhausted(
-                f"session {chunk.session.session_id!r} already has {len(line)} chunks waiting; "
+                f"session {chunk.session.session_id!r} already has {waiting} chunks waiting; "
                 "wait for replies before sending more"
             )
-        line.append(chunk)
+        self._lines.setdefault(chunk.session, collections.deque()).append(chunk)
 
     def next_after(self, finished: PendingChunk, applied_end: bool) -> PendingChunk | None:
         """The chunk that takes the session's turn after ``finished``, if one may.
@@ -53,20 +53,22 @@ class SessionLines:
         """Fail the chunks waiting for ``session`` up to the first that restarts it (START)."""
         line = self._lines.get(session)
         while line and not line[0].start:
-            waiting = line.popleft()
-            if not waiting.future.done():
-                waiting.future.set_exception(error)
-            waiting.answered = True
+            fail_chunk(line.popleft(), error)
         if line is not None and not line:
             del self._lines[session]
 
     def fail(self, session: Session, error: ServiceError) -> None:
         """Fail every chunk waiting for ``session``."""
         for waiting in self._lines.pop(session, ()):
-            if not waiting.future.done():
-                waiting.future.set_exception(error)
-            waiting.answered = True
+            fail_chunk(waiting, error)
 
     def fail_all(self, error: ServiceError) -> None:
         for session in list(self._lines):
             self.fail(session, error)
+
+
+def fail_chunk(chunk: PendingChunk, error: ServiceError) -> None:
+    """Answer a waiting chunk with ``error`` (its future may have been cancelled by its caller)."""
+    if not chunk.future.done():
+        chunk.future.set_exception(error)
+    chunk.answered = True

@@ -86,7 +86,7 @@ def submit_chunk(
     latency = Metrics().request_latency.labels("fake", "1", "test")
     pending = PendingChunk(session, x, future, time.perf_counter(), latency, deadline_s, start, end,
                            ordered=wait)  # fmt: skip
-    batcher.submit(pending, wait_if_busy=wait)
+    batcher.submit(pending)
     return future
 
 

@@ -152,52 +152,53 @@ class SessionStream:
             # requests are handled one at a time and replies keep their order.
             await asyncio.wait([self.in_flight])
         kind = request.WhichOneof("kind")
-        if kind == "chunk":
-            if not self.session_id:
-                raise FailedPrecondition("open or attach a session before sending chunks")
-            self.in_flight = self.engine.submit(
-                self.model,
-                self.version,
-                self.session_id,
-                to_array(request.chunk.input, "input"),
-                api=API,
-                received_s=time.perf_counter(),
-                caller=self.caller,
-                deadline_s=self.deadline_s,
-            )
-            self.in_flight.add_done_callback(self._answer)
-        elif kind == "open" or kind == "attach":
-            if self.session_id:
-                raise FailedPrecondition("this stream already has a session; open a new stream")
-            if kind == "open":
-                o = request.open
-                view = self.engine.open_session(
-                    o.model,
-                    o.version,
-                    o.session_id or None,
-                    initial_state(list(o.initial_state)),
-                    api=API,
-                    caller=self.caller,
-                )
-            else:
-                a = request.attach
-                view = self.engine.session_view(
-                    a.model, a.version, a.session_id, a.include_state, self.caller
-                )
-            self.model, self.version, self.session_id = view.model, view.version, view.session_id
-            _, self.bound = self.engine.session(
-                view.model, view.version, view.session_id, self.caller
-            )
-            self.bound.add_end_listener(self._on_end)
-            self.pump.reply(pb.StreamResponse(opened=session_info(view)))
-        elif kind == "close":
-            if not self.session_id:
-                raise FailedPrecondition("open or attach a session before sending chunks")
+        if kind == "open" or kind == "attach":
+            self._bind(request, kind)
+            return
+        if kind not in ("chunk", "close"):
+            raise InvalidArgument("empty stream message: set open, attach, chunk or close")
+        if not self.session_id:
+            raise FailedPrecondition("open or attach a session before sending chunks")
+        if kind == "close":
             self.detach()
             end = self.engine.close_session(self.model, self.version, self.session_id, self.caller)
             self.pump.finish(pb.StreamResponse(ended=session_ended(end)))
+            return
+        self.in_flight = self.engine.submit(
+            self.model,
+            self.version,
+            self.session_id,
+            to_array(request.chunk.input, "input"),
+            api=API,
+            received_s=time.perf_counter(),
+            caller=self.caller,
+            deadline_s=self.deadline_s,
+        )
+        self.in_flight.add_done_callback(self._answer)
+
+    def _bind(self, request: pb.StreamRequest, kind: str) -> None:
+        """``open`` a new session or ``attach`` to one: the stream's session from now on."""
+        if self.session_id:
+            raise FailedPrecondition("this stream already has a session; open a new stream")
+        if kind == "open":
+            o = request.open
+            view = self.engine.open_session(
+                o.model,
+                o.version,
+                o.session_id or None,
+                initial_state(list(o.initial_state)),
+                api=API,
+                caller=self.caller,
+            )
         else:
-            raise InvalidArgument("empty stream message: set open, attach, chunk or close")
+            a = request.attach
+            view = self.engine.session_view(
+                a.model, a.version, a.session_id, a.include_state, self.caller
+            )
+        self.model, self.version, self.session_id = view.model, view.version, view.session_id
+        _, self.bound = self.engine.session(view.model, view.version, view.session_id, self.caller)
+        self.bound.add_end_listener(self._on_end)
+        self.pump.reply(pb.StreamResponse(opened=session_info(view)))
 
     def _answer(self, future: asyncio.Future[StepResult]) -> None:
         """Done callback of a chunk's future: its reply, or the error that ends the stream."""
