@@ -14,17 +14,34 @@ class ErrorKind(Enum):
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    ABORTED = "aborted"
     INTERNAL = "internal"
 
 
+MAX_SHOWN_CHARS = 100
+
+
+def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` (something a client sent) quoted for an error message, cut to ``limit`` characters:
+    a message never grows with what the client sent, so it always fits in a status."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class ServiceError(Exception):
-    """An error a client can act on; ``message`` is safe to send to it (never holds input data)."""
+    """An error a client can act on; ``message`` is safe to send to it (never holds input data).
+
+    ``session_steps``: where the error concerns a session's chunk, the session's step count when it
+    was refused (a refused chunk is never applied); the adapters send it to the client.
+    """
 
     kind = ErrorKind.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, session_steps: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.session_steps = session_steps
 
 
 class InvalidArgument(ServiceError):
@@ -53,6 +70,13 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     kind = ErrorKind.DEADLINE_EXCEEDED
+
+
+class Aborted(ServiceError):
+    """A chunk stated the step count it expects its session to be at, and the session is not
+    there (its chunk was applied already, or the session is another history): not applied."""
+
+    kind = ErrorKind.ABORTED
 
 
 class InternalError(ServiceError):

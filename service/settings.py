@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent, in bytes"
     )
+    deadline_margin_s: float = Field(
+        0.005,
+        ge=0.0,
+        description="a chunk starts computing only while at least this much of its caller's "
+        "deadline is left, in seconds; otherwise it is answered DEADLINE_EXCEEDED (not applied) "
+        "while the caller still listens",
+    )
     drain_timeout_s: float = Field(
         10.0, ge=0.0, description="on SIGTERM, how long in-flight chunks may finish, in seconds"
     )

@@ -22,6 +22,7 @@ GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
