@@ -16,6 +16,14 @@ Concurrency:
   chunks fail with UNAVAILABLE, new ones fail fast, and ``on_failed`` tells the server.
 - Every chunk is answered exactly once; one whose caller went away is still applied, so the step
   count stays the truth a reconnecting client resumes from.
+- Deadlines: a chunk starts computing only while ``deadline_margin_s`` of its caller's deadline is
+  left; a timer answers a chunk that is still queued or waiting at that point (DEADLINE_EXCEEDED,
+  not applied) while its caller still listens. A chunk that started computing is applied and
+  answered, whenever that is: its reply says so.
+- Step checks happen when a chunk is taken into a batch, the one moment its session's step count
+  is final (every earlier chunk of the session has finished): a chunk that states the count it
+  expects is refused (ABORTED, not applied) if the session is elsewhere, and a session restored
+  from a snapshot that may be behind its client (``unconfirmed``) takes only such a chunk.
 """
 
 from __future__ import annotations
@@ -31,17 +39,20 @@ import numpy as np
 from service.batch_compute import BatchOutcome, BatchRunner
 from service.chunks import PendingChunk, StepResult
 from service.errors import (
+    Aborted,
     DeadlineExceeded,
     FailedPrecondition,
     InternalError,
     ResourceExhausted,
     ServiceError,
     Unavailable,
+    Unconfirmed,
+    shown,
 )
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import CallCost, ModelRuntime
-from service.session import EndReason, break_sequence, session_not_found
+from service.session import EndReason, Session, break_sequence, session_not_found
 from service.session_lines import SessionLines
 from service.session_store import SessionStore
 
@@ -62,6 +73,7 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_chunks: int,
         max_waiting_per_session: int,
+        deadline_margin_s: float = 0.0,
         inline_compute_below_s: float = 0.0,
         call_cost: CallCost | None = None,
         on_applied: Callable[[], None] = lambda: None,
@@ -72,6 +84,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_chunks = max_queue_chunks
+        self.deadline_margin_s = deadline_margin_s
         self.failure: str | None = None  # why the model cannot go on (None: it can)
         self._on_applied = on_applied
         self._on_failed = on_failed
@@ -110,18 +123,28 @@ class Batcher:
         if not self._accepting:
             raise Unavailable("the server is shutting down; no new chunks are accepted")
         session = chunk.session
-        if session.busy:
-            if not chunk.ordered:
-                raise FailedPrecondition(
-                    f"session {session.session_id!r} already has a chunk in flight; send the "
-                    "next chunk after its reply"
+        if chunk.deadline_s is not None:
+            left_s = chunk.deadline_s - self.deadline_margin_s - time.perf_counter()
+            if left_s <= 0:
+                raise _too_late(session)
+            chunk.deadline_timer = self._loop.call_later(left_s, self._deadline_reached, chunk)
+        try:
+            if session.busy:
+                if not chunk.ordered:
+                    raise FailedPrecondition(
+                        f"session {shown(session.session_id)} already has a chunk in flight; "
+                        "send the next chunk after its reply"
+                    )
+                self._lines.wait(chunk)
+                return
+            if len(self._queue) >= self.max_queue_chunks:
+                raise ResourceExhausted(
+                    f"model {self.spec.label} has {len(self._queue)} chunks waiting; retry later"
                 )
-            self._lines.wait(chunk)
-            return
-        if len(self._queue) >= self.max_queue_chunks:
-            raise ResourceExhausted(
-                f"model {self.spec.label} has {len(self._queue)} chunks waiting; retry later"
-            )
+        except ServiceError:
+            if chunk.deadline_timer is not None:
+                chunk.deadline_timer.cancel()
+            raise
         self._enqueue(chunk)
 
     def _enqueue(self, chunk: PendingChunk) -> None:
@@ -170,19 +193,41 @@ class Batcher:
                 timer.cancel()
 
     def _take_batch(self) -> list[PendingChunk]:
-        """Up to ``max_batch_size`` chunks in arrival order; chunks whose caller's deadline has
-        passed are failed here, uncomputed, so that the session stays where it was."""
+        """Up to ``max_batch_size`` chunks in arrival order. A chunk already answered (its
+        deadline timer fired) is skipped; one that may not run is answered here, uncomputed, so
+        that its session stays where it was (see the module's notes on deadlines and steps)."""
         batch: list[PendingChunk] = []
         now = time.perf_counter()
         while self._queue and len(batch) < self.max_batch_size:
             chunk = self._queue.popleft()
-            if chunk.deadline_s is not None and chunk.deadline_s <= now:
-                self._deadline_dropped.inc()
-                self._finish(chunk, DeadlineExceeded("the deadline passed before the chunk ran"))
+            if chunk.answered:
                 continue
+            if chunk.deadline_timer is not None:
+                chunk.deadline_timer.cancel()
+                if chunk.deadline_s is not None and chunk.deadline_s - self.deadline_margin_s <= now:
+                    self._deadline_dropped.inc()
+                    self._finish(chunk, _too_late(chunk.session))
+                    continue
+            if not chunk.start and (chunk.expected_steps is not None or chunk.session.unconfirmed):
+                refusal = _step_check(chunk)
+                if refusal is not None:
+                    self._finish(chunk, refusal)
+                    continue
             self._queue_wait.observe(now - chunk.enqueued_s)
+            chunk.computing = True
             batch.append(chunk)
         return batch
+
+    def _deadline_reached(self, chunk: PendingChunk) -> None:
+        """Timer: ``chunk`` cannot start in time. Answer it now, unapplied, unless it computes."""
+        if chunk.answered or chunk.computing:
+            return
+        self._deadline_dropped.inc()
+        error = _too_late(chunk.session)
+        if chunk.enqueued_s:  # queued: answered now, skipped when its turn in the queue comes
+            self._finish(chunk, error)
+        else:  # waiting behind its session's chunk in flight (a pipelined sequence)
+            self._lines.fail_from(chunk, error, break_sequence(chunk.session, error.message))
 
     async def _execute(self, batch: list[PendingChunk]) -> None:
         """Gather the batch's states, compute, check, then write states and answer."""
@@ -244,11 +289,13 @@ class Batcher:
         """Answer ``chunk``, then hand its session's turn on. Never raises: what goes wrong after
         the answer is logged, so that no other chunk of the batch is left unanswered."""
         chunk.answered = True
+        if chunk.deadline_timer is not None:
+            chunk.deadline_timer.cancel()
         if not chunk.future.done():  # a caller that went away has cancelled it
             if isinstance(result, StepResult):
                 chunk.future.set_result(result)
             else:
-                chunk.future.set_exception(result)
+                chunk.future.set_exception(result.with_session_steps(chunk.session.steps))
         try:
             self._pass_turn(chunk, result)
         except Exception:
@@ -311,3 +358,33 @@ class Batcher:
         await asyncio.wait([self._task])  # never raises: a failure was reported as it stopped
         self._fail_everything(Unavailable("the server shut down before this chunk ran"))
         self.runner.close()
+
+
+def _too_late(session: Session) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        "the deadline would pass before the chunk could run: not applied",
+        session_steps=session.steps,
+    )
+
+
+def _step_check(chunk: PendingChunk) -> ServiceError | None:
+    """Why ``chunk`` may not apply to its session as it now stands, or None (it may; a session
+    restored unconfirmed is confirmed by a chunk that states its step count right)."""
+    session = chunk.session
+    expected = chunk.expected_steps
+    if expected is None:
+        return Unconfirmed(
+            f"session {shown(session.session_id)} was restored after an unclean stop from a "
+            f"snapshot at step {session.steps}, which may be behind the last reply you got; send "
+            "the chunk with the step count you expect (expected_steps) to go on from there",
+            session_steps=session.steps,
+        )
+    if expected != session.steps:
+        return Aborted(
+            f"session {shown(session.session_id)} is at step {session.steps}, this chunk expected "
+            f"step {expected}: not applied (an earlier send of it may have been applied; resume "
+            f"from step {session.steps})",
+            session_steps=session.steps,
+        )
+    session.unconfirmed = False
+    return None

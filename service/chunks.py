@@ -77,5 +77,8 @@ class PendingChunk:
     start: bool = False  # the session restarts (zero state, step 0) with this chunk
     end: bool = False  # close the session once this chunk is applied
     ordered: bool = False  # part of a pipelined sequence: its failure breaks the sequence
-    enqueued_s: float = 0.0  # when it entered the shared queue
+    expected_steps: int | None = None  # the session's step count the client expects before it
+    enqueued_s: float = 0.0  # when it entered the shared queue (0: not yet)
     answered: bool = False  # its future was resolved, or its caller had cancelled it
+    computing: bool = False  # taken into a batch: it will be applied unless the batch fails
+    deadline_timer: asyncio.TimerHandle | None = None  # answers it in time if it cannot run

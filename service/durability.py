@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.session import Session
+from service.session import Session, incarnation_text
 from service.session_store import SessionStore
 from service.settings import Settings
 from service.snapshots import (
@@ -76,6 +77,7 @@ class Durability:
         self._last_change_s = time.monotonic()
         self._last_snapshot_s = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._failed_in_a_row = 0  # snapshots failed since the last that succeeded
 
     def changed(self) -> None:
         """Something a snapshot holds changed (a chunk applied, a session opened or ended)."""
@@ -109,12 +111,14 @@ class Durability:
                     key, reason, error, moved,
                 )  # fmt: skip
                 continue
+            if snapshot.final:
+                self._spend_final(snapshot)
             count = 0
             for i, record in enumerate(snapshot.sessions):
                 state = [s[:, i, :] for s in snapshot.states]
                 try:
                     model.store.restore(
-                        record.session_id, state, record.steps, record.owner, record.last_output
+                        record, state, confirmed=snapshot.final and record.confirmed
                     )
                 except ServiceError as error:  # e.g. more sessions than max_sessions allows now
                     dropped = len(snapshot.sessions) - count
@@ -127,37 +131,68 @@ class Durability:
             logger.info("restored %d session(s) of %s from %s", count, key, self.backend.describe())
         return RestoreReport(restored, rejected)
 
+    def _spend_final(self, snapshot: ModelSnapshot) -> None:
+        """A final snapshot vouches for its sessions only until this server applies a chunk: mark
+        it spent on the backend before serving, so that a crash later cannot restore its sessions
+        as current (they would then need their clients to confirm the step count)."""
+        spent = dataclasses.replace(
+            snapshot,
+            final=False,
+            sessions=[dataclasses.replace(r, confirmed=False) for r in snapshot.sessions],
+        )
+        self.backend.write(snapshot.key, encode(spent))
+
     # ----- snapshot -------------------------------------------------------------------------
-    def _capture(self, model: DurableModel) -> tuple[ModelSnapshot, list[Session], list[int]]:
+    def _capture(
+        self, model: DurableModel, final: bool
+    ) -> tuple[ModelSnapshot, list[Session], list[int]]:
         """The model's sessions as a snapshot, the sessions, and their generations (a session
-        restarted while the snapshot is written gains nothing from it)."""
+        restarted while the snapshot is written gains nothing from it). In a ``final`` snapshot a
+        session with nothing in flight is confirmed: no later step of it can exist."""
         sessions = list(model.store.sessions.values())
         slots = [s.slot for s in sessions]
         states = [array[:, slots, :] for array in model.store.states]  # fancy index: a copy
-        records = [SessionRecord(s.session_id, s.steps, s.owner, s.last_output) for s in sessions]
+        records = [
+            _record(s, confirmed=final and not s.busy and not s.unconfirmed) for s in sessions
+        ]
         snapshot = ModelSnapshot(
-            model.name, model.version, model.sha256, time.time(), records, states
+            model.name, model.version, model.sha256, time.time(), records, states, final
         )
         return snapshot, sessions, [s.generation for s in sessions]
 
-    async def snapshot(self, force: bool = False) -> int:
+    async def snapshot(self, force: bool = False, final: bool = False) -> int:
         """Capture and write every model's sessions; returns how many were written.
 
         Skipped (returns 0) when nothing changed since the last snapshot, unless ``force``.
+        ``final``: the graceful shutdown's, after which nothing is applied (see
+        :meth:`_capture`). A failure is logged once, when snapshots start failing, and counted
+        every time; the next scheduled snapshot tries again.
         """
         async with self._lock:
             if not force and not self._changes:
                 return 0
             self._changes = 0
             started = time.perf_counter()
-            captured = [self._capture(m) for m in self.models()]
+            captured = [self._capture(m, final) for m in self.models()]
             try:
                 await asyncio.to_thread(self._write_all, [c[0] for c in captured])
-            except Exception:
+            except Exception as error:
                 self._changes += 1  # try again next time
                 self.metrics.snapshots.labels("failed").inc()
-                logger.exception("snapshot to %s failed", self.backend.describe())
+                self._failed_in_a_row += 1
+                if self._failed_in_a_row == 1:
+                    logger.error(
+                        "snapshots to %s are failing (%s: %s); retrying at every snapshot "
+                        "interval, logged again once they succeed",
+                        self.backend.describe(), type(error).__name__, error, exc_info=error,
+                    )  # fmt: skip
                 raise
+            if self._failed_in_a_row:
+                logger.warning(
+                    "snapshots to %s succeed again after %d failure(s)",
+                    self.backend.describe(), self._failed_in_a_row,
+                )  # fmt: skip
+                self._failed_in_a_row = 0
             for snapshot, sessions, generations in captured:
                 for record, session, generation in zip(
                     snapshot.sessions, sessions, generations, strict=True
@@ -196,6 +231,19 @@ class Durability:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _record(session: Session, confirmed: bool) -> SessionRecord:
+    s = session
+    return SessionRecord(
+        s.session_id,
+        s.steps,
+        s.owner,
+        s.last_output,
+        s.client,
+        incarnation_text(s.incarnation),
+        confirmed,
+    )
 
 
 def make_durability(

@@ -22,7 +22,14 @@ import numpy as np
 from service.batcher import Batcher
 from service.chunks import PendingChunk, StepResult, check_chunk
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
-from service.errors import ResourceExhausted, ServiceError, Unavailable
+from service.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    shown,
+)
 from service.metrics import Metrics
 from service.models import EndHook, ModelHandle, ModelRegistry
 from service.repository import ModelSpec
@@ -35,11 +42,25 @@ from service.session import (
     SessionEnd,
     SessionView,
     break_sequence,
+    incarnation_text,
     session_not_found,
 )
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# What a reply adds to its output tensor: ids, names, counts, framing (echoed client strings are
+# added by the adapter). Generous: a chunk near the limit is refused, never answered too large.
+REPLY_OVERHEAD_BYTES = 1024
+
+
+def check_incarnation(session: Session, incarnation: str) -> None:
+    """NOT_FOUND unless ``session`` is the incarnation the client knows ("": any)."""
+    if incarnation and incarnation != incarnation_text(session.incarnation):
+        raise NotFound(
+            f"session {shown(session.session_id)} is not the one you had: it was closed and "
+            "opened again under the same id (another incarnation)"
+        )
 
 
 class InferenceEngine:
@@ -169,8 +190,21 @@ class InferenceEngine:
         session_id: str,
         include_state: bool = False,
         caller: Caller = ANONYMOUS,
+        incarnation: str = "",
     ) -> SessionView:
+        """The session as a client sees it. ``incarnation``: the one the client knows (as the
+        session's views gave it); a session opened again under the same id is NOT_FOUND."""
         handle, session = self.session(name, version, session_id, caller)
+        check_incarnation(session, incarnation)
+        if include_state:
+            state_bytes = 4 * len(handle.store.states) * handle.store.layers * handle.store.hidden
+            last_bytes = 0 if session.last_output is None else session.last_output.nbytes
+            if state_bytes + last_bytes + REPLY_OVERHEAD_BYTES > self.settings.max_message_bytes:
+                raise InvalidArgument(
+                    f"the session's state and last reply take {state_bytes + last_bytes} bytes, "
+                    f"too many for max_message_bytes ({self.settings.max_message_bytes}); ask "
+                    "without include_state"
+                )
         return self._view(handle, session, include_state)
 
     def _view(
@@ -185,14 +219,30 @@ class InferenceEngine:
             state=handle.store.read_state(session) if include_state else None,
             durable_steps=session.durable_steps,
             last_output=session.last_output,
+            incarnation=incarnation_text(session.incarnation),
         )
 
-    def close_session(
+    async def close_session(
         self, name: str, version: str, session_id: str, caller: Caller = ANONYMOUS
     ) -> SessionEnd:
+        """Close a session. One with a chunk in flight closes once that chunk is applied (chunks
+        waiting behind it fail NOT_FOUND), and the count returned includes it: the final count."""
         handle, session = self.session(name, version, session_id, caller)
-        handle.store.end(session, EndReason.CLOSED)
-        return SessionEnd(session_id, EndReason.CLOSED, session.steps)
+        if session.close_when_idle is not None:  # a close (or an END) is already waiting
+            raise session_not_found(session_id)
+        if session.busy:
+            ended: asyncio.Future[None] = self._loop.create_future()
+
+            def on_end(session: Session, reason: EndReason) -> None:
+                if not ended.done():
+                    ended.set_result(None)
+
+            session.add_end_listener(on_end)
+            handle.store.end(session, EndReason.CLOSED)
+            await asyncio.shield(ended)  # a caller that goes away does not undo the close
+        else:
+            handle.store.end(session, EndReason.CLOSED)
+        return SessionEnd(session.session_id, EndReason.CLOSED, session.steps)
 
     def _changed(self) -> None:
         if self.durability is not None:
@@ -213,6 +263,9 @@ class InferenceEngine:
         start: bool = False,
         end: bool = False,
         wait_if_busy: bool = False,
+        expected_steps: int | None = None,
+        incarnation: str = "",
+        reply_extra_bytes: int = 0,
     ) -> asyncio.Future[StepResult]:
         """The one way in for a chunk ``x`` [steps, features] of session ``session_id``.
 
@@ -220,15 +273,22 @@ class InferenceEngine:
         with this chunk), ``end`` closes it once the chunk is applied. A session with a chunk in
         flight answers FAILED_PRECONDITION, unless ``wait_if_busy`` (Triton's sequences): then the
         chunk waits its turn, and a failed chunk breaks the sequence until its next START.
-        ``deadline_s`` (a ``time.perf_counter()`` instant): a chunk still queued when it passes
-        is not computed and fails with DEADLINE_EXCEEDED. Errors in the request raise here;
-        the future resolves to the chunk's result or fails with its batch's error.
+        ``deadline_s`` (a ``time.perf_counter()`` instant): a chunk that cannot start computing
+        while ``deadline_margin_s`` of it is left fails with DEADLINE_EXCEEDED, not applied.
+        ``expected_steps``: the session's step count the client expects before this chunk;
+        another count is ABORTED, not applied. ``incarnation``: the session the client knows;
+        another under the same id is NOT_FOUND. ``reply_extra_bytes``: what the adapter's reply
+        adds to the output (echoed ids), for the reply-size check.
+        Errors in the request raise here; the future resolves to the chunk's result or fails
+        with its error. No error ever follows an applied chunk.
         """
         self._check_open()
         handle = self.model(name, version)
-        s = self.settings
-        check_chunk(handle.spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
         session = handle.store.find(session_id, caller.owner)
+        try:
+            self._check_chunk(handle.spec, x, reply_extra_bytes)
+        except ServiceError as error:  # refused, not applied: say where the session stands
+            raise (error if session is None else error.with_session_steps(session.steps)) from None
         created = False
         if start:
             if session is None:
@@ -239,17 +299,33 @@ class InferenceEngine:
             raise session_not_found(session_id)
         elif session.broken is not None:
             raise break_sequence(session, session.broken)
+        else:
+            check_incarnation(session, incarnation)
         future: asyncio.Future[StepResult] = self._loop.create_future()
         latency = handle.latency(self.metrics, api)
         chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, start, end,
-                             ordered=wait_if_busy)  # fmt: skip
+                             ordered=wait_if_busy, expected_steps=expected_steps)  # fmt: skip
         try:
             handle.batcher.submit(chunk)
-        except ServiceError:
+        except ServiceError as error:
             if created:  # a START refused: leave no empty session behind
                 handle.store.end(session, EndReason.CLOSED)
-            raise
+            raise error.with_session_steps(session.steps) from None
         return future
+
+    def _check_chunk(self, spec: ModelSpec, x: np.ndarray, reply_extra_bytes: int) -> None:
+        """INVALID_ARGUMENT unless ``x`` fits the model and the limits, its reply included: a chunk
+        whose reply could not be sent must not be applied."""
+        s = self.settings
+        check_chunk(spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
+        reply_bytes = 4 * x.shape[0] * spec.output_size + REPLY_OVERHEAD_BYTES + reply_extra_bytes
+        if reply_bytes > s.max_message_bytes:
+            room = s.max_message_bytes - REPLY_OVERHEAD_BYTES - reply_extra_bytes
+            raise InvalidArgument(
+                f"a chunk of {x.shape[0]} steps would need a reply of about {reply_bytes} bytes, "
+                f"over max_message_bytes ({s.max_message_bytes}); send at most "
+                f"{max(room // (4 * spec.output_size), 0)} steps per chunk"
+            )
 
     def sequence_failed(
         self, name: str, version: str, session_id: str, caller: Caller, error: ServiceError
@@ -303,7 +379,7 @@ class InferenceEngine:
         if self.durability is not None:
             await self.durability.stop()
             try:
-                report["sessions_saved"] = await self.durability.snapshot(force=True)
+                report["sessions_saved"] = await self.durability.snapshot(force=True, final=True)
             except Exception:
                 logger.error("the shutdown snapshot failed: sessions will not be restored")
         for handle in self.handles():

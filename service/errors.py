@@ -43,6 +43,15 @@ class ServiceError(Exception):
         self.message = message
         self.session_steps = session_steps
 
+    def with_session_steps(self, steps: int) -> ServiceError:
+        """This error carrying the step count ``steps`` (a copy if it carries another: one error
+        object may fail the chunks of several sessions)."""
+        if self.session_steps == steps:
+            return self
+        copy = type(self).__new__(type(self))
+        ServiceError.__init__(copy, self.message, session_steps=steps)
+        return copy
+
 
 class InvalidArgument(ServiceError):
     kind = ErrorKind.INVALID_ARGUMENT
@@ -58,6 +67,12 @@ class AlreadyExists(ServiceError):
 
 class FailedPrecondition(ServiceError):
     kind = ErrorKind.FAILED_PRECONDITION
+
+
+class Unconfirmed(FailedPrecondition):
+    """The session was restored from a snapshot that may be behind the last reply its client got
+    (the server stopped without a final snapshot), and the chunk does not state the step count it
+    expects. The KServe adapter answers it as Triton answers an unknown sequence."""
 
 
 class ResourceExhausted(ServiceError):

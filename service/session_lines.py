@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 
 from service.chunks import PendingChunk
-from service.errors import ResourceExhausted, ServiceError
+from service.errors import ResourceExhausted, ServiceError, shown
 from service.session import Session
 
 
@@ -25,7 +25,7 @@ class SessionLines:
         waiting = len(self._lines.get(chunk.session, ()))
         if waiting >= self.max_per_session:
             raise ResourceExhausted(
-                f"session {chunk.session.session_id!r} already has {waiting} chunks waiting; "
+                f"session {shown(chunk.session.session_id)} already has {waiting} chunks waiting; "
                 "wait for replies before sending more"
             )
         self._lines.setdefault(chunk.session, collections.deque()).append(chunk)
@@ -57,6 +57,25 @@ class SessionLines:
         if line is not None and not line:
             del self._lines[session]
 
+    def fail_from(self, chunk: PendingChunk, error: ServiceError, behind: ServiceError) -> None:
+        """Fail waiting ``chunk`` with ``error``, and those behind it up to the next that
+        restarts the session (START) with ``behind``: they would apply to a history that lacks
+        it."""
+        line = self._lines.get(chunk.session)
+        if not line or chunk not in line:
+            return
+        chunks = list(line)
+        at = chunks.index(chunk)
+        restart = next((i for i in range(at + 1, len(chunks)) if chunks[i].start), len(chunks))
+        fail_chunk(chunk, error)
+        for waiting in chunks[at + 1 : restart]:
+            fail_chunk(waiting, behind)
+        rest = chunks[:at] + chunks[restart:]
+        if rest:
+            self._lines[chunk.session] = collections.deque(rest)
+        else:
+            del self._lines[chunk.session]
+
     def fail(self, session: Session, error: ServiceError) -> None:
         """Fail every chunk waiting for ``session``."""
         for waiting in self._lines.pop(session, ()):
@@ -69,6 +88,8 @@ class SessionLines:
 
 def fail_chunk(chunk: PendingChunk, error: ServiceError) -> None:
     """Answer a waiting chunk with ``error`` (its future may have been cancelled by its caller)."""
+    if chunk.deadline_timer is not None:
+        chunk.deadline_timer.cancel()
     if not chunk.future.done():
-        chunk.future.set_exception(error)
+        chunk.future.set_exception(error.with_session_steps(chunk.session.steps))
     chunk.answered = True

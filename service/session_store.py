@@ -19,15 +19,18 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted, shown
 from service.session import (
     EndReason,
     Session,
     check_session_id,
+    new_incarnation,
     new_session_id,
+    parse_incarnation,
     scoped_key,
     session_not_found,
 )
+from service.snapshots import SessionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +89,16 @@ class SessionStore:
         initial_state: Sequence[np.ndarray] | None = None,
         owner: str = "",
         client: str = "",
+        incarnation: int | None = None,
     ) -> Session:
-        """A new session with zero (or the given) state. Ids are generated when not given."""
+        """A new session with zero (or the given) state. Ids are generated when not given, and so
+        is the incarnation (a restored session keeps the one it had)."""
         if session_id is None:
             session_id = new_session_id()
         else:
             check_session_id(session_id)
             if scoped_key(session_id, owner) in self.sessions:
-                raise AlreadyExists(f"session {session_id!r} already exists")
+                raise AlreadyExists(f"session {shown(session_id)} already exists")
         if initial_state is not None:
             self._check_state(initial_state)
         if len(self.sessions) >= self.max_sessions and not self._evict_longest_idle():
@@ -110,7 +115,7 @@ class SessionStore:
         session = Session(
             session_id=session_id,
             slot=slot,
-            created_s=now,
+            incarnation=new_incarnation() if incarnation is None else incarnation,
             last_used_s=now,
             owner=owner,
             client=client or owner,
@@ -125,16 +130,20 @@ class SessionStore:
 
     def restore(
         self,
-        session_id: str,
+        record: SessionRecord,
         state: Sequence[np.ndarray],
-        steps: int,
-        owner: str,
-        last_output: np.ndarray | None,
+        *,
+        confirmed: bool,
     ) -> Session:
-        """Bring back a session from a snapshot: its state, step count, owner and last reply."""
-        session = self.create(session_id, state, owner)
-        session.steps = session.durable_steps = steps
-        session.last_output = last_output
+        """Bring back a session from a snapshot: its state, step count, owner, client, incarnation
+        and last reply. ``confirmed``: the snapshot is known to hold the session's latest step
+        (a graceful shutdown wrote it); otherwise its next chunk must state the step count it
+        expects (:attr:`Session.unconfirmed`)."""
+        incarnation = parse_incarnation(record.incarnation)  # None in format 1: drawn anew
+        session = self.create(record.session_id, state, record.owner, record.client, incarnation)
+        session.steps = session.durable_steps = record.steps
+        session.last_output = record.last_output
+        session.unconfirmed = not confirmed
         return session
 
     def _evict_longest_idle(self) -> bool:
@@ -242,8 +251,9 @@ class SessionStore:
 
     def restarted(self, session: Session) -> None:
         """``session`` starts over (its state was zeroed for the chunk that restarts it): step 0,
-        no output, no durable step, a new generation, nothing broken."""
+        no output, no durable step, a new generation, nothing broken or unconfirmed."""
         session.steps = session.durable_steps = 0
+        session.unconfirmed = False
         session.last_output = None
         session.broken = None
         session.generation += 1

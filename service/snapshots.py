@@ -1,9 +1,10 @@
 """Durable session state: the snapshot format and where snapshots are kept.
 
-One snapshot holds every session of one model version: a fixed magic, a JSON header and the state
-tensors as raw little-endian float32. The header names the model and its sha256, so a snapshot is
-never restored into a different model, and carries the sha256 of the payload, so a truncated or
-altered file is detected (:class:`CorruptSnapshot`) instead of being loaded.
+One snapshot holds every session of one model version: a fixed magic, a JSON header, the state
+tensors as raw little-endian float32, and the sha256 of all of that. The header names the model and
+its sha256, so a snapshot is never restored into a different model; the trailing sha256 covers every
+byte, header included, so a truncated or altered file is detected (:class:`CorruptSnapshot`)
+instead of being loaded. Format 1 snapshots (checksummed payload only) are still read.
 
 Backends keep one blob per model version: :class:`DirectorySnapshots` (the default: a file,
 replaced atomically) and :class:`RedisSnapshots` (one key, replaced by a single ``SET``).
@@ -23,13 +24,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-MAGIC = b"RNNSNAP\x01"
-FORMAT_VERSION = 1
+MAGIC = b"RNNSNAP\x02"  # format 2: a sha256 of every byte before it ends the blob
+MAGIC_V1 = b"RNNSNAP\x01"  # format 1 (rnnserve 0.1 round 1): only the payload was checksummed
+FORMAT_VERSION = 2
 _HEADER_LENGTH = struct.Struct("<Q")
+_DIGEST_BYTES = 32
 
 
 class CorruptSnapshot(ValueError):
-    """A snapshot that cannot be trusted: wrong magic, unreadable header, or payload mismatch."""
+    """A snapshot that cannot be trusted: wrong magic, checksum mismatch, unreadable header."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class SessionRecord:
     steps: int
     owner: str
     last_output: np.ndarray | None = None  # [rows, outputs]: the reply to the last chunk
+    client: str = ""  # what per-client limits count (kept so limits survive a restart)
+    incarnation: str = ""  # "" in format 1 snapshots: a new one is drawn on restore
+    confirmed: bool = False  # captured idle by a graceful shutdown: no later step can exist
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ class ModelSnapshot:
     """The sessions of one model version at one moment, and their states.
 
     ``states[k]`` has shape [layers, len(sessions), hidden]; column ``i`` belongs to
-    ``sessions[i]``. The last replies travel in the payload after the states.
+    ``sessions[i]``. The last replies travel in the payload after the states. ``final``: written
+    by a graceful shutdown, after which the server applied nothing more.
     """
 
     model: str
@@ -54,6 +61,7 @@ class ModelSnapshot:
     created_unix_s: float
     sessions: list[SessionRecord]
     states: list[np.ndarray]
+    final: bool = False
 
     @property
     def key(self) -> str:
@@ -65,6 +73,8 @@ def snapshot_key(model: str, version: str) -> str:
 
 
 def encode(snapshot: ModelSnapshot) -> bytes:
+    """Magic, header length, JSON header, payload (states, then last replies), and the sha256 of
+    all of it: one flipped bit anywhere, header included, is detected."""
     outputs = [r.last_output for r in snapshot.sessions if r.last_output is not None]
     output_size = outputs[0].shape[1] if outputs else 0
     payload = b"".join(
@@ -77,19 +87,22 @@ def encode(snapshot: ModelSnapshot) -> bytes:
         "version": snapshot.version,
         "model_sha256": snapshot.model_sha256,
         "created_unix_s": snapshot.created_unix_s,
+        "final": snapshot.final,
         "state_count": len(snapshot.states),
         "layers": layers,
         "hidden": hidden,
         "output_size": output_size,
-        "sessions": [
-            [r.session_id, r.steps, r.owner, 0 if r.last_output is None else len(r.last_output)]
-            for r in snapshot.sessions
-        ],
+        "sessions": [_entry(r) for r in snapshot.sessions],
         "payload_bytes": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    return MAGIC + _HEADER_LENGTH.pack(len(header_bytes)) + header_bytes + payload
+    body = MAGIC + _HEADER_LENGTH.pack(len(header_bytes)) + header_bytes + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def _entry(r: SessionRecord) -> list[str | int]:
+    rows = 0 if r.last_output is None else len(r.last_output)
+    return [r.session_id, r.steps, r.owner, rows, r.client, r.incarnation, int(r.confirmed)]
 
 
 def decode(blob: bytes) -> ModelSnapshot:
@@ -103,25 +116,38 @@ def decode(blob: bytes) -> ModelSnapshot:
 
 
 def _decode(blob: bytes) -> ModelSnapshot:
-    if not blob.startswith(MAGIC):
+    if blob.startswith(MAGIC):
+        if len(blob) < len(MAGIC) + _HEADER_LENGTH.size + _DIGEST_BYTES:
+            raise CorruptSnapshot("truncated before its header")
+        body, digest = blob[:-_DIGEST_BYTES], blob[-_DIGEST_BYTES:]
+        if hashlib.sha256(body).digest() != digest:
+            raise CorruptSnapshot("sha256 does not match its content (truncated or altered)")
+    elif blob.startswith(MAGIC_V1):
+        body = blob
+    else:
         raise CorruptSnapshot("not an rnnserve snapshot (bad magic)")
     offset = len(MAGIC) + _HEADER_LENGTH.size
-    if len(blob) < offset:
+    if len(body) < offset:
         raise CorruptSnapshot("truncated before its header")
-    (header_length,) = _HEADER_LENGTH.unpack_from(blob, len(MAGIC))
+    (header_length,) = _HEADER_LENGTH.unpack_from(body, len(MAGIC))
     try:
-        header: dict[str, Any] = json.loads(blob[offset : offset + header_length])
+        header: dict[str, Any] = json.loads(body[offset : offset + header_length])
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptSnapshot(f"unreadable header: {error}") from None
-    if header.get("format") != FORMAT_VERSION:
+    expected_format = FORMAT_VERSION if body is not blob else 1
+    if header.get("format") != expected_format:
         raise CorruptSnapshot(f"unknown snapshot format {header.get('format')!r}")
-    payload = blob[offset + header_length :]
+    payload = body[offset + header_length :]
     if len(payload) != header["payload_bytes"]:
         raise CorruptSnapshot(
             f"payload is {len(payload)} bytes, the header says {header['payload_bytes']} (truncated?)"
         )
-    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+    if expected_format == 1 and hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise CorruptSnapshot("payload sha256 does not match the header (altered on disk?)")
+    return _contents(header, payload)
+
+
+def _contents(header: dict[str, Any], payload: bytes) -> ModelSnapshot:
     entries = header["sessions"]
     shape = (header["layers"], len(entries), header["hidden"])
     size = int(np.prod(shape)) * 4
@@ -135,13 +161,18 @@ def _decode(blob: bytes) -> ModelSnapshot:
     ]
     offset = size * header["state_count"]
     sessions = []
-    for (session_id, steps, owner, _), n in zip(entries, rows, strict=True):
+    for entry, n in zip(entries, rows, strict=True):
+        session_id, steps, owner = str(entry[0]), int(entry[1]), str(entry[2])
+        client, incarnation, confirmed = (*entry[4:7],) if len(entry) >= 7 else (owner, "", 0)
         last = None
         if n:
             count = n * output_size
             last = np.frombuffer(payload, "<f4", count=count, offset=offset).reshape(n, -1).copy()
             offset += 4 * count
-        sessions.append(SessionRecord(str(session_id), int(steps), str(owner), last))
+        record = SessionRecord(
+            session_id, steps, owner, last, str(client), str(incarnation), bool(confirmed)
+        )
+        sessions.append(record)
     return ModelSnapshot(
         model=header["model"],
         version=header["version"],
@@ -149,6 +180,7 @@ def _decode(blob: bytes) -> ModelSnapshot:
         created_unix_s=float(header["created_unix_s"]),
         sessions=sessions,
         states=states,
+        final=bool(header.get("final", False)),
     )
 
 
@@ -182,11 +214,16 @@ class DirectorySnapshots:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            # A half-written file would keep a full disk full: the next try must find the space.
+            temporary.unlink(missing_ok=True)
+            raise
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -210,9 +247,16 @@ class DirectorySnapshots:
 
 
 class RedisSnapshots:
-    """One Redis key per model version (``<prefix><model>/<version>``), replaced by one SET."""
+    """One Redis key per model version (``<prefix><model>/<version>``), replaced by one SET.
 
-    def __init__(self, url: str, prefix: str = "rnnserve:snapshot:") -> None:
+    A Redis that cannot be reached (refused, down, silent for ``timeout_s`` on a connect or a
+    reply) raises the builtin :class:`ConnectionError` naming the URL (never its password), at
+    start-up and while serving alike: no call waits longer than the timeout per attempt.
+    """
+
+    def __init__(
+        self, url: str, prefix: str = "rnnserve:snapshot:", timeout_s: float = 5.0
+    ) -> None:
         try:
             import redis
         except ImportError as error:
@@ -221,13 +265,31 @@ class RedisSnapshots:
             ) from error
         self.url = url
         self.prefix = prefix
-        self.client = redis.Redis.from_url(url)
+        self.client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        self._unreachable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+    @property
+    def where(self) -> str:
+        """The URL without its user, password and query: safe to log and print."""
+        scheme, separator, rest = self.url.partition("://")
+        return scheme + separator + rest.rpartition("@")[2].partition("?")[0]
+
+    def _unavailable(self, error: Exception) -> ConnectionError:
+        return ConnectionError(f"snapshot backend Redis at {self.where} is unavailable ({error})")
 
     def write(self, key: str, blob: bytes) -> None:
-        self.client.set(self.prefix + key, blob)
+        try:
+            self.client.set(self.prefix + key, blob)
+        except self._unreachable as error:
+            raise self._unavailable(error) from error
 
     def read(self, key: str) -> bytes | None:
-        value = self.client.get(self.prefix + key)
+        try:
+            value = self.client.get(self.prefix + key)
+        except self._unreachable as error:
+            raise self._unavailable(error) from error
         if value is None:
             return None
         if not isinstance(value, bytes):  # only with decode_responses, which we never set
@@ -236,7 +298,10 @@ class RedisSnapshots:
 
     def quarantine(self, key: str) -> str:
         target = f"{self.prefix}{key}:corrupt-{int(time.time())}"
-        self.client.rename(self.prefix + key, target)
+        try:
+            self.client.rename(self.prefix + key, target)
+        except self._unreachable as error:
+            raise self._unavailable(error) from error
         return target
 
     def describe(self) -> str:

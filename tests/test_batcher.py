@@ -15,12 +15,14 @@ import pytest
 from service.batcher import Batcher
 from service.chunks import PendingChunk, StepResult
 from service.errors import (
+    Aborted,
     DeadlineExceeded,
     FailedPrecondition,
     InternalError,
     NotFound,
     ResourceExhausted,
     Unavailable,
+    Unconfirmed,
 )
 from service.metrics import Metrics
 from service.repository import ModelSpec
@@ -79,13 +81,13 @@ def make(
 
 def submit_chunk(
     batcher: Batcher, session: Session, x: np.ndarray, deadline_s: float | None = None, *,
-    wait: bool = False, start: bool = False, end: bool = False,
+    wait: bool = False, start: bool = False, end: bool = False, expected_steps: int | None = None,
 ) -> asyncio.Future[StepResult]:  # fmt: skip
     """Hand one chunk to the batcher as the engine does; the future of its result."""
     future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
     latency = Metrics().request_latency.labels("fake", "1", "test")
     pending = PendingChunk(session, x, future, time.perf_counter(), latency, deadline_s, start, end,
-                           ordered=wait)  # fmt: skip
+                           ordered=wait, expected_steps=expected_steps)  # fmt: skip
     batcher.submit(pending)
     return future
 
@@ -303,20 +305,76 @@ async def test_a_failing_single_call_batch_fails_its_chunks_and_keeps_their_stat
 
 async def test_a_chunk_whose_deadline_passed_in_the_queue_is_not_computed() -> None:
     model = GatedFakeModel(gated=True)
-    batcher, store, metrics = make(model)
-    a, b = store.create("a"), store.create("b")
+    batcher, store, metrics = make(model, deadline_margin_s=0.001)
+    a, b, c = store.create("a"), store.create("b"), store.create("c")
     first = await batch_in_flight(batcher, model, a)
-    late = submit(batcher, b, chunk(5), deadline_s=0.0)  # already past when its batch forms
+    with pytest.raises(DeadlineExceeded, match="not applied"):
+        submit(batcher, b, chunk(5), deadline_s=time.perf_counter())  # no time left: refused
+    late = submit(batcher, c, chunk(5), deadline_s=time.perf_counter() + 0.02)
+    # Answered by its timer while the model still computes the batch before it: in time for
+    # a caller whose own deadline is about to fire.
+    with pytest.raises(DeadlineExceeded, match="not applied") as refused:
+        await late
+    assert refused.value.session_steps == 0 and not model.release.is_set()
     model.release.set()
     await first
-    with pytest.raises(DeadlineExceeded):
-        await late
-    assert b.steps == 0 and not b.busy and (store.read_state(b)[0] == 0).all()
-    assert model.calls == [(1, 1)]  # b never reached the model
+    assert (b.steps, c.steps) == (0, 0) and not b.busy and not c.busy
+    assert (store.read_state(c)[0] == 0).all()
+    assert model.calls == [(1, 1)]  # neither reached the model
     dropped = metrics.registry.get_sample_value(
         "rnnserve_deadline_dropped_total", {"model": "fake", "version": "1"}
     )
-    assert dropped == 1.0
+    assert dropped == 1.0  # the one that had been queued
+    assert float((await submit(batcher, c, chunk(2)))[0, 0]) == 2.0  # c carries on from zero
+    await batcher.close()
+
+
+async def test_a_waiting_chunk_past_its_deadline_fails_with_those_behind_it_up_to_a_start() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model)
+    a = store.create("a")
+    first = submit_chunk(batcher, a, chunk(1), wait=True)
+    await asyncio.to_thread(model.entered.wait, 30)
+    late = submit_chunk(batcher, a, chunk(10), time.perf_counter() + 0.02, wait=True)
+    behind = submit_chunk(batcher, a, chunk(100), wait=True)
+    restart = submit_chunk(batcher, a, chunk(7), wait=True, start=True)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    with pytest.raises(FailedPrecondition, match="cannot go on"):
+        await behind  # it would apply to a history without the late chunk
+    model.release.set()
+    assert (await first).steps == 1
+    result = await restart
+    assert (result.steps, float(result.output[0, 0])) == (1, 7.0)
+    await batcher.close()
+
+
+async def test_a_chunk_that_expects_another_step_count_is_aborted_unapplied() -> None:
+    model = GatedFakeModel(gated=False)
+    batcher, store, _ = make(model)
+    a = store.create("a")
+    assert (await submit_chunk(batcher, a, chunk(1), expected_steps=0)).steps == 1
+    with pytest.raises(Aborted, match="at step 1, this chunk expected step 0") as refused:
+        await submit_chunk(batcher, a, chunk(1), expected_steps=0)  # a retry of the applied one
+    assert refused.value.session_steps == 1 and a.steps == 1 and not a.busy
+    assert (await submit_chunk(batcher, a, chunk(2), expected_steps=1)).steps == 2
+    await batcher.close()
+
+
+async def test_an_unconfirmed_session_takes_only_a_chunk_that_states_its_step_count() -> None:
+    model = GatedFakeModel(gated=False)
+    batcher, store, _ = make(model)
+    a = store.create("a")
+    a.steps, a.unconfirmed = 5, True  # as restored from a snapshot an unclean stop left
+    with pytest.raises(Unconfirmed, match="snapshot at step 5") as refused:
+        await submit_chunk(batcher, a, chunk(1))
+    assert refused.value.session_steps == 5
+    with pytest.raises(Aborted):
+        await submit_chunk(batcher, a, chunk(1), expected_steps=7)  # the client was further on
+    assert a.unconfirmed and a.steps == 5
+    assert (await submit_chunk(batcher, a, chunk(1), expected_steps=5)).steps == 6
+    assert not a.unconfirmed
+    assert (await submit_chunk(batcher, a, chunk(1))).steps == 7  # confirmed: plain chunks again
     await batcher.close()
 
 

@@ -164,7 +164,8 @@ def test_full_store_evicts_the_longest_idle_session_when_asked() -> None:
 
 def test_an_idle_session_costs_little_beyond_its_state() -> None:
     """Python's allocations are deterministic for one interpreter version: here an idle session
-    costs about 274 bytes beside its state (379 with a per-instance dict and a list each)."""
+    costs about 334 bytes beside its state (439 with a per-instance dict and a list each); its
+    incarnation (a 63-bit int) and ``unconfirmed`` flag take 60 of them."""
     store = make_store(max_sessions=5000)
     state_before = store.state_bytes
     tracemalloc.start()
@@ -175,7 +176,7 @@ def test_an_idle_session_costs_little_beyond_its_state() -> None:
     finally:
         tracemalloc.stop()
     per_session = (heap_bytes - (store.state_bytes - state_before)) / 2000
-    assert per_session < 320, per_session
+    assert per_session < 350, per_session
 
 
 def test_end_listeners_are_added_on_demand_and_called_once() -> None:

@@ -32,7 +32,7 @@ from service.api.status import abort, count_failure, deadline_of, translate_erro
 from service.api.streams import RequestPump
 from service.chunks import StepResult
 from service.engine import InferenceEngine
-from service.errors import InvalidArgument, NotFound, ServiceError
+from service.errors import InvalidArgument, NotFound, ServiceError, Unconfirmed, shown
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.session import Caller
@@ -98,7 +98,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         spec, future = self.submit(
             request, caller_of(context), deadline_of(context, time.perf_counter())
         )
-        return fill_infer_response(pb.ModelInferResponse(), request, spec, await future)
+        try:
+            result = await future
+        except Unconfirmed as error:
+            raise as_unknown_sequence(error) from None
+        return fill_infer_response(pb.ModelInferResponse(), request, spec, result)
 
     def submit(
         self, request: pb.ModelInferRequest, caller: Caller, deadline_s: float | None
@@ -122,11 +126,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 start=control.start,
                 end=control.end,
                 wait_if_busy=True,
+                expected_steps=control.expected_steps,
+                reply_extra_bytes=len(request.id) + len(request.model_name),
             )
         except NotFound:  # the model exists (looked up above): the sequence does not
             raise InvalidArgument(
-                f"inference request for sequence {control.sequence_id} to model {spec.name!r} must "
-                "specify the START flag on the first request of the sequence"
+                f"inference request for sequence {shown(control.sequence_id)} to model "
+                f"{shown(spec.name)} must specify the START flag on the first request of the "
+                "sequence"
             ) from None
         except ServiceError as error:  # the requests sent behind it must not skip it
             self.engine.sequence_failed(spec.name, spec.version, control.sequence_id, caller, error)
@@ -153,7 +160,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             try:
                 spec, future = self.submit(request, caller, deadline_s)
             except Exception as error:
-                pump.reply(error_reply(request, count_failure(error, self.metrics, API)))
+                pump.reply(failed_reply(request, error))
                 return
             future.add_done_callback(functools.partial(answer, request, spec))
 
@@ -164,8 +171,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             try:
                 fill_infer_response(reply.infer_response, request, spec, future.result())
             except (Exception, asyncio.CancelledError) as error:  # every request is answered
-                reply = error_reply(request, count_failure(error, self.metrics, API))
+                reply = failed_reply(request, error)
             pump.reply(reply)
+
+        def failed_reply(
+            request: pb.ModelInferRequest, error: BaseException
+        ) -> pb.ModelStreamInferResponse:
+            if isinstance(error, Unconfirmed):
+                error = as_unknown_sequence(error)
+            steps = error.session_steps if isinstance(error, ServiceError) else None
+            return error_reply(request, count_failure(error, self.metrics, API), steps)
 
         try:
             async for reply in pump.replies(request_iterator, handle):
@@ -174,3 +189,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             raise
         except Exception as error:  # the request stream broke (a failed request answers in-band)
             await abort(context, error, self.metrics, API)
+
+
+def as_unknown_sequence(error: Unconfirmed) -> InvalidArgument:
+    """A sequence restored after an unclean stop, continued without a step count: refused as
+    Triton refuses a sequence it does not know (INVALID_ARGUMENT), saying how to go on."""
+    return InvalidArgument(
+        f"{error.message.split('; ')[0].replace('session', 'sequence', 1)}; send "
+        "sequence_start to begin the sequence again, or the parameter sequence_expected_steps "
+        "(the step count you know) to resume it",
+        session_steps=error.session_steps,
+    )

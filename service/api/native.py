@@ -65,6 +65,8 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
             caller=caller_of(context),
             deadline_s=deadline_of(context, received),
             end=request.end,
+            expected_steps=request.expected_steps if request.HasField("expected_steps") else None,
+            incarnation=request.incarnation,
         )
         return fill_step_response(pb.StepResponse(), result)
 
@@ -72,7 +74,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionEnded:
-        end = self.engine.close_session(
+        end = await self.engine.close_session(
             request.model, request.version, request.session_id, caller_of(context)
         )
         return session_ended(end)
@@ -87,6 +89,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
             request.session_id,
             request.include_state,
             caller_of(context),
+            request.incarnation,
         )
         return session_info(view)
 
@@ -141,6 +144,7 @@ class SessionStream:
         self.model = ""
         self.version = ""
         self.session_id = ""
+        self.incarnation = ""
         self.bound: Session | None = None  # the session, while it lives
         self.in_flight: asyncio.Future[StepResult] | None = None  # the last chunk's future
         # A stream's deadline is fixed when it starts, so it is read once, not per chunk.
@@ -161,18 +165,23 @@ class SessionStream:
             raise FailedPrecondition("open or attach a session before sending chunks")
         if kind == "close":
             self.detach()
-            end = self.engine.close_session(self.model, self.version, self.session_id, self.caller)
+            end = await self.engine.close_session(
+                self.model, self.version, self.session_id, self.caller
+            )
             self.pump.finish(pb.StreamResponse(ended=session_ended(end)))
             return
+        chunk = request.chunk
         self.in_flight = self.engine.submit(
             self.model,
             self.version,
             self.session_id,
-            to_array(request.chunk.input, "input"),
+            to_array(chunk.input, "input"),
             api=API,
             received_s=time.perf_counter(),
             caller=self.caller,
             deadline_s=self.deadline_s,
+            expected_steps=chunk.expected_steps if chunk.HasField("expected_steps") else None,
+            incarnation=self.incarnation,
         )
         self.in_flight.add_done_callback(self._answer)
 
@@ -193,9 +202,10 @@ class SessionStream:
         else:
             a = request.attach
             view = self.engine.session_view(
-                a.model, a.version, a.session_id, a.include_state, self.caller
+                a.model, a.version, a.session_id, a.include_state, self.caller, a.incarnation
             )
         self.model, self.version, self.session_id = view.model, view.version, view.session_id
+        self.incarnation = view.incarnation
         _, self.bound = self.engine.session(view.model, view.version, view.session_id, self.caller)
         self.bound.add_end_listener(self._on_end)
         self.pump.reply(pb.StreamResponse(opened=session_info(view)))

@@ -49,6 +49,7 @@ def session_info(view: SessionView) -> pb.SessionInfo:
         idle_seconds=view.idle_s,
         state=[to_tensor(s) for s in view.state or []],
         durable_steps=view.durable_steps,
+        incarnation=view.incarnation,
     )
     if view.last_output is not None:
         info.last_output.CopyFrom(to_tensor(view.last_output))

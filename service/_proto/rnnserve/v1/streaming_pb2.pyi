@@ -41,18 +41,22 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., initial_state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("model", "version", "session_id", "input", "end")
+    __slots__ = ("model", "version", "session_id", "input", "end", "expected_steps", "incarnation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     session_id: str
     input: Tensor
     end: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., end: _Optional[bool] = ...) -> None: ...
+    expected_steps: int
+    incarnation: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., end: _Optional[bool] = ..., expected_steps: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("session_id", "output", "steps", "ended", "durable_steps")
@@ -79,19 +83,21 @@ class CloseSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
-    __slots__ = ("model", "version", "session_id", "include_state")
+    __slots__ = ("model", "version", "session_id", "include_state", "incarnation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STATE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     session_id: str
     include_state: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., include_state: _Optional[bool] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., include_state: _Optional[bool] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "version", "steps", "idle_seconds", "state", "durable_steps", "last_output")
+    __slots__ = ("session_id", "model", "version", "steps", "idle_seconds", "state", "durable_steps", "last_output", "incarnation")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +106,7 @@ class SessionInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEPS_FIELD_NUMBER: _ClassVar[int]
     LAST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     version: str
@@ -108,7 +115,8 @@ class SessionInfo(_message.Message):
     state: _containers.RepeatedCompositeFieldContainer[Tensor]
     durable_steps: int
     last_output: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., steps: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., durable_steps: _Optional[int] = ..., last_output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., steps: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., durable_steps: _Optional[int] = ..., last_output: _Optional[_Union[Tensor, _Mapping]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class SessionEnded(_message.Message):
     __slots__ = ("session_id", "reason", "steps")
@@ -133,10 +141,12 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[CreateSessionRequest, _Mapping]] = ..., attach: _Optional[_Union[GetSessionRequest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("input",)
+    __slots__ = ("input", "expected_steps")
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEPS_FIELD_NUMBER: _ClassVar[int]
     input: Tensor
-    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    expected_steps: int
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., expected_steps: _Optional[int] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
