@@ -263,6 +263,8 @@ class Batcher:
             session = chunk.session
             if chunk.start:
                 self.store.restarted(session)
+            elif chunk.expected_steps is not None:  # the client's history and ours agree
+                session.broken = None
             session.steps += steps
             session.last_output = output
             chunk.latency.observe(now_s - chunk.received_s)

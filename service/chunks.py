@@ -82,3 +82,9 @@ class PendingChunk:
     answered: bool = False  # its future was resolved, or its caller had cancelled it
     computing: bool = False  # taken into a batch: it will be applied unless the batch fails
     deadline_timer: asyncio.TimerHandle | None = None  # answers it in time if it cannot run
+
+    @property
+    def anchored(self) -> bool:
+        """It fixes where its session's history stands: a START, or a chunk that states the step
+        count it expects. Such a chunk is safe behind a failed one of its sequence."""
+        return self.start or self.expected_steps is not None

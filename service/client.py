@@ -45,9 +45,12 @@ class StreamingSession:
 
     With ``resume`` (the default) the session survives a server restart or crash: the client keeps
     the inputs the server has not yet written to a snapshot (the replies' ``durable_steps`` say how
-    far it has), and if the stream breaks it reconnects, attaches to the restored session, replays
-    the inputs after the restored step and carries on, so the outputs are those of an
-    uninterrupted run. A reply lost in the crash is recovered from the session's last output.
+    far it has), and if the stream breaks it reconnects, attaches to the restored session (the same
+    incarnation, never another session opened under the id), replays the inputs after the restored
+    step and carries on, so the outputs are those of an uninterrupted run. A reply lost in the
+    crash is recovered from the session's last output. Every chunk states the step count it
+    expects, so none is ever applied twice or onto another history: where exact resumption is
+    impossible the client raises :class:`SessionLostError` (or the server's ABORTED).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class StreamingSession:
         self.session_id: str = opened.session_id
         self.model: str = opened.model
         self.version: str = opened.version
+        self.incarnation: str = opened.incarnation  # which session of this id it is
         self.steps: int = opened.steps  # steps the server has applied
         self.durable_steps: int = opened.durable_steps  # of those, how many a snapshot holds
         self._kept_from: int = opened.steps  # step index of the first kept input
@@ -82,8 +86,11 @@ class StreamingSession:
         info: pb.SessionInfo = next(self._responses).opened
         return info
 
-    def _exchange(self, chunk: np.ndarray) -> pb.StepResponse:
-        self._requests.put(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(chunk))))
+    def _exchange(self, chunk: np.ndarray, expected_steps: int) -> pb.StepResponse:
+        """Send ``chunk``, stating the step count the session must be at for it to apply (the
+        server refuses any other with ABORTED, unapplied: a chunk is never applied twice)."""
+        message = pb.Chunk(input=to_tensor(chunk), expected_steps=expected_steps)
+        self._requests.put(pb.StreamRequest(chunk=message))
         response = next(self._responses)
         if response.WhichOneof("kind") == "ended":
             reason = response.ended.reason
@@ -101,7 +108,7 @@ class StreamingSession:
         if chunk.ndim == 1:
             chunk = chunk[None]
         try:
-            reply = self._exchange(chunk)
+            reply = self._exchange(chunk, self.steps)
             output = to_array(reply.output, "output").copy()
             self._applied(chunk, reply.steps, reply.durable_steps)
         except (grpc.RpcError, _ServerGone) as error:
@@ -142,7 +149,8 @@ class StreamingSession:
                     if error.code() == grpc.StatusCode.NOT_FOUND:
                         raise SessionLostError(
                             f"the server came back without session {self.session_id} "
-                            "(it had no snapshot of it)"
+                            f"(no snapshot of it, or only of another session of that id): "
+                            f"{error.details()}"
                         ) from error
                     if error.code() not in RECONNECT_CODES:
                         raise
@@ -154,7 +162,10 @@ class StreamingSession:
     def _resume_once(self, pending: np.ndarray) -> np.ndarray:
         attach = pb.StreamRequest(
             attach=pb.GetSessionRequest(
-                model=self.model, version=self.version, session_id=self.session_id
+                model=self.model,
+                version=self.version,
+                session_id=self.session_id,
+                incarnation=self.incarnation,  # never another session opened under this id
             )
         )
         opened = self._open_stream(attach)
@@ -172,8 +183,9 @@ class StreamingSession:
         replay = kept[restored - self._kept_from : known - self._kept_from]
         self.replayed_steps += len(replay)
         for start in range(0, len(replay), REPLAY_CHUNK_STEPS):
-            self._exchange(replay[start : start + REPLAY_CHUNK_STEPS])  # outputs already delivered
-        reply = self._exchange(pending)
+            part = replay[start : start + REPLAY_CHUNK_STEPS]  # outputs already delivered
+            self._exchange(part, restored + start)
+        reply = self._exchange(pending, known)
         self._applied(pending, reply.steps, reply.durable_steps)
         return to_array(reply.output, "output").copy()
 

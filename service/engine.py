@@ -49,9 +49,10 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# What a reply adds to its output tensor: ids, names, counts, framing (echoed client strings are
-# added by the adapter). Generous: a chunk near the limit is refused, never answered too large.
-REPLY_OVERHEAD_BYTES = 1024
+# What a reply adds to its output tensor: session id (<= 128 bytes), counts, incarnation, field
+# framing; the model's name and version and any echoed client string are added to it. Generous: a
+# chunk near the limit is refused, never applied and then answered too large.
+REPLY_OVERHEAD_BYTES = 512
 
 
 def check_incarnation(session: Session, incarnation: str) -> None:
@@ -297,8 +298,8 @@ class InferenceEngine:
                 logger.warning("sequence restarted by a new START on model %s", handle.spec.label)
         elif session is None or session.close_when_idle is not None:
             raise session_not_found(session_id)
-        elif session.broken is not None:
-            raise break_sequence(session, session.broken)
+        elif session.broken is not None and expected_steps is None:
+            raise break_sequence(session, session.broken).with_session_steps(session.steps)
         else:
             check_incarnation(session, incarnation)
         future: asyncio.Future[StepResult] = self._loop.create_future()
@@ -318,6 +319,7 @@ class InferenceEngine:
         whose reply could not be sent must not be applied."""
         s = self.settings
         check_chunk(spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
+        reply_extra_bytes += len(spec.name) + len(spec.version)
         reply_bytes = 4 * x.shape[0] * spec.output_size + REPLY_OVERHEAD_BYTES + reply_extra_bytes
         if reply_bytes > s.max_message_bytes:
             room = s.max_message_bytes - REPLY_OVERHEAD_BYTES - reply_extra_bytes

@@ -50,23 +50,24 @@ class SessionLines:
         return session in self._lines
 
     def fail_until_start(self, session: Session, error: ServiceError) -> None:
-        """Fail the chunks waiting for ``session`` up to the first that restarts it (START)."""
+        """Fail the chunks waiting for ``session`` up to the first that restarts it (START) or
+        states the step count it expects (:attr:`PendingChunk.anchored`)."""
         line = self._lines.get(session)
-        while line and not line[0].start:
+        while line and not line[0].anchored:
             fail_chunk(line.popleft(), error)
         if line is not None and not line:
             del self._lines[session]
 
     def fail_from(self, chunk: PendingChunk, error: ServiceError, behind: ServiceError) -> None:
-        """Fail waiting ``chunk`` with ``error``, and those behind it up to the next that
-        restarts the session (START) with ``behind``: they would apply to a history that lacks
+        """Fail waiting ``chunk`` with ``error``, and those behind it up to the next anchored one
+        (START, or a stated step count) with ``behind``: they would apply to a history that lacks
         it."""
         line = self._lines.get(chunk.session)
         if not line or chunk not in line:
             return
         chunks = list(line)
         at = chunks.index(chunk)
-        restart = next((i for i in range(at + 1, len(chunks)) if chunks[i].start), len(chunks))
+        restart = next((i for i in range(at + 1, len(chunks)) if chunks[i].anchored), len(chunks))
         fail_chunk(chunk, error)
         for waiting in chunks[at + 1 : restart]:
             fail_chunk(waiting, behind)

@@ -127,7 +127,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 end=control.end,
                 wait_if_busy=True,
                 expected_steps=control.expected_steps,
-                reply_extra_bytes=len(request.id) + len(request.model_name),
+                reply_extra_bytes=len(request.id),
             )
         except NotFound:  # the model exists (looked up above): the sequence does not
             raise InvalidArgument(
