@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 
 from service.batcher import Batcher
-from service.errors import ModelContractError, NotFound, Unavailable
+from service.errors import ModelContractError, NotFound, Unavailable, shown
 from service.metrics import LoopHistogramChild, Metrics
 from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
 from service.runtime import CallCost, ModelRuntime
@@ -166,12 +166,12 @@ class ModelRegistry:
         versions = self._models.get(name)
         if not versions:
             known = ", ".join(sorted(self._models)) or "none"
-            raise NotFound(f"model {name!r} not found; loaded models: {known}")
+            raise NotFound(f"model {shown(name)} not found; loaded models: {known}")
         if not version:
             return self._latest[name]
         try:
             return versions[version]
         except KeyError:
             raise NotFound(
-                f"model {name!r} has no version {version!r}; versions: {', '.join(self.versions(name))}"
+                f"model {name!r} has no version {shown(version)}; versions: {', '.join(self.versions(name))}"
             ) from None

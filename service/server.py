@@ -19,9 +19,11 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from service import gc_pauses
-from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from service._proto.rnnserve.v1 import streaming_pb2, streaming_pb2_grpc
+from service._proto.inference import grpc_service_pb2
+from service._proto.rnnserve.v1 import streaming_pb2
+from service.api import kserve_messages, native
 from service.api.auth import BearerTokenInterceptor, load_tokens
+from service.api.handlers import add_service
 from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.engine import InferenceEngine
@@ -90,11 +92,20 @@ class RnnServer:
             interceptors.append(BearerTokenInterceptor(tokens))
             logger.info("bearer-token authentication on (%d identities)", len(set(tokens.values())))
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        streaming_pb2_grpc.add_StreamingInferenceServicer_to_server(
-            NativeServicer(self.engine, self.metrics), server
+        add_service(  # requests that do not parse: INVALID_ARGUMENT (service.api.handlers)
+            server,
+            NativeServicer(self.engine, self.metrics),
+            streaming_pb2.DESCRIPTOR.services_by_name["StreamingInference"],
+            native.API,
+            self.metrics,
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.engine, self.metrics), server
+        add_service(
+            server,
+            KServeServicer(self.engine, self.metrics),
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            kserve_messages.API,
+            self.metrics,
+            in_band=kserve_messages.unparsed_reply,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = (

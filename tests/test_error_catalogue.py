@@ -71,6 +71,46 @@ async def stream_error(stub: Any, *messages: pb.StreamRequest) -> None:
         await call.read()
 
 
+class RawBytes:
+    """A service's RPCs called with bytes as they are: requests that do not parse."""
+
+    def __init__(self, ch: grpc.aio.Channel, service: str) -> None:
+        self.channel, self.service = ch, service
+
+    @classmethod
+    def attach(cls, stub: Any, ch: grpc.aio.Channel, service: str) -> Any:
+        """``stub``, with these calls as ``stub.raw`` (the cases' lambdas take two stubs)."""
+        stub.raw = cls(ch, service)
+        return stub
+
+    def call(self, method: str, payload: bytes) -> Any:
+        rpc = self.channel.unary_unary(f"/{self.service}/{method}")  # no serialiser: bytes
+        return rpc(payload)
+
+
+def not_utf8(message: Any) -> bytes:
+    """``message`` serialised, its string field "ab" made two bytes that are not UTF-8."""
+    data: bytes = message.SerializeToString()
+    return data.replace(b"\x02ab", b"\x02\xff\xfe")
+
+
+def kserve_shaped(shape: list[int], raw: bool = True) -> kpb.ModelInferRequest:
+    """A START request whose input has ``shape`` and no values."""
+    request = infer_request(MODEL, 904, GOOD, start=True, raw=raw)
+    request.inputs[0].shape[:] = shape
+    request.inputs[0].contents.Clear()
+    request.raw_input_contents[:] = [b""] if raw else []
+    return request
+
+
+def int_contents(request: kpb.ModelInferRequest) -> None:
+    """Move the request's values from raw_input_contents to int_contents (an FP32 input)."""
+    request.ClearField("raw_input_contents")
+    request.inputs[0].contents.int_contents.extend([1] * GOOD.size)
+
+
+GARBAGE = b"\xff\xff\xff\xff\xff"  # a field tag that never ends
+LONG = "n" * 3000  # a client string far longer than a message quotes (and under 4096 bytes)
 OPEN = pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL))
 CASES = [
     # --- the chunk ---
@@ -92,6 +132,16 @@ CASES = [
          lambda n, k: n.Step(step("victim", chunk_of(1.0, (9, 3)))), "limit of 8"),
     Case("message-too-large", grpc.StatusCode.RESOURCE_EXHAUSTED,
          lambda n, k: n.Step(step("victim", chunk_of(1.0, (400, 3))))),
+    Case("huge-dimension", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: n.Step(step("victim", tensor([2**62, 0], b""))), "at most 2147483647"),
+    Case("huge-element-count", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: n.Step(step("victim", tensor([2**30, 2**30, 2**30, 0], b""))), "multiply to more than"),
+    Case("rank-too-high", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: n.Step(step("victim", tensor([1] * 9, b""))), "at most 8 dimensions"),
+    Case("unparsable-message", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: n.raw.call("Step", GARBAGE), "does not parse as rnnserve.v1.StepRequest"),
+    Case("string-not-utf8", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: n.raw.call("Step", not_utf8(step("ab", chunk_of(1.0)))), "does not parse"),
     # --- model, session ---
     Case("unknown-model", grpc.StatusCode.NOT_FOUND,
          lambda n, k: n.Step(step("victim", chunk_of(1.0), model="nope")), "not found"),
@@ -141,6 +191,24 @@ CASES = [
          lambda n, k: k.ModelInfer(infer_request("nope", 902, GOOD, start=True))),
     Case("kserve-nan-input", grpc.StatusCode.INVALID_ARGUMENT,
          lambda n, k: k.ModelInfer(infer_request(MODEL, 903, np.full((2, 3), np.nan, np.float32), start=True)), "NaN"),
+    Case("kserve-huge-dimension", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(kserve_shaped([1, 2**62, 0])), "at most 2147483647"),
+    Case("kserve-huge-dimension-typed", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(kserve_shaped([1, 2**62, 0], raw=False)), "at most 2147483647"),
+    Case("kserve-raw-and-typed-contents", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(kserve_with(lambda r: r.inputs[0].contents.fp32_contents.extend([1.0] * 6))), "both"),
+    Case("kserve-raw-count-mismatch", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(kserve_with(lambda r: r.raw_input_contents.append(GOOD.tobytes()))), "2 entries for 1 input"),
+    Case("kserve-wrong-typed-contents", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(kserve_with(int_contents)), "not int_contents"),
+    Case("kserve-unparsable-message", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.raw.call("ModelInfer", GARBAGE), "does not parse as inference.ModelInferRequest"),
+    Case("kserve-unknown-model-long-name", grpc.StatusCode.NOT_FOUND,
+         lambda n, k: k.ModelInfer(infer_request(LONG, 906, GOOD, start=True)), "(3000 characters)"),
+    Case("kserve-long-input-name", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(kserve_with(lambda r: setattr(r.inputs[0], "name", LONG))), "(3000 characters)"),
+    Case("kserve-long-output-name", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(kserve_with(lambda r: r.outputs.add(name=LONG))), "(3000 characters)"),
 ]  # fmt: skip
 
 
@@ -149,7 +217,8 @@ async def test_every_catalogued_bad_request_gets_its_code_and_harms_no_one(
 ) -> None:
     x = np.random.default_rng(11).standard_normal((2 * (len(CASES) + 1), 3)).astype(np.float32)
     async with serving(make_settings(**LIMITS)) as srv, channel(srv.grpc_port) as ch:
-        n, k = native(ch), kserve(ch)
+        n = RawBytes.attach(native(ch), ch, "rnnserve.v1.StreamingInference")
+        k = RawBytes.attach(kserve(ch), ch, "inference.GRPCInferenceService")
         reference = OfflineReference(srv.settings.model_repository, MODEL)(x)
         await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="victim"))
         await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="closed"))

@@ -2,13 +2,16 @@
 
 Whatever arrives, the server answers with OK or a documented code (never INTERNAL or UNKNOWN),
 keeps serving, and leaks no session: at the end it holds exactly the sessions the fuzzer opened and
-did not close. Derandomised, so every run throws the same requests.
+did not close. Shapes include zero, negative and absurd dimensions; some requests are bytes that do
+not parse (garbage, or a string field that is not UTF-8), sent to every kind of RPC. Derandomised,
+so every run throws the same requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +30,14 @@ from service.server import RnnServer
 from service.settings import Settings
 
 MODELS = ["tiny_lstm", "tiny_gru"]
+NATIVE = "/rnnserve.v1.StreamingInference/"
+KSERVE = "/inference.GRPCInferenceService/"
+NATIVE_UNARY = ["CreateSession", "Step", "CloseSession", "GetSession", "ListModels", "GetModel"]
+KSERVE_UNARY = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+                "ModelInfer", "ModelConfig"]  # fmt: skip
+UNARY_METHODS = [NATIVE + m for m in NATIVE_UNARY] + [KSERVE + m for m in KSERVE_UNARY]
+STREAM_METHODS = [NATIVE + "Stream", KSERVE + "ModelStreamInfer"]
+NOT_UTF8_FIELD_1 = b"\x0a\x02\xff\xfe"  # field 1 (a string in most requests), not UTF-8
 DOCUMENTED = {  # docs/ERRORS.md
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
@@ -79,7 +90,8 @@ def fuzz_server(tiny_repository: Any) -> Iterator[ServerThread]:
 model_names = st.sampled_from([*MODELS, *MODELS, *MODELS, "", "nope", "tiny_lstm\0"])
 versions = st.sampled_from(["", "", "", "1", "2", "x"])
 session_ids = st.sampled_from(["a", "b", "c", "", "x" * 200, "\n", "5"])
-dims = st.lists(st.integers(-2, 20), min_size=0, max_size=4)
+huge_dims = st.sampled_from([0, 2**31, 2**62, 2**63 - 1, -(2**62), -1])
+dims = st.lists(st.one_of(st.integers(-2, 20), huge_dims), min_size=0, max_size=4)
 values = st.sampled_from([0.0, 1.0, -3.5, float("nan"), float("inf"), 1e38])
 
 
@@ -91,7 +103,7 @@ def tensors(draw: st.DrawFn) -> pb.Tensor:
         return pb.Tensor(shape=[steps, 3], data=x.tobytes())
     shape = draw(dims)
     if draw(st.booleans()) and all(d >= 0 for d in shape):
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)  # Python ints: 2**62 * 2**62 does not wrap
         data = np.full(min(count, 4096), draw(values), np.float32).tobytes()
     else:
         data = draw(st.binary(max_size=64))
@@ -138,13 +150,54 @@ def kserve_calls(draw: st.DrawFn) -> tuple[str, Any]:
     return "infer", request
 
 
+@st.composite
+def malformed_payloads(draw: st.DrawFn) -> bytes:
+    """Bytes that mostly do not parse: garbage (some parses, as unknown fields), a field tag that
+    never ends, or a plausible request whose first field is then overwritten with bytes that are
+    not UTF-8 (a string there in most requests; a message in StreamRequest: malformed either way)."""
+    kind = draw(st.integers(0, 2))
+    if kind == 0:
+        return draw(st.binary(max_size=48))
+    if kind == 1:
+        return b"\xff" * draw(st.integers(1, 6))
+    _, request = draw(st.one_of(native_calls(), kserve_calls()))
+    data: bytes = request.SerializeToString()
+    return data + NOT_UTF8_FIELD_1
+
+
+@st.composite
+def unparsable_calls(draw: st.DrawFn) -> tuple[str, Any]:
+    """Malformed bytes as whole messages: each a unary call, or together on one stream."""
+    method = draw(st.sampled_from([*UNARY_METHODS, *STREAM_METHODS, *STREAM_METHODS]))
+    payloads = draw(st.lists(malformed_payloads(), min_size=1, max_size=3))
+    return ("stream" if method in STREAM_METHODS else "raw"), (method, payloads)
+
+
+def send_raw(ch: grpc.Channel, kind: str, method: str, payloads: list[bytes]) -> None:
+    """Send ``payloads`` as they are: each as a unary call, or all on one stream (read to its
+    end). A KServe stream answers in-band: no reply may carry an internal error."""
+    if kind == "raw":
+        for payload in payloads:
+            ch.unary_unary(method)(payload, timeout=30)
+        return
+    for reply in ch.stream_stream(method)(iter(payloads), timeout=30):
+        if method.startswith(KSERVE):
+            error = kpb.ModelStreamInferResponse.FromString(reply).error_message
+            OUTCOMES["in-band error" if error else "in-band OK"] += 1
+            assert not error.startswith("internal error"), error
+
+
 @settings(
     max_examples=150,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(calls=st.lists(st.one_of(native_calls(), kserve_calls()), min_size=5, max_size=30))
+@given(
+    calls=st.lists(
+        st.one_of(native_calls(), kserve_calls(), unparsable_calls()), min_size=5, max_size=30
+    )
+)
 def test_random_requests_get_documented_codes_and_leak_nothing(
     fuzz_server: ServerThread, calls: list[tuple[str, Any]]
 ) -> None:
@@ -154,11 +207,14 @@ def test_random_requests_get_documented_codes_and_leak_nothing(
     ) as ch:
         native = pb_grpc.StreamingInferenceStub(ch)
         kserve = kpb_grpc.GRPCInferenceServiceStub(ch)
+        methods = {"create": native.CreateSession, "step": native.Step, "close": native.CloseSession,
+                   "get": native.GetSession, "infer": kserve.ModelInfer}  # fmt: skip
         for kind, request in calls:
-            method = {"create": native.CreateSession, "step": native.Step, "close": native.CloseSession,
-                      "get": native.GetSession, "infer": kserve.ModelInfer}[kind]  # fmt: skip
             try:
-                method(request, timeout=30)
+                if kind in methods:
+                    methods[kind](request, timeout=30)
+                else:
+                    send_raw(ch, kind, *request)
                 OUTCOMES["OK"] += 1
             except grpc.RpcError as error:
                 OUTCOMES[error.code().name] += 1

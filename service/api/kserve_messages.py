@@ -17,7 +17,7 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import model_config_pb2 as mc
 from service.api.tensors import decode_float32, float32_bytes, from_floats
 from service.chunks import StepResult
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, shown
 from service.repository import ModelSpec
 from service.session import check_session_id
 from service.settings import Settings
@@ -73,18 +73,33 @@ def bool_parameter(params: Mapping[str, pb.InferParameter], name: str) -> bool:
 
 
 def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
-    """The request's ``x`` as [steps, features]; it must be FP32 with a batch of exactly 1."""
+    """The request's ``x`` as [steps, features]; it must be FP32 with a batch of exactly 1, its
+    values in one raw_input_contents entry or in fp32_contents (not both, as in Triton)."""
     if len(request.inputs) != 1 or request.inputs[0].name != "x":
-        names = [i.name for i in request.inputs]
+        names = shown_names([i.name for i in request.inputs])
         raise InvalidArgument(f"model {spec.label} takes exactly one input named 'x', got {names}")
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
-        raise InvalidArgument(f"input 'x' must be FP32, got {tensor.datatype or 'no datatype'}")
+        raise InvalidArgument(f"input 'x' must be FP32, got {shown_datatype(tensor.datatype)}")
+    typed = typed_contents(tensor)
     if request.raw_input_contents:
+        if typed:
+            raise InvalidArgument(
+                f"input 'x' has both raw_input_contents and {typed[0]}; send its values in one"
+            )
         if len(request.raw_input_contents) != 1:
-            raise InvalidArgument("raw_input_contents must hold one entry per input (1)")
+            raise InvalidArgument(
+                f"raw_input_contents holds {len(request.raw_input_contents)} entries for 1 input; "
+                "send one entry per input"
+            )
         x = decode_float32(tensor.shape, request.raw_input_contents[0], "input 'x'")
     else:
+        wrong = [name for name in typed if name != "fp32_contents"]
+        if wrong:
+            raise InvalidArgument(
+                f"input 'x' is FP32: send its values in fp32_contents or raw_input_contents, "
+                f"not {wrong[0]}"
+            )
         x = from_floats(tensor.shape, tensor.contents.fp32_contents, "input 'x'")
     if x.ndim != 3 or x.shape[0] != 1:
         raise InvalidArgument(
@@ -94,10 +109,44 @@ def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
     for output in request.outputs:
         if output.name != "y":
             raise InvalidArgument(
-                f"model {spec.label} has one output, 'y'; unknown {output.name!r}"
+                f"model {spec.label} has one output, 'y'; unknown {shown(output.name)}"
             )
     chunk: np.ndarray = x[0]
     return chunk
+
+
+DATATYPES = frozenset(
+    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
+    | {"FP16", "FP32", "FP64", "BF16", "BYTES"}
+)
+SHOWN_NAMES = 2  # names quoted in a message; the rest are counted
+
+
+def shown_names(names: list[str]) -> str:
+    """Input names a client sent, for a message: the first few, each quoted briefly."""
+    quoted = [shown(name, 40) for name in names[:SHOWN_NAMES]]
+    if len(names) > SHOWN_NAMES:
+        quoted.append(f"... ({len(names)} inputs)")
+    return f"[{', '.join(quoted)}]"
+
+
+def shown_datatype(datatype: str) -> str:
+    """A client's datatype for a message: a KServe datatype as it is, anything else quoted."""
+    if not datatype:
+        return "no datatype"
+    return datatype if datatype in DATATYPES else shown(datatype)
+
+
+def typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> list[str]:
+    """The typed contents fields (``fp32_contents``, ``int_contents``...) that hold values."""
+    if not tensor.HasField("contents"):
+        return []
+    return [field.name for field, _ in tensor.contents.ListFields()]
+
+
+def unparsed_reply(message: str) -> pb.ModelStreamInferResponse:
+    """A stream's in-band answer to a request that does not parse: no model or id to echo."""
+    return error_reply(pb.ModelInferRequest(), message)
 
 
 def fill_infer_response(

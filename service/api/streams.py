@@ -14,6 +14,10 @@ Concurrency: all on the event loop thread. The generator waits on one future, re
 :meth:`reply`, :meth:`finish` (a final message, e.g. the session's end notice) or the reader's
 end; nothing cancels the handler's own task. When the generator stops (the client left, or a
 final message was sent), it cancels the reader task: chunks already submitted still apply.
+
+A request that did not parse arrives as an :class:`~service.api.handlers.Unparsed` marker and never
+reaches ``handle``: the pump sends its in-band reply where it carries one (KServe), else the stream
+fails with its INVALID_ARGUMENT (native).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
+
+from service.api.handlers import Unparsed
 
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
@@ -59,6 +65,13 @@ class RequestPump(Generic[Request, Reply]):
         """Send ``final`` after the replies already given, then end the stream."""
         self._final = final
         self._wake_generator()
+
+    def _answer_unparsed(self, request: Unparsed) -> None:
+        """Answer a request that did not parse: its in-band reply, else its error (which ends
+        the stream, as a failed request of the native API does)."""
+        if request.reply is None:
+            raise request.error()
+        self.reply(cast(Reply, request.reply))
 
     def _wake_generator(self) -> None:
         waiter = self._reply_waiter
@@ -101,7 +114,10 @@ class RequestPump(Generic[Request, Reply]):
             async for request in requests:
                 self._unanswered += 1
                 try:
-                    await handle(request)
+                    if isinstance(request, Unparsed):
+                        self._answer_unparsed(request)
+                    else:
+                        await handle(request)
                 except BaseException:
                     self._unanswered -= 1  # answered by the error, which ends the stream
                     raise
