@@ -111,15 +111,12 @@ class Durability:
                     key, reason, error, moved,
                 )  # fmt: skip
                 continue
-            if snapshot.final:
-                self._spend_final(snapshot)
+            final = snapshot.final and self._spend_final(snapshot)
             count = 0
             for i, record in enumerate(snapshot.sessions):
                 state = [s[:, i, :] for s in snapshot.states]
                 try:
-                    model.store.restore(
-                        record, state, confirmed=snapshot.final and record.confirmed
-                    )
+                    model.store.restore(record, state, confirmed=final and record.confirmed)
                 except ServiceError as error:  # e.g. more sessions than max_sessions allows now
                     dropped = len(snapshot.sessions) - count
                     rejected[key] = f"{dropped} session(s) not restored: {error.message}"
@@ -131,16 +128,25 @@ class Durability:
             logger.info("restored %d session(s) of %s from %s", count, key, self.backend.describe())
         return RestoreReport(restored, rejected)
 
-    def _spend_final(self, snapshot: ModelSnapshot) -> None:
+    def _spend_final(self, snapshot: ModelSnapshot) -> bool:
         """A final snapshot vouches for its sessions only until this server applies a chunk: mark
         it spent on the backend before serving, so that a crash later cannot restore its sessions
-        as current (they would then need their clients to confirm the step count)."""
+        as current. True if done; if it cannot be, its sessions are restored unconfirmed (their
+        clients then state their step counts) rather than trusted twice."""
         spent = dataclasses.replace(
             snapshot,
             final=False,
             sessions=[dataclasses.replace(r, confirmed=False) for r in snapshot.sessions],
         )
-        self.backend.write(snapshot.key, encode(spent))
+        try:
+            self.backend.write(snapshot.key, encode(spent))
+        except Exception as error:
+            logger.error(
+                "could not mark the final snapshot of %s as read (%s: %s); its sessions are "
+                "restored unconfirmed", snapshot.key, type(error).__name__, error,
+            )  # fmt: skip
+            return False
+        return True
 
     # ----- snapshot -------------------------------------------------------------------------
     def _capture(

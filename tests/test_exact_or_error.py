@@ -424,6 +424,12 @@ async def test_close_during_a_chunk_reports_the_count_with_that_chunk(make_setti
             close = asyncio.ensure_future(
                 stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id="c"))
             )
+            session = srv.engine.model(MODEL).store.get("c")
+            for _ in range(100_000):  # until the close has reached the server (no timer)
+                if session.close_when_idle is not None:
+                    break
+                await asyncio.sleep(0)
+            assert session.close_when_idle is not None and not close.done()
             release.set()
             reply, ended = await step, await close
         assert reply.steps == 3 and ended.steps == 3  # the final count, chunk included
