@@ -204,7 +204,10 @@ class Batcher:
                 continue
             if chunk.deadline_timer is not None:
                 chunk.deadline_timer.cancel()
-                if chunk.deadline_s is not None and chunk.deadline_s - self.deadline_margin_s <= now:
+                if (
+                    chunk.deadline_s is not None
+                    and chunk.deadline_s - self.deadline_margin_s <= now
+                ):
                     self._deadline_dropped.inc()
                     self._finish(chunk, _too_late(chunk.session))
                     continue

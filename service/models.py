@@ -148,6 +148,7 @@ class ModelRegistry:
                 max_queue_delay_s=s.max_queue_delay_s,
                 max_queue_chunks=s.max_queue_chunks,
                 max_waiting_per_session=s.max_waiting_chunks_per_session,
+                deadline_margin_s=s.deadline_margin_s,
                 inline_compute_below_s=s.inline_compute_below_s,
                 call_cost=handle.call_cost,
                 on_applied=on_applied,

@@ -32,6 +32,7 @@ class SequenceControl:
     sequence_id: str
     start: bool
     end: bool
+    expected_steps: int | None = None  # parameter sequence_expected_steps: the count before it
 
 
 def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
@@ -55,12 +56,13 @@ def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
             raise InvalidArgument("sequence_id must be an int64, uint64 or string parameter")
     start = bool_parameter(params, "sequence_start")
     end = bool_parameter(params, "sequence_end")
+    expected_steps = count_parameter(params, "sequence_expected_steps")
     if not sequence_id:
         raise InvalidArgument(
-            f"inference request to model {request.model_name!r} must specify a non-zero or non-empty "
+            f"inference request to model {shown(request.model_name)} must specify a non-zero or non-empty "
             "sequence_id: this model keeps state per sequence"
         )
-    return SequenceControl(sequence_id, start, end)
+    return SequenceControl(sequence_id, start, end, expected_steps)
 
 
 def bool_parameter(params: Mapping[str, pb.InferParameter], name: str) -> bool:
@@ -70,6 +72,18 @@ def bool_parameter(params: Mapping[str, pb.InferParameter], name: str) -> bool:
     if p.WhichOneof("parameter_choice") != "bool_param":
         raise InvalidArgument(f"{name} must be a bool parameter")
     return p.bool_param
+
+
+def count_parameter(params: Mapping[str, pb.InferParameter], name: str) -> int | None:
+    """A non-negative integer parameter, or None when absent."""
+    p = params.get(name)
+    if p is None:
+        return None
+    choice = p.WhichOneof("parameter_choice")
+    value = p.int64_param if choice == "int64_param" else p.uint64_param
+    if choice not in ("int64_param", "uint64_param") or value < 0:
+        raise InvalidArgument(f"{name} must be a non-negative int64 or uint64 parameter")
+    return value
 
 
 def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
@@ -185,11 +199,18 @@ def model_config(spec: ModelSpec, settings: Settings) -> mc.ModelConfig:
     )
 
 
-def error_reply(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
-    """A stream's in-band answer to a failed request: Triton's error_message, the request's id."""
-    return pb.ModelStreamInferResponse(
+def error_reply(
+    request: pb.ModelInferRequest, message: str, session_steps: int | None = None
+) -> pb.ModelStreamInferResponse:
+    """A stream's in-band answer to a failed request: Triton's error_message, the request's id,
+    and (parameter ``sequence_steps``) the sequence's step count when it is known: a failed
+    request is never applied."""
+    reply = pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
+    if session_steps is not None:
+        reply.infer_response.parameters["sequence_steps"].int64_param = session_steps
+    return reply

@@ -26,6 +26,10 @@ GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
+# Trailing metadata of an error about a session's chunk: the session's step count (the chunk was
+# not applied; no error ever follows an applied chunk).
+SESSION_STEPS_KEY = "rnnserve-session-steps"
+
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
@@ -50,6 +54,9 @@ async def abort(
     if code == grpc.StatusCode.INTERNAL:
         logger.error("internal error in %s api", api, exc_info=error)
     metrics.failures.labels(api, code.name).inc()
+    steps = error.session_steps if isinstance(error, ServiceError) else None
+    if steps is not None:  # a refused chunk is never applied: where its session stands
+        context.set_trailing_metadata(((SESSION_STEPS_KEY, str(steps)),))
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
