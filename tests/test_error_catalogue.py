@@ -109,6 +109,23 @@ def int_contents(request: kpb.ModelInferRequest) -> None:
     request.inputs[0].contents.int_contents.extend([1] * GOOD.size)
 
 
+def with_fields(request: pb.StepRequest, **fields: Any) -> pb.StepRequest:
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+def expecting(steps: int | str) -> kpb.ModelInferRequest:
+    """A request of the live sequence 950 stating the step count it expects."""
+    request = infer_request(MODEL, 950, GOOD)
+    parameter = request.parameters["sequence_expected_steps"]
+    if isinstance(steps, int):
+        parameter.int64_param = steps
+    else:
+        parameter.string_param = steps
+    return request
+
+
 GARBAGE = b"\xff\xff\xff\xff\xff"  # a field tag that never ends
 LONG = "n" * 3000  # a client string far longer than a message quotes (and under 4096 bytes)
 OPEN = pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL))
@@ -163,6 +180,10 @@ CASES = [
     Case("initial-state-wrong-count", grpc.StatusCode.INVALID_ARGUMENT,
          lambda n, k: n.CreateSession(pb.CreateSessionRequest(
              model=MODEL, initial_state=[chunk_of(0.0, (2, 8))])), "needs 2 tensors"),
+    Case("expected-steps-mismatch", grpc.StatusCode.ABORTED,
+         lambda n, k: n.Step(with_fields(step("victim", chunk_of(1.0)), expected_steps=999)), "expected step 999: not applied"),
+    Case("incarnation-mismatch", grpc.StatusCode.NOT_FOUND,
+         lambda n, k: n.Step(with_fields(step("victim", chunk_of(1.0)), incarnation="0" * 16)), "not the one you had"),
     # --- the stream ---
     Case("chunk-before-open", grpc.StatusCode.FAILED_PRECONDITION,
          lambda n, k: stream_error(n, pb.StreamRequest(chunk=pb.Chunk(input=chunk_of(1.0)))), "open or attach"),
@@ -201,6 +222,10 @@ CASES = [
          lambda n, k: k.ModelInfer(kserve_with(lambda r: r.raw_input_contents.append(GOOD.tobytes()))), "2 entries for 1 input"),
     Case("kserve-wrong-typed-contents", grpc.StatusCode.INVALID_ARGUMENT,
          lambda n, k: k.ModelInfer(kserve_with(int_contents)), "not int_contents"),
+    Case("kserve-expected-steps-mismatch", grpc.StatusCode.ABORTED,
+         lambda n, k: k.ModelInfer(expecting(999)), "expected step 999: not applied"),
+    Case("kserve-expected-steps-not-a-count", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.ModelInfer(expecting("2")), "non-negative int64"),
     Case("kserve-unparsable-message", grpc.StatusCode.INVALID_ARGUMENT,
          lambda n, k: k.raw.call("ModelInfer", GARBAGE), "does not parse as inference.ModelInferRequest"),
     Case("kserve-unknown-model-long-name", grpc.StatusCode.NOT_FOUND,
@@ -223,6 +248,7 @@ async def test_every_catalogued_bad_request_gets_its_code_and_harms_no_one(
         await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="victim"))
         await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="closed"))
         await n.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id="closed"))
+        await k.ModelInfer(infer_request(MODEL, 950, GOOD, start=True))
         outputs = [output_of(await n.Step(step_request(MODEL, "victim", x[:2])))]
         for i, case in enumerate(CASES, start=1):
             details = await expect_code(case.code, case.call(n, k))
@@ -231,10 +257,11 @@ async def test_every_catalogued_bad_request_gets_its_code_and_harms_no_one(
                 output_of(await n.Step(step_request(MODEL, "victim", x[2 * i : 2 * i + 2])))
             )
         np.testing.assert_allclose(np.concatenate(outputs), reference, atol=1e-5)
-        # Nothing leaked: the victim, plus the two sessions opened on streams that then failed;
-        # those are detached, not lost (they follow the idle timeout, like any detached session).
+        # Nothing leaked: the victim, KServe sequence 950, and the two sessions opened on streams
+        # that then failed; those are detached, not lost (they follow the idle timeout, like any
+        # detached session).
         store = srv.engine.model(MODEL).store
-        assert len(store) == 3 and sum(s.busy for s in store.sessions.values()) == 0
+        assert len(store) == 4 and sum(s.busy for s in store.sessions.values()) == 0
         assert srv.engine.expire_idle_sessions() == 0  # TTL off here; with it on they would end
 
 
