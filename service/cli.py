@@ -64,17 +64,23 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def command_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; exit 1 with one line (no traceback) when something the
+    server needs from outside fails at start (a port, the snapshot directory, Redis)."""
     from service.event_loop import run as run_event_loop
     from service.logs import configure_logging
-    from service.server import RnnServer
+    from service.server import RnnServer, StartupError
 
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
-    run_event_loop(
-        RnnServer(settings).serve_until_signal(),
-        settings.event_loop,
-        settings.gil_switch_interval_s,
-    )
+    try:
+        run_event_loop(
+            RnnServer(settings).serve_until_signal(),
+            settings.event_loop,
+            settings.gil_switch_interval_s,
+        )
+    except StartupError as error:
+        print(f"rnnserve: cannot start: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

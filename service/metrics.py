@@ -209,6 +209,16 @@ class Metrics:
         self.queue_depth = Gauge(
             "rnnserve_queue_depth", "Chunks waiting for a batch.", ["model", "version"], registry=r
         )
+        self.health_watchers = Gauge(
+            "rnnserve_health_watchers",
+            "grpc.health.v1 Watch streams open (at most the max_health_watchers setting).",
+            registry=r,
+        )
+        self.health_watch_refused = Counter(
+            "rnnserve_health_watch_refused_total",
+            "grpc.health.v1 Watch streams refused (RESOURCE_EXHAUSTED): max_health_watchers open.",
+            registry=r,
+        )
         self.gc_pause = Histogram(
             "rnnserve_gc_pause_seconds",
             "Time the Python garbage collector stopped the process, per collection.",

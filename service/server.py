@@ -1,22 +1,26 @@
 """Assembles the running server: engine, gRPC (native + KServe + health + reflection), metrics.
 
 ``RnnServer.start()`` loads every model before the health service reports SERVING, so a readiness
-probe never routes traffic to a server that cannot answer it.
+probe never routes traffic to a server that cannot answer it. What start-up needs from outside
+(its ports, the snapshot directory or Redis) failing raises :class:`StartupError`, whose message
+says what failed and what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import signal
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from service import gc_pauses
 from service._proto.inference import grpc_service_pb2
@@ -28,6 +32,7 @@ from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.engine import InferenceEngine
 from service.metrics import Metrics
+from service.metrics_http import MetricsHttpServer
 from service.models import ModelHandle
 from service.runtime import ModelRuntime
 from service.settings import Settings
@@ -41,6 +46,87 @@ KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceServ
 def model_health_name(handle: ModelHandle) -> str:
     """The health service name of one model version: ``model/<name>/<version>``."""
     return f"model/{handle.spec.label}"
+
+
+class StartupError(Exception):
+    """The server cannot start for a reason outside it (a port in use, a snapshot directory it may
+    not write, Redis out of reach); the message says what failed and what to do, in one line."""
+
+
+def check_snapshot_directory(directory: Path) -> None:
+    """Create the snapshot directory and write a file in it, so that a directory the server may
+    not write fails the start instead of every later snapshot."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise StartupError(
+            f"snapshot directory {directory} cannot be created or written "
+            f"({error.strerror or error}); make it writable, choose another (--snapshot-dir), "
+            "or run without snapshots (--snapshot-backend none)"
+        ) from error
+
+
+class BoundedHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
+    """grpc's health service with at most ``max_watchers`` ``Watch`` streams open at once.
+
+    Health needs no token (probes carry none), and each ``Watch`` holds a task and its buffers
+    until the client leaves, so without a bound anyone who reaches the port could hold memory
+    without limit. ``Check`` (what probes call) stays unbounded: it costs one reply. A ``Watch``
+    beyond the bound is refused with RESOURCE_EXHAUSTED and counted; a finished one frees its
+    place.
+
+    ``Watch`` is grpc's, but for one fix: grpc's drops a service's condition when any of its
+    watchers leaves, so the others stopped hearing of changes; here the last one leaving drops it.
+    """
+
+    def __init__(self, max_watchers: int, metrics: Metrics) -> None:
+        super().__init__()
+        self.max_watchers = max_watchers
+        self.watchers = 0
+        self._metrics = metrics
+        self._per_service: collections.Counter[str] = collections.Counter()
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        if self.watchers >= self.max_watchers:
+            self._metrics.health_watch_refused.inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.watchers} health Watch streams are open, the most the server allows "
+                "(max_health_watchers); use Check, or close a Watch",
+            )
+        service = request.service
+        self._admit(service)
+        condition: asyncio.Condition = self._server_watchers[service]
+        last_sent = None
+        try:
+            while True:
+                async with condition:
+                    while (status := self._status(service)) == last_sent:
+                        await condition.wait()
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last_sent = status
+        finally:
+            self._release(service)
+
+    def _status(self, service: str) -> Any:
+        return self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+
+    def _admit(self, service: str) -> None:
+        self.watchers += 1
+        self._per_service[service] += 1
+        self._metrics.health_watchers.set(self.watchers)
+
+    def _release(self, service: str) -> None:
+        self.watchers -= 1
+        self._per_service[service] -= 1
+        if not self._per_service[service]:
+            del self._per_service[service]
+            self._server_watchers.pop(service, None)
+        self._metrics.health_watchers.set(self.watchers)
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -71,8 +157,8 @@ class RnnServer:
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
-        self._health = health_aio.HealthServicer()
-        self._metrics_http: Any = None
+        self._health = BoundedHealthServicer(settings.max_health_watchers, self.metrics)
+        self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -81,6 +167,8 @@ class RnnServer:
         (process-wide: for the process's own entry point) takes everything alive at that point
         out of the garbage collector's scans, see :mod:`service.gc_pauses`."""
         s = self.settings
+        if s.snapshot_backend == "directory":
+            check_snapshot_directory(s.snapshot_dir)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -118,21 +206,28 @@ class RnnServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.host}:{s.grpc_port}"
         credentials = server_credentials(s)
-        if credentials is None:
-            self.grpc_port = server.add_insecure_port(address)
-        else:
-            self.grpc_port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind to address" (older versions return 0)
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"could not bind gRPC to {s.host}:{s.grpc_port}")
+            raise StartupError(
+                f"cannot bind gRPC to {address} (in use?); choose another port (--grpc-port)"
+            )
         await server.start()
         self._server = server
-        http_server, _ = start_http_server(
-            s.metrics_port, addr=s.host, registry=self.metrics.registry
-        )
-        self._metrics_http = http_server
-        self.metrics_port = int(http_server.server_address[1])
-        # Health answers NOT_SERVING while the models load (in a thread: the loop keeps serving probes).
-        await asyncio.to_thread(self.engine.load_models)
+        try:
+            self._metrics_http = self._start_metrics_http()
+            self.metrics_port = self._metrics_http.port
+            # Health answers NOT_SERVING while the models load (in a thread: the loop keeps
+            # serving probes).
+            await asyncio.to_thread(self._load_models)
+        except BaseException:
+            await self._close_ports()
+            raise
         handles = self.engine.handles()
         await self.engine.start()
         self.engine.model_failed = self._model_failed
@@ -154,6 +249,46 @@ class RnnServer:
             self.metrics_port,
         )
 
+    def _start_metrics_http(self) -> MetricsHttpServer:
+        s = self.settings
+        try:
+            return MetricsHttpServer(
+                self.metrics.registry,
+                s.host,
+                s.metrics_port,
+                request_timeout_s=s.metrics_request_timeout_s,
+            )
+        except OSError as error:
+            raise StartupError(
+                f"cannot bind metrics to {s.host}:{s.metrics_port} ({error.strerror or error}); "
+                "choose another port (--metrics-port)"
+            ) from error
+
+    def _load_models(self) -> None:
+        """The engine's load and restore (in a worker thread), with Redis out of reach or a file
+        the server may not read raised as a :class:`StartupError`."""
+        try:
+            self.engine.load_models()
+        except ConnectionError as error:  # RedisSnapshots: Redis cannot be reached
+            advice = (
+                "start Redis there, or choose another snapshot backend "
+                "(--snapshot-backend directory or none)"
+                if self.settings.snapshot_backend == "redis"
+                else "check that it is reachable"
+            )
+            raise StartupError(f"{error}; {advice}") from error
+        except PermissionError as error:
+            raise StartupError(
+                f"cannot read {error.filename} ({error.strerror}); fix its permissions"
+            ) from error
+
+    async def _close_ports(self) -> None:
+        """Stop serving gRPC and metrics (what :meth:`start` opened before loading models)."""
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+
     def _model_failed(self, handle: ModelHandle) -> None:
         """A model cannot go on (its batch loop stopped): its health name says NOT_SERVING."""
         task = asyncio.get_running_loop().create_task(
@@ -166,11 +301,7 @@ class RnnServer:
         """Graceful stop: NOT_SERVING, drain in-flight chunks, end sessions, close the ports."""
         await self._health.enter_graceful_shutdown()
         report = await self.engine.shutdown()
-        if self._server is not None:
-            await self._server.stop(grace=1.0)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        await self._close_ports()
         self._gc_pauses.uninstall()
         self._stopped.set()
         return report

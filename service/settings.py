@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         8002, ge=0, le=65535, description="Prometheus /metrics HTTP port (0: pick a free one)"
     )
+    metrics_request_timeout_s: float = Field(
+        5.0,
+        gt=0.0,
+        description="seconds a metrics HTTP connection may take to send its request and read "
+        "the reply; one still open then (a half-open client) is closed",
+    )
     model_repository: Path = Field(
         BUNDLED_MODELS, description="directory of <model>/<version>/model.onnx + model.json"
     )
@@ -86,6 +92,13 @@ class Settings(BaseSettings):
         description="unanswered requests of one KServe ModelStreamInfer stream before the server "
         "stops reading it (backpressure: a client that does not read replies is not read "
         "either); a native stream handles one request at a time",
+    )
+    max_health_watchers: int = Field(
+        64,
+        ge=0,
+        description="grpc.health.v1 Watch streams open at once (health needs no token); more are "
+        "refused with RESOURCE_EXHAUSTED. Check is not limited. Raise it to the number of client "
+        "channels if clients use gRPC client-side health checking (it watches)",
     )
     max_sessions: int = Field(10_000, ge=1, description="live sessions per model version")
     evict_when_full: bool = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -138,3 +139,55 @@ def test_bad_repository_fails_start_with_a_clear_message(tmp_path: Path) -> None
     )
     assert result.returncode != 0
     assert "does not exist" in result.stderr
+
+
+def serve_until_it_fails(repository: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return rnnserve(
+        "serve", "--grpc-port", "0", "--metrics-port", "0",
+        "--model-repository", str(repository), *flags,
+    )  # fmt: skip
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], *phrases: str) -> str:
+    """Exit 1, no traceback, and the last line of stderr (after any log lines) the only one that
+    says why the server cannot start; it holds every one of ``phrases``."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if "cannot start" in line] == lines[-1:], result.stderr
+    for phrase in phrases:
+        assert phrase in lines[-1], (phrase, lines[-1])
+    return lines[-1]
+
+
+def test_redis_out_of_reach_at_start_is_one_clear_line(tiny_repository: Path) -> None:
+    with socket.socket() as nothing_listens:  # bound, so no one else takes the port meanwhile
+        nothing_listens.bind(("127.0.0.1", 0))
+        port = nothing_listens.getsockname()[1]
+        result = serve_until_it_fails(
+            tiny_repository,
+            "--snapshot-backend", "redis",
+            "--snapshot-redis-url", f"redis://:secret-password@127.0.0.1:{port}/0",
+        )  # fmt: skip
+    line = assert_one_clear_line(
+        result, "Redis", f"redis://127.0.0.1:{port}/0", "start Redis", "--snapshot-backend"
+    )
+    assert "secret-password" not in result.stderr, line
+
+
+def test_a_snapshot_directory_that_cannot_be_created_is_one_clear_line(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    state = a_file / "state"
+    result = serve_until_it_fails(tiny_repository, "--snapshot-dir", str(state))
+    assert_one_clear_line(result, f"snapshot directory {state}", "--snapshot-dir")
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--metrics-port"])
+def test_a_port_in_use_is_one_clear_line(tiny_repository: Path, flag: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        result = serve_until_it_fails(tiny_repository, "--snapshot-backend", "none", flag, port)
+    assert_one_clear_line(result, port, flag)
