@@ -52,7 +52,13 @@ from service.errors import (
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import CallCost, ModelRuntime
-from service.session import EndReason, Session, break_sequence, session_not_found
+from service.session import (
+    EndReason,
+    Session,
+    break_sequence,
+    other_incarnation,
+    session_not_found,
+)
 from service.session_lines import SessionLines
 from service.session_store import SessionStore
 
@@ -211,7 +217,11 @@ class Batcher:
                     self._deadline_dropped.inc()
                     self._finish(chunk, _too_late(chunk.session))
                     continue
-            if not chunk.start and (chunk.expected_steps is not None or chunk.session.unconfirmed):
+            if not chunk.start and (
+                chunk.expected_steps is not None
+                or chunk.incarnation is not None
+                or chunk.session.unconfirmed
+            ):
                 refusal = _step_check(chunk)
                 if refusal is not None:
                     self._finish(chunk, refusal)
@@ -272,7 +282,7 @@ class Batcher:
             session.last_output = output
             chunk.latency.observe(now_s - chunk.received_s)
             self._finish(chunk, StepResult(session.session_id, output, session.steps, chunk.end,
-                                           session.durable_steps))  # fmt: skip
+                                           session.durable_steps, session.incarnation))  # fmt: skip
         self._steps.inc(applied_steps)
         if applied_steps:
             self._on_applied()
@@ -374,17 +384,21 @@ def _too_late(session: Session) -> DeadlineExceeded:
 
 def _step_check(chunk: PendingChunk) -> ServiceError | None:
     """Why ``chunk`` may not apply to its session as it now stands, or None (it may; a session
-    restored unconfirmed is confirmed by a chunk that states its step count right)."""
+    restored unconfirmed is confirmed by a chunk that states its step count and incarnation
+    right)."""
     session = chunk.session
     expected = chunk.expected_steps
-    if expected is None:
+    if chunk.incarnation is not None and chunk.incarnation != session.incarnation:
+        return other_incarnation(session.session_id)
+    if session.unconfirmed and (expected is None or chunk.incarnation is None):
         return Unconfirmed(
             f"session {shown(session.session_id)} was restored after an unclean stop from a "
             f"snapshot at step {session.steps}, which may be behind the last reply you got; send "
-            "the chunk with the step count you expect (expected_steps) to go on from there",
+            "the chunk with the step count you expect (expected_steps) and the session's "
+            "incarnation (attach with it) to go on from there",
             session_steps=session.steps,
         )
-    if expected != session.steps:
+    if expected is not None and expected != session.steps:
         return Aborted(
             f"session {shown(session.session_id)} is at step {session.steps}, this chunk expected "
             f"step {expected}: not applied (an earlier send of it may have been applied; resume "

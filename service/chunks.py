@@ -62,6 +62,7 @@ class StepResult:
     steps: int  # steps the session has consumed, this chunk included
     ended: bool  # the chunk closed its session (end)
     durable_steps: int = 0  # steps covered by the latest written snapshot
+    incarnation: int = 0  # the session's (a START draws a new one)
 
 
 @dataclass(eq=False, slots=True)
@@ -78,6 +79,7 @@ class PendingChunk:
     end: bool = False  # close the session once this chunk is applied
     ordered: bool = False  # part of a pipelined sequence: its failure breaks the sequence
     expected_steps: int | None = None  # the session's step count the client expects before it
+    incarnation: int | None = None  # the session's incarnation as the client knows it
     enqueued_s: float = 0.0  # when it entered the shared queue (0: not yet)
     answered: bool = False  # its future was resolved, or its caller had cancelled it
     computing: bool = False  # taken into a batch: it will be applied unless the batch fails

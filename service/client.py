@@ -286,10 +286,15 @@ class Client:
         version: str = "",
         resume: bool = True,
         reconnect_timeout_s: float = 60.0,
+        incarnation: str = "",
     ) -> StreamingSession:
-        """Continue an existing session (e.g. after a reconnect) on a new stream."""
+        """Continue an existing session (e.g. after a reconnect) on a new stream. ``incarnation``
+        (the session's ``incarnation`` as this client knew it): refuse any other session under
+        the id, and go on with one the server restored after an unclean stop."""
         request = pb.StreamRequest(
-            attach=pb.GetSessionRequest(model=model, version=version, session_id=session_id)
+            attach=pb.GetSessionRequest(
+                model=model, version=version, session_id=session_id, incarnation=incarnation
+            )
         )
         return StreamingSession(
             self, request, resume=resume, reconnect_timeout_s=reconnect_timeout_s

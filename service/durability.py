@@ -152,7 +152,7 @@ class Durability:
     def _capture(
         self, model: DurableModel, final: bool
     ) -> tuple[ModelSnapshot, list[Session], list[int]]:
-        """The model's sessions as a snapshot, the sessions, and their generations (a session
+        """The model's sessions as a snapshot, the sessions, and their incarnations (a session
         restarted while the snapshot is written gains nothing from it). In a ``final`` snapshot a
         session with nothing in flight is confirmed: no later step of it can exist."""
         sessions = list(model.store.sessions.values())
@@ -164,7 +164,7 @@ class Durability:
         snapshot = ModelSnapshot(
             model.name, model.version, model.sha256, time.time(), records, states, final
         )
-        return snapshot, sessions, [s.generation for s in sessions]
+        return snapshot, sessions, [s.incarnation for s in sessions]
 
     async def snapshot(self, force: bool = False, final: bool = False) -> int:
         """Capture and write every model's sessions; returns how many were written.
@@ -199,11 +199,11 @@ class Durability:
                     self.backend.describe(), self._failed_in_a_row,
                 )  # fmt: skip
                 self._failed_in_a_row = 0
-            for snapshot, sessions, generations in captured:
-                for record, session, generation in zip(
-                    snapshot.sessions, sessions, generations, strict=True
+            for snapshot, sessions, incarnations in captured:
+                for record, session, incarnation in zip(
+                    snapshot.sessions, sessions, incarnations, strict=True
                 ):
-                    if session.generation == generation:
+                    if session.incarnation == incarnation:
                         session.durable_steps = max(session.durable_steps, record.steps)
             self._last_snapshot_s = time.monotonic()
             self.metrics.snapshots.labels("ok").inc()

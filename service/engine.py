@@ -24,11 +24,9 @@ from service.chunks import PendingChunk, StepResult, check_chunk
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
 from service.errors import (
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
     ServiceError,
     Unavailable,
-    shown,
 )
 from service.metrics import Metrics
 from service.models import EndHook, ModelHandle, ModelRegistry
@@ -43,6 +41,8 @@ from service.session import (
     SessionView,
     break_sequence,
     incarnation_text,
+    other_incarnation,
+    parse_incarnation,
     session_not_found,
 )
 from service.settings import Settings
@@ -58,10 +58,7 @@ REPLY_OVERHEAD_BYTES = 512
 def check_incarnation(session: Session, incarnation: str) -> None:
     """NOT_FOUND unless ``session`` is the incarnation the client knows ("": any)."""
     if incarnation and incarnation != incarnation_text(session.incarnation):
-        raise NotFound(
-            f"session {shown(session.session_id)} is not the one you had: it was closed and "
-            "opened again under the same id (another incarnation)"
-        )
+        raise other_incarnation(session.session_id)
 
 
 class InferenceEngine:
@@ -278,7 +275,8 @@ class InferenceEngine:
         while ``deadline_margin_s`` of it is left fails with DEADLINE_EXCEEDED, not applied.
         ``expected_steps``: the session's step count the client expects before this chunk;
         another count is ABORTED, not applied. ``incarnation``: the session the client knows;
-        another under the same id is NOT_FOUND. ``reply_extra_bytes``: what the adapter's reply
+        another (the id reopened, or the sequence restarted) is NOT_FOUND. A session restored
+        unconfirmed takes only a chunk that states both. ``reply_extra_bytes``: what the adapter's reply
         adds to the output (echoed ids), for the reply-size check.
         Errors in the request raise here; the future resolves to the chunk's result or fails
         with its error. No error ever follows an applied chunk.
@@ -300,12 +298,14 @@ class InferenceEngine:
             raise session_not_found(session_id)
         elif session.broken is not None and expected_steps is None:
             raise break_sequence(session, session.broken).with_session_steps(session.steps)
-        else:
-            check_incarnation(session, incarnation)
+        stated = parse_incarnation(incarnation) if incarnation else None
+        if incarnation and stated is None:
+            raise other_incarnation(session_id)
         future: asyncio.Future[StepResult] = self._loop.create_future()
         latency = handle.latency(self.metrics, api)
         chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, start, end,
-                             ordered=wait_if_busy, expected_steps=expected_steps)  # fmt: skip
+                             ordered=wait_if_busy, expected_steps=expected_steps,
+                             incarnation=stated)  # fmt: skip
         try:
             handle.batcher.submit(chunk)
         except ServiceError as error:

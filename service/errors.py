@@ -75,6 +75,11 @@ class Unconfirmed(FailedPrecondition):
     expects. The KServe adapter answers it as Triton answers an unknown sequence."""
 
 
+class OtherIncarnation(NotFound):
+    """The client named an incarnation the session is not: the id was closed and opened again, or
+    the sequence restarted (START), since the client knew it."""
+
+
 class ResourceExhausted(ServiceError):
     kind = ErrorKind.RESOURCE_EXHAUSTED
 

@@ -9,7 +9,7 @@ from enum import Enum
 
 import numpy as np
 
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, OtherIncarnation, shown
 
 MAX_ID_BYTES = 128
 
@@ -31,7 +31,9 @@ class Session:
 
     session_id: str
     slot: int
-    incarnation: int  # random, drawn when opened: an id closed and opened again is another one
+    # Random, drawn when opened and again at each restart (START): an id closed and opened again,
+    # or a restarted sequence, is another incarnation; a snapshot of an older one is not durable.
+    incarnation: int
     last_used_s: float
     steps: int = 0
     owner: str = ""  # the identity that created it; others are told it does not exist
@@ -42,7 +44,6 @@ class Session:
     ended: EndReason | None = None
     close_when_idle: EndReason | None = None
     broken: str | None = None  # why a pipelined sequence cannot go on until it restarts
-    generation: int = 0  # how often it restarted: a snapshot of an older one is not durable
     # Restored from a snapshot that may be older than the last reply its client got (the server
     # stopped without a final snapshot): a chunk must state the step count it expects first.
     unconfirmed: bool = False
@@ -68,6 +69,14 @@ def scoped_key(session_id: str, owner: str) -> str:
 def session_not_found(session_id: str) -> NotFound:
     """The one NOT_FOUND for a session, whether it never existed, ended, or is someone else's."""
     return NotFound(f"session {shown(session_id)} not found (never opened, closed or expired)")
+
+
+def other_incarnation(session_id: str) -> OtherIncarnation:
+    """The one error for an incarnation that is not the session's."""
+    return OtherIncarnation(
+        f"session {shown(session_id)} is not the one you had: it was closed and opened again "
+        "under the same id, or restarted, since (another incarnation)"
+    )
 
 
 def break_sequence(session: Session, reason: str) -> FailedPrecondition:

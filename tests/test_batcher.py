@@ -82,12 +82,14 @@ def make(
 def submit_chunk(
     batcher: Batcher, session: Session, x: np.ndarray, deadline_s: float | None = None, *,
     wait: bool = False, start: bool = False, end: bool = False, expected_steps: int | None = None,
+    incarnation: int | None = None,
 ) -> asyncio.Future[StepResult]:  # fmt: skip
     """Hand one chunk to the batcher as the engine does; the future of its result."""
     future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
     latency = Metrics().request_latency.labels("fake", "1", "test")
     pending = PendingChunk(session, x, future, time.perf_counter(), latency, deadline_s, start, end,
-                           ordered=wait, expected_steps=expected_steps)  # fmt: skip
+                           ordered=wait, expected_steps=expected_steps,
+                           incarnation=incarnation)  # fmt: skip
     batcher.submit(pending)
     return future
 
@@ -361,7 +363,9 @@ async def test_a_chunk_that_expects_another_step_count_is_aborted_unapplied() ->
     await batcher.close()
 
 
-async def test_an_unconfirmed_session_takes_only_a_chunk_that_states_its_step_count() -> None:
+async def test_an_unconfirmed_session_takes_only_a_chunk_that_states_count_and_incarnation() -> (
+    None
+):
     model = GatedFakeModel(gated=False)
     batcher, store, _ = make(model)
     a = store.create("a")
@@ -369,11 +373,15 @@ async def test_an_unconfirmed_session_takes_only_a_chunk_that_states_its_step_co
     with pytest.raises(Unconfirmed, match="snapshot at step 5") as refused:
         await submit_chunk(batcher, a, chunk(1))
     assert refused.value.session_steps == 5
-    with pytest.raises(Aborted):
-        await submit_chunk(batcher, a, chunk(1), expected_steps=7)  # the client was further on
+    with pytest.raises(Unconfirmed):  # the count alone: an older history may be at it too
+        await submit_chunk(batcher, a, chunk(1), expected_steps=5)
+    with pytest.raises(NotFound, match="not the one you had"):
+        await submit_chunk(batcher, a, chunk(1), expected_steps=5, incarnation=a.incarnation + 1)
+    with pytest.raises(Aborted):  # the client was further on
+        await submit_chunk(batcher, a, chunk(1), expected_steps=7, incarnation=a.incarnation)
     assert a.unconfirmed and a.steps == 5
-    assert (await submit_chunk(batcher, a, chunk(1), expected_steps=5)).steps == 6
-    assert not a.unconfirmed
+    result = await submit_chunk(batcher, a, chunk(1), expected_steps=5, incarnation=a.incarnation)
+    assert result.steps == 6 and not a.unconfirmed
     assert (await submit_chunk(batcher, a, chunk(1))).steps == 7  # confirmed: plain chunks again
     await batcher.close()
 

@@ -344,7 +344,22 @@ def close_stale(cell: Cell, client: Client, task: Task) -> None:
 
 
 class InBandError(Exception):
-    """A ModelStreamInfer reply with ``error_message`` (Triton's in-band error: no status code)."""
+    """A ModelStreamInfer reply with ``error_message`` (Triton's in-band error: no status code),
+    and the sequence's step count it reports (``sequence_steps``), if any."""
+
+    def __init__(self, message: str, steps: int | None = None) -> None:
+        super().__init__(message)
+        self.steps = steps
+
+
+def steps_reported(error: BaseException) -> int | None:
+    """The step count a failed request reports: trailing metadata, or the in-band parameter."""
+    if isinstance(error, InBandError):
+        return error.steps
+    if isinstance(error, grpc.RpcError):
+        value = dict(error.trailing_metadata() or ()).get("rnnserve-session-steps")  # type: ignore[attr-defined]
+        return None if value is None else int(value)
+    return None
 
 
 class KServeConnection:
@@ -377,7 +392,11 @@ class KServeConnection:
             self.drop()
             raise InBandError("the stream ended without a reply") from None
         if streamed.error_message:
-            raise InBandError(streamed.error_message)
+            parameters = streamed.infer_response.parameters
+            steps = (
+                parameters["sequence_steps"].int64_param if "sequence_steps" in parameters else None
+            )
+            raise InBandError(streamed.error_message, steps)
         if streamed.infer_response.id != request.id:
             raise AssertionError(f"reply {streamed.infer_response.id} to request {request.id}")
         answer: kpb.ModelInferResponse = streamed.infer_response
@@ -392,8 +411,9 @@ class KServeConnection:
 
 
 def kserve_request(
-    task: Task, x: np.ndarray, request_id: str, *, start: bool, end: bool, expected: int | None
-) -> kpb.ModelInferRequest:
+    task: Task, x: np.ndarray, request_id: str, *, start: bool, end: bool, expected: int | None,
+    incarnation: str = "",
+) -> kpb.ModelInferRequest:  # fmt: skip
     request = kpb.ModelInferRequest(model_name=task.model, id=request_id)
     if isinstance(task.session_id, str):
         request.parameters["sequence_id"].string_param = task.session_id
@@ -405,9 +425,25 @@ def kserve_request(
         request.parameters["sequence_end"].bool_param = True
     if expected is not None:  # the opt-in: "the sequence is at this step count before me"
         request.parameters["sequence_expected_steps"].int64_param = expected
+    if incarnation:  # from the reply to the sequence's START
+        request.parameters["sequence_incarnation"].string_param = incarnation
     request.inputs.add(name="x", datatype="FP32", shape=[1, *x.shape])
     request.raw_input_contents.append(np.ascontiguousarray(x, np.float32).tobytes())
     return request
+
+
+def replay_point(session: Session, k: int, steps: int | None) -> int | None:
+    """The chunk to replay from when the sequence is at ``steps`` (counted from the START of
+    chunk ``k``'s segment), if that count falls between chunks this client sent since."""
+    if steps is None:
+        return None
+    first = session.segment_start(k)
+    passed = 0
+    for j in range(first, k + 1):
+        if passed == steps:
+            return j
+        passed += len(session.chunks[j])
+    return None
 
 
 def in_band_kind(message: str) -> str:
@@ -417,15 +453,19 @@ def in_band_kind(message: str) -> str:
 
 
 def run_kserve(cell: Cell, channel: grpc.Channel, task: Task) -> None:
-    """Lock-step requests. The replaying clients send ``sequence_expected_steps`` on every
-    continuing request and, after the server comes back, send the same request again; the plain
-    (Triton-style) clients send it again without. On an explicit error a client restarts its
-    sequence with START from its latest planned START (up to MAX_RESTARTS times), or gives up."""
+    """Lock-step requests. The replaying clients send ``sequence_expected_steps`` and the
+    ``sequence_incarnation`` of their START's reply on every continuing request and, after the
+    server comes back, send the same request again; when it is refused with the count the
+    sequence is at, and that count is one they passed since the START, they replay from there
+    (up to MAX_RESTARTS times). The plain (Triton-style) clients send it again without. On any
+    other explicit error a client restarts its sequence with START from its latest planned START
+    (up to MAX_RESTARTS times), or gives up."""
     replay = "replay" in task.style
     connection = KServeConnection(channel, streaming=task.style.endswith("stream"))
     try:
         for number, session in enumerate(task.sessions):
             k, position, must_start = 0, 0, True  # position: steps since the latest START
+            incarnation, resumes = "", 0
             backoff = [0.05]
             while k < len(session.chunks):
                 start = must_start or k in session.starts
@@ -436,29 +476,44 @@ def run_kserve(cell: Cell, channel: grpc.Channel, task: Task) -> None:
                     task, x, f"{task.name}.{number}.{k}.{session.restarts}", start=start,
                     end=k == len(session.chunks) - 1,
                     expected=position if replay and not start else None,
+                    incarnation=incarnation if replay and not start else "",
                 )  # fmt: skip
                 try:
                     reply = connection.call(request)
-                except grpc.RpcError as error:
-                    if error.code() in SERVER_GONE:
+                except (grpc.RpcError, InBandError) as error:
+                    at = steps_reported(error)
+                    back_to = replay_point(session, k, at) if replay and incarnation else None
+                    if back_to is not None and resumes < MAX_RESTARTS:
+                        resumes += 1
+                        session.crossed_kill = True
+                        session.errors.append(f"{error_kind(error)}, then replayed")
+                        session.note(
+                            f"chunk {k} at {position}: refused at {at}, replay from {back_to}"
+                        )
+                        k, position = back_to, int(at or 0)
+                        continue
+                    if isinstance(error, InBandError):
+                        if any(text in str(error) for text in IN_BAND_UNAVAILABLE):
+                            session.errors.append("in-band UNAVAILABLE (sent again)")
+                            session.note(f"chunk {k} at {position}: {error}, again")
+                            cell.wait_out_restart(backoff)
+                            continue
+                        kind, detail = in_band_kind(str(error)), str(error)
+                    elif error.code() in SERVER_GONE:
                         session.crossed_kill = True
                         session.note(f"chunk {k} at {position}: {error_kind(error)}, again")
                         cell.wait_out_restart(backoff)
                         continue
-                    kind, detail = error_kind(error), str(error.details())
-                except InBandError as error:
-                    if any(text in str(error) for text in IN_BAND_UNAVAILABLE):
-                        session.errors.append("in-band UNAVAILABLE (sent again)")
-                        session.note(f"chunk {k} at {position}: {error}, again")
-                        cell.wait_out_restart(backoff)
-                        continue
-                    kind, detail = in_band_kind(str(error)), str(error)
+                    else:
+                        kind, detail = error_kind(error), str(error.details())
                 else:
                     backoff = [0.05]
                     y = np.frombuffer(reply.raw_output_contents[0], "<f4")
                     session.accepted.append((k, y.reshape(list(reply.outputs[0].shape))[0]))
                     steps = reply.parameters["sequence_steps"].int64_param
                     session.note(f"chunk {k} start={start}: position {position} -> {steps}")
+                    if start:
+                        incarnation = reply.parameters["sequence_incarnation"].string_param
                     cell.count_accepted()
                     position += len(x)
                     must_start = False

@@ -249,7 +249,9 @@ async def test_a_kserve_sequence_never_rewinds_silently_after_a_crash(
     settings = durable_settings(make_settings, tmp_path)
     async with serving(settings) as srv, channel(srv.grpc_port) as ch:
         stub = kserve(ch)
-        await stub.ModelInfer(infer_request(MODEL, 7, x[:5], start=True))
+        started = await stub.ModelInfer(infer_request(MODEL, 7, x[:5], start=True))
+        incarnation = started.parameters["sequence_incarnation"].string_param
+        assert len(incarnation) == 16
         assert srv.engine.durability is not None
         await srv.engine.durability.snapshot(force=True)  # sequence 7 at step 5
         crash_point(tmp_path / "state", tmp_path / "at-crash")
@@ -268,17 +270,50 @@ async def test_a_kserve_sequence_never_rewinds_silently_after_a_crash(
         assert "restored after an unclean stop" in replies[0].error_message
         assert replies[0].infer_response.parameters["sequence_steps"].int64_param == 5
         # A client that opts in states the count it knows: 8 is refused, the server is at 5...
-        knows_8 = infer_request(MODEL, 7, x[8:])
-        knows_8.parameters["sequence_expected_steps"].int64_param = 8
+        knows_8 = resuming(infer_request(MODEL, 7, x[8:]), 8, incarnation)
         refused = await failure(stub.ModelInfer(knows_8))
         assert refused.code() == grpc.StatusCode.ABORTED and steps_in(refused) == 5
-        # ... so it replays from 5, and the sequence goes on exactly.
-        replay = infer_request(MODEL, 7, x[5:8])
-        replay.parameters["sequence_expected_steps"].int64_param = 5
-        await stub.ModelInfer(replay)
+        # The count alone does not do: the same count could belong to an older history.
+        count_only = infer_request(MODEL, 7, x[5:8])
+        count_only.parameters["sequence_expected_steps"].int64_param = 5
+        refused = await failure(stub.ModelInfer(count_only))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "sequence_incarnation" in str(refused.details())
+        # ... so it replays from 5, naming its incarnation, and the sequence goes on exactly.
+        await stub.ModelInfer(resuming(infer_request(MODEL, 7, x[5:8]), 5, incarnation))
         last = await stub.ModelInfer(infer_request(MODEL, 7, x[8:]))
         assert last.parameters["sequence_steps"].int64_param == 10
         np.testing.assert_allclose(infer_output(last), reference[8:], atol=1e-5)
+
+
+def resuming(
+    request: kpb.ModelInferRequest, expected_steps: int, incarnation: str
+) -> kpb.ModelInferRequest:
+    request.parameters["sequence_expected_steps"].int64_param = expected_steps
+    request.parameters["sequence_incarnation"].string_param = incarnation
+    return request
+
+
+async def test_an_older_history_at_the_same_count_is_never_resumed(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """A START draws a new incarnation: the sequence as it was before the START (or the previous
+    sequence under a reused id), restored by a crash at the count the client states, is refused."""
+    settings = durable_settings(make_settings, tmp_path)
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        stub = kserve(ch)
+        await stub.ModelInfer(infer_request(MODEL, 8, inputs(3), start=True))
+        assert srv.engine.durability is not None
+        await srv.engine.durability.snapshot(force=True)  # the older history, at step 3
+        crash_point(tmp_path / "state", tmp_path / "at-crash")
+        again = await stub.ModelInfer(infer_request(MODEL, 8, inputs(3, seed=1), start=True))
+        incarnation = again.parameters["sequence_incarnation"].string_param
+    crashed(tmp_path / "state", tmp_path / "at-crash")
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        request = resuming(infer_request(MODEL, 8, inputs(1)), 3, incarnation)
+        refused = await failure(kserve(ch).ModelInfer(request))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "is not the one you had" in str(refused.details()) and steps_in(refused) == 3
 
 
 async def test_start_after_a_crash_starts_from_zero_and_a_final_snapshot_vouches_only_once(

@@ -32,7 +32,14 @@ from service.api.status import abort, count_failure, deadline_of, translate_erro
 from service.api.streams import RequestPump
 from service.chunks import StepResult
 from service.engine import InferenceEngine
-from service.errors import InvalidArgument, NotFound, ServiceError, Unconfirmed, shown
+from service.errors import (
+    InvalidArgument,
+    NotFound,
+    OtherIncarnation,
+    ServiceError,
+    Unconfirmed,
+    shown,
+)
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.session import Caller
@@ -100,8 +107,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         )
         try:
             result = await future
-        except Unconfirmed as error:
-            raise as_unknown_sequence(error) from None
+        except ServiceError as error:
+            raise as_triton(error) from None
         return fill_infer_response(pb.ModelInferResponse(), request, spec, result)
 
     def submit(
@@ -127,8 +134,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 end=control.end,
                 wait_if_busy=True,
                 expected_steps=control.expected_steps,
+                incarnation=control.incarnation,
                 reply_extra_bytes=len(request.id),
             )
+        except OtherIncarnation as error:
+            self.engine.sequence_failed(spec.name, spec.version, control.sequence_id, caller, error)
+            raise as_triton(error) from None
         except NotFound:  # the model exists (looked up above): the sequence does not
             raise InvalidArgument(
                 f"inference request for sequence {shown(control.sequence_id)} to model "
@@ -177,8 +188,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         def failed_reply(
             request: pb.ModelInferRequest, error: BaseException
         ) -> pb.ModelStreamInferResponse:
-            if isinstance(error, Unconfirmed):
-                error = as_unknown_sequence(error)
+            if isinstance(error, ServiceError):
+                error = as_triton(error)
             steps = error.session_steps if isinstance(error, ServiceError) else None
             return error_reply(request, count_failure(error, self.metrics, API), steps)
 
@@ -191,12 +202,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             await abort(context, error, self.metrics, API)
 
 
-def as_unknown_sequence(error: Unconfirmed) -> InvalidArgument:
-    """A sequence restored after an unclean stop, continued without a step count: refused as
-    Triton refuses a sequence it does not know (INVALID_ARGUMENT), saying how to go on."""
-    return InvalidArgument(
-        f"{error.message.split('; ')[0].replace('session', 'sequence', 1)}; send "
-        "sequence_start to begin the sequence again, or the parameter sequence_expected_steps "
-        "(the step count you know) to resume it",
-        session_steps=error.session_steps,
-    )
+def as_triton(error: ServiceError) -> ServiceError:
+    """``error`` as Triton would answer it. A sequence restored after an unclean stop and
+    continued without its step count and incarnation, or one that is no longer the incarnation
+    the client names, is refused as Triton refuses a sequence it does not know (INVALID_ARGUMENT),
+    saying how to go on; other errors are as they are."""
+    if isinstance(error, Unconfirmed):
+        how = (
+            "send sequence_start to begin the sequence again, or the parameters "
+            "sequence_expected_steps (the step count you know) and sequence_incarnation (from "
+            "the reply to its START) to resume it"
+        )
+    elif isinstance(error, OtherIncarnation):
+        how = "send sequence_start to begin it again"
+    else:
+        return error
+    what = error.message.split("; ")[0].replace("session", "sequence", 1)
+    return InvalidArgument(f"{what}; {how}", session_steps=error.session_steps)

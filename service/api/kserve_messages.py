@@ -19,7 +19,7 @@ from service.api.tensors import decode_float32, float32_bytes, from_floats
 from service.chunks import StepResult
 from service.errors import InvalidArgument, shown
 from service.repository import ModelSpec
-from service.session import check_session_id
+from service.session import check_session_id, incarnation_text
 from service.settings import Settings
 
 API = "kserve"
@@ -33,6 +33,7 @@ class SequenceControl:
     start: bool
     end: bool
     expected_steps: int | None = None  # parameter sequence_expected_steps: the count before it
+    incarnation: str = ""  # parameter sequence_incarnation: from the reply to the START
 
 
 def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
@@ -57,12 +58,18 @@ def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
     start = bool_parameter(params, "sequence_start")
     end = bool_parameter(params, "sequence_end")
     expected_steps = count_parameter(params, "sequence_expected_steps")
+    incarnation = ""
+    p = params.get("sequence_incarnation")
+    if p is not None:
+        if p.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidArgument("sequence_incarnation must be a string parameter")
+        incarnation = p.string_param
     if not sequence_id:
         raise InvalidArgument(
             f"inference request to model {shown(request.model_name)} must specify a non-zero or non-empty "
             "sequence_id: this model keeps state per sequence"
         )
-    return SequenceControl(sequence_id, start, end, expected_steps)
+    return SequenceControl(sequence_id, start, end, expected_steps, incarnation)
 
 
 def bool_parameter(params: Mapping[str, pb.InferParameter], name: str) -> bool:
@@ -178,6 +185,11 @@ def fill_infer_response(
     message.outputs.add(name="y", datatype="FP32", shape=(1, *y.shape))
     message.raw_output_contents.append(float32_bytes(y))
     message.parameters["sequence_steps"].int64_param = result.steps
+    start = request.parameters.get("sequence_start")
+    if start is not None and start.bool_param:  # the incarnation changes only at a START
+        message.parameters["sequence_incarnation"].string_param = incarnation_text(
+            result.incarnation
+        )
     return message
 
 

@@ -205,7 +205,9 @@ class SessionStream:
                 a.model, a.version, a.session_id, a.include_state, self.caller, a.incarnation
             )
         self.model, self.version, self.session_id = view.model, view.version, view.session_id
-        self.incarnation = view.incarnation
+        # The incarnation the client knows: the one this stream opened, or the one it named when
+        # attaching ("" if none: then a session restored unconfirmed cannot be confirmed here).
+        self.incarnation = view.incarnation if kind == "open" else request.attach.incarnation
         _, self.bound = self.engine.session(view.model, view.version, view.session_id, self.caller)
         self.bound.add_end_listener(self._on_end)
         self.pump.reply(pb.StreamResponse(opened=session_info(view)))
