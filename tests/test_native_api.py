@@ -280,3 +280,21 @@ async def test_a_client_that_disconnects_mid_stream_leaves_its_session_to_the_id
         store = srv.engine.model(MODEL).store
         store.clock = lambda: time.monotonic() + 60.0  # later than the TTL
         assert srv.engine.expire_idle_sessions() == 1 and len(store) == 0
+
+
+async def test_a_stream_whose_session_is_closed_elsewhere_ends_and_never_reaches_its_successor(
+    server: RnnServer,
+) -> None:
+    async with channel(server.grpc_port) as ch:
+        stub = native(ch)
+        call = stub.Stream()
+        await call.write(
+            pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="s"))
+        )
+        await call.read()
+        ended = await stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id="s"))
+        notice = await call.read()  # told at once, before it sends another chunk
+        assert notice.ended.reason == pb.END_REASON_CLOSED and notice.ended.steps == ended.steps
+        assert await call.read() == grpc.aio.EOF
+        successor = await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="s"))
+        assert successor.steps == 0 and successor.incarnation != ""

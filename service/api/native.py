@@ -130,9 +130,10 @@ class SessionStream:
 
     A stream handles one request at a time: a request sent before the previous chunk's reply
     waits for it, so chunks apply in order and replies come in request order (its pump's window
-    is 1: reading pauses while more than one request is unanswered). A session that ends from outside the stream
-    (idle timeout, eviction, shutdown) is announced with a final ``SessionEnded`` message: the
-    session's end listener hands it to the pump, which sends it and ends the stream.
+    is 1: reading pauses while more than one request is unanswered). A session that ends from
+    outside the stream (idle timeout, eviction, shutdown, a close by another call) is announced
+    with a final ``SessionEnded`` message: the session's end listener hands it to the pump, which
+    sends it and ends the stream.
     """
 
     def __init__(
@@ -222,10 +223,12 @@ class SessionStream:
             self.pump.reply(stream_output(future.result()))
 
     def _on_end(self, session: Session, reason: EndReason) -> None:
+        """The session ended from outside this stream (its own close detaches first): a close by
+        another call included, so that the stream can never go on with a session opened again
+        under the same id."""
         self.bound = None
-        if reason != EndReason.CLOSED:  # a close request (or chunk with end) answers for itself
-            end = SessionEnd(session.session_id, reason, session.steps)
-            self.pump.finish(pb.StreamResponse(ended=session_ended(end)))
+        end = SessionEnd(session.session_id, reason, session.steps)
+        self.pump.finish(pb.StreamResponse(ended=session_ended(end)))
 
     def detach(self) -> None:
         if self.bound is not None:
