@@ -25,7 +25,6 @@ import os
 import queue
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +46,7 @@ from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.client import Client, SessionLostError, StreamingSession
 from tests.models_for_tests import OfflineReference
+from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.slow  # real server processes, redis-server, kill -9 under load
 
@@ -208,31 +208,6 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def redis_server(directory: Path) -> Iterator[str]:
-    """A redis-server on loopback for the block (as tests/test_redis_snapshots.py starts one)."""
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed (Debian package redis-server; .ci/run installs it)"
-    port = free_port()
-    process = subprocess.Popen(
-        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(directory)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    try:
-        for line in process.stdout:
-            if "Ready to accept connections" in line:
-                break
-        else:
-            pytest.fail(f"redis-server exited with {process.wait()}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        process.stdout.close()
 
 
 # ---------------------------------------------------------------------------------------------

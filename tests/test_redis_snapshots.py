@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,34 +13,15 @@ import redis
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from tests.grpc_helpers import channel, expect_code, native, output_of, serving, step_request
+from tests.redis_server import redis_server
 
 MODEL = "tiny_gru"
 
 
 @pytest.fixture
-def redis_url(tmp_path: Any) -> Iterator[str]:
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed (Debian package redis-server; .ci/run installs it)"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    for line in process.stdout:  # until it says it is ready
-        if "Ready to accept connections" in line:
-            break
-    else:
-        pytest.fail(f"redis-server exited with {process.wait()}")
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        process.stdout.close()
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    with redis_server(tmp_path) as url:
+        yield url
 
 
 async def test_sessions_survive_a_restart_through_redis(make_settings: Any, redis_url: str) -> None:
