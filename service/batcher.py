@@ -171,13 +171,12 @@ class Batcher:
     async def _run_forever(self) -> None:
         while True:
             await self._batch_ready()
-            batch: list[PendingChunk] = []
             try:
-                batch = self._take_batch()
+                batch = self._take_batch()  # into self._executing as they are taken
                 if batch:
                     await self._execute(batch)
             except Exception as error:  # anything at all: fail this batch, keep the loop
-                self._batch_failed(batch, error)
+                self._batch_failed(self._executing, error)
             self._executing = []  # kept if the task is cancelled: close() fails those chunks
 
     async def _batch_ready(self) -> None:
@@ -203,6 +202,7 @@ class Batcher:
         deadline timer fired) is skipped; one that may not run is answered here, uncomputed, so
         that its session stays where it was (see the module's notes on deadlines and steps)."""
         batch: list[PendingChunk] = []
+        self._executing = batch  # a failure while taking fails those taken
         now = time.perf_counter()
         while self._queue and len(batch) < self.max_batch_size:
             chunk = self._queue.popleft()
@@ -237,10 +237,13 @@ class Batcher:
             return
         self._deadline_dropped.inc()
         error = _too_late(chunk.session)
-        if chunk.enqueued_s:  # queued: answered now, skipped when its turn in the queue comes
+        if chunk.enqueued_s:  # queued: out of the queue (a rare scan), answered now
+            self._queue.remove(chunk)
             self._finish(chunk, error)
         else:  # waiting behind its session's chunk in flight (a pipelined sequence)
-            self._lines.fail_from(chunk, error, break_sequence(chunk.session, error.message))
+            behind = break_sequence(chunk.session, error.message, mark=False)
+            if not self._lines.fail_from(chunk, error, behind):  # nothing re-anchors it
+                break_sequence(chunk.session, error.message)
 
     async def _execute(self, batch: list[PendingChunk]) -> None:
         """Gather the batch's states, compute, check, then write states and answer."""
@@ -276,8 +279,6 @@ class Batcher:
             session = chunk.session
             if chunk.start:
                 self.store.restarted(session)
-            elif chunk.expected_steps is not None:  # the client's history and ours agree
-                session.broken = None
             session.steps += steps
             session.last_output = output
             chunk.latency.observe(now_s - chunk.received_s)
@@ -319,19 +320,27 @@ class Batcher:
     def _pass_turn(self, chunk: PendingChunk, result: StepResult | ServiceError) -> None:
         """To the next chunk in the session's line, or back to the store (which then applies a
         close that waited for the chunk). A failed chunk of a pipelined sequence breaks it: the
-        chunks sent behind it fail too, up to a START, since they would apply to a history that
-        lacks it."""
+        chunks sent behind it fail too, up to one that re-anchors it (a START or a stated step
+        count), since they would apply to a history that lacks it; with no such chunk waiting,
+        the requests still to come fail too. (A session restored unconfirmed refuses plain chunks
+        by itself: its refusals break nothing.)"""
         session = chunk.session
         applied = isinstance(result, StepResult)
-        if isinstance(result, ServiceError) and chunk.ordered:
-            self._lines.fail_until_start(session, break_sequence(session, result.message))
+        if (
+            isinstance(result, ServiceError)
+            and chunk.ordered
+            and not isinstance(result, Unconfirmed)
+        ):
+            behind = break_sequence(session, result.message, mark=False)
+            if not self._lines.fail_until_start(session, behind):
+                break_sequence(session, result.message)
         following = self._lines.next_after(chunk, applied_end=chunk.end and applied)
         if following is not None:
             self._enqueue(following)  # the session stays busy
             return
         self.store.finish_chunk(session)
-        if chunk.end and applied:
-            self.store.end(session, EndReason.CLOSED)
+        if (chunk.end and applied) or (chunk.opens and not applied and not session.steps):
+            self.store.end(session, EndReason.CLOSED)  # ended, or a START that opened nothing
         if self._lines.waiting(session):  # behind a close or an END: the session is gone
             self._lines.fail(session, session_not_found(session.session_id))
 
@@ -395,7 +404,7 @@ def _step_check(chunk: PendingChunk) -> ServiceError | None:
             f"session {shown(session.session_id)} was restored after an unclean stop from a "
             f"snapshot at step {session.steps}, which may be behind the last reply you got; send "
             "the chunk with the step count you expect (expected_steps) and the session's "
-            "incarnation (attach with it) to go on from there",
+            "incarnation (StepRequest.incarnation, or attach with it) to go on from there",
             session_steps=session.steps,
         )
     if expected is not None and expected != session.steps:

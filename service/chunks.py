@@ -83,6 +83,7 @@ class PendingChunk:
     enqueued_s: float = 0.0  # when it entered the shared queue (0: not yet)
     answered: bool = False  # its future was resolved, or its caller had cancelled it
     computing: bool = False  # taken into a batch: it will be applied unless the batch fails
+    opens: bool = False  # a START that opened its session: a failure of it closes it again
     deadline_timer: asyncio.TimerHandle | None = None  # answers it in time if it cannot run
 
     @property

@@ -155,7 +155,9 @@ class Durability:
         """The model's sessions as a snapshot, the sessions, and their incarnations (a session
         restarted while the snapshot is written gains nothing from it). In a ``final`` snapshot a
         session with nothing in flight is confirmed: no later step of it can exist."""
-        sessions = list(model.store.sessions.values())
+        # A session closing (its close waits for its chunk in flight) is not saved: it must not
+        # come back after a restart.
+        sessions = [s for s in model.store.sessions.values() if s.close_when_idle is None]
         slots = [s.slot for s in sessions]
         states = [array[:, slots, :] for array in model.store.states]  # fancy index: a copy
         records = [

@@ -130,6 +130,9 @@ class InferenceEngine:
         return self.registry.versions(name)
 
     def model(self, name: str, version: str = "") -> ModelHandle:
+        """The loaded model version (NOT_FOUND); UNAVAILABLE while the models still load."""
+        if not self.ready and not self._closing:
+            raise Unavailable("the server is still loading its models; retry shortly")
         return self.registry.get(name, version)
 
     # ----- sessions --------------------------------------------------------------------------
@@ -178,7 +181,7 @@ class InferenceEngine:
         session is NOT_FOUND exactly like a missing one: ids of others cannot be probed."""
         if self._closing:  # sessions are being saved and ended: come back to the next server
             raise Unavailable("the server is shutting down; retry shortly")
-        handle = self.model(name, version)
+        handle = self.model(name, version)  # UNAVAILABLE while loading (and restoring)
         return handle, handle.store.get(session_id, caller.owner)
 
     def session_view(
@@ -305,13 +308,18 @@ class InferenceEngine:
         latency = handle.latency(self.metrics, api)
         chunk = PendingChunk(session, x, future, received_s, latency, deadline_s, start, end,
                              ordered=wait_if_busy, expected_steps=expected_steps,
-                             incarnation=stated)  # fmt: skip
+                             incarnation=stated, opens=created)  # fmt: skip
         try:
             handle.batcher.submit(chunk)
         except ServiceError as error:
             if created:  # a START refused: leave no empty session behind
                 handle.store.end(session, EndReason.CLOSED)
             raise error.with_session_steps(session.steps) from None
+        if chunk.anchored:
+            # Accepted: it fixes the history itself, so the requests sent after it may follow
+            # it. Cleared here, not when it applies: a request failing in between breaks the
+            # sequence again, for those sent after that one.
+            session.broken = None
         return future
 
     def _check_chunk(self, spec: ModelSpec, x: np.ndarray, reply_extra_bytes: int) -> None:
@@ -330,14 +338,17 @@ class InferenceEngine:
             )
 
     def sequence_failed(
-        self, name: str, version: str, session_id: str, caller: Caller, error: ServiceError
-    ) -> None:
+        self, spec: ModelSpec, session_id: str, caller: Caller, error: ServiceError
+    ) -> int | None:
         """A request of a pipelined sequence (KServe) failed before it was queued: the sequence
         cannot go on until a START, since requests sent behind the failed one would apply to a
-        history that lacks it (see :func:`service.session.break_sequence`)."""
-        session = self.model(name, version).store.find(session_id, caller.owner)
-        if session is not None:
-            break_sequence(session, error.message)
+        history that lacks it (see :func:`service.session.break_sequence`). Returns the
+        sequence's step count (None: no such sequence)."""
+        session = self.model(spec.name, spec.version).store.find(session_id, caller.owner)
+        if session is None:
+            return None
+        break_sequence(session, error.message)
+        return session.steps
 
     def _check_open(self) -> None:
         if self._closing:

@@ -43,10 +43,10 @@ class ServiceError(Exception):
         self.message = message
         self.session_steps = session_steps
 
-    def with_session_steps(self, steps: int) -> ServiceError:
+    def with_session_steps(self, steps: int | None) -> ServiceError:
         """This error carrying the step count ``steps`` (a copy if it carries another: one error
-        object may fail the chunks of several sessions)."""
-        if self.session_steps == steps:
+        object may fail the chunks of several sessions; None: unchanged)."""
+        if steps is None or self.session_steps == steps:
             return self
         copy = type(self).__new__(type(self))
         ServiceError.__init__(copy, self.message, session_steps=steps)

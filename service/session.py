@@ -79,15 +79,17 @@ def other_incarnation(session_id: str) -> OtherIncarnation:
     )
 
 
-def break_sequence(session: Session, reason: str) -> FailedPrecondition:
-    """Mark a pipelined sequence (KServe) broken: a request of it failed, so the requests sent
-    behind it would apply to a history that lacks it. The first reason is kept. Returns the error
-    its later requests get until a START begins it again."""
-    if session.broken is None:
+def break_sequence(session: Session, reason: str, *, mark: bool = True) -> FailedPrecondition:
+    """The error of the requests sent behind a failed request of a pipelined sequence (KServe):
+    they would apply to a history that lacks it. ``mark``: the sequence stays broken for the
+    requests still to come, until one that fixes the history itself (a START, or a stated step
+    count) is accepted; the first reason is kept."""
+    if mark and session.broken is None:
         session.broken = reason or "unknown error"
     return FailedPrecondition(
         f"sequence {shown(session.session_id)} cannot go on: an earlier request of it failed "
-        f"({session.broken}); send START to begin it again"
+        f"({session.broken or reason}); send START to begin it again, or state "
+        "sequence_expected_steps to go on from where it is"
     )
 
 

@@ -49,22 +49,24 @@ class SessionLines:
     def waiting(self, session: Session) -> bool:
         return session in self._lines
 
-    def fail_until_start(self, session: Session, error: ServiceError) -> None:
+    def fail_until_start(self, session: Session, error: ServiceError) -> bool:
         """Fail the chunks waiting for ``session`` up to the first that restarts it (START) or
-        states the step count it expects (:attr:`PendingChunk.anchored`)."""
+        states the step count it expects (:attr:`PendingChunk.anchored`). True if such a chunk
+        waits: the requests sent after it follow it, not the failure."""
         line = self._lines.get(session)
         while line and not line[0].anchored:
             fail_chunk(line.popleft(), error)
         if line is not None and not line:
             del self._lines[session]
+        return bool(line)
 
-    def fail_from(self, chunk: PendingChunk, error: ServiceError, behind: ServiceError) -> None:
+    def fail_from(self, chunk: PendingChunk, error: ServiceError, behind: ServiceError) -> bool:
         """Fail waiting ``chunk`` with ``error``, and those behind it up to the next anchored one
         (START, or a stated step count) with ``behind``: they would apply to a history that lacks
-        it."""
+        it. True if an anchored one waits behind them (see :meth:`fail_until_start`)."""
         line = self._lines.get(chunk.session)
         if not line or chunk not in line:
-            return
+            return True
         chunks = list(line)
         at = chunks.index(chunk)
         restart = next((i for i in range(at + 1, len(chunks)) if chunks[i].anchored), len(chunks))
@@ -76,6 +78,7 @@ class SessionLines:
             self._lines[chunk.session] = collections.deque(rest)
         else:
             del self._lines[chunk.session]
+        return restart < len(chunks)
 
     def fail(self, session: Session, error: ServiceError) -> None:
         """Fail every chunk waiting for ``session``."""

@@ -251,9 +251,9 @@ class SessionStore:
 
     def restarted(self, session: Session) -> None:
         """``session`` starts over (its state was zeroed for the chunk that restarts it): step 0,
-        no output, no durable step, a new incarnation, nothing broken or unconfirmed."""
+        no output, no durable step, a new incarnation, nothing unconfirmed. (A broken sequence
+        was mended when the START was accepted; one broken since stays broken.)"""
         session.steps = session.durable_steps = 0
         session.unconfirmed = False
         session.last_output = None
-        session.broken = None
         session.incarnation = new_incarnation()

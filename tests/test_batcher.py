@@ -27,7 +27,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.repository import ModelSpec
 from service.runtime import CallCost
-from service.session import Session
+from service.session import Session, break_sequence
 from service.session_store import SessionStore
 
 
@@ -583,4 +583,56 @@ async def test_a_cancelled_chunk_in_a_batch_that_breaks_still_frees_its_session(
         await asyncio.sleep(0)
     assert float((await asyncio.wait_for(submit(batcher, a, chunk(2)), timeout=30))[0, 0]) == 2.0
     assert not a.busy and a.steps == 1
+    await batcher.close()
+
+
+async def test_a_chunk_answered_by_its_deadline_leaves_the_queue_at_once() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model, max_queue_chunks=1)
+    a, b, c = store.create("a"), store.create("b"), store.create("c")
+    first = await batch_in_flight(batcher, model, a)
+    with pytest.raises(DeadlineExceeded):
+        await submit(batcher, b, chunk(1), deadline_s=time.perf_counter() + 0.02)
+    # Its place in the queue is free again: no spurious "chunks waiting" refusal.
+    queued = submit(batcher, c, chunk(2))
+    model.release.set()
+    await first
+    assert float((await queued)[0, 0]) == 2.0 and b.steps == 0
+    await batcher.close()
+
+
+async def test_an_anchored_chunk_waiting_when_a_later_request_fails_does_not_mend_the_break() -> (
+    None
+):
+    # The client sent A, B (stating its count), then C, which failed (refused), then D: D would
+    # apply to a history without C, so the sequence stays broken for D, whatever B does.
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model)
+    a = store.create("a")
+    first = submit_chunk(batcher, a, chunk(1), wait=True)
+    await asyncio.to_thread(model.entered.wait, 30)
+    anchored = submit_chunk(batcher, a, chunk(2), wait=True, expected_steps=1)
+    break_sequence(a, "C was refused")  # as the engine does when C is refused
+    model.release.set()
+    await first
+    assert (await anchored).steps == 2
+    assert a.broken == "C was refused"  # D, sent after C, must still be refused
+    await batcher.close()
+
+
+async def test_a_failed_start_that_opened_its_session_closes_it_again() -> None:
+    model = GatedFakeModel(gated=True)
+    batcher, store, _ = make(model)
+    busy, opened = store.create("busy"), store.create("new")
+    first = await batch_in_flight(batcher, model, busy)
+    future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+    latency = Metrics().request_latency.labels("fake", "1", "test")
+    batcher.submit(PendingChunk(opened, chunk(1), future, time.perf_counter(), latency,
+                                time.perf_counter() + 0.02, start=True, ordered=True,
+                                opens=True))  # fmt: skip
+    with pytest.raises(DeadlineExceeded):
+        await future
+    assert store.find("new") is None  # no empty session left to count against the limits
+    model.release.set()
+    await first
     await batcher.close()

@@ -23,6 +23,7 @@ from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.api.status import SESSION_STEPS_KEY
 from service.durability import Durability, DurableModel
+from service.errors import Unavailable
 from service.metrics import Metrics
 from service.server import RnnServer
 from service.session_store import SessionStore
@@ -508,3 +509,92 @@ async def test_per_client_limits_hold_across_a_restart(make_settings: Any, tmp_p
             native(ch).CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="c")),
         )
         assert "limit of 2 sessions" in details
+
+
+# ----- found in review ------------------------------------------------------------------------
+async def test_a_broken_sequence_goes_on_behind_a_request_that_states_its_count(
+    make_settings: Any, tiny_repository: Path
+) -> None:
+    x = inputs(6, seed=4)
+    reference = OfflineReference(tiny_repository, MODEL)(x)
+    async with serving(make_settings()) as srv, channel(srv.grpc_port) as ch:
+        stub = kserve(ch)
+        await stub.ModelInfer(infer_request(MODEL, 12, x[:2], start=True))
+        bad = infer_request(MODEL, 12, x[2:4])
+        bad.inputs[0].datatype = "FP64"
+        await expect_code(grpc.StatusCode.INVALID_ARGUMENT, stub.ModelInfer(bad))  # breaks it
+        anchored = infer_request(MODEL, 12, x[2:4])
+        anchored.parameters["sequence_expected_steps"].int64_param = 2
+        requests = [anchored, infer_request(MODEL, 12, x[4:5]), infer_request(MODEL, 12, x[5:])]
+        replies = [r async for r in stub.ModelStreamInfer(iter(requests))]  # pipelined
+    assert [r.error_message for r in replies] == ["", "", ""]
+    outputs = [infer_output(r.infer_response) for r in replies]
+    np.testing.assert_allclose(np.concatenate(outputs), reference[2:], atol=1e-5)
+
+
+async def test_a_bad_parameter_of_a_request_breaks_its_sequence(make_settings: Any) -> None:
+    async with serving(make_settings()) as srv, channel(srv.grpc_port) as ch:
+        stub = kserve(ch)
+        await stub.ModelInfer(infer_request(MODEL, 13, inputs(2), start=True))
+        bad = infer_request(MODEL, 13, inputs(1))
+        bad.parameters["sequence_expected_steps"].string_param = "2"
+        refused = await failure(stub.ModelInfer(bad))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and steps_in(refused) == 2
+        details = await expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            stub.ModelInfer(infer_request(MODEL, 13, inputs(1))),
+        )  # sent behind the refused one, it must not apply without it
+        assert "cannot go on" in details
+
+
+async def test_an_error_reply_too_large_to_echo_the_request_keeps_the_stream(
+    make_settings: Any,
+) -> None:
+    async with serving(make_settings(max_message_bytes=4096)) as srv, channel(srv.grpc_port) as ch:
+        stub = kserve(ch)
+        unknown = infer_request("nope", 14, inputs(1), start=True, request_id="i" * 3900)
+        good = infer_request(MODEL, 14, inputs(1), start=True, request_id="good")
+        replies = [r async for r in stub.ModelStreamInfer(iter([unknown, good]))]
+    assert "not found" in replies[0].error_message and replies[0].infer_response.id == ""
+    assert not replies[1].error_message and replies[1].infer_response.id == "good"
+
+
+async def test_sessions_are_unavailable_not_missing_while_the_models_load(
+    make_settings: Any,
+) -> None:
+    server = RnnServer(make_settings())  # not started: nothing loaded or restored yet
+    for call in (
+        lambda: server.engine.session(MODEL, "", "s"),
+        lambda: server.engine.model(MODEL),
+    ):
+        with pytest.raises(Unavailable, match="still loading"):
+            call()
+
+
+async def test_a_session_closing_when_the_final_snapshot_is_taken_is_not_saved(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    settings = durable_settings(make_settings, tmp_path, drain_timeout_s=0.0)
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        stub = native(ch)
+        for name in ("kept", "closing"):
+            await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id=name))
+        with gated(srv) as (entered, release):
+            step = asyncio.ensure_future(stub.Step(step_request(MODEL, "closing", inputs(1))))
+            await asyncio.to_thread(entered.wait, 30)
+            close = asyncio.ensure_future(
+                stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id="closing"))
+            )
+            session = srv.engine.model(MODEL).store.get("closing")
+            for _ in range(100_000):  # until the close has reached the server (no timer)
+                if session.close_when_idle is not None:
+                    break
+                await asyncio.sleep(0)
+            assert srv.engine.durability is not None
+            await srv.engine.durability.snapshot(force=True, final=True)
+            blob = await asyncio.to_thread(
+                DirectorySnapshots(tmp_path / "state").read, f"{MODEL}/1"
+            )
+            release.set()
+            await step, await close
+    assert [r.session_id for r in decode(blob or b"").sessions] == ["kept"]

@@ -27,6 +27,7 @@ from service.api.kserve_messages import (
     input_chunk,
     model_config,
     sequence_control,
+    sequence_id_of,
 )
 from service.api.status import abort, count_failure, deadline_of, translate_errors
 from service.api.streams import RequestPump
@@ -37,6 +38,7 @@ from service.errors import (
     NotFound,
     OtherIncarnation,
     ServiceError,
+    Unavailable,
     Unconfirmed,
     shown,
 )
@@ -65,7 +67,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     ) -> pb.ModelReadyResponse:
         try:
             handle = self.engine.model(request.name, request.version)
-        except NotFound:
+        except (NotFound, Unavailable):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.engine.ready and handle.ready)
 
@@ -118,13 +120,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         chunk's future. The one path of both ModelInfer and ModelStreamInfer."""
         received = time.perf_counter()
         spec = self.engine.model(request.model_name, request.model_version).spec
-        control = sequence_control(request)
+        sequence_id = sequence_id_of(request)  # any error after this one is its sequence's
         try:
+            control = sequence_control(request, sequence_id)
             x = input_chunk(request, spec)
             future = self.engine.submit(
                 spec.name,
                 spec.version,
-                control.sequence_id,
+                sequence_id,
                 x,
                 api=API,
                 received_s=received,
@@ -137,18 +140,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 incarnation=control.incarnation,
                 reply_extra_bytes=len(request.id),
             )
-        except OtherIncarnation as error:
-            self.engine.sequence_failed(spec.name, spec.version, control.sequence_id, caller, error)
-            raise as_triton(error) from None
-        except NotFound:  # the model exists (looked up above): the sequence does not
+        except NotFound as error:
+            if isinstance(error, OtherIncarnation):
+                steps = self.engine.sequence_failed(spec, sequence_id, caller, error)
+                raise as_triton(error.with_session_steps(steps)) from None
+            # The model exists (looked up above): the sequence does not.
+            if control.expected_steps is not None or control.incarnation:
+                raise InvalidArgument(
+                    f"sequence {shown(sequence_id)} of model {shown(spec.name)} is not known "
+                    "here: it ended, or it began after the last snapshot before an unclean stop "
+                    "of the server; send START to begin it again"
+                ) from None
             raise InvalidArgument(
-                f"inference request for sequence {shown(control.sequence_id)} to model "
+                f"inference request for sequence {shown(sequence_id)} to model "
                 f"{shown(spec.name)} must specify the START flag on the first request of the "
                 "sequence"
             ) from None
         except ServiceError as error:  # the requests sent behind it must not skip it
-            self.engine.sequence_failed(spec.name, spec.version, control.sequence_id, caller, error)
-            raise
+            steps = self.engine.sequence_failed(spec, sequence_id, caller, error)
+            raise error.with_session_steps(steps) from None
         return spec, future
 
     async def ModelStreamInfer(
@@ -191,7 +201,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             if isinstance(error, ServiceError):
                 error = as_triton(error)
             steps = error.session_steps if isinstance(error, ServiceError) else None
-            return error_reply(request, count_failure(error, self.metrics, API), steps)
+            message = count_failure(error, self.metrics, API)
+            return error_reply(request, message, steps, self.engine.settings.max_message_bytes)
 
         try:
             async for reply in pump.replies(request_iterator, handle):
@@ -203,19 +214,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
 
 
 def as_triton(error: ServiceError) -> ServiceError:
-    """``error`` as Triton would answer it. A sequence restored after an unclean stop and
+    """``error`` in the words of a KServe client: a sequence restored after an unclean stop and
     continued without its step count and incarnation, or one that is no longer the incarnation
-    the client names, is refused as Triton refuses a sequence it does not know (INVALID_ARGUMENT),
-    saying how to go on; other errors are as they are."""
+    the client names, is refused as Triton refuses a sequence it does not know
+    (INVALID_ARGUMENT), saying how to go on; elsewhere "session" reads "sequence"."""
+    message = error.message.replace("session", "sequence", 1)
+    steps = error.session_steps
     if isinstance(error, Unconfirmed):
-        how = (
-            "send sequence_start to begin the sequence again, or the parameters "
-            "sequence_expected_steps (the step count you know) and sequence_incarnation (from "
-            "the reply to its START) to resume it"
+        what = message.partition("; send the chunk")[0]
+        return InvalidArgument(
+            f"{what}; send sequence_start to begin the sequence again, or resume it: replay your "
+            f"requests from step {steps} with the parameters sequence_expected_steps and "
+            "sequence_incarnation (from the reply to its START)",
+            session_steps=steps,
         )
-    elif isinstance(error, OtherIncarnation):
-        how = "send sequence_start to begin it again"
-    else:
-        return error
-    what = error.message.split("; ")[0].replace("session", "sequence", 1)
-    return InvalidArgument(f"{what}; {how}", session_steps=error.session_steps)
+    if isinstance(error, OtherIncarnation):
+        return InvalidArgument(
+            f"{message}; send sequence_start to begin it again", session_steps=steps
+        )
+    copy = type(error).__new__(type(error))
+    ServiceError.__init__(copy, message, session_steps=steps)
+    return copy

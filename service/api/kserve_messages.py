@@ -36,8 +36,9 @@ class SequenceControl:
     incarnation: str = ""  # parameter sequence_incarnation: from the reply to the START
 
 
-def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
-    """Read Triton's sequence parameters; a sequence id is required for these stateful models."""
+def sequence_id_of(request: pb.ModelInferRequest) -> str:
+    """The request's sequence id (required for these stateful models): read first, so that any
+    later error of the request can be charged to its sequence."""
     params = request.parameters
     sequence_id = ""
     p = params.get("sequence_id")
@@ -55,6 +56,18 @@ def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
                 check_session_id(sequence_id)
         else:
             raise InvalidArgument("sequence_id must be an int64, uint64 or string parameter")
+    if not sequence_id:
+        raise InvalidArgument(
+            f"inference request to model {shown(request.model_name)} must specify a non-zero or "
+            "non-empty sequence_id: this model keeps state per sequence"
+        )
+    return sequence_id
+
+
+def sequence_control(request: pb.ModelInferRequest, sequence_id: str) -> SequenceControl:
+    """Read Triton's sequence parameters (and ours: sequence_expected_steps,
+    sequence_incarnation) of a request of sequence ``sequence_id``."""
+    params = request.parameters
     start = bool_parameter(params, "sequence_start")
     end = bool_parameter(params, "sequence_end")
     expected_steps = count_parameter(params, "sequence_expected_steps")
@@ -64,11 +77,6 @@ def sequence_control(request: pb.ModelInferRequest) -> SequenceControl:
         if p.WhichOneof("parameter_choice") != "string_param":
             raise InvalidArgument("sequence_incarnation must be a string parameter")
         incarnation = p.string_param
-    if not sequence_id:
-        raise InvalidArgument(
-            f"inference request to model {shown(request.model_name)} must specify a non-zero or non-empty "
-            "sequence_id: this model keeps state per sequence"
-        )
     return SequenceControl(sequence_id, start, end, expected_steps, incarnation)
 
 
@@ -211,16 +219,28 @@ def model_config(spec: ModelSpec, settings: Settings) -> mc.ModelConfig:
     )
 
 
+ERROR_REPLY_OVERHEAD_BYTES = 256  # field framing and the sequence_steps parameter
+
+
 def error_reply(
-    request: pb.ModelInferRequest, message: str, session_steps: int | None = None
+    request: pb.ModelInferRequest,
+    message: str,
+    session_steps: int | None = None,
+    max_bytes: int | None = None,
 ) -> pb.ModelStreamInferResponse:
     """A stream's in-band answer to a failed request: Triton's error_message, the request's id,
     and (parameter ``sequence_steps``) the sequence's step count when it is known: a failed
-    request is never applied."""
+    request is never applied. The request's model name, version and id are echoed only if the
+    reply then fits ``max_bytes``: a reply too large to send would end the whole stream."""
+    echoed = len(request.id) + len(request.model_name) + len(request.model_version)
+    size = echoed + len(message.encode()) + ERROR_REPLY_OVERHEAD_BYTES
+    echo = max_bytes is None or size <= max_bytes
     reply = pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
+            model_name=request.model_name if echo else "",
+            model_version=request.model_version if echo else "",
+            id=request.id if echo else "",
         ),
     )
     if session_steps is not None:
