@@ -73,6 +73,7 @@ def test_promtool_accepts_config_and_rules() -> None:
     for args in (
         ("check", "config", "deploy/prometheus/prometheus.yml"),
         ("check", "rules", "deploy/prometheus/rules.yml"),
+        ("test", "rules", "deploy/prometheus/rules_test.yml"),  # the alerts fire when they should
     ):
         result = run(promtool, *args)
         assert result.returncode == 0, result.stdout + result.stderr
