@@ -160,8 +160,9 @@ class Metrics:
         )
         self.failures = Counter(
             "rnnserve_failures",
-            "Failed requests by status code.",
-            ["api", "code"],
+            "Failed requests by status code and the model the request named (empty when it named"
+            " no model that is served).",
+            ["api", "code", "model"],
             registry=r,
         )
         self.snapshots = Counter(

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.logs import ONNXRUNTIME_LOG_SEVERITY
 from service.settings import ExecutionProvider
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class ModelRuntime:
             intra_threads: int, chosen: list[str], arena: bool = True
         ) -> ort.InferenceSession:
             options = ort.SessionOptions()
+            options.log_severity_level = ONNXRUNTIME_LOG_SEVERITY  # errors only: not JSON
             options.enable_cpu_mem_arena = arena
             options.intra_op_num_threads = intra_threads
             options.inter_op_num_threads = inter_op_threads

@@ -29,7 +29,13 @@ from service.api.kserve_messages import (
     sequence_control,
     sequence_id_of,
 )
-from service.api.status import abort, count_failure, deadline_of, translate_errors
+from service.api.status import (
+    abort,
+    count_failure,
+    deadline_of,
+    model_label,
+    translate_errors,
+)
 from service.api.streams import RequestPump
 from service.chunks import StepResult
 from service.engine import InferenceEngine
@@ -78,7 +84,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             name="rnnserve", version=__version__, extensions=EXTENSIONS
         )
 
-    @translate_errors(API)
+    @translate_errors(API, "name")
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
@@ -93,14 +99,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             outputs=[tensor(name="y", datatype="FP32", shape=[-1, -1, spec.output_size])],
         )
 
-    @translate_errors(API)
+    @translate_errors(API, "name")
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         handle = self.engine.model(request.name, request.version)
         return pb.ModelConfigResponse(config=model_config(handle.spec, self.engine.settings))
 
-    @translate_errors(API)
+    @translate_errors(API, "model_name")
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
@@ -201,7 +207,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             if isinstance(error, ServiceError):
                 error = as_triton(error)
             steps = error.session_steps if isinstance(error, ServiceError) else None
-            message = count_failure(error, self.metrics, API)
+            model = model_label(self.engine, request.model_name)
+            message = count_failure(error, self.metrics, API, model)
             return error_reply(request, message, steps, self.engine.settings.max_message_bytes)
 
         try:

@@ -120,7 +120,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await abort(context, error, self.metrics, API)
+            await abort(context, error, self.metrics, API, stream.model)
         finally:
             stream.detach()
 

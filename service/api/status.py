@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -39,6 +39,18 @@ def deadline_of(context: grpc.aio.ServicerContext, received_s: float) -> float |
     return None if remaining is None else received_s + remaining
 
 
+class ModelNames(Protocol):
+    """What :func:`model_label` needs of the engine: the versions served under a name."""
+
+    def versions(self, name: str) -> list[str]: ...
+
+
+def model_label(engine: ModelNames, name: str) -> str:
+    """The ``model`` label of a failure: the name the request gave if a model of that name is
+    served, else "" (a client's made-up name must never become a label value)."""
+    return name if name and engine.versions(name) else ""
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-safe message for any exception raised by the core."""
     if isinstance(error, ServiceError):
@@ -47,13 +59,17 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext, error: BaseException, metrics: Metrics, api: str
+    context: grpc.aio.ServicerContext,
+    error: BaseException,
+    metrics: Metrics,
+    api: str,
+    model: str = "",
 ) -> NoReturn:
-    """Count the failure and end the RPC with the error's status."""
+    """Count the failure (``model``: a :func:`model_label`) and end the RPC with its status."""
     code, message = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("internal error in %s api", api, exc_info=error)
-    metrics.failures.labels(api, code.name).inc()
+    metrics.failures.labels(api, code.name, model).inc()
     steps = error.session_steps if isinstance(error, ServiceError) else None
     if steps is not None:  # a refused chunk is never applied: where its session stands
         context.set_trailing_metadata(((SESSION_STEPS_KEY, str(steps)),))
@@ -61,17 +77,19 @@ async def abort(
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
-def count_failure(error: BaseException, metrics: Metrics, api: str) -> str:
+def count_failure(error: BaseException, metrics: Metrics, api: str, model: str = "") -> str:
     """Count a failure reported in-band (Triton's stream error_message); returns the message."""
     code, message = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("internal error in %s api", api, exc_info=error)
-    metrics.failures.labels(api, code.name).inc()
+    metrics.failures.labels(api, code.name, model).inc()
     return message
 
 
-def translate_errors(api: str) -> Callable[[Handler], Handler]:
-    """Decorate a unary servicer method: domain errors become their gRPC status."""
+def translate_errors(api: str, model_field: str = "model") -> Callable[[Handler], Handler]:
+    """Decorate a unary servicer method (of a servicer with ``engine`` and ``metrics``): domain
+    errors become their gRPC status, counted under the model the request's ``model_field``
+    names (if one of that name is served)."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -81,7 +99,8 @@ def translate_errors(api: str) -> Callable[[Handler], Handler]:
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
-                await abort(context, error, self.metrics, api)
+                model = model_label(self.engine, getattr(request, model_field, ""))
+                await abort(context, error, self.metrics, api, model)
 
         return wrapper  # type: ignore[return-value]
 
