@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from service.settings import BUNDLED_MODELS, Settings
+from service.settings import BUNDLED_MODELS, DEFAULT_STATE_DIR, Settings
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "API.md"
 HEADER = "| setting (flag) | environment variable | default | meaning |\n|---|---|---|---|\n"
@@ -28,7 +28,9 @@ def table() -> str:
         elif default is None:
             default = "—"
         elif default == BUNDLED_MODELS:
-            default = "the bundled `models/`"
+            default = "the bundled models (`models/`, installed as `service/bundled_models`)"
+        elif default == DEFAULT_STATE_DIR:  # machine-dependent: the rule, not this machine's path
+            default = "`$XDG_STATE_HOME/rnnserve`, else `~/.local/state/rnnserve`"
         flag = (
             "(environment only)"
             if field.annotation is SecretStr

@@ -3,13 +3,34 @@ variables (flags win) and passed down; nothing else reads the environment."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+# The models that ship with rnnserve: package data of ``service`` (a wheel holds them in
+# service/bundled_models); in a checkout, service/bundled_models is a symlink to models/.
+BUNDLED_MODELS = (Path(__file__).resolve().parent / "bundled_models").resolve()
+
+
+def default_state_dir() -> Path:
+    """Where session snapshots go by default: ``$XDG_STATE_HOME/rnnserve``, or
+    ``~/.local/state/rnnserve`` when XDG_STATE_HOME is unset or not absolute (the XDG rule); for
+    a user without a home directory, ``rnnserve-<uid>`` in the temporary directory."""
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(base):
+        return Path(base) / "rnnserve"
+    try:
+        return Path.home() / ".local" / "state" / "rnnserve"
+    except RuntimeError:  # no HOME and no password entry: never a path relative to the cwd
+        return Path(tempfile.gettempdir()) / f"rnnserve-{os.getuid()}"
+
+
+# A plain default rather than a default factory, so that `rnnserve serve --help` shows it.
+DEFAULT_STATE_DIR = default_state_dir()
 
 ExecutionProvider = Literal["cpu", "cuda", "tensorrt"]
 
@@ -138,7 +159,8 @@ class Settings(BaseSettings):
         description="where session snapshots go (none: sessions do not survive a restart)",
     )
     snapshot_dir: Path = Field(
-        Path("rnnserve-state"), description="directory of the snapshots (backend directory)"
+        DEFAULT_STATE_DIR,
+        description="directory of the snapshots (backend directory); created if missing",
     )
     snapshot_redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis URL of the snapshots (backend redis)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,12 @@ def test_every_catalogued_error_case_is_documented() -> None:
     errors_doc = (ROOT / "docs" / "ERRORS.md").read_text()
     for case in CASES:
         assert f"`{case.name}`" in errors_doc, case.name
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """A newcomer needs the Quick start's two commands, one serving and one testing, and CI runs
+    that test command itself."""
+    readme = (ROOT / "README.md").read_text()
+    serve, test = re.findall(r"```bash\n(.*?)\n```", readme.split("## Quick start")[1], re.S)[:2]
+    assert "rnnserve serve" in serve
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The README's test command (and CI's, through .ci/run): installs what the tests need, then runs them.
+#
+#   bash scripts/test.sh                   # everything, as CI runs it
+#   bash scripts/test.sh -m 'not slow'     # arguments go to pytest
+#
+# Two tools come from Debian rather than PyPI: promtool (package prometheus) checks the metrics
+# exposition and the alert rules, redis-server backs the Redis snapshot tests. Missing ones are
+# installed with apt-get (through sudo when not root); RUNLEVEL=1 keeps the packages' own services
+# from starting (the tests start their own servers on loopback). Where that is impossible the
+# script says what to install and runs the tests anyway: the tests that need a tool fail naming it.
+# Everything else comes from the test extra, into the Python environment that runs this script
+# (use a virtual environment where that Python is Debian's own).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# tool=Debian package
+missing=()
+for pair in promtool=prometheus redis-server=redis-server; do
+    command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+    as_root=()
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+        as_root=(sudo)
+        [ -t 0 ] || as_root+=(-n)  # no terminal (CI): never wait for a password
+    fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ ${#as_root[@]} -gt 0 ]; }; then
+        echo "scripts/test.sh: installing ${missing[*]} (apt-get)" >&2
+        "${as_root[@]}" apt-get update -qq || true  # a stale package list may still do
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+            apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || true
+    fi
+    for pair in promtool=prometheus redis-server=redis-server; do
+        command -v "${pair%%=*}" >/dev/null 2>&1 ||
+            echo "scripts/test.sh: ${pair%%=*} is missing and could not be installed here;" \
+                "install Debian's ${pair#*=} package: the tests that need it fail until then" >&2
+    done
+fi
+
+python3 -m pip install -e '.[test]'
+python3 -m pytest "$@"
