@@ -12,7 +12,15 @@ from collections.abc import Callable
 from service.batcher import Batcher
 from service.errors import ModelContractError, NotFound, Unavailable, shown
 from service.metrics import LoopHistogramChild, Metrics
-from service.repository import ModelSpec, check_contract, discover, read_spec, version_key
+from service.repository import (
+    REEXPORT,
+    ModelSpec,
+    check_contract,
+    discover,
+    no_models,
+    read_spec,
+    version_key,
+)
 from service.runtime import CallCost, ModelRuntime
 from service.session import EndReason, Session
 from service.session_store import SessionStore
@@ -21,6 +29,17 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 EndHook = Callable[[Session, EndReason], None]
+
+
+def unloadable(spec: ModelSpec, error: Exception) -> Exception:
+    """onnxruntime's error for a model.onnx it cannot load (no common base class: told by its
+    module) as a ModelContractError naming the model in one line; any other error as it is."""
+    if not type(error).__module__.startswith("onnxruntime"):
+        return error
+    reason = " ".join(str(error).split())
+    return ModelContractError(
+        f"model {spec.label}: onnxruntime cannot load {spec.onnx_path} ({reason}); {REEXPORT}"
+    )
 
 
 class ModelHandle:
@@ -79,20 +98,21 @@ class ModelRegistry:
         s = settings
         directories = discover(s.model_repository)
         if not directories:
-            raise ModelContractError(
-                f"model repository {s.model_repository} holds no */*/model.onnx"
-            )
+            raise no_models(s.model_repository)
         for directory in directories:
             spec = read_spec(directory)
-            runtime = runtime_class(
-                spec.onnx_path,
-                provider=s.execution_provider,
-                fallback=s.provider_fallback,
-                intra_op_threads=s.intra_op_threads,
-                inter_op_threads=s.inter_op_threads,
-                spin_wait=s.ort_spin_wait,
-                single_thread_twin=s.inline_compute_below_s > 0,
-            )
+            try:
+                runtime = runtime_class(
+                    spec.onnx_path,
+                    provider=s.execution_provider,
+                    fallback=s.provider_fallback,
+                    intra_op_threads=s.intra_op_threads,
+                    inter_op_threads=s.inter_op_threads,
+                    spin_wait=s.ort_spin_wait,
+                    single_thread_twin=s.inline_compute_below_s > 0,
+                )
+            except Exception as error:
+                raise unloadable(spec, error) from error
             check_contract(spec, runtime)
             call_cost = None
             if s.inline_compute_below_s > 0:

@@ -20,7 +20,9 @@ from service.runtime import ModelRuntime
 logger = logging.getLogger(__name__)
 
 REQUIRED_METADATA = ("cell", "num_layers", "hidden_size", "input_size", "output_size")
+SIZES = REQUIRED_METADATA[1:]
 CELLS = ("rnn", "lstm", "gru")
+REEXPORT = "export it again (python -m training export) or remove its folder"
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,20 @@ def version_key(version: str) -> tuple[int, int | str]:
 def discover(root: Path) -> list[Path]:
     """Version directories under ``root`` that hold a model.onnx."""
     if not root.is_dir():
-        raise ModelContractError(f"model repository {root} does not exist or is not a directory")
+        raise ModelContractError(
+            f"model repository {root} does not exist or is not a directory; point "
+            "--model-repository (RNNSERVE_MODEL_REPOSITORY) at a folder of "
+            "<name>/<version>/model.onnx + model.json"
+        )
     return sorted(p.parent for p in root.glob("*/*/model.onnx"))
+
+
+def no_models(root: Path) -> ModelContractError:
+    """The error of a repository that holds no model."""
+    return ModelContractError(
+        f"model repository {root} holds no <name>/<version>/model.onnx; export a model there "
+        "(python -m training export) or point --model-repository at another folder"
+    )
 
 
 def read_spec(directory: Path) -> ModelSpec:
@@ -74,22 +88,37 @@ def read_spec(directory: Path) -> ModelSpec:
     try:
         metadata = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise ModelContractError(f"model {label}: missing model.json beside model.onnx") from None
-    except json.JSONDecodeError as exc:
-        raise ModelContractError(f"model {label}: model.json is not valid JSON ({exc})") from None
+        raise ModelContractError(
+            f"model {label}: missing model.json beside model.onnx in {directory}; {REEXPORT}"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelContractError(
+            f"model {label}: {meta_path} is not valid JSON ({exc}); fix it or {REEXPORT}"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise ModelContractError(f"model {label}: {meta_path} is not a JSON object; {REEXPORT}")
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
-        raise ModelContractError(f"model {label}: model.json lacks {', '.join(missing)}")
+        raise ModelContractError(
+            f"model {label}: {meta_path} lacks {', '.join(missing)} (every model.json needs "
+            f"{', '.join(REQUIRED_METADATA)}); add them or {REEXPORT}"
+        )
     if metadata["cell"] not in CELLS:
         raise ModelContractError(
-            f"model {label}: unknown cell {metadata['cell']!r} (expected {CELLS})"
+            f"model {label}: unknown cell {metadata['cell']!r} in {meta_path} (expected one of "
+            f"{', '.join(CELLS)})"
+        )
+    bad = [k for k in SIZES if not isinstance(metadata[k], int) or metadata[k] < 1]
+    if bad:
+        raise ModelContractError(
+            f"model {label}: {meta_path}: {', '.join(bad)} must be whole numbers above 0"
         )
     digest = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
     recorded = metadata.get("sha256")
     if recorded and recorded != digest:
         raise ModelContractError(
             f"model {label}: model.onnx sha256 {digest[:12]}... does not match model.json "
-            f"({str(recorded)[:12]}...); the file was changed after export"
+            f"({str(recorded)[:12]}...); the file was changed after export: {REEXPORT}"
         )
     return ModelSpec(
         name=directory.parent.name,
@@ -140,5 +169,6 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
                     )
     if problems:
         raise ModelContractError(
-            f"model {spec.label} breaks the ONNX contract: " + "; ".join(problems)
+            f"model {spec.label} breaks the ONNX contract: {'; '.join(problems)}; export it with "
+            "training/export.py (docs/TRAINING.md) or remove its folder"
         )

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from service.cli import main
+from tests.certs import Pki
+from tests.test_demos import bundled_settings, server_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,8 +121,10 @@ def test_models_stream_and_graceful_sigterm(
         str(plot),
     )
     assert streamed.returncode == 0, streamed.stderr
-    assert "session streamed 120 steps in chunks of 7" in streamed.stdout
-    assert "mean squared error" in streamed.stdout and plot.stat().st_size > 0
+    assert "streamed 120 steps in one session, in chunks of 7" in streamed.stdout
+    # An untrained model with no recorded metrics: measured, and said to have no test figure.
+    assert "stream MSE: " in streamed.stdout and "(test set: not recorded)" in streamed.stdout
+    assert plot.stat().st_size > 0
     missing = rnnserve("stream", "--target", target, "--model", "nope")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
     process.send_signal(signal.SIGTERM)
@@ -125,20 +132,6 @@ def test_models_stream_and_graceful_sigterm(
     assert process.stderr is not None
     shutdown_log = process.stderr.read()
     assert "shutdown: saved 0 and ended 0 session(s)" in shutdown_log
-
-
-def test_bad_repository_fails_start_with_a_clear_message(tmp_path: Path) -> None:
-    result = rnnserve(
-        "serve",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--model-repository",
-        str(tmp_path / "missing"),
-    )
-    assert result.returncode != 0
-    assert "does not exist" in result.stderr
 
 
 def serve_until_it_fails(repository: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -191,3 +184,146 @@ def test_a_port_in_use_is_one_clear_line(tiny_repository: Path, flag: str) -> No
         port = str(taken.getsockname()[1])
         result = serve_until_it_fails(tiny_repository, "--snapshot-backend", "none", flag, port)
     assert_one_clear_line(result, port, flag)
+
+
+def copy_model(repository: Path, root: Path, name: str = "tiny_gru") -> Path:
+    """A repository at ``root`` with one model copied from ``repository``: its version folder."""
+    version = root / name / "1"
+    shutil.copytree(repository / name / "1", version)
+    return version
+
+
+def edit_json(version: Path, change: Callable[[dict[str, object]], None]) -> None:
+    path = version / "model.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def no_model_json(version: Path) -> None:
+    (version / "model.json").unlink()
+
+
+def invalid_json(version: Path) -> None:
+    (version / "model.json").write_text("{not json")
+
+
+def lacks_keys(version: Path) -> None:
+    edit_json(version, lambda meta: [meta.pop(k) for k in ("hidden_size", "cell")])
+
+
+def unreadable_onnx(version: Path) -> None:
+    (version / "model.onnx").write_bytes(b"not an onnx graph")
+    edit_json(version, lambda meta: meta.pop("sha256"))  # else the hash check says it first
+
+
+def breaks_the_contract(version: Path) -> None:
+    edit_json(version, lambda meta: meta.update(hidden_size=99))
+
+
+def changed_after_export(version: Path) -> None:
+    with (version / "model.onnx").open("ab") as graph:
+        graph.write(b"\0")
+
+
+@pytest.mark.parametrize(
+    ("mistake", "phrases"),
+    [
+        (no_model_json, ["tiny_gru/1", "missing model.json", "python -m training export"]),
+        (invalid_json, ["tiny_gru/1", "is not valid JSON"]),
+        (lacks_keys, ["tiny_gru/1", "lacks cell, hidden_size", "add them"]),
+        (unreadable_onnx, ["tiny_gru/1", "onnxruntime cannot load", "INVALID_PROTOBUF"]),
+        (breaks_the_contract, ["tiny_gru/1 breaks the ONNX contract", "expected 99"]),
+        (changed_after_export, ["tiny_gru/1", "changed after export"]),
+    ],
+)
+def test_a_bad_model_fails_start_with_one_line_naming_it(
+    tiny_repository: Path, tmp_path: Path, mistake: Callable[[Path], None], phrases: list[str]
+) -> None:
+    mistake(copy_model(tiny_repository, tmp_path / "models"))
+    result = serve_until_it_fails(tmp_path / "models", "--snapshot-backend", "none")
+    assert_one_clear_line(result, *phrases)
+
+
+def test_a_missing_or_empty_repository_fails_start_with_one_line(tmp_path: Path) -> None:
+    missing = serve_until_it_fails(tmp_path / "missing", "--snapshot-backend", "none")
+    assert_one_clear_line(missing, "does not exist", "--model-repository")
+    (tmp_path / "empty").mkdir()
+    empty = serve_until_it_fails(tmp_path / "empty", "--snapshot-backend", "none")
+    assert_one_clear_line(empty, "holds no <name>/<version>/model.onnx", "--model-repository")
+
+
+STREAM = ["stream", "--target", "127.0.0.1:1", "--model", "adding_lstm"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([*STREAM, "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        ([*STREAM, "--chunk", "0"], "argument --chunk: must be at least 1, got 0"),
+        ([*STREAM, "--chunk", "ten"], "argument --chunk: expected a whole number, got 'ten'"),
+        ([*STREAM, "--show", "-1"], "argument --show: must be at least 0, got -1"),
+        ([*STREAM, "--sequences", "0"], "argument --sequences: must be at least 1"),
+        ([*STREAM, "--seed", "-1"], "argument --seed: must be at least 0"),
+        ([*STREAM, "--tls-ca-file", "/nonexistent/ca.pem"], "/nonexistent/ca.pem: no such file"),
+        ([*STREAM, "--tls-cert-file", "pyproject.toml"], "--tls-cert-file and --tls-key-file go together"),
+        ([*STREAM, "--tls-cert-file", "pyproject.toml", "--tls-key-file", "pyproject.toml"],
+         "mutual TLS needs --tls-ca-file"),
+        (["models", "--timeout-s", "0"], "argument --timeout-s: must be a number of seconds above 0"),
+        (["models", "--token-file", "/nonexistent/token"], "/nonexistent/token: no such file"),
+        (["health", "--timeout-s", "nan"], "argument --timeout-s: must be a number of seconds above 0"),
+        (["stream", "--target", "127.0.0.1:1"], "the following arguments are required: --model"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_exit_2_with_a_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_plot_without_matplotlib_exits_2_before_streaming(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+
+    def no_connection(*args: object, **kwargs: object) -> None:
+        raise AssertionError("connected to the server before checking --plot")
+
+    monkeypatch.setattr("service.cli.connect", no_connection)
+    assert main([*STREAM, "--plot", str(tmp_path / "demo.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rnnserve: --plot needs matplotlib: pip install 'rnnserve[plot]'"]
+    assert not (tmp_path / "demo.png").exists()
+
+
+def test_stream_and_models_over_mutual_tls_with_a_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki = Pki()
+    server_cert, server_key = pki.issue("localhost", server=True).write(tmp_path, "server")
+    client_cert, client_key = pki.issue("alice").write(tmp_path, "client")
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(pki.ca_pem)
+    token = "alice-token-0123456789abcdef"
+    (tmp_path / "token").write_text(token + "\n")
+    settings = bundled_settings(
+        tls_cert_file=server_cert, tls_key_file=server_key, tls_client_ca_file=ca,
+        auth_tokens=f"alice:{token}",
+    )  # fmt: skip
+    tls = ["--tls-ca-file", str(ca), "--tls-cert-file", str(client_cert),
+           "--tls-key-file", str(client_key)]  # fmt: skip
+    with server_in_thread(settings) as server:
+        target = ["--target", f"localhost:{server.grpc_port}"]
+        assert main(["models", *target, *tls, "--token-file", str(tmp_path / "token")]) == 0
+        assert "adding_lstm/1" in capsys.readouterr().out
+        argv = ["stream", *target, *tls, "--model", "adding_lstm", "--sequences", "2"]
+        assert main([*argv, "--token-file", str(tmp_path / "token"), "--chunk", "50"]) == 0
+        assert "sequences wrong (|error| >= 0.04): 0 of 2" in capsys.readouterr().out
+        assert main(argv) == 1  # no token: refused in one line
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        monkeypatch.setenv("RNNSERVE_CLIENT_TOKEN", token)  # the token from the environment
+        assert main([*argv, "--show", "0"]) == 0
