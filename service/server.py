@@ -55,7 +55,7 @@ def check_snapshot_directory(directory: Path) -> None:
     """Create the snapshot directory and write a file in it, so that a directory the server may
     not write fails the start instead of every later snapshot."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # session state: the owner's
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as error:
