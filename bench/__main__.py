@@ -5,6 +5,13 @@ targets, and writes bench.{json,md,png} (docs/PERFORMANCE.md)::
 
     python -m bench --out bench-results
     python -m bench --models adding_lstm --sessions 1 64 256 --chunks 1 --no-synthetic
+
+``--target HOST:PORT`` measures a server that is already running (on this machine: the load
+generator drives loopback addresses only) instead: the sweep of ``--models`` x ``--sessions`` x
+``--chunks`` through its API, and its batch sizes given ``--metrics-port``; nothing to compare
+with, no capacity figures, no server CPU time::
+
+    python -m bench --target 127.0.0.1:8001 --metrics-port 8002 --models adding_lstm --sessions 1 64
 """
 
 from __future__ import annotations
@@ -15,15 +22,38 @@ import sys
 from pathlib import Path
 
 from bench import suite
+from bench.harness import RunningServer
+from bench.loadgen import require_loopback
 from bench.sweep import SweepPlan, run_sweep, write_outputs
 from service.cli import exit_code
 from service.settings import Settings
+
+
+def run_against(args: argparse.Namespace) -> int:
+    """The sweep against the running server ``args.target``, written as bench.{json,md,png}."""
+    require_loopback(args.target)
+    plan = SweepPlan(
+        repository=args.model_repository,
+        models=tuple(args.models),
+        api=args.api,
+        sessions=tuple(args.sessions),
+        chunks=tuple(args.chunks),
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        compare=False,
+    )
+    rows = run_sweep(plan, RunningServer(args.target, args.metrics_port))
+    for path in write_outputs(plan, rows, args.out, {"target": args.target}):
+        print(path)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the whole comparison against servers this command starts on loopback, then write
     bench.{json,md,png}: the sweep, open-loop latency at half load, capacity, and the targets."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.target:
+        return run_against(args)
     repository = suite.bench_repository(args.model_repository, args.out, args.synthetic)
     models = list(args.models)
     if args.synthetic and suite.SYNTHETIC not in models:
@@ -71,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure throughput and latency against the transport and compute limits.",
+    )
+    parser.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="measure this running server (loopback) instead of starting servers: the sweep "
+        "only, batched as it is configured",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="with --target: the server's metrics port, for the batch sizes in the table",
     )
     parser.add_argument("--models", nargs="+", default=["adding_lstm"], help="models to load")
     parser.add_argument(

@@ -56,6 +56,28 @@ class ServerProcess:
 
 
 @dataclass(frozen=True)
+class RunningServer:
+    """A server this benchmark did not start (``python -m bench --target``): measured through its
+    API and, given its metrics port, its batch sizes; its CPU time is not known here."""
+
+    target: str
+    metrics_port: int | None = None
+
+
+def served_input_size(target: str, model: str) -> int:
+    """Input features per step of ``model``, as the server at ``target`` describes it."""
+    import grpc
+
+    from service._proto.rnnserve.v1 import streaming_pb2 as pb
+    from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.StreamingInferenceStub(channel)
+        info = stub.GetModel(pb.GetModelRequest(model=model), timeout=30)
+    return int(info.input_size)
+
+
+@dataclass(frozen=True)
 class MachineTicks:
     """The whole machine's CPU time counters (Linux /proc/stat, clock ticks over all CPUs)."""
 

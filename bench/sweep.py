@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    RunningServer,
     ServerProcess,
     WindowCounters,
     batch_sizes,
     compute_limit,
     scrape,
+    served_input_size,
     start_noop_server,
     start_server,
 )
@@ -49,15 +51,17 @@ class SweepPlan:
         return full + [(m, 1, (self.spot_sessions,)) for m in self.spot_models]
 
 
-def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
-    """One point: the load's summary, plus the server's CPU time and the machine's idle and steal
-    fractions read over exactly the measured window (warm-up excluded)."""
+def measure(server: ServerProcess | RunningServer, cfg: LoadConfig) -> dict[str, Any]:
+    """One point: the load's summary, plus the server's CPU time (None for a server this
+    benchmark did not start) and the machine's idle and steal fractions read over exactly the
+    measured window (warm-up excluded)."""
     before = scrape(server.metrics_port) if server.metrics_port else {}
-    counters = WindowCounters(server)
+    process = server if isinstance(server, ServerProcess) else None
+    counters = WindowCounters(process)
     result = drive(cfg, counters.record)
-    cpu = counters.server_cpu_s
+    cpu = counters.server_cpu_s if process is not None else None
     row: dict[str, Any] = {**result.summary(), "server_cpu_s": cpu}
-    row["server_cpu_per_request_us"] = 1e6 * cpu / max(result.requests, 1)
+    row["server_cpu_per_request_us"] = None if cpu is None else 1e6 * cpu / max(result.requests, 1)
     row["machine_idle"], row["machine_steal"] = counters.idle_and_steal
     if server.metrics_port:
         calls, mean_batch = batch_sizes(before, scrape(server.metrics_port), cfg.model)
@@ -70,7 +74,7 @@ def measure(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
 DISTURBED_STEAL = 0.10  # a point during which the hypervisor took more than this is measured again
 
 
-def measure_calm(server: ServerProcess, cfg: LoadConfig) -> dict[str, Any]:
+def measure_calm(server: ServerProcess | RunningServer, cfg: LoadConfig) -> dict[str, Any]:
     """:func:`measure`, once more if a neighbouring VM stole more than ``DISTURBED_STEAL`` of the
     machine's CPU during the window; the calmer of the two is kept (``remeasured`` marks it)."""
     row = measure(server, cfg)
@@ -89,18 +93,26 @@ def steal_cell(row: dict[str, Any], prefix: str = "") -> str:
     return f"{100 * row.get(prefix + 'machine_steal', 0.0):.0f}{again}"
 
 
-def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
+def run_sweep(plan: SweepPlan, running: RunningServer | None = None) -> list[dict[str, Any]]:
+    """Every point of ``plan`` against fresh servers, or against ``running``, a server this
+    benchmark did not start (then the "batched" variant only: there is nothing to compare)."""
     rows: list[dict[str, Any]] = []
     for model, chunk, session_counts in plan.points():
-        spec = read_spec(plan.repository / model / "1")
-        servers: dict[str, ServerProcess] = {"batched": start_server(plan.repository)}
-        if plan.compare:
-            servers["unbatched"] = start_server(plan.repository, max_batch_size=1)
-            servers["noop"] = start_noop_server(spec.output_size)
+        servers: dict[str, ServerProcess | RunningServer]
+        if running is not None:
+            features = served_input_size(running.target, model)
+            servers = {"batched": running}
+        else:
+            spec = read_spec(plan.repository / model / "1")
+            features = spec.input_size
+            servers = {"batched": start_server(plan.repository)}
+            if plan.compare:
+                servers["unbatched"] = start_server(plan.repository, max_batch_size=1)
+                servers["noop"] = start_noop_server(spec.output_size)
         try:
             for sessions in session_counts:
                 for variant, server in servers.items():
-                    cfg = LoadConfig(target=server.target, model=model, features=spec.input_size,
+                    cfg = LoadConfig(target=server.target, model=model, features=features,
                                      api=plan.api, sessions=sessions, chunk_steps=chunk,
                                      duration_s=plan.duration_s, warmup_s=plan.warmup_s)  # fmt: skip
                     row = {"model": model, "variant": variant, "api": plan.api,
@@ -112,14 +124,15 @@ def run_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
                     )
                     rows.append(row)
                 batched = rows[-len(servers)]
-                if plan.compare and batched.get("mean_batch"):
+                if plan.compare and running is None and batched.get("mean_batch"):
                     batch = max(1, round(batched["mean_batch"]))
                     rows.append({"model": model, "variant": "compute", "api": "in-process",
                                  "sessions": sessions, "chunk": chunk, "mean_batch": batch,
                                  "steps_per_s": compute_limit(spec.directory, batch, chunk)})  # fmt: skip
         finally:
             for server in servers.values():
-                server.stop()
+                if isinstance(server, ServerProcess):
+                    server.stop()
     return rows
 
 
@@ -153,7 +166,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['chunk']} | {r['sessions']} | {r['variant']} | {r['steps_per_s']:,.0f} | {r['requests_per_s']:,.0f} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['p999_ms'])} | {fmt(r.get('mean_batch'), 1)} "
-            f"| {r['server_cpu_per_request_us']:.0f} | {steal_cell(r)} "
+            f"| {fmt(r['server_cpu_per_request_us'], 0)} | {steal_cell(r)} "
             f"| {fmt(ratio(rows, r, 'noop') if batched else None)} "
             f"| {fmt(ratio(rows, r, 'compute') if batched else None)} | {fmt(ratio(rows, r, 'unbatched') if batched else None)} |"
         )

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import FuncFormatter
 
 from training.gradients import gradient_ratios
 from training.models import CellType, InitMode, ModelConfig, RecurrentNet
@@ -89,10 +90,18 @@ def results_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LEARNING_CURVE_COLUMNS = 2  # 8 inches at 110 dpi: 880 px, readable at a README's width
+
+
 def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
+    """One panel per task, two panels a row (a single row of five was 2,300 px wide)."""
     tasks = [t for t in TASK_TITLES if any(r["task"] == t for r in results)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    columns = min(LEARNING_CURVE_COLUMNS, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks) :]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
         for r in (r for r in results if r["task"] == task):
             seqs = [p["sequences"] for p in r["curve"]]
             mse = [max(p["val_mse"], 1e-7) for p in r["curve"]]
@@ -100,13 +109,21 @@ def plot_learning_curves(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot(seqs, mse, label=label, color=CELL_COLORS.get(label))
         ax.set_yscale("log")
         ax.set_title(TASK_TITLES[task], fontsize=10)
-        ax.set_xlabel("training sequences (or stream chunks)")
+        ax.xaxis.set_major_formatter(FuncFormatter(thousands))
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("validation MSE")
+    for row in axes:
+        row[0].set_ylabel("validation MSE")
+    fig.supxlabel("training sequences (stream tasks: chunks of one lane)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def thousands(value: float, _position: int) -> str:
+    """An axis tick in thousands (``120k``): full numbers overlap on a narrow panel."""
+    return f"{value / 1000:g}k" if value else "0"
 
 
 def plot_vanishing_gradients(runs_dir: Path, path: Path) -> None:

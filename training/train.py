@@ -77,6 +77,35 @@ class RunResult:
         return asdict(self)
 
 
+def time_left_at_most(step: int, elapsed_s: float, config: TrainConfig) -> float:
+    """The longest a run can still take: its step limit at the pace so far, or what is left of
+    its time budget, whichever is less. It ends sooner once the task is solved (early stop),
+    which no one can foresee, so a progress bar shows this bound, never an ETA."""
+    left_s = config.max_seconds - elapsed_s
+    if step > 0:
+        left_s = min(left_s, (config.max_steps - step) * elapsed_s / step)
+    return max(0.0, left_s)
+
+
+def progress_bar(label: str, config: TrainConfig, enabled: bool) -> tqdm:
+    """Steps, elapsed time and pace; no percentage and no ETA, which would count on the step
+    limit (20,000 steps: minutes) when most runs stop once solved (seconds)."""
+    return tqdm(
+        desc=label,
+        disable=not enabled,
+        dynamic_ncols=True,
+        unit="step",
+        bar_format="{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]",
+    )
+
+
+def bar_postfix(step: int, elapsed_s: float, config: TrainConfig, scores: str) -> str:
+    """What follows the pace: the last scores, then the bound on the time left."""
+    left = tqdm.format_interval(time_left_at_most(step, elapsed_s, config))
+    stop = "until solved" if config.early_stop else "to the limit"
+    return f"{scores}{', ' if scores else ''}{stop}, at most {left} more"
+
+
 def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state)
 
@@ -117,7 +146,8 @@ def train(
     start = time.perf_counter()
     running_loss = math.nan
     label = f"{task.name}/{model_config.cell}{'' if model_config.forget_gate else '-nofg'}"
-    bar = tqdm(total=train_config.max_steps, desc=label, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(label, train_config, progress)
+    scores = ""
     step = 0
     while step < train_config.max_steps:
         model.train()
@@ -136,8 +166,9 @@ def train(
         sequences += train_config.batch_size
         value = float(loss.detach())
         running_loss = value if math.isnan(running_loss) else 0.95 * running_loss + 0.05 * value
-        bar.update(1)
         elapsed = time.perf_counter() - start
+        bar.set_postfix_str(bar_postfix(step, elapsed, train_config, scores), refresh=False)
+        bar.update(1)
         out_of_time = elapsed >= train_config.max_seconds
         if step % train_config.eval_every == 0 or out_of_time or step == train_config.max_steps:
             model.eval()
@@ -154,9 +185,7 @@ def train(
                     val_solved=last_eval.solved,
                 )
             )
-            bar.set_postfix(
-                loss=f"{running_loss:.4g}", val_err=f"{last_eval.errors}/{last_eval.total}"
-            )
+            scores = f"loss {running_loss:.4g}, val_err {last_eval.errors}/{last_eval.total}"
             if out_dir is not None:
                 save_checkpoint(model, out_dir / "checkpoint.pt")
             if last_eval.solved and sequences_to_solve is None:
