@@ -1,32 +1,35 @@
 # rnnserve: the serving image (no torch, no compilers in the runtime stage).
 #
-#   docker build -t rnnserve .                                  # CPU image, official slim base
-#   docker build --target gpu -t rnnserve:gpu .                 # CUDA execution provider
-#   docker build --build-arg BASE_IMAGE=local/debian-python:bookworm \
-#       --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt -t rnnserve .   # no Docker Hub
+# Needs no BuildKit: the legacy builder (Debian's docker.io 20.10 by default, a Docker 23+ client
+# without buildx) and BuildKit build the same image. docs/DEPLOY.md, "Docker", says which command is
+# for which machine:
+#   docker build -t rnnserve .                                          # CPU image, official slim base
+#   docker build --build-arg EXECUTION_PROVIDER=cuda -t rnnserve:gpu .  # CUDA execution provider
+#   docker build --build-arg BASE_IMAGE=local/debian-python:bookworm -t rnnserve .   # no Docker Hub
 #
-# BASE_IMAGE must provide python3 (3.11+) with the venv module. The optional pip_ca secret is a CA
-# bundle for pip, for builds behind a TLS-intercepting proxy; it never lands in a layer.
+# BASE_IMAGE must provide python3 (3.11+) with the venv module; pip in the build trusts the base
+# image's CA certificates (Debian's pip reads /etc/ssl/certs/ca-certificates.crt).
+# The stages run in file order and every one is needed: the legacy builder builds all stages up to
+# the target, so a GPU stage would be built (CUDA downloaded) for nothing; EXECUTION_PROVIDER picks
+# the variant instead.
 
 ARG BASE_IMAGE=python:3.11-slim
 
-FROM ${BASE_IMAGE} AS venv
+FROM ${BASE_IMAGE} AS build
+ARG EXECUTION_PROVIDER=cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
-
-FROM venv AS build
-RUN --mount=type=secret,id=pip_ca,required=false \
-    if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
-    pip install . && pip uninstall --yes pip setuptools
-
-FROM venv AS build-gpu
-RUN --mount=type=secret,id=pip_ca,required=false \
-    if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
-    pip install . && pip uninstall --yes onnxruntime \
-    && pip install "onnxruntime-gpu[cuda,cudnn]>=1.20" && pip uninstall --yes pip setuptools
+# models/ as well, for package data that points into it.
+COPY models ./models
+# cpu: onnxruntime; cuda or tensorrt: onnxruntime-gpu with its CUDA and cuDNN wheels instead.
+RUN pip install . \
+    && if [ "$EXECUTION_PROVIDER" != cpu ]; then \
+        pip uninstall --yes onnxruntime && pip install "onnxruntime-gpu[cuda,cudnn]>=1.20"; \
+    fi \
+    && pip uninstall --yes pip setuptools
 
 FROM ${BASE_IMAGE} AS runtime-base
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rnnserve \
@@ -49,10 +52,8 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 CMD ["rnn
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["rnnserve", "serve"]
 
-FROM runtime-base AS gpu
-COPY --from=build-gpu /opt/venv /opt/venv
-ENV RNNSERVE_EXECUTION_PROVIDER=cuda
-
-# The default (last) target: the CPU image.
-FROM runtime-base AS cpu
+# The image (the last stage, the default target).
+FROM runtime-base AS runtime
+ARG EXECUTION_PROVIDER=cpu
+ENV RNNSERVE_EXECUTION_PROVIDER=${EXECUTION_PROVIDER}
 COPY --from=build /opt/venv /opt/venv

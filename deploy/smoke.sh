@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Smoke test of the image: build it, start a container, wait for the gRPC health check, stream a
-# session through it with the project's client, check that a metric moved, stop it with SIGTERM
-# (graceful drain) and remove it. Bounded in time; talks to loopback only.
+# Smoke test of the image: build it with the commands docs/DEPLOY.md quotes (verbatim:
+# tests/test_deploy.py checks it), start a container, wait for the gRPC health check, stream a session
+# through it with the project's client, check that a metric moved, stop it with SIGTERM (graceful
+# drain) and remove it. Bounded in time; talks to loopback only.
 #
-#   deploy/smoke.sh
-#   BASE_IMAGE=local/debian-python:bookworm PIP_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt deploy/smoke.sh
+#   deploy/smoke.sh                                     # Docker Hub and PyPI reachable
+#   SMOKE_BASE=debootstrap deploy/smoke.sh              # no Docker Hub: a debootstrap base (as root or with sudo)
 #
-# Needs: docker (with BuildKit), and the project installed on the host (`pip install -e .`) for
-# `rnnserve stream`. SMOKE_NETWORK=host runs the container on the host network (for daemons without
-# bridge networking); the default publishes the ports on 127.0.0.1.
+# Needs: a Docker client and daemon (no BuildKit needed; DOCKER=/path/to/docker picks the client), and
+# the project installed on the host (`pip install -e .`) for `rnnserve health` and `rnnserve stream`.
+# SMOKE_BASE=debootstrap builds local/debian-python:bookworm first unless it exists (and needs
+# debootstrap). SMOKE_NETWORK=host runs the build and the container on the host network (for daemons
+# without bridge networking); the default publishes the ports on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=${IMAGE:-rnnserve:smoke}
-DOCKER=${DOCKER:-docker}  # e.g. DOCKER=/usr/bin/docker: a client with built-in BuildKit
-BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim}
+IMAGE=rnnserve  # the tag the documented commands build
+DOCKER=${DOCKER:-docker}
+BASE=${SMOKE_BASE:-hub}
 NETWORK=${SMOKE_NETWORK:-bridge}
 MODEL=${SMOKE_MODEL:-timer_lstm}
 STEPS=200
@@ -22,15 +25,39 @@ NAME="rnnserve-smoke-$$"
 
 log() { printf '[smoke] %s\n' "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# The documented commands run as written: `docker` is $DOCKER (with --network host added to builds
+# when SMOKE_NETWORK=host) and `sudo` is a no-op for root.
+docker() {
+    if [ "$1" = build ] && [ "$NETWORK" = host ]; then shift; set -- build --network host "$@"; fi
+    command "$DOCKER" "$@"
+}
+sudo() { if [ "$(id -u)" = 0 ]; then "$@"; else command sudo "$@"; fi; }
 
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --network host -t "$IMAGE")
-if [ -n "${PIP_CA_BUNDLE:-}" ]; then build_args+=(--secret "id=pip_ca,src=$PIP_CA_BUNDLE"); fi
-log "building $IMAGE from base $BASE_IMAGE"
+log "client $(docker version -f '{{.Client.Version}}'), daemon $(docker version -f '{{.Server.Version}}')"
 build_started=$(date +%s)
-DOCKER_BUILDKIT=1 "$DOCKER" build "${build_args[@]}" .
-log "built in $(( $(date +%s) - build_started )) s; image size $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
+case "$BASE" in
+hub)
+    log "building $IMAGE from python:3.11-slim"
+    docker build -t rnnserve .
+    ;;
+debootstrap)
+    if ! docker image inspect local/debian-python:bookworm >/dev/null 2>&1; then
+        log "making the base image local/debian-python:bookworm with debootstrap"
+        sudo debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+            bookworm /tmp/bookworm http://deb.debian.org/debian
+        sudo rm -rf /tmp/bookworm/var/cache/apt/archives/*.deb /tmp/bookworm/var/lib/apt/lists/*
+        sudo cp /etc/ssl/certs/ca-certificates.crt /tmp/bookworm/etc/ssl/certs/ca-certificates.crt
+        sudo tar -C /tmp/bookworm -c . | docker import - local/debian-python:bookworm
+        sudo rm -rf /tmp/bookworm
+    fi
+    log "building $IMAGE from local/debian-python:bookworm"
+    docker build --build-arg BASE_IMAGE=local/debian-python:bookworm -t rnnserve .
+    ;;
+*) log "SMOKE_BASE must be hub or debootstrap, not $BASE"; exit 2 ;;
+esac
+log "built in $(( $(date +%s) - build_started )) s; image size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
-cleanup() { "$DOCKER" rm -f "$NAME" >/dev/null 2>&1 || true; }
+cleanup() { docker rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 if [ "$NETWORK" = host ]; then
@@ -40,10 +67,10 @@ else
     run_args=(-p 127.0.0.1::8001 -p 127.0.0.1::8002)
 fi
 started=$(date +%s.%N)
-"$DOCKER" run -d --name "$NAME" "${run_args[@]}" "$IMAGE" >/dev/null
+docker run -d --name "$NAME" "${run_args[@]}" "$IMAGE" >/dev/null
 if [ "$NETWORK" != host ]; then
-    grpc_port=$("$DOCKER" port "$NAME" 8001/tcp | head -n1 | awk -F: '{print $NF}')
-    metrics_port=$("$DOCKER" port "$NAME" 8002/tcp | head -n1 | awk -F: '{print $NF}')
+    grpc_port=$(docker port "$NAME" 8001/tcp | head -n1 | awk -F: '{print $NF}')
+    metrics_port=$(docker port "$NAME" 8002/tcp | head -n1 | awk -F: '{print $NF}')
 fi
 
 serving_after=""
@@ -53,18 +80,18 @@ for _ in $(seq 1 120); do   # at most 60 s: the time from docker run to gRPC hea
     fi
     sleep 0.5
 done
-[ -n "$serving_after" ] || { "$DOCKER" logs "$NAME" >&2 || true; log "FAILED: never SERVING"; exit 1; }
+[ -n "$serving_after" ] || { docker logs "$NAME" >&2 || true; log "FAILED: never SERVING"; exit 1; }
 log "gRPC health SERVING ${serving_after} s after docker run"
 
 status=starting
 for _ in $(seq 1 240); do   # at most 60 s more: docker's own HEALTHCHECK (first probe after 10 s)
-    status=$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$NAME")
+    status=$(docker inspect -f '{{.State.Health.Status}}' "$NAME")
     [ "$status" = healthy ] && break
-    [ "$("$DOCKER" inspect -f '{{.State.Running}}' "$NAME")" = true ] || break
+    [ "$(docker inspect -f '{{.State.Running}}' "$NAME")" = true ] || break
     sleep 0.25
 done
 if [ "$status" != healthy ]; then
-    "$DOCKER" logs "$NAME" >&2 || true
+    docker logs "$NAME" >&2 || true
     log "FAILED: container is $status"; exit 1
 fi
 log "docker reports healthy $(python3 -c "import time; print(f'{time.time() - $started:.1f}')") s after docker run (its HEALTHCHECK probes every 10 s)"
@@ -77,9 +104,9 @@ if ! grep -q "^rnnserve_steps_total{model=\"$MODEL\",version=\"1\"} $STEPS.0$" <
 fi
 log "metric moved: rnnserve_steps_total{model=\"$MODEL\"} = $STEPS"
 
-"$DOCKER" stop -t 30 "$NAME" >/dev/null
-exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
-if ! "$DOCKER" logs "$NAME" 2>&1 | grep -q 'shutdown: saved [0-9]* and ended'; then
+docker stop -t 30 "$NAME" >/dev/null
+exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$NAME")
+if ! docker logs "$NAME" 2>&1 | grep -q 'shutdown: saved [0-9]* and ended'; then
     log "FAILED: no graceful shutdown in the logs"; exit 1
 fi
 [ "$exit_code" = 0 ] || { log "FAILED: exit code $exit_code after SIGTERM"; exit 1; }

@@ -137,3 +137,70 @@ def test_kubernetes_manifests_validate_and_are_consistent() -> None:
     )
     cluster = envoy["static_resources"]["clusters"][0]
     assert cluster["lb_policy"] == "RING_HASH"
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands in shell text: continuation lines joined, comments and blank runs dropped,
+    whitespace collapsed."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    commands = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            commands.append(" ".join(line.split()))
+    return commands
+
+
+def documented_build_commands() -> list[str]:
+    """The commands in DEPLOY.md's shell blocks that make the base image or build the image."""
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", doc, re.DOTALL)
+    builds = ("docker build", "sudo debootstrap", "sudo rm", "sudo cp", "sudo tar")
+    return [c for b in blocks for c in shell_commands(b) if c.startswith(builds)]
+
+
+def test_smoke_script_runs_the_documented_build_commands_verbatim() -> None:
+    documented = documented_build_commands()
+    assert "docker build -t rnnserve ." in documented  # Docker Hub and PyPI reachable
+    assert any("BASE_IMAGE=local/debian-python:bookworm" in c for c in documented)  # no Docker Hub
+    smoke = shell_commands((DEPLOY / "smoke.sh").read_text())
+    for command in documented:
+        assert command in smoke, command
+
+
+def test_the_build_needs_no_buildkit() -> None:
+    """Debian's docker.io 20.10 uses the legacy builder unless DOCKER_BUILDKIT=1, and a newer client
+    without buildx has only the legacy builder (and refuses DOCKER_BUILDKIT=1): the Dockerfile and
+    the documented commands must work with it."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    instructions = [line for line in dockerfile.splitlines() if not line.startswith("#")]
+    assert not any("--mount" in line for line in instructions)
+    assert not re.search(r"^# *syntax=", dockerfile, re.MULTILINE)  # a BuildKit frontend
+    assert not re.search(r"<<-?\s*[A-Z]+", "\n".join(instructions))  # heredocs are BuildKit-only
+    # The legacy builder builds every stage before the target, so no stage may go unused (a GPU
+    # stage before the CPU image would download CUDA for every CPU build).
+    stages = re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE)
+    used = set(re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE))
+    used |= set(re.findall(r"--from=(\S+)", dockerfile))
+    assert all(stage in used for stage in stages[:-1]), stages
+    commands = documented_build_commands() + shell_commands((DEPLOY / "smoke.sh").read_text())
+    for command in commands:
+        assert "DOCKER_BUILDKIT" not in command and "--secret" not in command, command
+
+
+def test_dockerignore_admits_only_what_the_dockerfile_copies() -> None:
+    """The build context is the Dockerfile's COPY sources and nothing else (no .venv, .git, caches,
+    state or results): .dockerignore excludes everything and lets back in exactly those."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            copied |= set(line.split()[1:-1])
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    assert {line[1:] for line in lines if line.startswith("!")} == copied
+    assert "**/__pycache__" in lines and "**/*.egg-info" in lines
