@@ -17,7 +17,9 @@ def redis_server(directory: Path) -> Iterator[str]:
     """Run redis-server on a free loopback port for the block (no persistence, files in
     ``directory``); yields its URL."""
     server = shutil.which("redis-server")
-    assert server, "redis-server is needed (Debian package redis-server; bash scripts/test.sh installs it)"
+    assert server, (
+        "redis-server is needed (Debian package redis-server; bash scripts/test.sh installs it)"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -103,6 +103,91 @@ def test_rules_and_dashboard_query_only_real_metrics() -> None:
         assert topic in titles, topic
 
 
+# What an expression measures, and the Grafana units that may show it.
+PANEL_UNITS = {
+    "seconds": {"s", "ms"},
+    "share of time": {"percentunit"},  # seconds per second
+    "bytes": {"bytes", "decbytes"},
+    "per second": {"reqps", "ops", "cps"},
+    "count": {"short", "none"},
+}
+
+
+def quantity_of(expr: str) -> str:
+    """What a dashboard query measures, from its metric names and functions."""
+    names = metric_names_in(expr)
+    if "histogram_quantile" in expr:
+        return "seconds" if all(n.endswith("_seconds_bucket") for n in names) else "count"
+    if any(n.endswith("_bytes") for n in names):
+        return "bytes"
+    if "/" in expr:  # a mean (a histogram's sum over its count) is in the histogram's unit
+        return "seconds" if all("_seconds_" in n for n in names) else "count"
+    if "rate(" in expr:
+        return "share of time" if any(n.endswith("_seconds_sum") for n in names) else "per second"
+    return "count"
+
+
+def test_dashboard_panels_have_one_unit_and_use_the_datasource_variable() -> None:
+    text = (DEPLOY / "grafana" / "dashboards" / "rnnserve.json").read_text()
+    dashboard = json.loads(text)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    # Every reference goes through the variable: importing into a Grafana whose Prometheus data
+    # source has another uid works (a hard-coded uid breaks every panel there).
+    uids = re.findall(r'"uid":\s*"([^"]*)"', text)
+    assert set(uids) == {"${datasource}", dashboard["uid"]}, set(uids)
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        assert not any(
+            p.get("id") == "unit"
+            for o in panel["fieldConfig"]["overrides"]
+            for p in o.get("properties", [])
+        ), panel["title"]  # one axis, one unit
+        if panel["type"] == "heatmap":
+            continue  # its axis is the buckets' bounds
+        quantities = {quantity_of(t["expr"]) for t in panel["targets"]}
+        assert len(quantities) == 1, (panel["title"], quantities)
+        assert unit in PANEL_UNITS[quantities.pop()], (panel["title"], unit)
+
+
+def test_each_failure_code_is_in_one_alert_class() -> None:
+    """Server faults page, refusals for load and clients' mistakes only warn: every status code
+    the server counts is in exactly one class."""
+    from service.api.status import GRPC_CODES
+
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    records = {r["record"]: r["expr"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    classes = {}
+    for record in (
+        "rnnserve:server_failures:rate5m",
+        "rnnserve:refused:ratio_rate5m",
+        "rnnserve:client_failures:ratio_rate5m",
+    ):
+        (codes,) = set(re.findall(r'code=~"([A-Z_|]+)"', records[record]))
+        classes[record] = set(codes.split("|"))
+    assert classes["rnnserve:server_failures:rate5m"] == {"INTERNAL", "UNAVAILABLE"}
+    every = [code for codes in classes.values() for code in codes]
+    assert len(every) == len(set(every))  # no code in two classes
+    assert set(every) == {code.name for code in GRPC_CODES.values()} | {"INTERNAL"}
+    severities = {
+        r["alert"]: r["labels"]["severity"]
+        for g in rules["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
+    assert severities["RnnserveServerErrors"] == "critical"
+    assert (
+        severities["RnnserveRequestsRefused"] == severities["RnnserveClientErrorRatio"] == "warning"
+    )
+    tested = set(
+        re.findall(r"alertname: (\w+)", (DEPLOY / "prometheus" / "rules_test.yml").read_text())
+    )
+    assert tested == set(severities)  # promtool tests every alert
+
+
 def test_compose_file_follows_the_compose_spec_and_wires_the_stack() -> None:
     result = run(
         tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "deploy/compose.yaml"

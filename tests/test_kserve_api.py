@@ -118,7 +118,7 @@ async def test_stream_errors_stay_in_band_and_the_stream_continues(
     )
     np.testing.assert_allclose(got, reference, atol=1e-5)
     failures = server.metrics.registry.get_sample_value(
-        "rnnserve_failures_total", {"api": "kserve", "code": "INVALID_ARGUMENT"}
+        "rnnserve_failures_total", {"api": "kserve", "code": "INVALID_ARGUMENT", "model": MODEL}
     )
     assert failures == 1.0
 
