@@ -24,6 +24,10 @@ STEPS=200
 NAME="rnnserve-smoke-$$"
 
 log() { printf '[smoke] %s\n' "$*" >&2; }
+case "$MODEL" in
+    timer_*) ;;  # one stream of $STEPS steps: what the steps check below counts
+    *) log "SMOKE_MODEL must be a timer model (its demo is one stream of $STEPS steps)"; exit 2 ;;
+esac
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # The documented commands run as written: `docker` is $DOCKER (with --network host added to builds
 # when SMOKE_NETWORK=host) and `sudo` is a no-op for root.
