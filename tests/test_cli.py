@@ -293,7 +293,7 @@ def test_plot_without_matplotlib_exits_2_before_streaming(
     def no_connection(*args: object, **kwargs: object) -> None:
         raise AssertionError("connected to the server before checking --plot")
 
-    monkeypatch.setattr("service.cli.connect", no_connection)
+    monkeypatch.setattr("service.cli_stream.connect", no_connection)
     assert main([*STREAM, "--plot", str(tmp_path / "demo.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["rnnserve: --plot needs matplotlib: pip install 'rnnserve[plot]'"]

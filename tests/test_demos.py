@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.cli import StreamedDemo, build_parser, print_demo, stream_demo
+from service.cli import build_parser
+from service.cli_stream import StreamedDemo, print_demo, stream_demo
 from service.client import Client
 from service.demo import co2_weeks, plan_for
 from service.server import RnnServer
