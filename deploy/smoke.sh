@@ -110,7 +110,7 @@ log "metric moved: rnnserve_steps_total{model=\"$MODEL\"} = $STEPS"
 
 docker stop -t 30 "$NAME" >/dev/null
 exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$NAME")
-if ! docker logs "$NAME" 2>&1 | grep -q 'shutdown: saved [0-9]* and ended'; then
+if ! docker logs "$NAME" 2>&1 | grep -q 'shutdown: [0-9]* session(s) saved'; then
     log "FAILED: no graceful shutdown in the logs"; exit 1
 fi
 [ "$exit_code" = 0 ] || { log "FAILED: exit code $exit_code after SIGTERM"; exit 1; }

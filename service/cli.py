@@ -7,6 +7,7 @@ flags override the environment, which overrides the defaults.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import typing
 from collections.abc import Callable
@@ -66,12 +67,24 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings: flags over ``RNNSERVE_*`` environment variables over defaults. A value out
+    of range is a ValueError naming the flag and the variable (one line, exit 1)."""
+    from pydantic import ValidationError
+
     overrides = {
         name: getattr(args, name)
         for name in Settings.model_fields
         if getattr(args, name, None) is not None
     }
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():
+            field = str(problem["loc"][0]) if problem["loc"] else ""
+            where = f"{flag_name(field)} (RNNSERVE_{field.upper()})" if field else "settings"
+            problems.append(f"{where}: {problem['msg']}")
+        raise ValueError("; ".join(problems)) from None
 
 
 def command_serve(args: argparse.Namespace) -> int:
@@ -94,9 +107,21 @@ def command_serve(args: argparse.Namespace) -> int:
             settings.gil_switch_interval_s,
         )
     except (StartupError, ModelContractError, ProviderUnavailable, EventLoopUnavailable) as error:
-        print(f"rnnserve: cannot start: {error}", file=sys.stderr)
+        if settings.log_format == "json":  # a log pipeline parses this line too
+            logging.getLogger("service.cli").error("cannot start: %s", error)
+        else:
+            print(f"rnnserve: cannot start: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+TARGET_HELP = "server address host:port (default: 127.0.0.1 and RNNSERVE_GRPC_PORT, else 8001)"
+
+
+def default_target(args: argparse.Namespace) -> None:
+    """``--target``, defaulting to this machine at the port ``RNNSERVE_GRPC_PORT`` names."""
+    if getattr(args, "target", "") is None:
+        args.target = f"127.0.0.1:{Settings().grpc_port}"
 
 
 def command_models(args: argparse.Namespace) -> int:
@@ -170,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=command_serve)
 
     models = commands.add_parser("models", help="list the models a server has loaded")
-    models.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
+    models.add_argument("--target", default=None, help=TARGET_HELP)
     models.add_argument(
         "--timeout-s", type=positive_seconds, default=10.0, help="how long to wait, in seconds"
     )
@@ -200,9 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the served outputs with the targets by the task's measure, beside the model's "
         "documented test-set figure. Demos: timer, adding, temporal_order, co2.",
     )
-    stream.add_argument("--target", default="127.0.0.1:8001", help="server address host:port")
+    stream.add_argument("--target", default=None, help=TARGET_HELP)
     stream.add_argument("--model", required=True, help="model name, e.g. timer_lstm")
-    stream.add_argument("--task", default=None, help="demo task (default: the model's task)")
+    stream.add_argument(
+        "--task",
+        default=None,
+        help="demo task, for a model whose model.json names none (default: the model's task)",
+    )
     stream.add_argument(
         "--steps",
         type=whole_number(1),
@@ -263,7 +292,12 @@ def exit_code(program: str, command: Callable[[], int]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_connection_flags(args)
-    return exit_code("rnnserve", lambda: int(args.handler(args)))
+
+    def run() -> int:
+        default_target(args)
+        return int(args.handler(args))
+
+    return exit_code("rnnserve", run)
 
 
 if __name__ == "__main__":

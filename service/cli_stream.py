@@ -92,6 +92,11 @@ def stream_demo(client: Client, args: argparse.Namespace) -> StreamedDemo:
 
     info = client.model(args.model)
     metadata = json.loads(info.metadata_json) if info.metadata_json else {}
+    if args.task and info.task and args.task != info.task:
+        raise ValueError(
+            f"model {info.name} was trained on task {info.task!r}; --task {args.task} would score "
+            "it on another task, against figures that are not its own (leave --task out)"
+        )
     task = args.task or info.task
     plan = plan_for(task, metadata, steps=args.steps, sequences=args.sequences, seed=args.seed)
     outputs = stream_sequences(client, args.model, plan.sequences, args.chunk)

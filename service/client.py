@@ -68,6 +68,7 @@ class StreamingSession:
         self.reconnects = 0  # times the session was resumed after its stream broke
         self.replayed_steps = 0  # inputs sent again because the restored session lacked them
         self._closed = False
+        self._stream_failed = False  # a refused chunk ended the stream; the session lives on
         opened = self._open_stream(open_request)
         self.session_id: str = opened.session_id
         self.model: str = opened.model
@@ -107,6 +108,8 @@ class StreamingSession:
         chunk = np.ascontiguousarray(x, dtype=np.float32)
         if chunk.ndim == 1:
             chunk = chunk[None]
+        if self._stream_failed:
+            self._reattach()
         try:
             reply = self._exchange(chunk, self.steps)
             output = to_array(reply.output, "output").copy()
@@ -115,9 +118,41 @@ class StreamingSession:
             if not self.resume or (
                 isinstance(error, grpc.RpcError) and error.code() not in RECONNECT_CODES
             ):
+                if isinstance(error, grpc.RpcError):
+                    self._fail_stream()
                 raise
-            output = self._recover(chunk)
+            try:
+                output = self._recover(chunk)
+            except grpc.RpcError:
+                self._fail_stream()
+                raise
         return output
+
+    def _fail_stream(self) -> None:
+        """A refused chunk ended the stream (the native API's way), not the session: it was not
+        applied, so the next call attaches again and goes on."""
+        self._requests.put(None)
+        self._stream_failed = True
+
+    def _reattach(self) -> None:
+        """A new stream to the same session (the same incarnation), which must be where this
+        client left it."""
+        opened = self._open_stream(
+            pb.StreamRequest(
+                attach=pb.GetSessionRequest(
+                    model=self.model,
+                    version=self.version,
+                    session_id=self.session_id,
+                    incarnation=self.incarnation,
+                )
+            )
+        )
+        self._stream_failed = False
+        if opened.steps != self.steps:
+            raise SessionLostError(
+                f"session {self.session_id} is at step {opened.steps}, not {self.steps}: "
+                "another client stepped it"
+            )
 
     def _applied(self, chunk: np.ndarray, steps: int, durable_steps: int) -> None:
         self.steps = steps
@@ -193,6 +228,8 @@ class StreamingSession:
         """Close the session on the server; returns its final step count."""
         if self._closed:
             return self.steps
+        if self._stream_failed:
+            self._reattach()
         self._closed = True
         self._requests.put(pb.StreamRequest(close=pb.Close()))
         ended = next(self._responses).ended

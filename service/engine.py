@@ -400,7 +400,8 @@ class InferenceEngine:
         for handle in started:
             await handle.batcher.close()
         logger.info(
-            "shutdown: saved %d and ended %d session(s); %d model(s) did not drain in time",
+            "shutdown: %d session(s) saved for the next start, %d ended here; %d model(s) did "
+            "not drain in time",
             report["sessions_saved"], report["sessions_ended"], report["models_not_drained"],
         )  # fmt: skip
         return report

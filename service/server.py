@@ -9,11 +9,13 @@ says what failed and what to do.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import signal
 import tempfile
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -51,19 +53,33 @@ class StartupError(Exception):
     not write, Redis out of reach); the message says what failed and what to do, in one line."""
 
 
-def check_snapshot_directory(directory: Path) -> None:
-    """Create the snapshot directory and write a file in it, so that a directory the server may
-    not write fails the start instead of every later snapshot."""
+def hold_snapshot_directory(directory: Path) -> IO[bytes]:
+    """Create the snapshot directory, check that it can be written, and lock it for this server:
+    the returned file holds the lock until it is closed (or the process dies, kill -9 included).
+
+    A directory the server may not write fails the start instead of every later snapshot; one
+    that another running server holds fails it too, since two servers would restore and then
+    overwrite each other's sessions."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # session state: the owner's
         with tempfile.TemporaryFile(dir=directory):
             pass
+        lock = open(directory / ".lock", "ab")  # noqa: SIM115 - held for the server's life
     except OSError as error:
         raise StartupError(
             f"snapshot directory {directory} cannot be created or written "
             f"({error.strerror or error}); make it writable, choose another (--snapshot-dir), "
             "or run without snapshots (--snapshot-backend none)"
         ) from error
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise StartupError(
+            f"snapshot directory {directory} is in use by another rnnserve server; give each "
+            "server its own (--snapshot-dir), or the two would overwrite each other's sessions"
+        ) from None
+    return lock
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -98,6 +114,7 @@ class RnnServer:
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._snapshot_lock: IO[bytes] | None = None  # the snapshot directory, held while serving
 
     async def start(self, freeze_start_up_objects: bool = False) -> None:
         """Bind the ports, load every model, then report SERVING. ``freeze_start_up_objects``
@@ -105,7 +122,7 @@ class RnnServer:
         out of the garbage collector's scans, see :mod:`service.gc_pauses`."""
         s = self.settings
         if s.snapshot_backend == "directory":
-            check_snapshot_directory(s.snapshot_dir)
+            self._snapshot_lock = hold_snapshot_directory(s.snapshot_dir)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -164,6 +181,7 @@ class RnnServer:
             await asyncio.to_thread(self._load_models)
         except BaseException:
             await self._close_ports()
+            self._release_snapshot_directory()
             raise
         handles = self.engine.handles()
         await self.engine.start()
@@ -218,6 +236,8 @@ class RnnServer:
             raise StartupError(
                 f"cannot read {error.filename} ({error.strerror}); fix its permissions"
             ) from error
+        except ModuleNotFoundError as error:  # an extra the settings need is not installed
+            raise StartupError(str(error)) from error
 
     async def _close_ports(self) -> None:
         """Stop serving gRPC and metrics (what :meth:`start` opened before loading models)."""
@@ -234,11 +254,17 @@ class RnnServer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _release_snapshot_directory(self) -> None:
+        if self._snapshot_lock is not None:
+            self._snapshot_lock.close()  # unlocks it
+            self._snapshot_lock = None
+
     async def stop(self) -> dict[str, int]:
         """Graceful stop: NOT_SERVING, drain in-flight chunks, end sessions, close the ports."""
         await self._health.enter_graceful_shutdown()
         report = await self.engine.shutdown()
         await self._close_ports()
+        self._release_snapshot_directory()
         self._gc_pauses.uninstall()
         self._stopped.set()
         return report

@@ -260,7 +260,7 @@ class RedisSnapshots:
         try:
             import redis
         except ImportError as error:
-            raise RuntimeError(
+            raise ModuleNotFoundError(
                 "snapshot_backend=redis needs the redis package: pip install 'rnnserve[redis]'"
             ) from error
         self.url = url

@@ -131,7 +131,7 @@ def test_models_stream_and_graceful_sigterm(
     assert process.wait(timeout=60) == 0
     assert process.stderr is not None
     shutdown_log = process.stderr.read()
-    assert "shutdown: saved 0 and ended 0 session(s)" in shutdown_log
+    assert "shutdown: 0 session(s) saved for the next start, 0 ended here" in shutdown_log
 
 
 def serve_until_it_fails(repository: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -327,3 +327,51 @@ def test_stream_and_models_over_mutual_tls_with_a_token(
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         monkeypatch.setenv("RNNSERVE_CLIENT_TOKEN", token)  # the token from the environment
         assert main([*argv, "--show", "0"]) == 0
+
+
+def test_a_snapshot_directory_another_server_holds_is_one_clear_line(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    from service.server import hold_snapshot_directory
+
+    held = hold_snapshot_directory(tmp_path / "state")  # as a running server holds it
+    try:
+        result = serve_until_it_fails(tiny_repository, "--snapshot-dir", str(tmp_path / "state"))
+    finally:
+        held.close()
+    assert_one_clear_line(result, "in use by another rnnserve server", "--snapshot-dir")
+    hold_snapshot_directory(tmp_path / "state").close()  # free again once released
+
+
+def test_a_setting_out_of_range_names_its_flag_and_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--grpc-port", "70000"]) == 2  # a usage error, as argparse's
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "rnnserve: --grpc-port (RNNSERVE_GRPC_PORT): Input should be less than or equal to 65535"
+    ]
+
+
+def test_a_start_failure_in_json_mode_is_a_json_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--log-format", "json",
+         "--model-repository", str(tmp_path / "nope"), "--snapshot-backend", "none"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    last = json.loads(lines[-1])
+    assert last["level"] == "ERROR" and "cannot start" in last["message"]
+    assert all(json.loads(line) for line in lines)
+
+
+def test_client_commands_default_to_the_port_of_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service import cli
+
+    monkeypatch.setenv("RNNSERVE_GRPC_PORT", "18123")
+    args = cli.build_parser().parse_args(["models"])
+    cli.default_target(args)
+    assert args.target == "127.0.0.1:18123"

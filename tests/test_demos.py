@@ -184,7 +184,7 @@ def test_the_packaged_co2_series_is_the_one_the_model_trained_on() -> None:
         ("co2_lstm", ["--steps", "100"], "--steps and --sequences do not apply"),
         ("adding_lstm", ["--steps", "20"], "need at least 50 steps"),
         ("temporal_order_gru", ["--steps", "60"], "need at least 61 steps"),
-        ("adding_lstm", ["--task", "reber"], "no demo for task 'reber'"),
+        ("adding_lstm", ["--task", "reber"], "trained on task 'adding'; --task reber"),
     ],
 )
 def test_settings_that_do_not_fit_the_task_are_refused(
@@ -192,3 +192,8 @@ def test_settings_that_do_not_fit_the_task_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         run_demo(target, model, *flags)
+
+
+def test_a_task_without_a_demo_is_refused_naming_those_with_one() -> None:
+    with pytest.raises(ValueError, match="no demo for task 'reber'; demos exist for timer"):
+        plan_for("reber", {})

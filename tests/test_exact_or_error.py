@@ -598,3 +598,39 @@ async def test_a_session_closing_when_the_final_snapshot_is_taken_is_not_saved(
             release.set()
             await step, await close
     assert [r.session_id for r in decode(blob or b"").sessions] == ["kept"]
+
+
+def test_the_python_client_goes_on_after_a_refused_chunk(
+    make_settings: Any, tiny_repository: Path
+) -> None:
+    from service.client import Client
+
+    x = inputs(6, seed=5)
+    reference = OfflineReference(tiny_repository, MODEL)(x)
+
+    async def run() -> None:
+        async with serving(make_settings()) as srv:
+            with Client(f"127.0.0.1:{srv.grpc_port}") as client:
+                session = await asyncio.to_thread(client.open_session, MODEL)
+                first = await asyncio.to_thread(session.step, x[:3])
+                with pytest.raises(grpc.RpcError) as refused:
+                    await asyncio.to_thread(session.step, np.zeros((2, 5), np.float32))
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                second = await asyncio.to_thread(session.step, x[3:])  # attaches again
+                assert session.steps == 6 and await asyncio.to_thread(session.close) == 6
+        np.testing.assert_allclose(np.concatenate([first, second]), reference, atol=1e-5)
+
+    asyncio.run(run())
+
+
+async def test_two_servers_never_share_a_snapshot_directory(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    from service.server import StartupError
+
+    settings = durable_settings(make_settings, tmp_path)
+    async with serving(settings):
+        with pytest.raises(StartupError, match="in use by another rnnserve server"):
+            await RnnServer(settings).start()
+    async with serving(settings):  # released when the first stopped
+        pass
