@@ -125,14 +125,47 @@ def default_target(args: argparse.Namespace) -> None:
 
 
 def command_models(args: argparse.Namespace) -> int:
-    """List the models the server has loaded, one line each."""
+    """List the models the server serves, one line each, then those it refused and why."""
     with connect(args, timeout_s=args.timeout_s) as client:
-        for m in client.models():
-            print(
-                f"{m.name}/{m.version}\t{m.cell}\tlayers={m.layers} hidden={m.hidden_size}\t"
-                f"in={m.input_size} out={m.output_size}\t{m.task}"
-            )
+        repository = client.repository()
+    for m in repository.models:
+        print(
+            f"{m.name}/{m.version}\t{m.cell}\tlayers={m.layers} hidden={m.hidden_size}\t"
+            f"in={m.input_size} out={m.output_size}\t{m.task}"
+        )
+    for refused in repository.refused:
+        print(f"{refused.name}/{refused.version}\tNOT SERVED: {refused.reason}")
     return 0
+
+
+def command_check(args: argparse.Namespace) -> int:
+    """``rnnserve check PATH``: every model under PATH through the server's load checks."""
+    from service.errors import ModelContractError
+    from service.model_check import open_model
+    from service.repository import discover, no_models
+
+    path: Path = args.path
+    one = (path / "model.onnx").is_file()
+    try:
+        directories = [path] if one else discover(path)
+    except ModelContractError as error:
+        print(f"FAIL {error}")
+        return 1
+    if not directories:
+        print(f"FAIL {no_models(path)}")
+        return 1
+    settings = Settings(model_repository=path.parent.parent if one else path)
+    failed = 0
+    for directory in directories:
+        try:
+            spec, _ = open_model(directory, settings)
+        except ModelContractError as error:
+            failed += 1
+            print(f"FAIL {error}")
+            continue
+        print(f"ok   {spec.label}: {spec.cell}, {spec.num_layers} layer(s) of {spec.hidden_size}")
+    print(f"{len(directories) - failed} of {len(directories)} model(s) pass")
+    return 1 if failed else 0
 
 
 def command_health(args: argparse.Namespace) -> int:
@@ -193,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the model repository over gRPC")
     add_settings_flags(serve)
     serve.set_defaults(handler=command_serve)
+
+    check = commands.add_parser(
+        "check",
+        help="check a model repository, or one model version folder, as the server would at load",
+        description="Run the server's load checks offline (model.json, onnxruntime load, the "
+        "tensors by name, and streaming behaviour on random inputs); one line per problem; "
+        "exit 1 if any model fails, 0 otherwise. Needs no server and no torch.",
+    )
+    check.add_argument(
+        "path", type=Path, help="a repository (<name>/<version>/) or a version folder"
+    )
+    check.set_defaults(handler=command_check)
 
     models = commands.add_parser("models", help="list the models a server has loaded")
     models.add_argument("--target", default=None, help=TARGET_HELP)

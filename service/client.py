@@ -282,10 +282,15 @@ class Client:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def models(self) -> list[pb.ModelInfo]:
-        reply = self.stub.ListModels(
+        """The models the server serves."""
+        return list(self.repository().models)
+
+    def repository(self) -> pb.ListModelsResponse:
+        """The models the server serves, and those of its repository it refused (with why)."""
+        reply: pb.ListModelsResponse = self.stub.ListModels(
             pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self.metadata
         )
-        return list(reply.models)
+        return reply
 
     def model(self, name: str, version: str = "") -> pb.ModelInfo:
         info: pb.ModelInfo = self.stub.GetModel(

@@ -83,6 +83,8 @@ class InferenceEngine:
     def load_models(self) -> None:
         """Load and check every model, then restore saved sessions (runs in a thread)."""
         self.registry.load(self.settings, self.metrics, self.runtime_class, self._end_hook)
+        for label in self.registry.refused:
+            self.metrics.model_ready.labels(*label.split("/", 1)).set(0)
         self.durability = make_durability(self.settings, self.metrics, self._durable_models)
         if self.durability is not None:
             self.restore_report = self.durability.restore()

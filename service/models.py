@@ -1,7 +1,8 @@
 """The registry of loaded models: each version's spec, runtime, session store and batcher.
 
-Loading checks every model against the ONNX contract before any is served; lookups by name (and
-optional version: the highest when none is given) are what every request starts with.
+Loading checks every model (:mod:`service.model_check`) before any is served, refusing those that
+fail while the others serve; lookups by name (and optional version: the highest when none is
+given) are what every request starts with.
 """
 
 from __future__ import annotations
@@ -12,15 +13,8 @@ from collections.abc import Callable
 from service.batcher import Batcher
 from service.errors import ModelContractError, NotFound, Unavailable, shown
 from service.metrics import LoopHistogramChild, Metrics
-from service.repository import (
-    REEXPORT,
-    ModelSpec,
-    check_contract,
-    discover,
-    no_models,
-    read_spec,
-    version_key,
-)
+from service.model_check import open_model
+from service.repository import ModelSpec, discover, no_models, version_key
 from service.runtime import CallCost, ModelRuntime
 from service.session import EndReason, Session
 from service.session_store import SessionStore
@@ -29,17 +23,6 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 EndHook = Callable[[Session, EndReason], None]
-
-
-def unloadable(spec: ModelSpec, error: Exception) -> Exception:
-    """onnxruntime's error for a model.onnx it cannot load (no common base class: told by its
-    module) as a ModelContractError naming the model in one line; any other error as it is."""
-    if not type(error).__module__.startswith("onnxruntime"):
-        return error
-    reason = " ".join(str(error).split())
-    return ModelContractError(
-        f"model {spec.label}: onnxruntime cannot load {spec.onnx_path} ({reason}); {REEXPORT}"
-    )
 
 
 class ModelHandle:
@@ -86,6 +69,7 @@ class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, dict[str, ModelHandle]] = {}
         self._latest: dict[str, ModelHandle] = {}  # name -> highest version
+        self.refused: dict[str, str] = {}  # "<name>/<version>" -> why it is not served
 
     def load(
         self,
@@ -94,26 +78,21 @@ class ModelRegistry:
         runtime_class: type[ModelRuntime],
         end_hook: Callable[[ModelSpec], EndHook],
     ) -> None:
-        """Load and check every model of the repository; raises ModelContractError on any problem."""
+        """Load and check every model of the repository (:func:`service.model_check.open_model`).
+        A model that fails is refused: logged in one line, kept in :attr:`refused` with the
+        reason, and the others serve. Raises ModelContractError when none can be served."""
         s = settings
         directories = discover(s.model_repository)
         if not directories:
             raise no_models(s.model_repository)
         for directory in directories:
-            spec = read_spec(directory)
             try:
-                runtime = runtime_class(
-                    spec.onnx_path,
-                    provider=s.execution_provider,
-                    fallback=s.provider_fallback,
-                    intra_op_threads=s.intra_op_threads,
-                    inter_op_threads=s.inter_op_threads,
-                    spin_wait=s.ort_spin_wait,
-                    single_thread_twin=s.inline_compute_below_s > 0,
-                )
-            except Exception as error:
-                raise unloadable(spec, error) from error
-            check_contract(spec, runtime)
+                spec, runtime = open_model(directory, s, runtime_class)
+            except ModelContractError as error:
+                label = f"{directory.parent.name}/{directory.name}"
+                self.refused[label] = str(error)
+                logger.error("not serving %s", error)
+                continue
             call_cost = None
             if s.inline_compute_below_s > 0:
                 call_cost = runtime.measure_cost(
@@ -148,6 +127,8 @@ class ModelRegistry:
                     "model %s: a one-step call takes %.0f µs + %.2f µs per session",
                     spec.label, call_cost.fixed_s * 1e6, call_cost.per_row_s * 1e6,
                 )  # fmt: skip
+        if not self._models:  # nothing to serve: the reasons, one per model
+            raise ModelContractError(" | ".join(self.refused.values()))
 
     def start(
         self,

@@ -121,14 +121,21 @@ class ModelRuntime:
         self.single_thread_session = self.session
         if single_thread_twin and active == [CPU] and intra_op_threads != 1:
             self.single_thread_session = open_session(1, [CPU], arena=False)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.state_inputs: list[str] = [i.name for i in self.session.get_inputs()][1:]
+        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+
+    def bind(self, state_inputs: Sequence[str], state_outputs: Sequence[str]) -> None:
+        """Feed the states to ``state_inputs`` and read them from ``state_outputs``, by name and
+        in that order, whatever order the graph declares its tensors in (by position, a graph
+        declaring ``[x, c0, h0]`` would be fed h as c: silently wrong outputs)."""
+        self.state_inputs = list(state_inputs)
+        self.output_names = ["y", *state_outputs]
 
     def run(
         self, x: np.ndarray, states: Sequence[np.ndarray], single_thread: bool = False
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"x": x}
-        for name, state in zip(self.input_names[1:], states, strict=True):
+        for name, state in zip(self.state_inputs, states, strict=True):
             feeds[name] = state
         session = self.single_thread_session if single_thread else self.session
         y, *new_states = session.run(self.output_names, feeds)
@@ -144,7 +151,7 @@ class ModelRuntime:
 
         def fastest_s(rows: int) -> float:
             x = np.zeros((rows, 1, input_size), np.float32)
-            states = [np.zeros((layers, rows, hidden), np.float32) for _ in self.input_names[1:]]
+            states = [np.zeros((layers, rows, hidden), np.float32) for _ in self.state_inputs]
             self.run(x, states, single_thread=True)
             best = float("inf")
             for _ in range(repeats):

@@ -191,6 +191,8 @@ class RnnServer:
         self._gc_pauses.install()
         for name in ("", NATIVE_SERVICE, KSERVE_SERVICE, *map(model_health_name, handles)):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for label in self.engine.registry.refused:  # failed the checks at load
+            await self._health.set(f"model/{label}", health_pb2.HealthCheckResponse.NOT_SERVING)
         if s.port_file is not None:
             s.port_file.write_text(
                 json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})

@@ -98,8 +98,13 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         handles = self.engine.handles()
+        refused = []
+        for label, reason in self.engine.registry.refused.items():
+            name, _, version = label.partition("/")
+            refused.append(pb.RefusedModel(name=name, version=version, reason=reason))
         return pb.ListModelsResponse(
-            models=[model_info(h, self.engine.versions(h.spec.name)) for h in handles]
+            models=[model_info(h, self.engine.versions(h.spec.name)) for h in handles],
+            refused=refused,
         )
 
     @translate_errors(API)

@@ -1,0 +1,113 @@
+"""Opening one model version and proving it fit to serve, before any session reaches it.
+
+A model is served only if (1) its model.json reads, (2) onnxruntime loads its model.onnx, (3) its
+graph has the contract's tensors by name, with matching types and sizes (the runtime then binds
+them by name, never by position), and (4) it *behaves* as a streaming model: on random inputs, a
+multi-step chunk over a batch of 2 gives what the same steps give one at a time, and what each
+row gives alone. (4) catches what names cannot: states wired to the wrong outputs, a time-major
+graph, a time axis fixed at export, rows that influence each other.
+
+Used by the registry at start-up (a model that fails is refused, the others serve) and by
+``rnnserve check`` (the same checks, offline). numpy and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import ModelContractError
+from service.repository import REEXPORT, ModelSpec, check_contract, read_spec
+from service.runtime import ModelRuntime
+from service.settings import Settings
+
+CHECK_ROWS = 2
+CHECK_STEPS = 3  # not CHECK_ROWS: a time-major graph then fails instead of passing by chance
+CHECK_TOLERANCE = 1e-4  # float32 rounding of a few steps of a small recurrent model
+CHECK_SEED = 0
+
+
+def open_model(
+    directory: Path, settings: Settings, runtime_class: type[ModelRuntime] = ModelRuntime
+) -> tuple[ModelSpec, ModelRuntime]:
+    """The spec and runtime of the model version in ``directory``, checked (1)-(4); raises
+    :class:`ModelContractError` with one line naming the model and what to do."""
+    spec = read_spec(directory)
+    s = settings
+    try:
+        runtime = runtime_class(
+            spec.onnx_path,
+            provider=s.execution_provider,
+            fallback=s.provider_fallback,
+            intra_op_threads=s.intra_op_threads,
+            inter_op_threads=s.inter_op_threads,
+            spin_wait=s.ort_spin_wait,
+            single_thread_twin=s.inline_compute_below_s > 0,
+        )
+    except Exception as error:
+        raise unloadable(spec, error) from error
+    check_contract(spec, runtime)
+    runtime.bind(spec.state_inputs, spec.state_outputs)
+    check_behaviour(spec, runtime)
+    return spec, runtime
+
+
+def unloadable(spec: ModelSpec, error: Exception) -> Exception:
+    """onnxruntime's error for a model.onnx it cannot load (no common base class: told by its
+    module) as a ModelContractError naming the model in one line; any other error as it is."""
+    if not type(error).__module__.startswith("onnxruntime"):
+        return error
+    reason = " ".join(str(error).split())
+    return ModelContractError(
+        f"model {spec.label}: onnxruntime cannot load {spec.onnx_path} ({reason}); {REEXPORT}"
+    )
+
+
+def check_behaviour(spec: ModelSpec, runtime: ModelRuntime) -> None:
+    """(4): a chunk over a batch equals its steps one at a time and each row alone."""
+    rng = np.random.default_rng(CHECK_SEED)
+    x = rng.standard_normal((CHECK_ROWS, CHECK_STEPS, spec.input_size)).astype(np.float32)
+    shape = (spec.num_layers, CHECK_ROWS, spec.hidden_size)
+    states = [0.1 * rng.standard_normal(shape).astype(np.float32) for _ in spec.state_inputs]
+    try:
+        y, final = runtime.run(x, states)
+        stepped, carried = [], states
+        for t in range(CHECK_STEPS):
+            y_t, carried = runtime.run(x[:, t : t + 1], carried)
+            stepped.append(y_t)
+        alone = [runtime.run(x[r : r + 1], [s[:, r : r + 1] for s in states]) for r in range(2)]
+    except Exception as error:  # onnxruntime's shape errors: a fixed axis, a time-major graph
+        reason = " ".join(str(error).split())[:300]
+        raise behaviour_error(spec, f"a chunk of {CHECK_STEPS} steps over {CHECK_ROWS} rows "
+                                    f"failed ({reason})") from None  # fmt: skip
+    expected_y = (CHECK_ROWS, CHECK_STEPS, spec.output_size)
+    if np.shape(y) != expected_y:
+        raise behaviour_error(spec, f"y came back {list(np.shape(y))}, expected {list(expected_y)}")
+    if not close(y, np.concatenate(stepped, axis=1)) or not all(
+        close(a, b) for a, b in zip(final, carried, strict=True)
+    ):
+        raise behaviour_error(
+            spec, "a multi-step chunk differs from the same steps one at a time (the states are "
+            "not carried from each step to the next: states wired to the wrong outputs?)"
+        )  # fmt: skip
+    for row, (y_row, final_row) in enumerate(alone):
+        if not close(y[row : row + 1], y_row) or not all(
+            close(f[:, row : row + 1], g) for f, g in zip(final, final_row, strict=True)
+        ):
+            raise behaviour_error(
+                spec, "a row computed in a batch differs from the same row alone (rows "
+                "influence each other: a time-major graph, or batch and time swapped?)"
+            )  # fmt: skip
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.shape(a) == np.shape(b) and np.allclose(a, b, atol=CHECK_TOLERANCE))
+
+
+def behaviour_error(spec: ModelSpec, what: str) -> ModelContractError:
+    return ModelContractError(
+        f"model {spec.label} does not stream exactly: {what}; export it batch-major with a "
+        "dynamic time axis (torch.onnx.export(..., dynamo=False), docs/TRAINING.md) or remove "
+        "its folder"
+    )
