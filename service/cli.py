@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from service.cli_client import (
     add_connection_flags,
@@ -24,10 +25,8 @@ from service.cli_client import (
     connect,
 )
 from service.cli_stream import command_stream
+from service.errors import UsageError
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    pass
 
 
 def flag_name(field: str) -> str:
@@ -68,8 +67,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """The settings: flags over ``RNNSERVE_*`` environment variables over defaults. A value out
-    of range is a ValueError naming the flag and the variable (one line, exit 1)."""
-    from pydantic import ValidationError
+    of range is a UsageError naming the flag and the variable (one line, exit 2)."""
 
     overrides = {
         name: getattr(args, name)
@@ -79,18 +77,26 @@ def settings_from(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as error:
-        problems = []
-        for problem in error.errors():
-            field = str(problem["loc"][0]) if problem["loc"] else ""
-            where = f"{flag_name(field)} (RNNSERVE_{field.upper()})" if field else "settings"
-            problems.append(f"{where}: {problem['msg']}")
-        raise ValueError("; ".join(problems)) from None
+        raise UsageError(settings_problems(error)) from None
+
+
+def settings_problems(error: ValidationError) -> str:
+    """Pydantic's errors as one line, each naming the flag and the environment variable."""
+    problems = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        where = f"{flag_name(field)} (RNNSERVE_{field.upper()})" if field else "settings"
+        problems.append(f"{where}: {problem['msg']}")
+    return "; ".join(problems)
 
 
 def command_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; exit 1 with one line (no traceback) when start-up fails for
     an operator's reason: a port, the snapshot directory, Redis, the model repository or one of
     its models, the execution provider or event loop asked for."""
+    # gRPC's C core would print its own (plain text) line beside ours when a port is taken; the
+    # server reports every start-up failure itself, in the log format asked for.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from service.errors import ModelContractError
     from service.event_loop import EventLoopUnavailable
     from service.event_loop import run as run_event_loop
@@ -121,7 +127,10 @@ TARGET_HELP = "server address host:port (default: 127.0.0.1 and RNNSERVE_GRPC_PO
 def default_target(args: argparse.Namespace) -> None:
     """``--target``, defaulting to this machine at the port ``RNNSERVE_GRPC_PORT`` names."""
     if getattr(args, "target", "") is None:
-        args.target = f"127.0.0.1:{Settings().grpc_port}"
+        try:
+            args.target = f"127.0.0.1:{Settings().grpc_port}"
+        except ValidationError as error:
+            raise UsageError(settings_problems(error)) from None
 
 
 def command_models(args: argparse.Namespace) -> int:
@@ -317,13 +326,13 @@ def exit_code(program: str, command: Callable[[], int]) -> int:
         return command()
     except KeyboardInterrupt:
         return 130
-    except ValueError as error:
+    except UsageError as error:
         print(f"{program}: {error}", file=sys.stderr)
         return 2
     except OSError as error:
         if error.filename is None:
             raise
-        print(f"{program}: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        print(f"{program}: {error.filename}: {error.strerror}", file=sys.stderr)
         return 1
     except Exception as error:
         import grpc

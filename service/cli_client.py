@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.errors import UsageError
+
 if TYPE_CHECKING:
     import grpc
 
@@ -42,7 +44,7 @@ def bearer_token(args: argparse.Namespace) -> str | None:
     if args.token_file is not None:
         token = str(args.token_file.read_text()).strip()
         if not token:
-            raise ValueError(f"--token-file {args.token_file} is empty")
+            raise UsageError(f"--token-file {args.token_file} is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
 

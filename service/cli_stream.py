@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.cli_client import connect
+from service.errors import UsageError
 
 if TYPE_CHECKING:
     from service._proto.rnnserve.v1 import streaming_pb2 as pb
@@ -93,7 +94,7 @@ def stream_demo(client: Client, args: argparse.Namespace) -> StreamedDemo:
     info = client.model(args.model)
     metadata = json.loads(info.metadata_json) if info.metadata_json else {}
     if args.task and info.task and args.task != info.task:
-        raise ValueError(
+        raise UsageError(
             f"model {info.name} was trained on task {info.task!r}; --task {args.task} would score "
             "it on another task, against figures that are not its own (leave --task out)"
         )

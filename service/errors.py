@@ -103,5 +103,10 @@ class InternalError(ServiceError):
     kind = ErrorKind.INTERNAL
 
 
+class UsageError(ValueError):
+    """A command line asked for something that cannot be (a value out of range, a setting that
+    does not apply): ``rnnserve`` prints it in one line and exits 2."""
+
+
 class ModelContractError(Exception):
     """A model in the repository does not follow the ONNX contract; raised at load, stops start-up."""

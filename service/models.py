@@ -91,7 +91,6 @@ class ModelRegistry:
             except ModelContractError as error:
                 label = f"{directory.parent.name}/{directory.name}"
                 self.refused[label] = str(error)
-                logger.error("not serving %s", error)
                 continue
             call_cost = None
             if s.inline_compute_below_s > 0:
@@ -127,8 +126,10 @@ class ModelRegistry:
                     "model %s: a one-step call takes %.0f µs + %.2f µs per session",
                     spec.label, call_cost.fixed_s * 1e6, call_cost.per_row_s * 1e6,
                 )  # fmt: skip
-        if not self._models:  # nothing to serve: the reasons, one per model
+        if not self._models:  # nothing to serve: the start fails with the reasons
             raise ModelContractError(" | ".join(self.refused.values()))
+        for reason in self.refused.values():  # the others serve: one line per refused model
+            logger.error("not serving %s", reason)
 
     def start(
         self,

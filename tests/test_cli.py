@@ -148,6 +148,8 @@ def assert_one_clear_line(result: subprocess.CompletedProcess[str], *phrases: st
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert [line for line in lines if "cannot start" in line] == lines[-1:], result.stderr
+    others = [line for line in lines[:-1] if " INFO " not in line and '"INFO"' not in line]
+    assert not others, result.stderr  # nothing else said, not even by gRPC's C core
     for phrase in phrases:
         assert phrase in lines[-1], (phrase, lines[-1])
     return lines[-1]

@@ -20,6 +20,7 @@ from service.demo.base import DemoPlan, DemoScore, Measure
 from service.demo.co2 import co2_plan, co2_weeks
 from service.demo.temporal_order import temporal_order_plan
 from service.demo.timer import timer_plan
+from service.errors import UsageError
 
 __all__ = ["DemoPlan", "DemoScore", "Measure", "co2_weeks", "plan_for"]
 
@@ -47,5 +48,5 @@ def plan_for(
     try:
         make = PLANS[task]
     except KeyError:
-        raise ValueError(f"no demo for task {task!r}; demos exist for {', '.join(PLANS)}") from None
+        raise UsageError(f"no demo for task {task!r}; demos exist for {', '.join(PLANS)}") from None
     return make(metadata, steps, sequences, np.random.default_rng(seed))

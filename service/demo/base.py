@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import UsageError
+
 SEQUENCES_DEFAULT = 20
 
 
@@ -112,4 +114,4 @@ def sequence_count(count: int | None) -> int:
 def check_steps(task: str, steps: int | None, minimum: int, why: str) -> None:
     """A ValueError (exit 2) when ``steps`` is too short for the task's sequences."""
     if steps is not None and steps < minimum:
-        raise ValueError(f"{task} sequences need at least {minimum} steps ({why}); got {steps}")
+        raise UsageError(f"{task} sequences need at least {minimum} steps ({why}); got {steps}")

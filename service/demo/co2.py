@@ -16,6 +16,7 @@ from service.demo.base import (
     documented,
     test_metrics,
 )
+from service.errors import UsageError
 
 CO2_DATA = "mauna_loa_co2_weekly.csv"  # in service/data: the weekly series, gaps empty
 SEASON_WEEKS = 52
@@ -43,12 +44,12 @@ def co2_plan(
     weeks, ppm = co2_weeks()
     cfg = config(metadata)
     if steps is not None or count is not None:
-        raise ValueError(
+        raise UsageError(
             f"the co2 demo streams the whole weekly series ({len(ppm) - 2} steps) in one session: "
             "--steps and --sequences do not apply"
         )
     if int(cfg.get("weeks", len(ppm))) != len(ppm):
-        raise ValueError(
+        raise UsageError(
             f"the model was trained on {cfg['weeks']} weeks of CO2, the demo series has {len(ppm)}"
         )
     change = np.diff(ppm)

@@ -13,9 +13,11 @@ from service.demo.base import (
     DemoPlan,
     DemoScore,
     Measure,
+    check_steps,
     config,
     test_metrics,
 )
+from service.errors import UsageError
 
 TIMER_STEPS_DEFAULT = 4000  # one lane of the timer's test stream
 
@@ -112,11 +114,12 @@ def timer_plan(
     """One stream of ``steps`` (default one test lane, 4000); the measures are the fraction of
     pulses the timer's criterion accepts and the stream MSE."""
     if count is not None:
-        raise ValueError(
+        raise UsageError(
             "the timer is one endless stream: --sequences does not apply (use --steps)"
         )
     cfg = config(metadata)
     scale = int(cfg.get("scale", 100))
+    check_steps("timer", steps, scale, "room for at least one trigger and its pulse")
     level = float(cfg.get("level", 0.5))
     threshold = float(cfg.get("threshold", 0.25))
     x, y = timer_stream(steps or TIMER_STEPS_DEFAULT, scale, level, rng)
