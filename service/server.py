@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import os
 import signal
 import tempfile
 from pathlib import Path
@@ -71,6 +72,16 @@ def hold_snapshot_directory(directory: Path) -> IO[bytes]:
             f"({error.strerror or error}); make it writable, choose another (--snapshot-dir), "
             "or run without snapshots (--snapshot-backend none)"
         ) from error
+    if directory.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
+        # A shared temporary directory (the fallback of a user without a home): anyone may have
+        # made it first, to read or plant sessions. Only the user's own, private one will do.
+        info = directory.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            lock.close()
+            raise StartupError(
+                f"snapshot directory {directory} is in the shared temporary directory but is "
+                "not this user's private one; remove it, or choose another (--snapshot-dir)"
+            )
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -377,3 +377,15 @@ def test_client_commands_default_to_the_port_of_the_environment(
     args = cli.build_parser().parse_args(["models"])
     cli.default_target(args)
     assert args.target == "127.0.0.1:18123"
+
+
+def test_a_snapshot_directory_in_the_shared_temp_dir_must_be_private(tmp_path: Path) -> None:
+    from service.server import StartupError, hold_snapshot_directory
+
+    shared = tmp_path / "open"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)  # as anyone could have made it first, readable by all
+    with pytest.raises(StartupError, match="not this user's private one"):
+        hold_snapshot_directory(shared)
+    shared.chmod(0o700)
+    hold_snapshot_directory(shared).close()
