@@ -447,6 +447,25 @@ async def test_a_chunk_whose_reply_would_not_fit_is_refused_before_it_applies(
         await expect_code(grpc.StatusCode.INVALID_ARGUMENT, kserve(ch).ModelInfer(request))
 
 
+async def close_during_a_chunk(
+    srv: RnnServer, stub: Any, session_id: str, x: np.ndarray, entered: threading.Event
+) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+    """Step ``session_id`` (the model gated), then close it while the chunk computes; returns
+    both calls once the close has reached the server (it waits for the chunk)."""
+    step = asyncio.ensure_future(stub.Step(step_request(MODEL, session_id, x)))
+    await asyncio.to_thread(entered.wait, 30)
+    close = asyncio.ensure_future(
+        stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id=session_id))
+    )
+    session = srv.engine.model(MODEL).store.get(session_id)
+    for _ in range(100_000):  # until the close has reached the server (no timer)
+        if session.close_when_idle is not None:
+            break
+        await asyncio.sleep(0)
+    assert session.close_when_idle is not None and not close.done()
+    return step, close
+
+
 # ----- 10. step counts on shared sessions -----------------------------------------------------
 async def test_close_during_a_chunk_reports_the_count_with_that_chunk(make_settings: Any) -> None:
     async with (
@@ -456,17 +475,7 @@ async def test_close_during_a_chunk_reports_the_count_with_that_chunk(make_setti
         stub = native(ch)
         await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="c"))
         with gated(srv) as (entered, release):
-            step = asyncio.ensure_future(stub.Step(step_request(MODEL, "c", inputs(3))))
-            await asyncio.to_thread(entered.wait, 30)
-            close = asyncio.ensure_future(
-                stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id="c"))
-            )
-            session = srv.engine.model(MODEL).store.get("c")
-            for _ in range(100_000):  # until the close has reached the server (no timer)
-                if session.close_when_idle is not None:
-                    break
-                await asyncio.sleep(0)
-            assert session.close_when_idle is not None and not close.done()
+            step, close = await close_during_a_chunk(srv, stub, "c", inputs(3), entered)
             release.set()
             reply, ended = await step, await close
         assert reply.steps == 3 and ended.steps == 3  # the final count, chunk included
@@ -580,16 +589,7 @@ async def test_a_session_closing_when_the_final_snapshot_is_taken_is_not_saved(
         for name in ("kept", "closing"):
             await stub.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id=name))
         with gated(srv) as (entered, release):
-            step = asyncio.ensure_future(stub.Step(step_request(MODEL, "closing", inputs(1))))
-            await asyncio.to_thread(entered.wait, 30)
-            close = asyncio.ensure_future(
-                stub.CloseSession(pb.CloseSessionRequest(model=MODEL, session_id="closing"))
-            )
-            session = srv.engine.model(MODEL).store.get("closing")
-            for _ in range(100_000):  # until the close has reached the server (no timer)
-                if session.close_when_idle is not None:
-                    break
-                await asyncio.sleep(0)
+            step, close = await close_during_a_chunk(srv, stub, "closing", inputs(1), entered)
             assert srv.engine.durability is not None
             await srv.engine.durability.snapshot(force=True, final=True)
             blob = await asyncio.to_thread(
