@@ -236,6 +236,30 @@ class StreamingSession:
         self._requests.put(None)
         return int(ended.steps)
 
+    def state(self) -> list[np.ndarray]:
+        """The session's recurrent state now, one [layers, hidden] array per state tensor (h, then
+        c for an LSTM): after the chunks answered so far, none in flight."""
+        info: pb.SessionInfo = self._client.stub.GetSession(
+            pb.GetSessionRequest(
+                model=self.model,
+                version=self.version,
+                session_id=self.session_id,
+                include_state=True,
+                incarnation=self.incarnation,
+            ),
+            timeout=self._client.timeout_s,
+            metadata=self._client.metadata,
+        )
+        return [to_array(t, f"state[{i}]").copy() for i, t in enumerate(info.state)]
+
+    def fork(self, session_id: str = "") -> StreamingSession:
+        """A new session of the same model version that starts from this one's state now (for
+        beam search or what-if runs); this session goes on unchanged. Its step count starts at 0."""
+        return self._client.open_session(
+            self.model, self.version, session_id, initial_state=self.state(), resume=self.resume,
+            reconnect_timeout_s=self.reconnect_timeout_s,
+        )  # fmt: skip
+
     def detach(self) -> None:
         """Close the stream but leave the session alive on the server (it follows its idle TTL)."""
         self._closed = True

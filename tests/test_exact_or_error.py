@@ -634,3 +634,30 @@ async def test_two_servers_never_share_a_snapshot_directory(
             await RnnServer(settings).start()
     async with serving(settings):  # released when the first stopped
         pass
+
+
+def test_a_forked_session_goes_on_from_the_state_it_was_forked_at(
+    make_settings: Any, tiny_repository: Path
+) -> None:
+    from service.client import Client
+
+    x = inputs(8, seed=6)
+    reference = OfflineReference(tiny_repository, MODEL)(x)
+
+    async def run() -> None:
+        async with serving(make_settings()) as srv:
+            with Client(f"127.0.0.1:{srv.grpc_port}") as client:
+                original = await asyncio.to_thread(client.open_session, MODEL)
+                await asyncio.to_thread(original.step, x[:5])
+                state = await asyncio.to_thread(original.state)
+                assert [s.shape for s in state] == [(2, 8), (2, 8)]  # h and c, [layers, hidden]
+                fork = await asyncio.to_thread(original.fork)
+                forked = await asyncio.to_thread(fork.step, x[5:])
+                went_on = await asyncio.to_thread(original.step, x[5:])
+                assert (fork.steps, original.steps) == (3, 8)
+                await asyncio.to_thread(fork.close)
+                await asyncio.to_thread(original.close)
+        np.testing.assert_allclose(forked, reference[5:], atol=1e-5)
+        np.testing.assert_array_equal(forked, went_on)  # the same state, the same outputs
+
+    asyncio.run(run())
