@@ -165,7 +165,8 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
                     problems.append(f"{name} axis {axis} is {got}, expected {want}")
                 if isinstance(want, str) and isinstance(got, int) and name in ("x", "y"):
                     problems.append(
-                        f"{name} axis {axis} ({want}) is fixed to {got}, must be dynamic"
+                        f"{name} axis {axis} ({want}) is fixed to {got}, must be dynamic "
+                        "(torch.onnx.export(..., dynamo=False) keeps it so)"
                     )
     if problems:
         raise ModelContractError(
