@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,experiments,bundle,export,verify,report}``."""
+"""Command line: ``python -m training {train,experiments,bundle,export,export-module,verify,synthetic,report}``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--version", default="1", help="model version (default 1)")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+
+    p = commands.add_parser(
+        "export-module",
+        help="export your own nn.LSTM/GRU/RNN (and head) to ONNX, verified against torch",
+        description="Export a recurrent model of your own by the service's contract: FACTORY "
+        "returns (rnn, head) or the rnn alone (nn.LSTM, nn.GRU or nn.RNN, any layers, "
+        "batch_first either way; head applied to each step's output). The graph is verified "
+        "against torch over a whole sequence and in chunks of 1, 3 and 7 steps before anything "
+        "is written. Then run: rnnserve check REPOSITORY.",
+    )
+    p.add_argument(
+        "--factory",
+        required=True,
+        help="package.module:function returning (rnn, head) or the rnn; the current folder is "
+        "importable",
+    )
+    p.add_argument(
+        "--state-dict",
+        type=Path,
+        default=None,
+        help="weights to load first: a torch.save'd state dict with keys rnn.* and head.*",
+    )
+    p.add_argument("--repository", type=Path, required=True, help="model repository to write to")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--version", default="1", help="model version (default 1)")
+    p.add_argument("--description", default="", help="one line for model.json")
 
     p = commands.add_parser("verify", help="re-judge exported models on fresh held-out data")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
@@ -169,11 +195,56 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_export_module(args: argparse.Namespace) -> int:
+    from training.export import (
+        ExportVerificationError,
+        FactoryError,
+        UnsupportedModuleError,
+        export_recurrent,
+        load_factory,
+        load_weights,
+    )
+
+    origin = {"factory": args.factory}
+    if args.state_dict is not None:
+        origin["state_dict"] = str(args.state_dict)
+    try:
+        rnn, head = load_factory(args.factory)
+        if args.state_dict is not None:
+            load_weights(rnn, head, args.state_dict)
+        metadata = export_recurrent(
+            rnn,
+            head,
+            repository=args.repository,
+            name=args.name,
+            version=args.version,
+            metadata={"description": args.description},
+            origin=origin,
+        )
+    except (FactoryError, UnsupportedModuleError, ExportVerificationError) as error:
+        print(f"python -m training export-module: {error}", file=sys.stderr)
+        return 1
+    verification = metadata["verification"]
+    print(
+        f"exported {args.repository / args.name / args.version}: {metadata['cell']}, "
+        f"{metadata['num_layers']} layer(s) of {metadata['hidden_size']}, "
+        f"in={metadata['input_size']} out={metadata['output_size']}; onnxruntime within "
+        f"{max(verification['full_sequence_max_abs_diff'], verification['streaming_max_abs_diff']):.2g} "
+        f"of torch (chunks of {', '.join(verification['chunkings'])} steps)"
+    )
+    print(f"next: rnnserve check {args.repository}")
+    return 0
+
+
 def command_verify(args: argparse.Namespace) -> int:
     from training.pipeline import check_bundled_model
+    from training.tasks import TASKS
 
     failures = 0
     for model_json in sorted(args.repository.glob("*/*/model.json")):
+        if json.loads(model_json.read_text()).get("task") not in TASKS:
+            print(f"{model_json.parent.parent.name}/{model_json.parent.name}: skipped (no task)")
+            continue
         evaluation, metadata = check_bundled_model(model_json.parent, args.seed)
         status = "ok" if evaluation.solved else "FAILED"
         failures += not evaluation.solved
@@ -214,6 +285,7 @@ COMMANDS = {
     "experiments": command_experiments,
     "bundle": command_bundle,
     "export": command_export,
+    "export-module": command_export_module,
     "verify": command_verify,
     "synthetic": command_synthetic,
     "report": command_report,

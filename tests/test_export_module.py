@@ -1,0 +1,266 @@
+"""A user's own nn.LSTM / nn.GRU / nn.RNN and head, exported by ``export_recurrent`` and by
+``python -m training export-module``: the server's load checks pass, the model streams through the
+server exactly as torch runs it, and what the contract cannot serve is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from service.model_check import open_model
+from service.repository import REQUIRED_METADATA
+from service.settings import Settings
+from tests.grpc_helpers import channel, native, output_of, serving, step_request
+from tests.user_models import FrameClassifier, frame_classifier, gru_regressor
+from training.__main__ import main as training_main
+from training.export import (
+    CHUNK_STEPS,
+    TOLERANCE,
+    USER_SOURCE,
+    ExportVerificationError,
+    UnsupportedModuleError,
+    export_recurrent,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+Modules = tuple[nn.Module, nn.Module | None]
+
+
+def plain_rnn() -> Modules:
+    """A 2-layer tanh RNN, time-major (PyTorch's default), no head."""
+    return nn.RNN(input_size=3, hidden_size=6, num_layers=2), None
+
+
+# (a) 2-layer LSTM, batch-first, linear head; (b) time-major GRU, nn.Sequential head; (c) RNN alone.
+FACTORIES: dict[str, tuple[Callable[[], Modules], str]] = {
+    "frames": (frame_classifier, "lstm"),
+    "sensors": (gru_regressor, "gru"),
+    "plain": (plain_rnn, "rnn"),
+}
+CHUNKS = [1, 3, 7, 2, 5, 1, 4]  # 23 steps in mixed chunk lengths
+
+
+def build(factory: Callable[[], Modules], seed: int) -> Modules:
+    """The factory's modules with weights drawn from ``seed``, the global generator left alone."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return factory()
+
+
+@pytest.fixture(scope="module")
+def user_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Modules]]:
+    root = tmp_path_factory.mktemp("user_models")
+    modules = {}
+    for seed, (name, (factory, _)) in enumerate(FACTORIES.items()):
+        rnn, head = modules[name] = build(factory, seed)
+        export_recurrent(rnn, head, repository=root, name=name, metadata={"task": "custom"})
+    return root, modules
+
+
+def torch_outputs(rnn: nn.Module, head: nn.Module | None, x: np.ndarray) -> np.ndarray:
+    """The user's modules over the whole sequence from zero state, in their own layout."""
+    batch_first = bool(rnn.batch_first)
+    with torch.no_grad():
+        inputs = torch.from_numpy(x)[None] if batch_first else torch.from_numpy(x)[:, None]
+        out, _ = rnn(inputs)
+        y = out if head is None else head(out)
+    return (y[0] if batch_first else y[:, 0]).numpy()
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_export_passes_the_server_check_and_records_itself(
+    name: str,
+    user_repository: tuple[Path, dict[str, Modules]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    root, _ = user_repository
+    spec, _ = open_model(root / name / "1", make_settings(model_repository=root))
+    meta = json.loads((root / name / "1" / "model.json").read_text())
+    assert spec.cell == FACTORIES[name][1] and meta["sha256"] == spec.sha256
+    for key in (*REQUIRED_METADATA, "inputs", "outputs", "torch_version", "onnx_version", "opset"):
+        assert key in meta, key
+    assert meta["source"]["exported_from"] == USER_SOURCE and meta["task"] == "custom"
+    verification = meta["verification"]
+    assert list(verification["chunkings"]) == [str(n) for n in CHUNK_STEPS]
+    assert max(verification["chunkings"].values()) <= TOLERANCE
+    assert verification["full_sequence_max_abs_diff"] <= TOLERANCE
+    assert meta["torch_version"] == torch.__version__
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+async def test_served_in_mixed_chunks_equals_torch(
+    name: str,
+    user_repository: tuple[Path, dict[str, Modules]],
+    make_settings: Callable[..., Settings],
+) -> None:
+    root, modules = user_repository
+    rnn, head = modules[name]
+    x = np.random.default_rng(5).standard_normal((sum(CHUNKS), rnn.input_size)).astype(np.float32)
+    outputs, start = [], 0
+    async with (
+        serving(make_settings(model_repository=root)) as server,
+        channel(server.grpc_port) as ch,
+    ):
+        stub = native(ch)
+        session = await stub.CreateSession(pb.CreateSessionRequest(model=name))
+        for steps in CHUNKS:
+            chunk = x[start : start + steps]
+            outputs.append(
+                output_of(await stub.Step(step_request(name, session.session_id, chunk)))
+            )
+            start += steps
+    expected = torch_outputs(rnn, head, x)
+    np.testing.assert_allclose(np.concatenate(outputs), expected, atol=1e-5, rtol=0)
+
+
+class Pool(nn.Module):
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out.mean(dim=1)
+
+
+class Swap(nn.Module):
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out.transpose(0, 1)
+
+
+class ClassIds(nn.Module):
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out.argmax(dim=-1, keepdim=True)
+
+
+class RunningSum(nn.Module):
+    """Keeps the axes but mixes time steps: only the chunked verification can tell."""
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out.cumsum(dim=1)
+
+
+class FixedSizes(nn.Module):
+    """Bakes the tracing example's sizes into the graph."""
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out.reshape(int(out.shape[0]), int(out.shape[1]), -1)
+
+
+REFUSED: dict[str, tuple[Callable[[], Modules], str]] = {
+    "bidirectional": (
+        lambda: (nn.GRU(3, 4, batch_first=True, bidirectional=True), None),
+        "bidirectional rnn cannot stream",
+    ),
+    "proj_size": (
+        lambda: (nn.LSTM(3, 8, batch_first=True, proj_size=4), None),
+        r"proj_size=4 .* issue #17, item 1",
+    ),
+    "pooling head": (
+        lambda: (nn.LSTM(3, 4, batch_first=True), Pool()),
+        r"into \[2, 4\], but the contract needs the batch and time axes unchanged",
+    ),
+    "axis-swapping head": (
+        lambda: (nn.GRU(3, 4), Swap()),
+        r"\[5, 2, 4\] \[time, batch, hidden\] into \[2, 5, 4\]",
+    ),
+    "float64 weights": (lambda: (nn.GRU(3, 4).double(), None), "float64 weights .* .float()"),
+    "class-id head": (lambda: (nn.RNN(3, 4), ClassIds()), "returns int64 .* float32"),
+    "token ids": (
+        lambda: (nn.Sequential(nn.Embedding(10, 3), nn.LSTM(3, 4)), None),
+        r"token ids \(int64\)",
+    ),
+    "not a recurrent layer": (lambda: (nn.Linear(3, 4), None), "nn.LSTM, nn.GRU or nn.RNN"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_the_contract_cannot_serve_is_refused_in_one_line(case: str, tmp_path: Path) -> None:
+    factory, message = REFUSED[case]
+    rnn, head = build(factory, 0)
+    with pytest.raises(UnsupportedModuleError, match=message) as info:
+        export_recurrent(rnn, head, repository=tmp_path, name="m")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [(RunningSum(), "chunks do not: something mixes time steps"), (FixedSizes(), "fixed")],
+)
+def test_a_graph_that_does_not_stream_fails_verification_and_writes_nothing(
+    head: nn.Module, message: str, tmp_path: Path
+) -> None:
+    rnn, _ = build(lambda: (nn.LSTM(3, 4, batch_first=True), None), 0)
+    with pytest.raises(ExportVerificationError, match=message):
+        export_recurrent(rnn, head, repository=tmp_path, name="m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_command_refuses_a_bad_factory_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["export-module", "--repository", str(tmp_path), "--name", "m", "--factory"]
+    assert training_main([*argv, "tests.user_models:missing"]) == 1
+    assert training_main([*argv, "tests.no_such_module:f"]) == 1
+    assert training_main([*argv, "tests.user_models"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "python -m training export-module: tests.user_models has no function 'missing'",
+        "python -m training export-module: cannot import tests.no_such_module (No module named "
+        "'tests.no_such_module'); run from the folder that holds it or add that folder to "
+        "PYTHONPATH",
+        "python -m training export-module: --factory must be package.module:function, got "
+        "'tests.user_models'",
+    ]
+    assert not (tmp_path / "m").exists()
+
+
+def documented_example() -> tuple[str, str]:
+    """The python and bash blocks of docs/TRAINING.md's "Your own model"."""
+    section = (ROOT / "docs" / "TRAINING.md").read_text().split("## Your own model")[1]
+    python_block, bash_block = re.findall(r"```(?:python|bash)\n(.*?)\n```", section, re.S)[:2]
+    return python_block, bash_block
+
+
+def test_the_documented_example_runs_and_rnnserve_check_accepts_it(tmp_path: Path) -> None:
+    """The command as a user runs it, in a subprocess, with the factory of tests/user_models.py
+    (which is the documented my_models.py, word for word)."""
+    python_block, bash_block = documented_example()
+    assert python_block + "\n" == (ROOT / "tests" / "user_models.py").read_text()
+    (tmp_path / "my_models.py").write_text(python_block + "\n")
+    lines = bash_block.splitlines()
+    commands = [line for line in lines if not line.startswith("rnnserve serve ")]
+    assert len(commands) == len(lines) - 1
+    script = 'python() { "$PY" "$@"; }\nrnnserve() { "$PY" -m service.cli "$@"; }\n'
+    run = subprocess.run(
+        ["bash", "-ec", script + "\n".join(commands)],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PY": sys.executable, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 of 2 model(s) pass" in run.stdout
+    assert run.stdout.count("next: rnnserve check my_repository") == 2
+    meta = json.loads((tmp_path / "my_repository" / "frames" / "1" / "model.json").read_text())
+    assert meta["source"]["factory"] == "my_models:frame_classifier"
+    # The weights came from frames.pt: the graph answers as FrameClassifier loaded from it.
+    model = FrameClassifier()
+    model.load_state_dict(torch.load(tmp_path / "frames.pt", weights_only=True))
+    x = np.random.default_rng(3).standard_normal((2, 9, 40)).astype(np.float32)
+    session = ort.InferenceSession(
+        str(tmp_path / "my_repository" / "frames" / "1" / "model.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    zeros = np.zeros((2, 2, 64), np.float32)
+    (y,) = session.run(["y"], {"x": x, "h0": zeros, "c0": zeros})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)
