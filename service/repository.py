@@ -22,7 +22,10 @@ logger = logging.getLogger(__name__)
 REQUIRED_METADATA = ("cell", "num_layers", "hidden_size", "input_size", "output_size")
 SIZES = REQUIRED_METADATA[1:]
 CELLS = ("rnn", "lstm", "gru")
-REEXPORT = "export it again (python -m training export) or remove its folder"
+REEXPORT = (
+    "export it again (python -m training export, or export-module for a model of your own: "
+    "docs/TRAINING.md) or remove its folder"
+)
 
 
 @dataclass(frozen=True)
