@@ -30,8 +30,8 @@ from training.export import (
     USER_SOURCE,
     ExportVerificationError,
     UnsupportedModuleError,
-    export_recurrent,
 )
+from training.export_module import export_recurrent
 
 ROOT = Path(__file__).resolve().parent.parent
 Modules = tuple[nn.Module, nn.Module | None]

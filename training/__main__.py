@@ -196,10 +196,9 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def command_export_module(args: argparse.Namespace) -> int:
-    from training.export import (
-        ExportVerificationError,
+    from training.export import ExportVerificationError, UnsupportedModuleError
+    from training.export_module import (
         FactoryError,
-        UnsupportedModuleError,
         export_recurrent,
         load_factory,
         load_weights,

@@ -4,12 +4,11 @@ Contract (docs/ARCHITECTURE.md): inputs ``x`` float32 [batch, time, features], `
 hidden] and ``c0`` (LSTM only); outputs ``y`` [batch, time, outputs], ``hn`` and ``cn`` (LSTM); batch
 and time dynamic; opset 17; the fused ONNX LSTM/GRU/RNN operators.
 
-Two entry points share the export and the verification:
+Two entry points share the export and the verification here:
 
 - :func:`export_model` for the project's :class:`RecurrentNet` (the bundled and synthetic models);
-- :func:`export_recurrent` for a user's own ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (any number of
-  layers, batch-first or time-major) with an optional per-step head, wrapped in a
-  :class:`RecurrentAdapter` that has the contract's batch-major signature.
+- :func:`training.export_module.export_recurrent` for a user's own ``nn.LSTM`` / ``nn.GRU`` /
+  ``nn.RNN`` (any number of layers, batch-first or time-major) with an optional per-step head.
 
 Every export is verified against PyTorch with onnxruntime, over a whole sequence and in chunks with
 the state fed back (which is how the service runs it), at a sequence length and batch size that
@@ -20,13 +19,11 @@ the export.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +44,7 @@ EXAMPLE_BATCH, EXAMPLE_TIME = 2, 5
 VERIFY_BATCH, VERIFY_TIME = 3, 37
 # Chunk lengths a user's module is verified in (37 steps: every one leaves a ragged last chunk).
 CHUNK_STEPS = (1, 3, 7)
-USER_SOURCE = "a user's PyTorch module (training.export.export_recurrent)"
+USER_SOURCE = "a user's PyTorch module (training.export_module.export_recurrent)"
 ISSUE_CONTRACT = "the richer model contract of issue #17, item 1 (not built yet)"
 
 Reference = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
@@ -355,275 +352,3 @@ def export_model(
         }
         write_version(version_dir, onnx_path, metadata)
     return metadata
-
-
-# ---------------------------------------------------------------------------------------------
-# A user's own module: nn.LSTM / nn.GRU / nn.RNN and an optional per-step head.
-
-RNN_CELLS: tuple[tuple[type[nn.Module], CellType], ...] = (
-    (nn.LSTM, "lstm"),
-    (nn.GRU, "gru"),
-    (nn.RNN, "rnn"),
-)
-# Keys export_recurrent computes itself; a caller's metadata may not set them.
-COMPUTED_KEYS = (
-    "name", "version", "cell", "num_layers", "hidden_size", "input_size", "output_size", "inputs",
-    "outputs", "source", "verification", "opset", "torch_version", "onnx_version",
-    "onnxruntime_version", "exported_at", "sha256",
-)  # fmt: skip
-FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class RecurrentAdapter(nn.Module):
-    """A user's recurrent layer and per-step head behind the contract's signature
-    ``(x, h0[, c0]) -> (y, hn[, cn])``, batch-major whatever the layer's own layout: a time-major
-    layer (``batch_first=False``) gets ``x`` transposed in and ``y`` transposed out, its head
-    applied in its own layout, exactly as the user's model runs it."""
-
-    def __init__(self, rnn: nn.Module, head: nn.Module | None = None) -> None:
-        super().__init__()
-        self.rnn = rnn
-        self.head = head if head is not None else nn.Identity()
-        self.time_major = not bool(getattr(rnn, "batch_first", True))
-        self.lstm = isinstance(rnn, nn.LSTM)
-
-    def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.time_major:
-            x = x.transpose(0, 1)
-        if self.lstm:
-            out, (h, c) = self.rnn(x, (state[0], state[1]))
-            new_state: State = (h, c)
-        else:
-            out, h = self.rnn(x, state[0])
-            new_state = (h,)
-        y = self.head(out)
-        if self.time_major:
-            y = y.transpose(0, 1)
-        return (y, *new_state)
-
-    def run(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """``(y, state)`` for batch-major ``x``: the reference the export is verified against."""
-        y, *new_state = self(x, *state)
-        return y, tuple(new_state)
-
-
-def recurrent_layer(rnn: object) -> tuple[nn.RNNBase, CellType]:
-    """``rnn`` and its contract cell; refuses anything but a unidirectional LSTM, GRU or RNN
-    without projections."""
-    if not isinstance(rnn, nn.Module):
-        raise UnsupportedModuleError(
-            f"rnn must be an nn.LSTM, nn.GRU or nn.RNN, got {type(rnn).__name__}"
-        )
-    if any(isinstance(m, nn.Embedding) for m in rnn.modules()):
-        raise UnsupportedModuleError(
-            "a model that takes token ids (int64) through an embedding needs "
-            f"{ISSUE_CONTRACT}; the current contract takes float32 features: export the "
-            "recurrent layer and feed it embedded vectors"
-        )
-    cell = next((c for cls, c in RNN_CELLS if isinstance(rnn, cls)), None)
-    if cell is None or not isinstance(rnn, nn.RNNBase):
-        raise UnsupportedModuleError(
-            f"rnn must be an nn.LSTM, nn.GRU or nn.RNN, got {type(rnn).__name__}: pass the "
-            "recurrent layer itself as rnn and what follows it as head"
-        )
-    if rnn.bidirectional:
-        raise UnsupportedModuleError(
-            "a bidirectional rnn cannot stream (its backward direction needs the end of the "
-            "sequence first); export a unidirectional one (bidirectional=False)"
-        )
-    if rnn.proj_size > 0:
-        raise UnsupportedModuleError(
-            f"an LSTM with proj_size={rnn.proj_size} has h and c of different sizes, "
-            f"which needs {ISSUE_CONTRACT}; export an LSTM without proj_size"
-        )
-    return rnn, cell
-
-
-def check_tensors(module: nn.Module, what: str) -> None:
-    """Every floating-point parameter and buffer must be float32 and on the CPU."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            raise UnsupportedModuleError(
-                f"the {what} has {str(tensor.dtype).removeprefix('torch.')} weights but the "
-                "contract's inputs and states are float32; convert it with .float() before export"
-            )
-        if tensor.device.type != "cpu":
-            raise UnsupportedModuleError(
-                f"the {what} is on {tensor.device}; move it to the CPU with .cpu() before export"
-            )
-
-
-def probe_head(rnn: nn.RNNBase, head: nn.Module | None) -> int:
-    """Run the rnn and the head once on zeros (batch and time of different sizes, in the rnn's
-    layout) and return the number of outputs per step; refuse a head that is not per step."""
-    layout = "[batch, time, hidden]" if rnn.batch_first else "[time, batch, hidden]"
-    shape = (EXAMPLE_BATCH, EXAMPLE_TIME) if rnn.batch_first else (EXAMPLE_TIME, EXAMPLE_BATCH)
-    with torch.no_grad():
-        out = rnn(torch.zeros(*shape, rnn.input_size))[0]
-        if head is None:
-            return int(out.shape[2])
-        try:
-            y = head(out)
-        except Exception as error:
-            raise UnsupportedModuleError(
-                f"the head fails on the rnn's outputs {list(out.shape)} {layout} ({error}); "
-                f"give a head that takes {rnn.hidden_size} features per step"
-            ) from None
-    if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != tuple(shape):
-        got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise UnsupportedModuleError(
-            f"the head turns the rnn's outputs {list(out.shape)} {layout} into {got}, but the "
-            "contract needs the batch and time axes unchanged with outputs last; use a per-step "
-            "head (e.g. nn.Linear) and pool or reshape on the client"
-        )
-    if y.dtype != torch.float32:
-        raise UnsupportedModuleError(
-            f"the head returns {str(y.dtype).removeprefix('torch.')} but the contract's output is "
-            "float32; return float32 (e.g. logits rather than class ids)"
-        )
-    return int(y.shape[2])
-
-
-def check_names(name: str, version: str, metadata: Mapping[str, Any]) -> None:
-    """A model name and version are plain folder names; metadata may not set computed keys."""
-    for what, value in (("name", name), ("version", version)):
-        if not FOLDER_NAME.fullmatch(value):
-            raise UnsupportedModuleError(
-                f"model {what} {value!r} must be a plain folder name (letters, digits, '.', '_', "
-                "'-', not starting with a dot)"
-            )
-    taken = sorted(set(metadata) & set(COMPUTED_KEYS))
-    if taken:
-        raise UnsupportedModuleError(
-            f"metadata may not set {', '.join(taken)}: the export sets these keys itself; remove them"
-        )
-
-
-def export_recurrent(
-    rnn: nn.Module,
-    head: nn.Module | None = None,
-    *,
-    repository: Path,
-    name: str,
-    version: str = "1",
-    metadata: Mapping[str, Any] | None = None,
-    origin: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Export a user's ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (any number of layers, batch-first or
-    time-major, unidirectional) and an optional per-step ``head`` to
-    ``<repository>/<name>/<version>/model.onnx`` + ``model.json`` by the contract.
-
-    The modules are put in eval mode, wrapped in a :class:`RecurrentAdapter`, exported with the
-    TorchScript exporter (``dynamo=False``, opset 17) and verified against PyTorch with onnxruntime
-    over a whole sequence and in chunks of 1, 3 and 7 steps with the state fed back, at 3 x 37
-    steps (the trace is 2 x 5), before anything is written. ``metadata`` adds keys to model.json
-    (e.g. ``description``, ``task``, ``output_kind``, labels); ``origin`` is recorded under
-    ``source`` (the command puts the factory and weights file there). Returns the metadata.
-
-    Raises :class:`UnsupportedModuleError` for what the contract cannot serve (bidirectional,
-    ``proj_size``, a head that changes the batch or time axes, non-float32 weights or token ids)
-    and :class:`ExportVerificationError` when the graph does not reproduce PyTorch.
-    """
-    extra = dict(metadata or {})
-    check_names(name, version, extra)
-    layer, cell = recurrent_layer(rnn)
-    check_tensors(layer, "rnn")
-    if head is not None:
-        if not isinstance(head, nn.Module):
-            raise UnsupportedModuleError(
-                f"head must be an nn.Module or None, got {type(head).__name__}"
-            )
-        check_tensors(head, "head")
-    adapter = RecurrentAdapter(layer, head).eval()
-    output_size = probe_head(layer, head)
-    contract = Contract(cell, layer.num_layers, layer.hidden_size, layer.input_size, output_size)
-    version_dir = repository / name / version
-    with tempfile.TemporaryDirectory(prefix="rnnserve-export-") as staging:
-        onnx_path = Path(staging) / "model.onnx"
-        label = f"model {name}/{version}"
-        export_graph(adapter, contract, onnx_path, label)
-        verification = verify_graph(
-            adapter.run, contract, onnx_path, chunk_steps=CHUNK_STEPS, label=label
-        )
-        record: dict[str, Any] = {
-            "name": name,
-            "version": version,
-            "description": "",
-            **extra,
-            "cell": cell,
-            "num_layers": contract.num_layers,
-            "hidden_size": contract.hidden_size,
-            "input_size": contract.input_size,
-            "output_size": contract.output_size,
-            "inputs": contract.input_names,
-            "outputs": contract.output_names,
-            "source": {
-                "exported_from": USER_SOURCE,
-                "rnn": repr(rnn),
-                "head": None if head is None else repr(head),
-                "layout": "batch-first"
-                if layer.batch_first
-                else "time-major (transposed in the graph)",
-                **dict(origin or {}),
-            },
-            "verification": verification.as_dict(),
-            **versions(),
-            "exported_at": now(),
-            "sha256": sha256_of(onnx_path),
-        }
-        write_version(version_dir, onnx_path, record)
-    return record
-
-
-# ---------------------------------------------------------------------------------------------
-# The command's helpers: a factory named on the command line, weights from a file.
-
-
-class FactoryError(ValueError):
-    """A --factory or --state-dict that cannot be used; the message says what to do."""
-
-
-def load_factory(spec: str) -> tuple[nn.Module, nn.Module | None]:
-    """Call ``package.module:function`` and return its ``(rnn, head)`` (head None if it returns
-    the rnn alone)."""
-    module_name, _, function_name = spec.rpartition(":")
-    if not module_name or not function_name:
-        raise FactoryError(f"--factory must be package.module:function, got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise FactoryError(
-            f"cannot import {module_name} ({error}); run from the folder that holds it or add "
-            "that folder to PYTHONPATH"
-        ) from None
-    factory = getattr(module, function_name, None)
-    if not callable(factory):
-        raise FactoryError(f"{module_name} has no function {function_name!r}")
-    built = factory()
-    if isinstance(built, nn.Module):
-        return built, None
-    if isinstance(built, tuple | list) and len(built) == 2:
-        return built[0], built[1]
-    raise FactoryError(
-        f"{spec} returned {type(built).__name__}; it must return (rnn, head) or the rnn alone"
-    )
-
-
-def load_weights(rnn: nn.Module, head: nn.Module | None, path: Path) -> None:
-    """Load a state dict with keys ``rnn.*`` and ``head.*`` (that of a model whose recurrent layer
-    is its attribute ``rnn`` and whose head is ``head``) into the factory's modules, strictly."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as error:
-        raise FactoryError(f"cannot read --state-dict {path} ({error})") from None
-    if not isinstance(state, Mapping):
-        raise FactoryError(f"--state-dict {path} holds a {type(state).__name__}, not a state dict")
-    try:
-        RecurrentAdapter(rnn, head).load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:400]
-        raise FactoryError(
-            f"--state-dict {path} does not fit the factory's modules ({detail}); save the "
-            "state dict of a model whose layers are attributes rnn and head, or load the weights "
-            "in the factory"
-        ) from None
