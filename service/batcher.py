@@ -283,7 +283,8 @@ class Batcher:
             session.last_output = output
             chunk.latency.observe(now_s - chunk.received_s)
             self._finish(chunk, StepResult(session.session_id, output, session.steps, chunk.end,
-                                           session.durable_steps, session.incarnation))  # fmt: skip
+                                           session.durable_steps, session.incarnation,
+                                           self.spec.version))  # fmt: skip
         self._steps.inc(applied_steps)
         if applied_steps:
             self._on_applied()

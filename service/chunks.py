@@ -63,6 +63,7 @@ class StepResult:
     ended: bool  # the chunk closed its session (end)
     durable_steps: int = 0  # steps covered by the latest written snapshot
     incarnation: int = 0  # the session's (a START draws a new one)
+    model_version: str = ""  # the version that computed it (a session stays on its own)
 
 
 @dataclass(eq=False, slots=True)

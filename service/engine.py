@@ -184,7 +184,25 @@ class InferenceEngine:
         if self._closing:  # sessions are being saved and ended: come back to the next server
             raise Unavailable("the server is shutting down; retry shortly")
         handle = self.model(name, version)  # UNAVAILABLE while loading (and restoring)
-        return handle, handle.store.get(session_id, caller.owner)
+        session = handle.store.find(session_id, caller.owner)
+        if session is None and not version:
+            handle, session = self._on_another_version(handle, session_id, caller.owner)
+        if session is None:
+            raise session_not_found(session_id)
+        return handle, session
+
+    def _on_another_version(
+        self, latest: ModelHandle, session_id: str, owner: str
+    ) -> tuple[ModelHandle, Session | None]:
+        """A request that names no version goes to the newest, but a session stays on the version
+        it started on: look for it on the others (newest first; only when the newest lacks it, so
+        the common case pays nothing)."""
+        for version in reversed(self.versions(latest.spec.name)):
+            handle = self.model(latest.spec.name, version)
+            session = handle.store.find(session_id, owner)
+            if session is not None:
+                return handle, session
+        return latest, None
 
     def session_view(
         self,
@@ -289,6 +307,8 @@ class InferenceEngine:
         self._check_open()
         handle = self.model(name, version)
         session = handle.store.find(session_id, caller.owner)
+        if session is None and not version and not start:
+            handle, session = self._on_another_version(handle, session_id, caller.owner)
         try:
             self._check_chunk(handle.spec, x, reply_extra_bytes)
         except ServiceError as error:  # refused, not applied: say where the session stands
@@ -340,13 +360,17 @@ class InferenceEngine:
             )
 
     def sequence_failed(
-        self, spec: ModelSpec, session_id: str, caller: Caller, error: ServiceError
+        self, name: str, version: str, session_id: str, caller: Caller, error: ServiceError
     ) -> int | None:
         """A request of a pipelined sequence (KServe) failed before it was queued: the sequence
         cannot go on until a START, since requests sent behind the failed one would apply to a
         history that lacks it (see :func:`service.session.break_sequence`). Returns the
-        sequence's step count (None: no such sequence)."""
-        session = self.model(spec.name, spec.version).store.find(session_id, caller.owner)
+        sequence's step count (None: no such sequence). ``version`` as the request named it ("":
+        the version the sequence is on)."""
+        handle = self.model(name, version)
+        session = handle.store.find(session_id, caller.owner)
+        if session is None and not version:
+            _, session = self._on_another_version(handle, session_id, caller.owner)
         if session is None:
             return None
         break_sequence(session, error.message)

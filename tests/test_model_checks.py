@@ -21,7 +21,16 @@ from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.errors import ModelContractError
 from service.model_check import open_model
 from service.settings import Settings
-from tests.grpc_helpers import channel, kserve, native, output_of, serving, step_request
+from tests.grpc_helpers import (
+    channel,
+    infer_output,
+    infer_request,
+    kserve,
+    native,
+    output_of,
+    serving,
+    step_request,
+)
 from tests.models_for_tests import OfflineReference
 
 MODEL = "tiny_lstm"  # inputs x, h0, c0; outputs y, hn, cn
@@ -168,3 +177,34 @@ def test_rnnserve_check_passes_the_bundled_models() -> None:
     result = rnnserve("check", str(Path(__file__).resolve().parent.parent / "models"))
     assert result.returncode == 0, result.stdout
     assert result.stdout.strip().endswith("7 of 7 model(s) pass")
+
+
+async def test_a_session_stays_on_the_version_it_started_on(
+    tiny_repository: Path, tmp_path: Path, make_settings: Any
+) -> None:
+    """Requests that name no version go to the newest, except for a session that lives on an
+    older one (Triton sequences included): it goes on there, exactly, instead of being unknown."""
+    repository = tmp_path / "models"
+    shutil.copytree(tiny_repository, repository)
+    shutil.copytree(repository / MODEL / "1", repository / MODEL / "2")  # a newer version
+    x = np.random.default_rng(4).standard_normal((6, 3)).astype(np.float32)
+    reference = OfflineReference(tiny_repository, MODEL)(x)
+    async with (
+        serving(make_settings(model_repository=repository)) as srv,
+        channel(srv.grpc_port) as ch,
+    ):
+        stub = kserve(ch)
+        first = infer_request(MODEL, 31, x[:3], start=True)
+        first.model_version = "1"
+        started = await stub.ModelInfer(first)
+        assert started.model_version == "1"
+        going_on = await stub.ModelInfer(infer_request(MODEL, 31, x[3:], end=True))  # no version
+        assert going_on.model_version == "1"
+        outputs = [infer_output(started), infer_output(going_on)]
+        await native(ch).CreateSession(
+            pb.CreateSessionRequest(model=MODEL, version="1", session_id="n")
+        )
+        reply = await native(ch).Step(step_request(MODEL, "n", x[:2]))  # no version
+        assert reply.steps == 2
+        assert srv.engine.model(MODEL).spec.version == "2"  # the newest is 2 all along
+    np.testing.assert_allclose(np.concatenate(outputs), reference, atol=1e-5)

@@ -132,7 +132,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             x = input_chunk(request, spec)
             future = self.engine.submit(
                 spec.name,
-                spec.version,
+                request.model_version,  # "": the newest, or the version the sequence is on
                 sequence_id,
                 x,
                 api=API,
@@ -148,7 +148,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             )
         except NotFound as error:
             if isinstance(error, OtherIncarnation):
-                steps = self.engine.sequence_failed(spec, sequence_id, caller, error)
+                steps = self.engine.sequence_failed(
+                    spec.name, request.model_version, sequence_id, caller, error
+                )
                 raise as_triton(error.with_session_steps(steps)) from None
             # The model exists (looked up above): the sequence does not.
             if control.expected_steps is not None or control.incarnation:
@@ -163,7 +165,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 "sequence"
             ) from None
         except ServiceError as error:  # the requests sent behind it must not skip it
-            steps = self.engine.sequence_failed(spec, sequence_id, caller, error)
+            steps = self.engine.sequence_failed(
+                spec.name, request.model_version, sequence_id, caller, error
+            )
             raise error.with_session_steps(steps) from None
         return spec, future
 

@@ -187,7 +187,7 @@ def fill_infer_response(
     """Write ``result`` (output ``y`` as [1, steps, outputs]) into ``message`` in place: a stream's
     reply wraps the response, and filling it there saves copying a built one in."""
     message.model_name = spec.name
-    message.model_version = spec.version
+    message.model_version = result.model_version or spec.version
     message.id = request.id
     y = result.output
     message.outputs.add(name="y", datatype="FP32", shape=(1, *y.shape))
