@@ -37,10 +37,8 @@ from collections.abc import Callable
 import numpy as np
 
 from service.batch_compute import BatchOutcome, BatchRunner
-from service.chunks import PendingChunk, StepResult
+from service.chunks import PendingChunk, StepResult, step_refusal, too_late
 from service.errors import (
-    Aborted,
-    DeadlineExceeded,
     FailedPrecondition,
     InternalError,
     ResourceExhausted,
@@ -54,9 +52,7 @@ from service.repository import ModelSpec
 from service.runtime import CallCost, ModelRuntime
 from service.session import (
     EndReason,
-    Session,
     break_sequence,
-    other_incarnation,
     session_not_found,
 )
 from service.session_lines import SessionLines
@@ -132,7 +128,7 @@ class Batcher:
         if chunk.deadline_s is not None:
             left_s = chunk.deadline_s - self.deadline_margin_s - time.perf_counter()
             if left_s <= 0:
-                raise _too_late(session)
+                raise too_late(session)
             chunk.deadline_timer = self._loop.call_later(left_s, self._deadline_reached, chunk)
         try:
             if session.busy:
@@ -215,14 +211,14 @@ class Batcher:
                     and chunk.deadline_s - self.deadline_margin_s <= now
                 ):
                     self._deadline_dropped.inc()
-                    self._finish(chunk, _too_late(chunk.session))
+                    self._finish(chunk, too_late(chunk.session))
                     continue
             if not chunk.start and (
                 chunk.expected_steps is not None
                 or chunk.incarnation is not None
                 or chunk.session.unconfirmed
             ):
-                refusal = _step_check(chunk)
+                refusal = step_refusal(chunk)
                 if refusal is not None:
                     self._finish(chunk, refusal)
                     continue
@@ -236,7 +232,7 @@ class Batcher:
         if chunk.answered or chunk.computing:
             return
         self._deadline_dropped.inc()
-        error = _too_late(chunk.session)
+        error = too_late(chunk.session)
         if chunk.enqueued_s:  # queued: out of the queue (a rare scan), answered now
             self._queue.remove(chunk)
             self._finish(chunk, error)
@@ -383,37 +379,3 @@ class Batcher:
         await asyncio.wait([self._task])  # never raises: a failure was reported as it stopped
         self._fail_everything(Unavailable("the server shut down before this chunk ran"))
         self.runner.close()
-
-
-def _too_late(session: Session) -> DeadlineExceeded:
-    return DeadlineExceeded(
-        "the deadline would pass before the chunk could run: not applied",
-        session_steps=session.steps,
-    )
-
-
-def _step_check(chunk: PendingChunk) -> ServiceError | None:
-    """Why ``chunk`` may not apply to its session as it now stands, or None (it may; a session
-    restored unconfirmed is confirmed by a chunk that states its step count and incarnation
-    right)."""
-    session = chunk.session
-    expected = chunk.expected_steps
-    if chunk.incarnation is not None and chunk.incarnation != session.incarnation:
-        return other_incarnation(session.session_id)
-    if session.unconfirmed and (expected is None or chunk.incarnation is None):
-        return Unconfirmed(
-            f"session {shown(session.session_id)} was restored after an unclean stop from a "
-            f"snapshot at step {session.steps}, which may be behind the last reply you got; send "
-            "the chunk with the step count you expect (expected_steps) and the session's "
-            "incarnation (StepRequest.incarnation, or attach with it) to go on from there",
-            session_steps=session.steps,
-        )
-    if expected is not None and expected != session.steps:
-        return Aborted(
-            f"session {shown(session.session_id)} is at step {session.steps}, this chunk expected "
-            f"step {expected}: not applied (an earlier send of it may have been applied; resume "
-            f"from step {session.steps})",
-            session_steps=session.steps,
-        )
-    session.unconfirmed = False
-    return None

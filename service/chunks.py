@@ -1,5 +1,7 @@
 """A chunk: what it must be before it is queued (float32 ``[steps, features]``, a bounded number
-of steps, finite values unless allowed), its record on the way through the batcher, its result."""
+of steps, finite values unless allowed, a reply that fits a message), its record on the way through
+the batcher, its result, and what may still refuse it when its turn comes (its caller's deadline,
+the step count and incarnation it states)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import InvalidArgument
+from service.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidArgument,
+    ServiceError,
+    Unconfirmed,
+    shown,
+)
 from service.metrics import LoopHistogramChild
 from service.repository import ModelSpec
-from service.session import Session
+from service.session import Session, other_incarnation
 
 SUMMED_IN_PYTHON_BELOW = 64  # values; under this a numpy reduction costs more than a Python sum
+# What a reply adds to its output tensor: session id (<= 128 bytes), counts, incarnation, field
+# framing; the model's name and version and any echoed client string are added to it. Generous: a
+# chunk near the limit is refused, never applied and then answered too large.
+REPLY_OVERHEAD_BYTES = 512
 
 
 def all_finite(array: np.ndarray) -> bool:
@@ -51,6 +64,23 @@ def check_chunk(spec: ModelSpec, x: np.ndarray, max_steps: int, reject_nonfinite
         raise InvalidArgument(f"chunk of {steps} steps exceeds the limit of {max_steps}")
     if reject_nonfinite and not all_finite(x):
         raise InvalidArgument("input holds NaN or Inf")
+
+
+def check_reply_fits(
+    spec: ModelSpec, steps: int, max_message_bytes: int, extra_bytes: int = 0
+) -> None:
+    """INVALID_ARGUMENT unless the reply to a chunk of ``steps`` fits ``max_message_bytes``
+    (``extra_bytes``: what the API's reply echoes of the request): a chunk whose reply could not
+    be sent must not be applied."""
+    extra_bytes += len(spec.name) + len(spec.version)
+    reply_bytes = 4 * steps * spec.output_size + REPLY_OVERHEAD_BYTES + extra_bytes
+    if reply_bytes > max_message_bytes:
+        room = max_message_bytes - REPLY_OVERHEAD_BYTES - extra_bytes
+        raise InvalidArgument(
+            f"a chunk of {steps} steps would need a reply of about {reply_bytes} bytes, "
+            f"over max_message_bytes ({max_message_bytes}); send at most "
+            f"{max(room // (4 * spec.output_size), 0)} steps per chunk"
+        )
 
 
 @dataclass(slots=True)
@@ -92,3 +122,32 @@ class PendingChunk:
         """It fixes where its session's history stands: a START, or a chunk that states the step
         count it expects. Such a chunk is safe behind a failed one of its sequence."""
         return self.start or self.expected_steps is not None
+
+
+def too_late(session: Session) -> DeadlineExceeded:
+    """The answer to a chunk that cannot start computing in time (see the batcher's notes)."""
+    return DeadlineExceeded(
+        "the deadline would pass before the chunk could run: not applied",
+        session_steps=session.steps,
+    )
+
+
+def step_refusal(chunk: PendingChunk) -> ServiceError | None:
+    """Why ``chunk`` may not apply to its session as it now stands, or None (it may; a session
+    restored unconfirmed is confirmed by a chunk that states its step count and incarnation
+    right)."""
+    session = chunk.session
+    expected = chunk.expected_steps
+    if chunk.incarnation is not None and chunk.incarnation != session.incarnation:
+        return other_incarnation(session.session_id)
+    if session.unconfirmed and (expected is None or chunk.incarnation is None):
+        return Unconfirmed(session.session_id, session.steps)
+    if expected is not None and expected != session.steps:
+        return Aborted(
+            f"session {shown(session.session_id)} is at step {session.steps}, this chunk expected "
+            f"step {expected}: not applied (an earlier send of it may have been applied; resume "
+            f"from step {session.steps})",
+            session_steps=session.steps,
+        )
+    session.unconfirmed = False
+    return None

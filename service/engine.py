@@ -20,7 +20,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from service.batcher import Batcher
-from service.chunks import PendingChunk, StepResult, check_chunk
+from service.chunks import (
+    REPLY_OVERHEAD_BYTES,
+    PendingChunk,
+    StepResult,
+    check_chunk,
+    check_reply_fits,
+)
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
 from service.errors import (
     InvalidArgument,
@@ -48,11 +54,6 @@ from service.session import (
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-# What a reply adds to its output tensor: session id (<= 128 bytes), counts, incarnation, field
-# framing; the model's name and version and any echoed client string are added to it. Generous: a
-# chunk near the limit is refused, never applied and then answered too large.
-REPLY_OVERHEAD_BYTES = 512
 
 
 def check_incarnation(session: Session, incarnation: str) -> None:
@@ -183,26 +184,24 @@ class InferenceEngine:
         session is NOT_FOUND exactly like a missing one: ids of others cannot be probed."""
         if self._closing:  # sessions are being saved and ended: come back to the next server
             raise Unavailable("the server is shutting down; retry shortly")
-        handle = self.model(name, version)  # UNAVAILABLE while loading (and restoring)
-        session = handle.store.find(session_id, caller.owner)
-        if session is None and not version:
-            handle, session = self._on_another_version(handle, session_id, caller.owner)
+        handle, session = self._find(name, version, session_id, caller.owner)
         if session is None:
             raise session_not_found(session_id)
         return handle, session
 
-    def _on_another_version(
-        self, latest: ModelHandle, session_id: str, owner: str
+    def _find(
+        self, name: str, version: str, session_id: str, owner: str, *, elsewhere: bool = True
     ) -> tuple[ModelHandle, Session | None]:
-        """A request that names no version goes to the newest, but a session stays on the version
-        it started on: look for it on the others (newest first; only when the newest lacks it, so
-        the common case pays nothing)."""
-        for version in reversed(self.versions(latest.spec.name)):
-            handle = self.model(latest.spec.name, version)
-            session = handle.store.find(session_id, owner)
-            if session is not None:
-                return handle, session
-        return latest, None
+        """The model version a request goes to and the owner's session there, if any: the named
+        version, or the newest, unless (``elsewhere``) the session lives on an older one: a
+        session stays on the version it started on. UNAVAILABLE while the models load."""
+        handle = self.model(name, version)
+        session = handle.store.find(session_id, owner)
+        if session is None and not version and elsewhere:  # only on a miss: no cost otherwise
+            found = self.registry.holding(name, session_id, owner)
+            if found is not None:
+                return found
+        return handle, session
 
     def session_view(
         self,
@@ -305,12 +304,11 @@ class InferenceEngine:
         with its error. No error ever follows an applied chunk.
         """
         self._check_open()
-        handle = self.model(name, version)
-        session = handle.store.find(session_id, caller.owner)
-        if session is None and not version and not start:
-            handle, session = self._on_another_version(handle, session_id, caller.owner)
+        handle, session = self._find(name, version, session_id, caller.owner, elsewhere=not start)
         try:
-            self._check_chunk(handle.spec, x, reply_extra_bytes)
+            s = self.settings
+            check_chunk(handle.spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
+            check_reply_fits(handle.spec, x.shape[0], s.max_message_bytes, reply_extra_bytes)
         except ServiceError as error:  # refused, not applied: say where the session stands
             raise (error if session is None else error.with_session_steps(session.steps)) from None
         created = False
@@ -344,21 +342,6 @@ class InferenceEngine:
             session.broken = None
         return future
 
-    def _check_chunk(self, spec: ModelSpec, x: np.ndarray, reply_extra_bytes: int) -> None:
-        """INVALID_ARGUMENT unless ``x`` fits the model and the limits, its reply included: a chunk
-        whose reply could not be sent must not be applied."""
-        s = self.settings
-        check_chunk(spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
-        reply_extra_bytes += len(spec.name) + len(spec.version)
-        reply_bytes = 4 * x.shape[0] * spec.output_size + REPLY_OVERHEAD_BYTES + reply_extra_bytes
-        if reply_bytes > s.max_message_bytes:
-            room = s.max_message_bytes - REPLY_OVERHEAD_BYTES - reply_extra_bytes
-            raise InvalidArgument(
-                f"a chunk of {x.shape[0]} steps would need a reply of about {reply_bytes} bytes, "
-                f"over max_message_bytes ({s.max_message_bytes}); send at most "
-                f"{max(room // (4 * spec.output_size), 0)} steps per chunk"
-            )
-
     def sequence_failed(
         self, name: str, version: str, session_id: str, caller: Caller, error: ServiceError
     ) -> int | None:
@@ -367,10 +350,7 @@ class InferenceEngine:
         history that lacks it (see :func:`service.session.break_sequence`). Returns the
         sequence's step count (None: no such sequence). ``version`` as the request named it ("":
         the version the sequence is on)."""
-        handle = self.model(name, version)
-        session = handle.store.find(session_id, caller.owner)
-        if session is None and not version:
-            _, session = self._on_another_version(handle, session_id, caller.owner)
+        _, session = self._find(name, version, session_id, caller.owner)
         if session is None:
             return None
         break_sequence(session, error.message)

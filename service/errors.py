@@ -48,8 +48,21 @@ class ServiceError(Exception):
         object may fail the chunks of several sessions; None: unchanged)."""
         if steps is None or self.session_steps == steps:
             return self
-        copy = type(self).__new__(type(self))
-        ServiceError.__init__(copy, self.message, session_steps=steps)
+        copy = self._copy()
+        copy.session_steps = steps
+        return copy
+
+    def reworded(self, message: str) -> ServiceError:
+        """This error, of its kind and with its fields, saying ``message`` (an API's own words)."""
+        copy = self._copy()
+        copy.message = message
+        copy.args = (message,)
+        return copy
+
+    def _copy(self) -> ServiceError:
+        copy = type(self).__new__(type(self))  # no __init__: a subclass's takes other arguments
+        copy.args = self.args
+        copy.__dict__.update(self.__dict__)  # a subclass's own fields too
         return copy
 
 
@@ -72,7 +85,25 @@ class FailedPrecondition(ServiceError):
 class Unconfirmed(FailedPrecondition):
     """The session was restored from a snapshot that may be behind the last reply its client got
     (the server stopped without a final snapshot), and the chunk does not state the step count it
-    expects. The KServe adapter answers it as Triton answers an unknown sequence."""
+    expects and the session's incarnation. The KServe adapter answers it as Triton answers an
+    unknown sequence, in its own words (:meth:`situation`)."""
+
+    def __init__(self, session_id: str, steps: int) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"{self.situation('session', session_id, steps)}; send the chunk with the step count "
+            "you expect (expected_steps) and the session's incarnation (StepRequest.incarnation, "
+            "or attach with it) to go on from there",
+            session_steps=steps,
+        )
+
+    @staticmethod
+    def situation(noun: str, session_id: str, steps: int) -> str:
+        """What happened to the session (``noun``: what the API calls it)."""
+        return (
+            f"{noun} {shown(session_id)} was restored after an unclean stop from a snapshot at "
+            f"step {steps}, which may be behind the last reply you got"
+        )
 
 
 class OtherIncarnation(NotFound):

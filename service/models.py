@@ -158,6 +158,16 @@ class ModelRegistry:
             )
             metrics.model_ready.labels(handle.spec.name, handle.spec.version).set(1)
 
+    def holding(self, name: str, session_id: str, owner: str) -> tuple[ModelHandle, Session] | None:
+        """The version of model ``name`` that holds ``owner``'s session ``session_id`` (newest
+        first), or None."""
+        for version in reversed(self.versions(name)):
+            handle = self._models[name][version]
+            session = handle.store.find(session_id, owner)
+            if session is not None:
+                return handle, session
+        return None
+
     def handles(self) -> list[ModelHandle]:
         return [h for versions in self._models.values() for h in versions.values()]
 

@@ -232,7 +232,7 @@ def as_triton(error: ServiceError) -> ServiceError:
     message = error.message.replace("session", "sequence", 1)
     steps = error.session_steps
     if isinstance(error, Unconfirmed):
-        what = message.partition("; send the chunk")[0]
+        what = Unconfirmed.situation("sequence", error.session_id, steps or 0)
         return InvalidArgument(
             f"{what}; send sequence_start to begin the sequence again, or resume it: replay your "
             f"requests from step {steps} with the parameters sequence_expected_steps and "
@@ -243,6 +243,4 @@ def as_triton(error: ServiceError) -> ServiceError:
         return InvalidArgument(
             f"{message}; send sequence_start to begin it again", session_steps=steps
         )
-    copy = type(error).__new__(type(error))
-    ServiceError.__init__(copy, message, session_steps=steps)
-    return copy
+    return error.reworded(message)
