@@ -32,7 +32,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -78,6 +78,7 @@ class Batcher:
         deadline_margin_s: float = 0.0,
         inline_compute_below_s: float = 0.0,
         call_cost: CallCost | None = None,
+        batch_buckets: Sequence[int] = (),
         on_applied: Callable[[], None] = lambda: None,
         on_failed: Callable[[Batcher], None] = lambda batcher: None,
     ) -> None:
@@ -93,7 +94,9 @@ class Batcher:
         self._queue: collections.deque[PendingChunk] = collections.deque()
         self._lines = SessionLines(max_waiting_per_session)
         self._executing: list[PendingChunk] = []
-        self.runner = BatchRunner(runtime, spec, inline_compute_below_s, call_cost)
+        self.runner = BatchRunner(
+            runtime, spec, inline_compute_below_s, call_cost, store.bank.rows, batch_buckets
+        )
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -245,11 +248,8 @@ class Batcher:
         """Gather the batch's states, compute, check, then write states and answer."""
         self._executing = batch
         slots = np.fromiter((c.session.slot for c in batch), dtype=np.intp, count=len(batch))
-        states = self.store.gather(slots)
-        for row, chunk in enumerate(batch):
-            if chunk.start:  # a restarting sequence begins from zero state
-                for state in states:
-                    state[:, row, :] = 0.0
+        restarting = [row for row, chunk in enumerate(batch) if chunk.start]  # from zero state
+        states = self.store.gather(slots, restarting)
         outcome = await self.runner.run([c.x for c in batch], states)
         for rows, seconds in outcome.calls:
             self._compute_time.observe(seconds)
@@ -262,8 +262,8 @@ class Batcher:
         if all(finished):
             self.store.scatter(slots, outcome.states)
         elif any(finished):
-            rows = np.array(finished)
-            self.store.scatter(slots[rows], [s[:, rows, :] for s in outcome.states])
+            rows = np.flatnonzero(finished)
+            self.store.scatter(slots[rows], self.store.bank.rows.take(outcome.states, rows))
         applied_steps = 0
         now_s = time.perf_counter()
         for chunk, ok, output in zip(batch, finished, outcome.outputs, strict=True):

@@ -158,8 +158,7 @@ class Durability:
         # A session closing (its close waits for its chunk in flight) is not saved: it must not
         # come back after a restart.
         sessions = [s for s in model.store.sessions.values() if s.close_when_idle is None]
-        slots = [s.slot for s in sessions]
-        states = [array[:, slots, :] for array in model.store.states]  # fancy index: a copy
+        states = model.store.read_states(sessions)  # host copies
         records = [
             _record(s, confirmed=final and not s.busy and not s.unconfirmed) for s in sessions
         ]

@@ -217,7 +217,7 @@ class InferenceEngine:
         handle, session = self.session(name, version, session_id, caller)
         check_incarnation(session, incarnation)
         if include_state:
-            state_bytes = 4 * len(handle.store.states) * handle.store.layers * handle.store.hidden
+            state_bytes = handle.store.session_state_bytes
             last_bytes = 0 if session.last_output is None else session.last_output.nbytes
             if state_bytes + last_bytes + REPLY_OVERHEAD_BYTES > self.settings.max_message_bytes:
                 raise InvalidArgument(

@@ -100,6 +100,7 @@ class ModelRegistry:
                     hidden=spec.hidden_size,
                     max_rows=s.max_batch_size,
                 )
+            on_gpu = runtime.device.kind == "cuda"
             store = SessionStore(
                 state_count=len(spec.state_inputs),
                 layers=spec.num_layers,
@@ -107,6 +108,8 @@ class ModelRegistry:
                 max_sessions=s.max_sessions,
                 evict_when_full=s.evict_when_full,
                 on_end=end_hook(spec),
+                residency=s.resolved_state_residency(on_gpu),
+                device=runtime.device,
             )
             self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(
                 spec, runtime, store, call_cost
@@ -117,9 +120,9 @@ class ModelRegistry:
             metrics.active_sessions.labels(*labels).set(0)
             metrics.session_capacity.labels(*labels).set(s.max_sessions)
             logger.info(
-                "loaded model %s (%s, %d layer(s), hidden %d) on %s",
+                "loaded model %s (%s, %d layer(s), hidden %d) on %s, state on the %s",
                 spec.label, spec.cell, spec.num_layers, spec.hidden_size,
-                ",".join(runtime.providers),
+                ",".join(runtime.providers), store.bank.residency,
             )  # fmt: skip
             if call_cost is not None:
                 logger.info(
@@ -153,6 +156,7 @@ class ModelRegistry:
                 deadline_margin_s=s.deadline_margin_s,
                 inline_compute_below_s=s.inline_compute_below_s,
                 call_cost=handle.call_cost,
+                batch_buckets=s.resolved_batch_buckets(handle.runtime.device.kind == "cuda"),
                 on_applied=on_applied,
                 on_failed=on_failed,
             )

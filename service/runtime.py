@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from service.logs import ONNXRUNTIME_LOG_SEVERITY
 from service.settings import ExecutionProvider
+from service.state_bank import Device
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class ModelRuntime:
         inter_op_threads: int = 1,
         spin_wait: bool = False,
         single_thread_twin: bool = False,
+        device_id: int = 0,
     ) -> None:
         providers = resolve_providers(provider, ort.get_available_providers(), fallback)
 
@@ -123,6 +125,7 @@ class ModelRuntime:
             self.single_thread_session = open_session(1, [CPU], arena=False)
         self.state_inputs: list[str] = [i.name for i in self.session.get_inputs()][1:]
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+        self.device = Device("cuda" if active[0] in (CUDA, TENSORRT) else "cpu", device_id)
 
     def bind(self, state_inputs: Sequence[str], state_outputs: Sequence[str]) -> None:
         """Feed the states to ``state_inputs`` and read them from ``state_outputs``, by name and
@@ -140,6 +143,25 @@ class ModelRuntime:
         session = self.single_thread_session if single_thread else self.session
         y, *new_states = session.run(self.output_names, feeds)
         return y, new_states
+
+    def run_bound(
+        self, x: np.ndarray, states: Sequence[ort.OrtValue], single_thread: bool = False
+    ) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """:meth:`run` with the states already on :attr:`device` (``state_residency=device``):
+        ``x`` goes in from the host, ``y`` comes back to it, and the new states are left on the
+        device, in arrays onnxruntime allocates there."""
+        session = self.single_thread_session if single_thread else self.session
+        binding = session.io_binding()
+        binding.bind_cpu_input("x", x)
+        for name, state in zip(self.state_inputs, states, strict=True):
+            binding.bind_ortvalue_input(name, state)
+        y_name, *state_outputs = self.output_names
+        binding.bind_output(y_name, "cpu")
+        for name in state_outputs:
+            binding.bind_output(name, self.device.kind, self.device.device_id)
+        session.run_with_iobinding(binding)
+        y, *new_states = binding.get_outputs()
+        return y.numpy(), new_states
 
     def measure_cost(
         self, *, input_size: int, layers: int, hidden: int, max_rows: int, repeats: int = 5

@@ -1,8 +1,9 @@
-"""Per-model session state: one preallocated array per state tensor, one slot per session.
+"""Per-model sessions: their slots in the model's state bank, limits, ends and idle expiry.
 
-``states[k]`` has shape [layers, capacity, hidden]; a session owns slot ``s`` and its state is
-``states[k][:, s, :]``. A batch gathers the slots of its sessions into contiguous arrays, runs the
-model, and scatters the new states back. Capacity grows by doubling up to ``max_sessions``.
+The bank (:mod:`service.state_bank`, in host memory or on the model's device) holds one array per
+state tensor, [layers, capacity, hidden]; a session owns slot ``s``. A batch gathers the slots of
+its sessions into batch arrays, runs the model, and scatters the new states back. Capacity grows
+by doubling up to ``max_sessions``.
 
 Concurrency: the store is only touched from the event loop thread. The batcher gathers before it
 hands a batch to the worker thread and scatters after the worker returns, so the worker never sees
@@ -16,6 +17,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from service.session import (
     session_not_found,
 )
 from service.snapshots import SessionRecord
+from service.state_bank import CPU_DEVICE, Device, StateBank, StateResidency, make_bank
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class SessionStore:
         evict_when_full: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_end: Callable[[Session, EndReason], None] | None = None,
+        residency: StateResidency = "host",
+        device: Device = CPU_DEVICE,
     ) -> None:
         self.layers = layers
         self.hidden = hidden
@@ -58,9 +63,11 @@ class SessionStore:
         self.clock = clock
         self.on_end = on_end
         self.capacity = min(INITIAL_CAPACITY, max_sessions)
-        self.states = [
-            np.zeros((layers, self.capacity, hidden), np.float32) for _ in range(state_count)
-        ]
+        self.state_count = state_count
+        self.bank: StateBank = make_bank(
+            residency, device, count=state_count, layers=layers, hidden=hidden,
+            capacity=self.capacity,
+        )  # fmt: skip
         self.sessions: dict[str, Session] = {}
         self._free_slots = list(range(self.capacity - 1, -1, -1))
         self._per_client: collections.Counter[str] = collections.Counter()
@@ -71,14 +78,16 @@ class SessionStore:
     @property
     def state_bytes(self) -> int:
         """Bytes held by the state arrays (allocated capacity, not just live sessions)."""
-        return sum(s.nbytes for s in self.states)
+        return self.bank.nbytes
+
+    @property
+    def session_state_bytes(self) -> int:
+        """Bytes of one session's state."""
+        return 4 * self.state_count * self.layers * self.hidden
 
     def _grow(self) -> None:
         new_capacity = min(self.capacity * 2, self.max_sessions)
-        for k, old in enumerate(self.states):
-            grown = np.zeros((self.layers, new_capacity, self.hidden), np.float32)
-            grown[:, : self.capacity] = old
-            self.states[k] = grown
+        self.bank.grow(new_capacity)
         self._free_slots.extend(range(new_capacity - 1, self.capacity - 1, -1))
         logger.debug("session store grew from %d to %d slots", self.capacity, new_capacity)
         self.capacity = new_capacity
@@ -109,8 +118,7 @@ class SessionStore:
         if not self._free_slots:
             self._grow()
         slot = self._free_slots.pop()
-        for k, array in enumerate(self.states):
-            array[:, slot, :] = 0.0 if initial_state is None else initial_state[k]
+        self.bank.write(slot, initial_state)
         now = self.clock()
         session = Session(
             session_id=session_id,
@@ -161,9 +169,9 @@ class SessionStore:
         return True
 
     def _check_state(self, state: Sequence[np.ndarray]) -> None:
-        if len(state) != len(self.states):
+        if len(state) != self.state_count:
             raise InvalidArgument(
-                f"initial state needs {len(self.states)} tensors, got {len(state)}"
+                f"initial state needs {self.state_count} tensors, got {len(state)}"
             )
         for k, tensor in enumerate(state):
             if tensor.shape != (self.layers, self.hidden):
@@ -230,24 +238,22 @@ class SessionStore:
             self._release(session, reason)
         return len(sessions)
 
-    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
-        """States of ``slots`` as contiguous [layers, len(slots), hidden] arrays (copies)."""
-        if len(slots) == 1:  # a slice is several times cheaper than fancy indexing
-            slot = int(slots[0])
-            return [array[:, slot : slot + 1, :].copy() for array in self.states]
-        return [array.take(slots, axis=1) for array in self.states]  # take: new, C-ordered
+    def gather(self, slots: np.ndarray, zeroed: Sequence[int] = ()) -> list[Any]:
+        """The states of ``slots`` as batch arrays [layers, len(slots), hidden] (copies, in the
+        bank's residency); batch rows ``zeroed`` start from zero state (a START)."""
+        return self.bank.gather(slots, zeroed)
 
-    def scatter(self, slots: np.ndarray, new_states: Sequence[np.ndarray]) -> None:
-        if len(slots) == 1:
-            slot = int(slots[0])
-            for array, new in zip(self.states, new_states, strict=True):
-                array[:, slot : slot + 1, :] = new
-            return
-        for array, new in zip(self.states, new_states, strict=True):
-            array[:, slots, :] = new
+    def scatter(self, slots: np.ndarray, new_states: list[Any]) -> None:
+        """Write batch arrays ``new_states`` (one row per slot) into ``slots``."""
+        self.bank.scatter(slots, new_states)
+
+    def read_states(self, sessions: Sequence[Session]) -> list[np.ndarray]:
+        """Host copies of ``sessions``' states, [layers, len(sessions), hidden] each."""
+        return self.bank.read([s.slot for s in sessions])
 
     def read_state(self, session: Session) -> list[np.ndarray]:
-        return [array[:, session.slot, :].copy() for array in self.states]
+        """Host copies of ``session``'s state, [layers, hidden] each."""
+        return [array[:, 0, :] for array in self.read_states([session])]
 
     def restarted(self, session: Session) -> None:
         """``session`` starts over (its state was zeroed for the chunk that restarts it): step 0,

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The models that ship with rnnserve: package data of ``service`` (a wheel holds them in
@@ -61,6 +61,20 @@ class Settings(BaseSettings):
         False,
         description="if the requested GPU provider is unavailable, log and fall back to CPU "
         "instead of refusing to start",
+    )
+    state_residency: Literal["auto", "host", "device"] = Field(
+        "auto",
+        description="where sessions' recurrent state lives: host (numpy arrays; each model call "
+        "copies its batch's states to the device and back) or device (onnxruntime arrays on the "
+        "model's device: only inputs and outputs cross the bus); auto: device on cuda and "
+        "tensorrt, host on cpu",
+    )
+    batch_buckets: str = Field(
+        "auto",
+        description="batch sizes a model call is padded up to, so a GPU provider sees few "
+        "shapes (TensorRT builds an engine per shape): a comma-separated list such as "
+        "1,8,32,128, none, or auto (powers of two up to max_batch_size on cuda and tensorrt, "
+        "none on cpu); padding rows are zeros and never reach a session",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime threads inside one operator (0: onnxruntime decides)"
@@ -199,6 +213,36 @@ class Settings(BaseSettings):
     port_file: Path | None = Field(
         None, description="write the bound ports as JSON here once serving (for port 0)"
     )
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets_are_sizes(cls, value: str) -> str:
+        text = value.strip().lower()
+        if text in ("auto", "none", ""):
+            return text or "none"
+        try:
+            sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+        except ValueError:
+            raise ValueError(f"{value!r} is not auto, none or a list like 1,8,32,128") from None
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"{value!r}: bucket sizes must be positive integers")
+        return ",".join(map(str, sizes))
+
+    def resolved_state_residency(self, on_gpu: bool) -> Literal["host", "device"]:
+        """``state_residency`` with auto resolved for a model on a GPU (``on_gpu``) or not."""
+        if self.state_residency == "auto":
+            return "device" if on_gpu else "host"
+        return self.state_residency
+
+    def resolved_batch_buckets(self, on_gpu: bool) -> tuple[int, ...]:
+        """The batch sizes calls are padded up to; () pads nothing. auto: powers of two up to
+        ``max_batch_size`` (and it) on a GPU, nothing on the CPU."""
+        if self.batch_buckets == "none" or (self.batch_buckets == "auto" and not on_gpu):
+            return ()
+        if self.batch_buckets == "auto":
+            powers = [1 << k for k in range(self.max_batch_size.bit_length())]
+            return tuple(sorted({*powers, self.max_batch_size}))
+        return tuple(int(size) for size in self.batch_buckets.split(","))
 
     @model_validator(mode="after")
     def _tls_files_come_in_pairs(self) -> Settings:

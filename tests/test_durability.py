@@ -114,10 +114,24 @@ async def stream_chunks(
     return outputs, last
 
 
+@pytest.mark.parametrize(
+    ("residency_before", "residency_after"),
+    [("host", "host"), ("device", "device"), ("host", "device")],
+)
 async def test_sessions_survive_a_restart_exactly(
-    make_settings: Any, tiny_repository: Path, tmp_path: Path
+    make_settings: Any,
+    tiny_repository: Path,
+    tmp_path: Path,
+    residency_before: str,
+    residency_after: str,
 ) -> None:
-    settings = make_settings(snapshot_backend="directory", snapshot_dir=tmp_path / "state")
+    """Also with the state on the device (snapshots read it back to the host) and across a change
+    of state_residency: snapshots hold host arrays either way."""
+    settings = make_settings(
+        snapshot_backend="directory",
+        snapshot_dir=tmp_path / "state",
+        state_residency=residency_before,
+    )
     rng = np.random.default_rng(1)
     x = rng.standard_normal((40, 3)).astype(np.float32)
     before, after = [x[:7], x[7:8], x[8:20]], [x[20:21], x[21:40]]
@@ -134,7 +148,9 @@ async def test_sessions_survive_a_restart_exactly(
             pb.GetSessionRequest(model=MODEL, session_id="native-1", include_state=True)
         )
     # stopped: the shutdown snapshot holds both sessions
+    settings = settings.model_copy(update={"state_residency": residency_after})
     async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        assert srv.engine.model(MODEL).store.bank.residency == residency_after
         stub = native(ch)
         restored = await stub.GetSession(
             pb.GetSessionRequest(model=MODEL, session_id="native-1", include_state=True)

@@ -2,7 +2,10 @@
 whatever else shares the batch and however the stream is chunked.
 
 200 concurrent sessions over both APIs (native stream, native unary, KServe unary, KServe stream),
-LSTM and GRU, random chunk lengths 1..16, interleaved by the event loop in a seeded random order.
+LSTM and GRU, random chunk lengths 1..16, interleaved by the event loop in a seeded random order;
+with the state in host arrays, and on the device (state_residency=device: onnxruntime arrays moved
+by the companion graphs; on this CPU provider, CPU OrtValues), with and without padding to batch
+buckets, computed on the event loop and in the worker thread.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
@@ -51,9 +55,29 @@ def plan(seed: int) -> list[tuple[str, str, np.ndarray, list[int]]]:
     return sessions
 
 
-async def test_200_concurrent_sessions_match_offline_runs(make_settings: Any) -> None:
+CONFIGURATIONS = {
+    "host": {},
+    "device": {"state_residency": "device"},
+    "device-buckets-worker": {
+        "state_residency": "device",
+        "batch_buckets": "1,4,16,64",
+        "inline_compute_below_s": 0.0,
+    },
+    "host-buckets": {"batch_buckets": "1,4,16,64"},
+}
+
+
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+async def test_200_concurrent_sessions_match_offline_runs(
+    make_settings: Any, configuration: str
+) -> None:
     shuffle = random.Random(11)
-    async with serving(make_settings(max_queue_delay_s=0.002, max_batch_size=64)) as server:
+    settings = make_settings(
+        max_queue_delay_s=0.002, max_batch_size=64, **CONFIGURATIONS[configuration]
+    )
+    async with serving(settings) as server:
+        for handle in server.engine.handles():
+            assert handle.store.bank.residency == settings.resolved_state_residency(False)
         async with channel(server.grpc_port) as ch:
             nat, ks = native(ch), kserve(ch)
 

@@ -81,6 +81,22 @@ def test_the_installed_default_repository_holds_the_bundled_models(
     assert sorted(names) == BUNDLED
 
 
+def test_the_installed_package_moves_state_on_the_device(installed: Path, tmp_path: Path) -> None:
+    """state_residency=device needs the companion graphs (package data) and no torch or onnx."""
+    script = (
+        "import numpy as np, sys; from service.state_bank import DeviceStateBank, CPU_DEVICE; "
+        "b = DeviceStateBank(count=1, layers=1, hidden=2, capacity=2, device=CPU_DEVICE); "
+        "b.write(1, [np.ones((1, 2), np.float32)]); b.grow(4); "
+        "assert b.read([1])[0].tolist() == [[[1.0, 1.0]]]; "
+        "assert 'torch' not in sys.modules and 'onnx' not in sys.modules; print('ok')"
+    )
+    result = subprocess.run(
+        [str(installed / "python"), "-c", script],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
 def test_the_installed_command_serves_the_bundled_models_and_keeps_state_out_of_the_cwd(
     installed: Path, tmp_path: Path
 ) -> None:
