@@ -42,6 +42,8 @@ class ModelSpec:
     output_size: int
     sha256: str
     metadata: dict[str, Any] = field(repr=False)
+    labels: tuple[str, ...] = field(default=(), repr=False)  # class names, one per output feature
+    vocabulary: tuple[str, ...] = field(default=(), repr=False)  # tokens by id
 
     @property
     def state_inputs(self) -> tuple[str, ...]:
@@ -116,6 +118,13 @@ def read_spec(directory: Path) -> ModelSpec:
         raise ModelContractError(
             f"model {label}: {meta_path}: {', '.join(bad)} must be whole numbers above 0"
         )
+    labels = optional_texts(metadata, "labels", label, meta_path)
+    if labels and len(labels) != metadata["output_size"]:
+        raise ModelContractError(
+            f"model {label}: {meta_path}: labels names {len(labels)} classes but output_size is "
+            f"{metadata['output_size']} (one label per output feature); fix it or remove labels"
+        )
+    vocabulary = optional_texts(metadata, "vocabulary", label, meta_path)
     digest = hashlib.sha256((directory / "model.onnx").read_bytes()).hexdigest()
     recorded = metadata.get("sha256")
     if recorded and recorded != digest:
@@ -134,7 +143,22 @@ def read_spec(directory: Path) -> ModelSpec:
         output_size=int(metadata["output_size"]),
         sha256=digest,
         metadata=metadata,
+        labels=labels,
+        vocabulary=vocabulary,
     )
+
+
+def optional_texts(metadata: dict[str, Any], key: str, label: str, path: Path) -> tuple[str, ...]:
+    """The optional list of strings ``key`` of model.json (``labels``, ``vocabulary``); empty
+    when absent."""
+    value = metadata.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ModelContractError(
+            f"model {label}: {path}: {key} must be a list of strings; fix it or remove {key}"
+        )
+    return tuple(value)
 
 
 def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:

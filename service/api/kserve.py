@@ -21,14 +21,15 @@ from service.api.auth import caller_of
 from service.api.kserve_messages import (
     API,
     EXTENSIONS,
-    PLATFORM,
     error_reply,
     fill_infer_response,
     input_chunk,
     model_config,
+    model_metadata,
     sequence_control,
     sequence_id_of,
 )
+from service.api.native_messages import model_signature
 from service.api.status import (
     abort,
     count_failure,
@@ -89,22 +90,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         handle = self.engine.model(request.name, request.version)
-        spec = handle.spec
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=spec.name,
-            versions=self.engine.versions(spec.name),
-            platform=PLATFORM,
-            inputs=[tensor(name="x", datatype="FP32", shape=[-1, -1, spec.input_size])],
-            outputs=[tensor(name="y", datatype="FP32", shape=[-1, -1, spec.output_size])],
-        )
+        signature = model_signature(handle.spec, handle.runtime)
+        return model_metadata(handle.spec, signature, self.engine.versions(handle.spec.name))
 
     @translate_errors(API, "name")
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         handle = self.engine.model(request.name, request.version)
-        return pb.ModelConfigResponse(config=model_config(handle.spec, self.engine.settings))
+        signature = model_signature(handle.spec, handle.runtime)
+        return pb.ModelConfigResponse(
+            config=model_config(handle.spec, signature, self.engine.settings)
+        )
 
     @translate_errors(API, "model_name")
     async def ModelInfer(

@@ -3,7 +3,8 @@
 Sequence semantics follow Triton: ``sequence_id`` (int64 or string; int ids are kept as their
 decimal text, so 5 and "5" name the same sequence), ``sequence_start`` opens (or restarts) the
 sequence, ``sequence_end`` closes it after the request. Each request carries one chunk: ``x`` of
-shape [1, steps, features]. The recurrent state never appears in this API.
+shape [1, steps, features]. The recurrent state is never sent: the server keeps it, and the
+ModelConfig declares it as Triton declares implicit state.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import numpy as np
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import model_config_pb2 as mc
+from service.api.native_messages import (
+    DYNAMIC,
+    ZEROS,
+    ModelSignature,
+    StateDescription,
+    TensorDescription,
+)
 from service.api.tensors import decode_float32, float32_bytes, from_floats
 from service.chunks import StepResult
 from service.errors import InvalidArgument, shown
@@ -201,21 +209,99 @@ def fill_infer_response(
     return message
 
 
-def model_config(spec: ModelSpec, settings: Settings) -> mc.ModelConfig:
+def model_metadata(
+    spec: ModelSpec, signature: ModelSignature, versions: list[str]
+) -> pb.ModelMetadataResponse:
+    """Every input and output with its datatype and shape, as Triton reports a model whose config
+    has ``max_batch_size > 0``: the batch dimension first (-1), then one sequence's shape
+    (``[-1, features]``: steps, then features). The states are kept by the server, not sent by
+    clients (Triton's implicit state): they are declared in the ModelConfig, not here."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+
+    def described(t: TensorDescription) -> pb.ModelMetadataResponse.TensorMetadata:
+        return tensor(name=t.name, datatype=t.datatype, shape=[DYNAMIC, *t.shape])
+
+    return pb.ModelMetadataResponse(
+        name=spec.name,
+        versions=versions,
+        platform=PLATFORM,
+        inputs=[described(t) for t in signature.inputs],
+        outputs=[described(t) for t in signature.outputs],
+    )
+
+
+# KServe datatype names as the model configuration's enum (BYTES is TYPE_STRING there).
+CONFIG_DATATYPES: dict[str, mc.DataType] = {
+    "BOOL": mc.TYPE_BOOL,
+    "UINT8": mc.TYPE_UINT8,
+    "UINT16": mc.TYPE_UINT16,
+    "UINT32": mc.TYPE_UINT32,
+    "UINT64": mc.TYPE_UINT64,
+    "INT8": mc.TYPE_INT8,
+    "INT16": mc.TYPE_INT16,
+    "INT32": mc.TYPE_INT32,
+    "INT64": mc.TYPE_INT64,
+    "FP16": mc.TYPE_FP16,
+    "FP32": mc.TYPE_FP32,
+    "FP64": mc.TYPE_FP64,
+    "BF16": mc.TYPE_BF16,
+    "BYTES": mc.TYPE_STRING,
+}
+
+
+def config_datatype(datatype: str) -> mc.DataType:
+    return CONFIG_DATATYPES.get(datatype, mc.TYPE_INVALID)
+
+
+def model_config(spec: ModelSpec, signature: ModelSignature, settings: Settings) -> mc.ModelConfig:
+    """Triton's configuration of a sequence model: inputs and outputs with dims without the batch
+    dimension (``max_batch_size > 0``), and the sequence batcher with every state declared as
+    Triton declares implicit state (input and output name, datatype, one sequence's dims, zeros at
+    the START). No ``control_input``: these models take no control tensors (the server itself
+    starts a sequence's state from zeros at START and drops it at END)."""
+    sequence = mc.ModelSequenceBatching
     return mc.ModelConfig(
         name=spec.name,
         platform=PLATFORM,
         backend="onnxruntime",
         max_batch_size=settings.max_batch_size,
-        input=[mc.ModelInput(name="x", data_type=mc.TYPE_FP32, dims=[-1, spec.input_size])],
-        output=[mc.ModelOutput(name="y", data_type=mc.TYPE_FP32, dims=[-1, spec.output_size])],
-        sequence_batching=mc.ModelSequenceBatching(
+        input=[
+            mc.ModelInput(name=t.name, data_type=config_datatype(t.datatype), dims=t.shape)
+            for t in signature.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=t.name, data_type=config_datatype(t.datatype), dims=t.shape)
+            for t in signature.outputs
+        ],
+        sequence_batching=sequence(
             max_sequence_idle_microseconds=int(settings.session_ttl_s * 1e6),
-            oldest=mc.ModelSequenceBatching.StrategyOldest(
+            oldest=sequence.StrategyOldest(
                 max_candidate_sequences=settings.max_sessions,
                 max_queue_delay_microseconds=int(settings.max_queue_delay_s * 1e6),
             ),
+            state=[
+                sequence.State(
+                    input_name=s.input_name,
+                    output_name=s.output_name,
+                    data_type=config_datatype(s.datatype),
+                    dims=s.shape,
+                    initial_state=[initial_state_config(s)],
+                )
+                for s in signature.states
+            ],
         ),
+    )
+
+
+def initial_state_config(state: StateDescription) -> mc.ModelSequenceBatching.InitialState:
+    """Where a state starts at a sequence's START, in Triton's words (zeros: ``zero_data``)."""
+    if state.initial != ZEROS:  # only zeros exist today; a richer contract adds data here
+        raise ValueError(f"state {state.input_name} starts from {state.initial!r}, not zeros")
+    return mc.ModelSequenceBatching.InitialState(
+        name=f"{state.input_name} zeros",
+        data_type=config_datatype(state.datatype),
+        dims=state.shape,
+        zero_data=True,
     )
 
 

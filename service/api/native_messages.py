@@ -1,4 +1,6 @@
-"""Conversions between the native API's messages (package rnnserve.v1) and the core's types.
+"""Conversions between the native API's messages (package rnnserve.v1) and the core's types, and
+:func:`model_signature`, what a model takes, returns and keeps per session: the one description
+both APIs' model metadata is built from.
 
 Imports neither onnxruntime nor the engine at run time, so the Python client can use it too.
 """
@@ -6,6 +8,7 @@ Imports neither onnxruntime nor the engine at run time, so the Python client can
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +20,8 @@ from service.session import EndReason
 if TYPE_CHECKING:
     from service.chunks import StepResult
     from service.models import ModelHandle
+    from service.repository import ModelSpec
+    from service.runtime import ModelRuntime
     from service.session import SessionEnd, SessionView
 
 END_REASONS = {
@@ -81,13 +86,117 @@ def session_ended(end: SessionEnd) -> pb.SessionEnded:
     )
 
 
+# onnxruntime's element types (NodeArg.type) in KServe's datatype names, which both APIs use.
+ORT_DATATYPES = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(bfloat16)": "BF16",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL",
+    "tensor(string)": "BYTES",
+}
+DYNAMIC = -1  # a dimension of any size (the steps of a chunk)
+ZEROS = "zeros"
+
+
+@dataclass(frozen=True)
+class TensorDescription:
+    """An input or output as a client sees it, for one session: ``shape`` is ``[steps, ...]``
+    (no batch axis; ``DYNAMIC`` where any size goes), ``datatype`` KServe's name."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StateDescription:
+    """A state tensor the server keeps per session: fed to the graph input ``input_name``, its
+    next value read from the graph output ``output_name``; ``shape`` is one session's (the
+    graph's batch axis left out); a new session starts from ``initial``."""
+
+    input_name: str
+    output_name: str
+    datatype: str
+    shape: tuple[int, ...]
+    initial: str = ZEROS
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a model takes, returns and keeps, and what names its classes or tokens."""
+
+    inputs: tuple[TensorDescription, ...]
+    outputs: tuple[TensorDescription, ...]
+    states: tuple[StateDescription, ...]
+    labels: tuple[str, ...] = ()
+    vocabulary: tuple[str, ...] = ()
+
+
+def model_signature(spec: ModelSpec, runtime: ModelRuntime) -> ModelSignature:
+    """The signature of a loaded model version: KServe's ModelMetadata and ModelConfig and the
+    native GetModel are all built from it, so a richer model contract (several inputs and
+    outputs, int64 inputs, more state tensors) changes this function only.
+
+    Names come from the spec where it says them (the states), else from the graph the runtime
+    loaded (its inputs and outputs that are not states); datatypes from the graph; sizes from the
+    spec. Today's contract (checked at load): one input of ``input_size`` features and one
+    output of ``output_size`` per step, and per state ``[layers, hidden]`` starting from zeros.
+    """
+    graph_inputs = {a.name: a.type for a in runtime.session.get_inputs()}
+    graph_outputs = {a.name: a.type for a in runtime.session.get_outputs()}
+
+    def datatype(ort_type: str | None) -> str:
+        ort_type = ort_type or "tensor(float)"
+        return ORT_DATATYPES.get(ort_type, ort_type)  # a type KServe has no name for: as it is
+
+    inputs = tuple(
+        TensorDescription(name, datatype(ort_type), (DYNAMIC, spec.input_size))
+        for name, ort_type in graph_inputs.items()
+        if name not in spec.state_inputs
+    )
+    outputs = tuple(
+        TensorDescription(name, datatype(ort_type), (DYNAMIC, spec.output_size))
+        for name, ort_type in graph_outputs.items()
+        if name not in spec.state_outputs
+    )
+    states = tuple(
+        StateDescription(
+            name, output, datatype(graph_inputs.get(name)), (spec.num_layers, spec.hidden_size)
+        )
+        for name, output in zip(spec.state_inputs, spec.state_outputs, strict=True)
+    )
+    return ModelSignature(inputs, outputs, states, spec.labels, spec.vocabulary)
+
+
+def tensor_spec(tensor: TensorDescription) -> pb.TensorSpec:
+    return pb.TensorSpec(name=tensor.name, shape=tensor.shape, datatype=tensor.datatype)
+
+
+def state_spec(state: StateDescription) -> pb.StateSpec:
+    return pb.StateSpec(
+        input_name=state.input_name,
+        output_name=state.output_name,
+        datatype=state.datatype,
+        shape=state.shape,
+        initial=state.initial,
+    )
+
+
 def model_info(handle: ModelHandle, versions: list[str]) -> pb.ModelInfo:
     spec = handle.spec
     meta = spec.metadata
-    state_spec = [
-        pb.TensorSpec(name=n, shape=[spec.num_layers, spec.hidden_size], datatype="FP32")
-        for n in spec.state_inputs
-    ]
+    signature = model_signature(spec, handle.runtime)
+    inputs = [tensor_spec(t) for t in signature.inputs]
+    outputs = [tensor_spec(t) for t in signature.outputs]
     return pb.ModelInfo(
         name=spec.name,
         version=spec.version,
@@ -101,8 +210,16 @@ def model_info(handle: ModelHandle, versions: list[str]) -> pb.ModelInfo:
         output_kind=str(meta.get("output_kind", "")),
         description=str(meta.get("description", "")),
         sha256=spec.sha256,
-        input=pb.TensorSpec(name="x", shape=[-1, spec.input_size], datatype="FP32"),
-        output=pb.TensorSpec(name="y", shape=[-1, spec.output_size], datatype="FP32"),
-        state=state_spec,
+        input=inputs[0] if inputs else None,
+        output=outputs[0] if outputs else None,
+        state=[
+            pb.TensorSpec(name=s.input_name, shape=s.shape, datatype=s.datatype)
+            for s in signature.states
+        ],
         metadata_json=json.dumps(meta, sort_keys=True),
+        inputs=inputs,
+        outputs=outputs,
+        states=[state_spec(s) for s in signature.states],
+        labels=signature.labels,
+        vocabulary=signature.vocabulary,
     )

@@ -202,8 +202,22 @@ class TensorSpec(_message.Message):
     datatype: str
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., datatype: _Optional[str] = ...) -> None: ...
 
+class StateSpec(_message.Message):
+    __slots__ = ("input_name", "output_name", "datatype", "shape", "initial")
+    INPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    input_name: str
+    output_name: str
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    initial: str
+    def __init__(self, input_name: _Optional[str] = ..., output_name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., initial: _Optional[str] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "cell", "layers", "hidden_size", "input_size", "output_size", "task", "output_kind", "description", "sha256", "input", "output", "state", "metadata_json")
+    __slots__ = ("name", "version", "versions", "cell", "layers", "hidden_size", "input_size", "output_size", "task", "output_kind", "description", "sha256", "input", "output", "state", "metadata_json", "inputs", "outputs", "states", "labels", "vocabulary")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +234,11 @@ class ModelInfo(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -236,4 +255,9 @@ class ModelInfo(_message.Message):
     output: TensorSpec
     state: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., description: _Optional[str] = ..., sha256: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., state: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    states: _containers.RepeatedCompositeFieldContainer[StateSpec]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    vocabulary: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., input_size: _Optional[int] = ..., output_size: _Optional[int] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., description: _Optional[str] = ..., sha256: _Optional[str] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., state: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metadata_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., vocabulary: _Optional[_Iterable[str]] = ...) -> None: ...
