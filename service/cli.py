@@ -23,6 +23,7 @@ from service.cli_client import (
     channel_options,
     check_connection_flags,
     connect,
+    repository_lines,
 )
 from service.cli_stream import command_stream
 from service.errors import UsageError
@@ -134,16 +135,12 @@ def default_target(args: argparse.Namespace) -> None:
 
 
 def command_models(args: argparse.Namespace) -> int:
-    """List the models the server serves, one line each, then those it refused and why."""
+    """List the models the server serves (a line each, then their tensors, states and labels),
+    then those it refused and why."""
     with connect(args, timeout_s=args.timeout_s) as client:
         repository = client.repository()
-    for m in repository.models:
-        print(
-            f"{m.name}/{m.version}\t{m.cell}\tlayers={m.layers} hidden={m.hidden_size}\t"
-            f"in={m.input_size} out={m.output_size}\t{m.task}"
-        )
-    for refused in repository.refused:
-        print(f"{refused.name}/{refused.version}\tNOT SERVED: {refused.reason}")
+    for line in repository_lines(repository):
+        print(line)
     return 0
 
 

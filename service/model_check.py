@@ -44,6 +44,7 @@ def open_model(
             inter_op_threads=s.inter_op_threads,
             spin_wait=s.ort_spin_wait,
             single_thread_twin=s.inline_compute_below_s > 0,
+            device_id=s.gpu_device_id,
         )
     except Exception as error:
         raise unloadable(spec, error) from error

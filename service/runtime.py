@@ -56,6 +56,25 @@ def resolve_providers(
     return [CPU]
 
 
+ProviderChoice = str | tuple[str, dict[str, str]]
+
+
+def with_options(providers: Sequence[str], device_id: int) -> list[ProviderChoice]:
+    """``providers`` as onnxruntime takes them, with the options exactness needs: the GPU
+    providers on ``device_id``, and the CUDA provider computing float32 products in float32
+    (``use_tf32=0``: by default it rounds them to TF32, a 10-bit mantissa, which puts outputs
+    ~1e-3 away from the offline run's instead of float32 rounding)."""
+    chosen: list[ProviderChoice] = []
+    for name in providers:
+        if name == CUDA:
+            chosen.append((name, {"device_id": str(device_id), "use_tf32": "0"}))
+        elif name == TENSORRT:
+            chosen.append((name, {"device_id": str(device_id)}))
+        else:
+            chosen.append(name)
+    return chosen
+
+
 MEASURED_ROWS_AT_MOST = 256  # keeps the load-time measurement short for any max_batch_size
 
 
@@ -112,7 +131,9 @@ class ModelRuntime:
             options.add_session_config_entry("session.inter_op.allow_spinning", spin)
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            return ort.InferenceSession(str(path), options, providers=chosen)
+            return ort.InferenceSession(
+                str(path), options, providers=with_options(chosen, device_id)
+            )
 
         self.session = open_session(intra_op_threads, providers)
         active = self.session.get_providers()

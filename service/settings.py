@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         description="if the requested GPU provider is unavailable, log and fall back to CPU "
         "instead of refusing to start",
     )
+    gpu_device_id: int = Field(
+        0, ge=0, description="the GPU (CUDA device id) that the cuda and tensorrt providers use"
+    )
     state_residency: Literal["auto", "host", "device"] = Field(
         "auto",
         description="where sessions' recurrent state lives: host (numpy arrays; each model call "

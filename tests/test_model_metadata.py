@@ -207,11 +207,6 @@ def test_a_long_label_or_token_is_cut_short() -> None:
     assert lines[-1].endswith("'9', ... (49990 more)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/cli.py command_models does not print cli_client.repository_lines yet; "
-    "once it does, remove this mark",
-)
 def test_rnnserve_models_prints_them(
     labelled_repository: Path,
     make_settings: Callable[..., Settings],

@@ -17,6 +17,7 @@ import pytest
 
 from service.batch_compute import bucket_for, compute_batch
 from service.model_check import open_model
+from service.runtime import CPU, CUDA, TENSORRT, with_options
 from service.session_store import SessionStore
 from service.settings import Settings
 from service.state_bank import CPU_DEVICE, DeviceStateBank, HostStateBank, StateBank
@@ -185,3 +186,29 @@ def test_generated_state_graphs_are_up_to_date() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gpu_check_script_runs_on_the_cpu_provider() -> None:
+    """scripts/gpu_check.py's own smoke test: exactness of both residencies on the CPU provider
+    for the bundled LSTM and the synthetic hidden-512 one, and its table."""
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--providers", "cpu", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for model in ("adding_lstm", "synthetic_lstm512"):
+        for residency in ("host", "device"):
+            assert f"cpu      {model:18} {residency:6} 16 sessions: max diff" in result.stdout
+            assert f"| cpu | {model} | {residency} | 8 |" in result.stdout
+    assert "FAILED" not in result.stdout
+
+
+def test_gpu_providers_compute_float32_exactly_on_the_chosen_device() -> None:
+    """CUDA must not round float32 products to TF32 (outputs ~1e-3 off the offline run)."""
+    chosen = with_options([TENSORRT, CUDA, CPU], device_id=2)
+    assert chosen == [
+        (TENSORRT, {"device_id": "2"}),
+        (CUDA, {"device_id": "2", "use_tf32": "0"}),
+        CPU,
+    ]
+    assert Settings(gpu_device_id=1).gpu_device_id == 1
