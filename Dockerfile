@@ -4,7 +4,7 @@
 # without buildx) and BuildKit build the same image. docs/DEPLOY.md, "Docker", says which command is
 # for which machine:
 #   docker build -t rnnserve .                                          # CPU image, official slim base
-#   docker build --build-arg EXECUTION_PROVIDER=cuda -t rnnserve:gpu .  # CUDA execution provider
+#   docker build --build-arg EXECUTION_PROVIDER=cuda -t rnnserve:gpu .  # GPU image (CUDA provider)
 #   docker build --build-arg BASE_IMAGE=local/debian-python:bookworm -t rnnserve .   # no Docker Hub
 #
 # BASE_IMAGE must provide python3 (3.11+) with the venv module; pip in the build trusts the base
@@ -24,7 +24,9 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 # models/ as well, for package data that points into it.
 COPY models ./models
-# cpu: onnxruntime; cuda or tensorrt: onnxruntime-gpu with its CUDA and cuDNN wheels instead.
+# cpu: onnxruntime; cuda or tensorrt: onnxruntime-gpu with the CUDA and cuDNN libraries as wheels
+# (its [cuda,cudnn] extra), so the image needs nothing from the host but the NVIDIA driver. On a base
+# that has CUDA 13 and cuDNN 9 already (an nvidia/cuda cudnn-runtime image), drop the extra.
 RUN pip install . \
     && if [ "$EXECUTION_PROVIDER" != cpu ]; then \
         pip uninstall --yes onnxruntime && pip install "onnxruntime-gpu[cuda,cudnn]>=1.20"; \
@@ -42,10 +44,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     RNNSERVE_METRICS_PORT=8002 \
     RNNSERVE_MODEL_REPOSITORY=/models \
     RNNSERVE_LOG_FORMAT=json \
-    RNNSERVE_SNAPSHOT_DIR=/var/lib/rnnserve/state
+    RNNSERVE_SNAPSHOT_DIR=/var/lib/rnnserve/state \
+    ORT_DISABLE_TELEMETRY=1
+# ORT_DISABLE_TELEMETRY: onnxruntime has Microsoft's usage telemetry built in; onnxruntime-gpu 1.31
+# also logs a non-JSON warning at import when it cannot write its id under $HOME/.cache. Both off.
 # Session snapshots: mount a volume here so sessions survive a new container.
 VOLUME ["/var/lib/rnnserve/state"]
-USER 10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 CMD ["rnnserve", "health"]
 # Exec form: the server is PID 1 and receives SIGTERM itself, then drains in-flight chunks.
@@ -57,3 +61,24 @@ FROM runtime-base AS runtime
 ARG EXECUTION_PROVIDER=cpu
 ENV RNNSERVE_EXECUTION_PROVIDER=${EXECUTION_PROVIDER}
 COPY --from=build /opt/venv /opt/venv
+# cuda, tensorrt: onnxruntime's CUDA provider library has no search path for the wheels' CUDA and
+# cuDNN libraries (without this it fails to load: "libcublasLt.so.13: cannot open shared object
+# file"), so their directories go to the dynamic loader's cache (the NVIDIA container runtime's own
+# ldconfig keeps them). The build then fails if the provider still misses a library: every one but
+# the driver's libcuda.so.1, which the NVIDIA container runtime mounts, must be in the image (for
+# tensorrt also TensorRT 10's libnvinfer.so.10, which only a BASE_IMAGE with TensorRT can give:
+# PyPI's tensorrt-cu13-libs is a stub that downloads from NVIDIA's own index).
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN if [ "$EXECUTION_PROVIDER" != cpu ]; then \
+        find /opt/venv -path '*/site-packages/nvidia/*/lib' -type d > /etc/ld.so.conf.d/rnnserve-cuda.conf \
+        && ldconfig \
+        && capi=$(find /opt/venv -path '*/onnxruntime/capi' -type d) \
+        && libs=("$capi/libonnxruntime_providers_cuda.so") \
+        && if [ "$EXECUTION_PROVIDER" = tensorrt ]; then libs+=("$capi/libonnxruntime_providers_tensorrt.so"); fi \
+        && missing=$(ldd "${libs[@]}" | awk '/not found/ && $1 != "libcuda.so.1" {print $1}' | sort -u | tr '\n' ' ') \
+        && if ! ldconfig -p | grep 'libcudnn\.so\.9 ' > /dev/null; then missing+="libcudnn.so.9"; fi \
+        && if [ -n "$missing" ]; then \
+            echo "EXECUTION_PROVIDER=$EXECUTION_PROVIDER: onnxruntime-gpu cannot find ${missing% } (docs/DEPLOY.md, 'GPU image')" >&2; exit 1; \
+        fi; \
+    fi
+USER 10001

@@ -6,18 +6,26 @@
 #
 #   deploy/smoke.sh                                     # Docker Hub and PyPI reachable
 #   SMOKE_BASE=debootstrap deploy/smoke.sh              # no Docker Hub: a debootstrap base (as root or with sudo)
+#   SMOKE_VARIANT=gpu deploy/smoke.sh                   # the GPU image (rnnserve:gpu), run on the CPU provider
+#   SMOKE_VARIANT=gpu SMOKE_GPUS=all deploy/smoke.sh    # ... run with --gpus all on the CUDA provider
 #
 # Needs: a Docker client and daemon (no BuildKit needed; DOCKER=/path/to/docker picks the client), and
 # the project installed on the host (`pip install -e .`) for `rnnserve health` and `rnnserve stream`.
 # SMOKE_BASE=debootstrap builds local/debian-python:bookworm first unless it exists (and needs
 # debootstrap). SMOKE_NETWORK=host runs the build and the container on the host network (for daemons
 # without bridge networking); the default publishes the ports on 127.0.0.1.
+# SMOKE_VARIANT=gpu builds the GPU image and checks that its onnxruntime offers the CUDA provider.
+# Without SMOKE_GPUS it also checks that the image, on its own provider (cuda) and no GPU, refuses to
+# start (exit 1), then serves with RNNSERVE_EXECUTION_PROVIDER=cpu; with SMOKE_GPUS (a `docker run
+# --gpus` value, NVIDIA container runtime needed) it serves on the GPUs and checks that the models
+# loaded on CUDAExecutionProvider.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=rnnserve  # the tag the documented commands build
 DOCKER=${DOCKER:-docker}
 BASE=${SMOKE_BASE:-hub}
+VARIANT=${SMOKE_VARIANT:-cpu}
+GPUS=${SMOKE_GPUS:-}
 NETWORK=${SMOKE_NETWORK:-bridge}
 MODEL=${SMOKE_MODEL:-timer_lstm}
 STEPS=200
@@ -28,6 +36,12 @@ case "$MODEL" in
     timer_*) ;;  # one stream of $STEPS steps: what the steps check below counts
     *) log "SMOKE_MODEL must be a timer model (its demo is one stream of $STEPS steps)"; exit 2 ;;
 esac
+case "$VARIANT" in  # the tags the documented commands build
+    cpu) IMAGE=rnnserve ;;
+    gpu) IMAGE=rnnserve:gpu ;;
+    *) log "SMOKE_VARIANT must be cpu or gpu, not $VARIANT"; exit 2 ;;
+esac
+[ -z "$GPUS" ] || [ "$VARIANT" = gpu ] || { log "SMOKE_GPUS needs SMOKE_VARIANT=gpu"; exit 2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # The documented commands run as written: `docker` is $DOCKER (with --network host added to builds
 # when SMOKE_NETWORK=host) and `sudo` is a no-op for root.
@@ -42,7 +56,11 @@ build_started=$(date +%s)
 case "$BASE" in
 hub)
     log "building $IMAGE from python:3.11-slim"
-    docker build -t rnnserve .
+    if [ "$VARIANT" = cpu ]; then
+        docker build -t rnnserve .
+    else
+        docker build --build-arg EXECUTION_PROVIDER=cuda -t rnnserve:gpu .
+    fi
     ;;
 debootstrap)
     if ! docker image inspect local/debian-python:bookworm >/dev/null 2>&1; then
@@ -55,7 +73,11 @@ debootstrap)
         sudo rm -rf /tmp/bookworm
     fi
     log "building $IMAGE from local/debian-python:bookworm"
-    docker build --build-arg BASE_IMAGE=local/debian-python:bookworm -t rnnserve .
+    if [ "$VARIANT" = cpu ]; then
+        docker build --build-arg BASE_IMAGE=local/debian-python:bookworm -t rnnserve .
+    else
+        docker build --build-arg BASE_IMAGE=local/debian-python:bookworm --build-arg EXECUTION_PROVIDER=cuda -t rnnserve:gpu .
+    fi
     ;;
 *) log "SMOKE_BASE must be hub or debootstrap, not $BASE"; exit 2 ;;
 esac
@@ -64,11 +86,28 @@ log "built in $(( $(date +%s) - build_started )) s; image size $(docker image in
 cleanup() { docker rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
+provider=CPUExecutionProvider
+run_args=()
+if [ "$VARIANT" = gpu ]; then
+    providers=$(docker run --rm --entrypoint python "$IMAGE" -c 'import onnxruntime as o; print(*o.get_available_providers())')
+    log "the image's onnxruntime offers: $providers"
+    grep -qw CUDAExecutionProvider <<<"$providers" || { log "FAILED: no CUDAExecutionProvider"; exit 1; }
+    if [ -n "$GPUS" ]; then
+        run_args=(--gpus "$GPUS"); provider=CUDAExecutionProvider
+    else
+        refused=0
+        timeout 120 "$DOCKER" run --rm --network none --name "$NAME" "$IMAGE" >/dev/null 2>&1 || refused=$?
+        [ "$refused" = 1 ] || { log "FAILED: on cuda without a GPU it exited $refused, not 1"; exit 1; }
+        log "without a GPU the image refuses to start on its provider (cuda): exit 1"
+        run_args=(-e RNNSERVE_EXECUTION_PROVIDER=cpu)
+    fi
+fi
+
 if [ "$NETWORK" = host ]; then
     grpc_port=$(free_port); metrics_port=$(free_port)
-    run_args=(--network host -e RNNSERVE_HOST=127.0.0.1 -e "RNNSERVE_GRPC_PORT=$grpc_port" -e "RNNSERVE_METRICS_PORT=$metrics_port")
+    run_args+=(--network host -e RNNSERVE_HOST=127.0.0.1 -e "RNNSERVE_GRPC_PORT=$grpc_port" -e "RNNSERVE_METRICS_PORT=$metrics_port")
 else
-    run_args=(-p 127.0.0.1::8001 -p 127.0.0.1::8002)
+    run_args+=(-p 127.0.0.1::8001 -p 127.0.0.1::8002)
 fi
 started=$(date +%s.%N)
 docker run -d --name "$NAME" "${run_args[@]}" "$IMAGE" >/dev/null
@@ -100,6 +139,11 @@ if [ "$status" != healthy ]; then
 fi
 log "docker reports healthy $(python3 -c "import time; print(f'{time.time() - $started:.1f}')") s after docker run (its HEALTHCHECK probes every 10 s)"
 
+if ! docker logs "$NAME" 2>&1 | grep "loaded model $MODEL/1 .* on $provider" >/dev/null; then
+    docker logs "$NAME" >&2 || true
+    log "FAILED: $MODEL did not load on $provider"; exit 1
+fi
+log "$MODEL loaded on $provider"
 rnnserve health --target "127.0.0.1:$grpc_port"
 rnnserve stream --target "127.0.0.1:$grpc_port" --model "$MODEL" --steps "$STEPS" --chunk 10 --show 4
 metrics=$(python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$metrics_port/metrics', timeout=5).read().decode())")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,9 +21,8 @@ pytestmark = pytest.mark.slow  # deploy checks (hadolint, promtool, schemas)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-K8S_FILES = sorted(
-    p.name for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"
-)
+K8S = DEPLOY / "k8s" / "base"  # deploy/k8s/ applies it; deploy/k8s/gpu/ patches it
+K8S_FILES = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
 def tool(name: str) -> str:
@@ -63,6 +63,10 @@ def test_dockerfile_base_is_a_build_arg_and_runtime_is_lean() -> None:
     assert "torch" not in text and "[training]" not in text and "[test]" not in text
     assert 'ENTRYPOINT ["rnnserve", "serve"]' in text and 'CMD ["rnnserve", "health"]' in text
     assert re.search(r"^USER 10001$", text, re.MULTILINE)
+    # The GPU image: the CUDA and cuDNN wheels' libraries reach the loader (onnxruntime's CUDA
+    # provider has no search path for them), and onnxruntime-gpu's telemetry stays off.
+    assert "/etc/ld.so.conf.d/" in text and "ldconfig" in text
+    assert "ORT_DISABLE_TELEMETRY=1" in text
 
 
 def test_promtool_accepts_config_and_rules() -> None:
@@ -198,27 +202,111 @@ def test_compose_file_follows_the_compose_spec_and_wires_the_stack() -> None:
 
 
 def test_kubernetes_manifests_validate_and_are_consistent() -> None:
-    files = [str(DEPLOY / "k8s" / name) for name in K8S_FILES]
+    files = [str(K8S / name) for name in K8S_FILES]
     result = run(tool("kubernetes-validate"), "--strict", "--quiet", *files)
     assert result.returncode == 0, result.stdout + result.stderr
-    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == K8S_FILES
-    settings = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())["data"]
+    # `kubectl apply -k deploy/k8s/` (docs/DEPLOY.md) applies the base as it is.
+    top = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert set(top) == {"apiVersion", "kind", "resources"} and top["resources"] == ["base"]
+    settings = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
     for key in settings:
         assert key.removeprefix("RNNSERVE_").lower() in Settings.model_fields, key
-    deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > float(settings["RNNSERVE_DRAIN_TIMEOUT_S"]) + 5
     container = pod["containers"][0]
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"]["port"] == int(settings["RNNSERVE_GRPC_PORT"])
     envoy = yaml.safe_load(
-        yaml.safe_load((DEPLOY / "k8s" / "envoy-session-affinity.yaml").read_text())["data"][
-            "envoy.yaml"
-        ]
+        yaml.safe_load((K8S / "envoy-session-affinity.yaml").read_text())["data"]["envoy.yaml"]
     )
     cluster = envoy["static_resources"]["clusters"][0]
     assert cluster["lb_policy"] == "RING_HASH"
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """Kubernetes' strategic merge patch as far as deploy/k8s/gpu uses it: maps merge, lists of maps
+    that all have a name (containers, env) merge by name, any other list is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value) if key in base else value
+        return merged
+    named = isinstance(base, list) and isinstance(patch, list)
+    if named and all(isinstance(item, dict) and "name" in item for item in base + patch):
+        merged_list = list(base)
+        for item in patch:
+            at = [i for i, old in enumerate(merged_list) if old["name"] == item["name"]]
+            if at:
+                merged_list[at[0]] = strategic_merge(merged_list[at[0]], item)
+            else:
+                merged_list.append(item)
+        return merged_list
+    return patch
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """What `kubectl kustomize directory` renders, for the features deploy/k8s uses (resources,
+    images with a new tag, strategic-merge patches from files); anything else fails here, so a
+    new feature is modelled before it is trusted. Checked equal to kubectl 1.32's (kustomize 5.5)
+    output when written."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(spec) <= {"apiVersion", "kind", "resources", "images", "patches"}, set(spec)
+    docs: list[dict[str, Any]] = []
+    for resource in spec.get("resources", []):
+        path = directory / resource
+        if path.is_dir():
+            docs += kustomize(path)
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for image in spec.get("images", []):
+        assert set(image) == {"name", "newTag"}, image
+        for doc in docs:
+            for container in (
+                doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+            ):
+                if container["image"].split(":")[0] == image["name"]:
+                    container["image"] = f"{image['name']}:{image['newTag']}"
+    for entry in spec.get("patches", []):
+        assert set(entry) == {"path"}, entry
+        patch = yaml.safe_load((directory / entry["path"]).read_text())
+        key = (patch["kind"], patch["metadata"]["name"])
+        (at,) = [i for i, doc in enumerate(docs) if (doc["kind"], doc["metadata"]["name"]) == key]
+        docs[at] = strategic_merge(docs[at], patch)
+    return docs
+
+
+def test_gpu_overlay_renders_valid_manifests_with_one_gpu_per_pod(tmp_path: Path) -> None:
+    """deploy/k8s/gpu: the base with the GPU image, the CUDA provider and nvidia.com/gpu, and
+    nothing else changed; what it renders passes the same schema validation as the base."""
+    base = kustomize(DEPLOY / "k8s")
+    gpu = kustomize(DEPLOY / "k8s" / "gpu")
+    files = []
+    for i, doc in enumerate(gpu):
+        files.append(tmp_path / f"{i}-{doc['kind']}.yaml")
+        files[-1].write_text(yaml.safe_dump(doc))
+    result = run(tool("kubernetes-validate"), "--strict", "--quiet", *map(str, files))
+    assert result.returncode == 0, result.stdout + result.stderr
+    changed = {(doc["kind"], doc["metadata"]["name"]) for doc in gpu if doc not in base}
+    assert changed == {("Deployment", "rnnserve"), ("ConfigMap", "rnnserve-settings")}
+    assert len(gpu) == len(base)
+    (settings,) = [
+        doc["data"]
+        for doc in gpu
+        if doc["kind"] == "ConfigMap" and "envoy" not in doc["metadata"]["name"]
+    ]
+    assert settings["RNNSERVE_EXECUTION_PROVIDER"] == "cuda"
+    for key in settings:
+        assert key.removeprefix("RNNSERVE_").lower() in Settings.model_fields, key
+    (deployment,) = [doc for doc in gpu if doc["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The tag the documented GPU build makes.
+    assert container["image"] == "rnnserve:gpu"
+    assert any(c.endswith(f"-t {container['image']} .") for c in documented_build_commands())
+    assert container["envFrom"] == [{"configMapRef": {"name": "rnnserve-settings"}}]
 
 
 def shell_commands(text: str) -> list[str]:
@@ -245,6 +333,7 @@ def test_smoke_script_runs_the_documented_build_commands_verbatim() -> None:
     documented = documented_build_commands()
     assert "docker build -t rnnserve ." in documented  # Docker Hub and PyPI reachable
     assert any("BASE_IMAGE=local/debian-python:bookworm" in c for c in documented)  # no Docker Hub
+    assert "docker build --build-arg EXECUTION_PROVIDER=cuda -t rnnserve:gpu ." in documented  # GPU
     smoke = shell_commands((DEPLOY / "smoke.sh").read_text())
     for command in documented:
         assert command in smoke, command
