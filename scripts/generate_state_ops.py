@@ -7,7 +7,8 @@ With ``state_residency=device`` a model's state arrays live in onnxruntime OrtVa
 model's device; these graphs, run by onnxruntime on the same device, pick a batch's rows out of
 them, write rows back in place, and grow them (service/state_bank.py). They are built here with
 the ``onnx`` package (a training/test dependency) so that the serving path needs only
-onnxruntime. Every graph works on one float32 tensor of shape [layers, rows, hidden].
+onnxruntime. Every graph works on one float32 tensor of shape [layers, rows, hidden] (a state as stored:
+[pre, rows, post], service/signature.py).
 """
 
 from __future__ import annotations
@@ -40,18 +41,17 @@ def graphs() -> dict[str, bytes]:
         return bytes(proto.SerializeToString(deterministic=True))
 
     states = value("states", TensorProto.FLOAT, ["layers", "capacity", "hidden"])
-    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
     gather_rows = model(
-        "gather_rows",  # picked[:, i, :] = states[:, rows[i], :] where keep[0, i, 0], else 0
+        "gather_rows",  # picked[:, i, :] = states[:, rows[i], :] where keep[0, i, 0], else fill
         [
             helper.make_node("Gather", ["states", "rows"], ["gathered"], axis=1),
-            helper.make_node("Constant", [], ["zero"], value=zero),
-            helper.make_node("Where", ["keep", "gathered", "zero"], ["picked"]),
+            helper.make_node("Where", ["keep", "gathered", "fill"], ["picked"]),
         ],
         [
             states,
             value("rows", TensorProto.INT64, ["rows"]),
             value("keep", TensorProto.BOOL, [1, "rows", 1]),
+            value("fill", TensorProto.FLOAT, ["fill_layers", 1, "fill_hidden"]),  # broadcast
         ],
         [value("picked", TensorProto.FLOAT, ["layers", "rows", "hidden"])],
     )

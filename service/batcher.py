@@ -259,11 +259,15 @@ class Batcher:
     def _apply(self, batch: list[PendingChunk], slots: np.ndarray, outcome: BatchOutcome) -> None:
         """Write the finished chunks' states, then answer every chunk (loop thread)."""
         finished = outcome.finished
-        if all(finished):
-            self.store.scatter(slots, outcome.states)
-        elif any(finished):
-            rows = np.flatnonzero(finished)
-            self.store.scatter(slots[rows], self.store.bank.rows.take(outcome.states, rows))
+        try:
+            if all(finished):
+                self.store.scatter(slots, outcome.states)
+            elif any(finished):
+                rows = np.flatnonzero(finished)
+                self.store.scatter(slots[rows], self.store.bank.rows.take(outcome.states, rows))
+        except Exception as error:  # a device error part-way through writing
+            self._states_lost(batch, outcome, error)
+            return
         applied_steps = 0
         now_s = time.perf_counter()
         for chunk, ok, output in zip(batch, finished, outcome.outputs, strict=True):
@@ -284,6 +288,29 @@ class Batcher:
         self._steps.inc(applied_steps)
         if applied_steps:
             self._on_applied()
+
+    def _states_lost(
+        self, batch: list[PendingChunk], outcome: BatchOutcome, error: Exception
+    ) -> None:
+        """Writing the new states failed part-way (on a device, state tensors are written one
+        after another): a finished chunk's session may now hold part old, part new state, so it
+        is ended (reason failed) and its chunk answered INTERNAL saying so, never left to go on
+        from a state nobody can vouch for. Chunks the model did not finish were not written."""
+        self._batch_failures.inc()
+        logger.error(
+            "model %s: writing the states of a batch of %d failed (%s: %s); its sessions end",
+            self.spec.label, len(batch), type(error).__name__, error, exc_info=error,
+        )  # fmt: skip
+        for chunk, ok in zip(batch, outcome.finished, strict=True):
+            if not ok:
+                self._finish(chunk, outcome.error or InternalError("chunk not computed"))
+                continue
+            self.store.end(chunk.session, EndReason.FAILED)  # freed once this chunk is done
+            self._finish(chunk, InternalError(
+                f"model {self.spec.label} could not store the new state of session "
+                f"{shown(chunk.session.session_id)} ({type(error).__name__}); the session is "
+                "ended: open it again and replay its inputs from step 0"
+            ))  # fmt: skip
 
     def _batch_failed(self, batch: list[PendingChunk], error: Exception) -> None:
         """A batch broke outside the model call: fail the chunks not yet answered."""

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from service.batch_compute import compute_batch
 from service.errors import ModelContractError
 from service.repository import REEXPORT, ModelSpec, check_contract, read_spec
-from service.runtime import ModelRuntime
+from service.runtime import ModelRuntime, tensorrt_profile
 from service.settings import Settings
+from service.state_bank import make_bank
 
 CHECK_ROWS = 2
 CHECK_STEPS = 3  # not CHECK_ROWS: a time-major graph then fails instead of passing by chance
@@ -45,12 +47,16 @@ def open_model(
             spin_wait=s.ort_spin_wait,
             single_thread_twin=s.inline_compute_below_s > 0,
             device_id=s.gpu_device_id,
+            tensorrt=tensorrt_profile(spec.tensors, s.max_batch_size, s.max_chunk_steps),
         )
     except Exception as error:
         raise unloadable(spec, error) from error
     check_contract(spec, runtime)
-    runtime.bind(spec.state_inputs, spec.state_outputs)
+    runtime.bind(spec.tensors)
     check_behaviour(spec, runtime)
+    on_gpu = runtime.device.kind == "cuda"
+    if s.resolved_state_residency(on_gpu) == "device" and runtime.runs_device_state:
+        check_device_state(spec, runtime, s.resolved_batch_buckets(on_gpu))
     return spec, runtime
 
 
@@ -69,8 +75,10 @@ def check_behaviour(spec: ModelSpec, runtime: ModelRuntime) -> None:
     """(4): a chunk over a batch equals its steps one at a time and each row alone."""
     rng = np.random.default_rng(CHECK_SEED)
     x = rng.standard_normal((CHECK_ROWS, CHECK_STEPS, spec.input_size)).astype(np.float32)
-    shape = (spec.num_layers, CHECK_ROWS, spec.hidden_size)
-    states = [0.1 * rng.standard_normal(shape).astype(np.float32) for _ in spec.state_inputs]
+    states = [  # as stored: [pre, rows, post]
+        0.1 * rng.standard_normal((s.pre, CHECK_ROWS, s.post)).astype(np.float32)
+        for s in spec.tensors.states
+    ]
     try:
         y, final = runtime.run(x, states)
         stepped, carried = [], states
@@ -100,6 +108,49 @@ def check_behaviour(spec: ModelSpec, runtime: ModelRuntime) -> None:
                 spec, "a row computed in a batch differs from the same row alone (rows "
                 "influence each other: a time-major graph, or batch and time swapped?)"
             )  # fmt: skip
+
+
+def check_device_state(spec: ModelSpec, runtime: ModelRuntime, buckets: tuple[int, ...]) -> None:
+    """With ``state_residency=device``: one batch through the device path (a bank on the
+    model's device, gather, a padded call bound by IOBinding, scatter, read back) gives what the
+    host path gives, so a model or provider that cannot serve it is refused at load instead of
+    failing every chunk."""
+    rng = np.random.default_rng(CHECK_SEED)
+    x = rng.standard_normal((CHECK_ROWS, CHECK_STEPS, spec.input_size)).astype(np.float32)
+    sig = spec.tensors
+    initial = [
+        [0.1 * rng.standard_normal(s.shape).astype(np.float32) for s in sig.states]
+        for _ in range(CHECK_ROWS)
+    ]
+    stored = [np.stack([s.stored(row[k]) for row in initial], axis=1)
+              for k, s in enumerate(sig.states)]  # fmt: skip
+    try:
+        y_host, states_host = runtime.run(x, stored)
+        bank = make_bank("device", runtime.device, capacity=CHECK_ROWS,
+                         fills=[s.stored(s.initial_value()) for s in sig.states])  # fmt: skip
+        slots = np.arange(CHECK_ROWS)
+        for slot in slots:
+            bank.write(int(slot), [s.stored(initial[slot][k]) for k, s in enumerate(sig.states)])
+        outcome = compute_batch(runtime.run_bound, spec.label, list(x), bank.gather(slots),
+                                bank.rows, buckets)  # fmt: skip
+        if outcome.error is not None:
+            raise outcome.error
+        bank.scatter(slots, outcome.states)
+        states_device = bank.read(list(slots))
+    except Exception as error:
+        reason = " ".join(str(error).split())[:300]
+        raise ModelContractError(
+            f"model {spec.label} cannot keep its state on the {runtime.device.kind} device "
+            f"({type(error).__name__}: {reason}); set RNNSERVE_STATE_RESIDENCY=host"
+        ) from None
+    same = all(close(a, b) for a, b in zip(outcome.outputs, y_host, strict=True)) and all(
+        close(a, b) for a, b in zip(states_device, states_host, strict=True)
+    )
+    if not same:
+        raise ModelContractError(
+            f"model {spec.label}: with its state on the {runtime.device.kind} device it computes "
+            "other values than with the state on the host; set RNNSERVE_STATE_RESIDENCY=host"
+        )
 
 
 def close(a: np.ndarray, b: np.ndarray) -> bool:

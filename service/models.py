@@ -19,6 +19,7 @@ from service.runtime import CallCost, ModelRuntime
 from service.session import EndReason, Session
 from service.session_store import SessionStore
 from service.settings import Settings
+from service.state_bank import StateResidency
 
 logger = logging.getLogger(__name__)
 
@@ -93,22 +94,17 @@ class ModelRegistry:
                 self.refused[label] = str(error)
                 continue
             call_cost = None
-            if s.inline_compute_below_s > 0:
-                call_cost = runtime.measure_cost(
-                    input_size=spec.input_size,
-                    layers=spec.num_layers,
-                    hidden=spec.hidden_size,
-                    max_rows=s.max_batch_size,
-                )
             on_gpu = runtime.device.kind == "cuda"
+            # On a GPU every batch goes to the worker thread: a first call of a shape (kernel
+            # choice, a TensorRT engine) may take seconds, which the event loop must not wait.
+            if s.inline_compute_below_s > 0 and not on_gpu:
+                call_cost = runtime.measure_cost(spec.tensors, max_rows=s.max_batch_size)
             store = SessionStore(
-                state_count=len(spec.state_inputs),
-                layers=spec.num_layers,
-                hidden=spec.hidden_size,
+                states=spec.tensors.states,
                 max_sessions=s.max_sessions,
                 evict_when_full=s.evict_when_full,
                 on_end=end_hook(spec),
-                residency=s.resolved_state_residency(on_gpu),
+                residency=state_residency(s, runtime, spec),
                 device=runtime.device,
             )
             self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(
@@ -120,9 +116,10 @@ class ModelRegistry:
             metrics.active_sessions.labels(*labels).set(0)
             metrics.session_capacity.labels(*labels).set(s.max_sessions)
             logger.info(
-                "loaded model %s (%s, %d layer(s), hidden %d) on %s, state on the %s",
+                "loaded model %s (%s, %d layer(s), hidden %d) on %s, state in %s memory",
                 spec.label, spec.cell, spec.num_layers, spec.hidden_size,
-                ",".join(runtime.providers), store.bank.residency,
+                ",".join(runtime.providers),
+                "host" if store.bank.residency == "host" else runtime.device.kind,
             )  # fmt: skip
             if call_cost is not None:
                 logger.info(
@@ -192,3 +189,17 @@ class ModelRegistry:
             raise NotFound(
                 f"model {name!r} has no version {shown(version)}; versions: {', '.join(self.versions(name))}"
             ) from None
+
+
+def state_residency(settings: Settings, runtime: ModelRuntime, spec: ModelSpec) -> StateResidency:
+    """Where ``spec``'s states live: the setting, resolved for the runtime's device; host, with
+    a warning, for a runtime class that overrides only ``run`` (its device path would not run
+    the override)."""
+    wanted = settings.resolved_state_residency(runtime.device.kind == "cuda")
+    if wanted == "device" and not runtime.runs_device_state:
+        logger.warning(
+            "model %s: %s overrides run() but not run_bound(); its state stays in host memory",
+            spec.label, type(runtime).__name__,
+        )  # fmt: skip
+        return "host"
+    return wanted

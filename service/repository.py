@@ -16,6 +16,12 @@ from typing import Any
 
 from service.errors import ModelContractError
 from service.runtime import ModelRuntime
+from service.signature import (
+    Signature,
+    SignatureError,
+    default_signature,
+    parse_signature,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +50,24 @@ class ModelSpec:
     metadata: dict[str, Any] = field(repr=False)
     labels: tuple[str, ...] = field(default=(), repr=False)  # class names, one per output feature
     vocabulary: tuple[str, ...] = field(default=(), repr=False)  # tokens by id
+    signature: Signature | None = field(default=None, repr=False)  # None: the default convention
+
+    @property
+    def tensors(self) -> Signature:
+        """What the graph takes and gives, by name (:mod:`service.signature`)."""
+        if self.signature is not None:
+            return self.signature
+        return default_signature(
+            self.cell, self.num_layers, self.hidden_size, self.input_size, self.output_size
+        )
 
     @property
     def state_inputs(self) -> tuple[str, ...]:
-        return ("h0", "c0") if self.cell == "lstm" else ("h0",)
+        return self.tensors.state_inputs
 
     @property
     def state_outputs(self) -> tuple[str, ...]:
-        return ("hn", "cn") if self.cell == "lstm" else ("hn",)
+        return self.tensors.state_outputs
 
     @property
     def onnx_path(self) -> Path:
@@ -102,6 +118,17 @@ def read_spec(directory: Path) -> ModelSpec:
         ) from None
     if not isinstance(metadata, dict):
         raise ModelContractError(f"model {label}: {meta_path} is not a JSON object; {REEXPORT}")
+    signature, original = None, metadata
+    if "signature" in metadata:  # declared tensors: the sizes come from them
+        try:
+            signature = parse_signature(metadata["signature"])
+        except SignatureError as error:
+            raise ModelContractError(
+                f"model {label}: {meta_path}: {error} (docs/YOUR_MODEL.md)"
+            ) from None
+        metadata = {**declared_sizes(signature), **metadata}
+        metadata["input_size"] = signature.input.size
+        metadata["output_size"] = signature.output.size
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ModelContractError(
@@ -142,10 +169,20 @@ def read_spec(directory: Path) -> ModelSpec:
         input_size=int(metadata["input_size"]),
         output_size=int(metadata["output_size"]),
         sha256=digest,
-        metadata=metadata,
+        metadata=original,
         labels=labels,
         vocabulary=vocabulary,
+        signature=signature,
     )
+
+
+def declared_sizes(signature: Signature) -> dict[str, Any]:
+    """cell, num_layers and hidden_size for a model.json that declares its tensors and says
+    nothing else: read off its first state ([layers, hidden] or [hidden]), for display only."""
+    first = signature.states[0].shape if signature.states else (1, 1)
+    cell = "lstm" if len(signature.states) == 2 else "gru" if len(signature.states) == 1 else "rnn"
+    return {"cell": cell, "num_layers": first[0] if len(first) > 1 else 1,
+            "hidden_size": first[-1]}  # fmt: skip
 
 
 def optional_texts(metadata: dict[str, Any], key: str, label: str, path: Path) -> tuple[str, ...]:
@@ -162,41 +199,51 @@ def optional_texts(metadata: dict[str, Any], key: str, label: str, path: Path) -
 
 
 def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
-    """The graph's inputs and outputs must be exactly the contract's, with matching sizes."""
+    """The graph's inputs must be exactly the signature's, its outputs must include the
+    signature's (others are never fetched), with matching types and sizes and dynamic batch and
+    time axes."""
     session = runtime.session
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
-    expected_in = ("x", *spec.state_inputs)
-    expected_out = ("y", *spec.state_outputs)
+    sig = spec.tensors
+    expected_in = (sig.input.name, *sig.state_inputs)
+    expected_out = (sig.output.name, *sig.state_outputs)
     problems: list[str] = []
     if set(inputs) != set(expected_in):
         problems.append(f"inputs are {sorted(inputs)}, expected {list(expected_in)}")
-    if set(outputs) != set(expected_out):
+    if not set(expected_out) <= set(outputs):
         problems.append(f"outputs are {sorted(outputs)}, expected {list(expected_out)}")
     if not problems:
-        wanted: dict[str, tuple[object, object, object]] = {
-            "x": ("batch", "time", spec.input_size),
-            "y": ("batch", "time", spec.output_size),
-            **{n: (spec.num_layers, "batch", spec.hidden_size) for n in spec.state_inputs},
-            **{n: (spec.num_layers, "batch", spec.hidden_size) for n in spec.state_outputs},
+        wanted: dict[str, list[int | str]] = {
+            sig.input.name: sig.input.graph_dims("batch", "time"),
+            sig.output.name: sig.output.graph_dims("batch", "time"),
+            **{s.input: s.graph_dims("batch") for s in sig.states},
+            **{s.output: s.graph_dims("batch") for s in sig.states},
         }
-        for name, arg in {**inputs, **outputs}.items():
+        graph = {**inputs, **outputs}
+        for name, dims in wanted.items():
+            arg = graph[name]
             if arg.type != "tensor(float)":
                 problems.append(f"{name} has type {arg.type}, expected tensor(float)")
             shape = list(arg.shape)
-            if len(shape) != 3:
-                problems.append(f"{name} has rank {len(shape)}, expected 3")
+            if len(shape) != len(dims):
+                problems.append(f"{name} has rank {len(shape)}, expected {len(dims)} ({dims})")
                 continue
-            for axis, (got, want) in enumerate(zip(shape, wanted[name], strict=True)):
+            for axis, (got, want) in enumerate(zip(shape, dims, strict=True)):
                 if isinstance(want, int) and isinstance(got, int) and got != want:
                     problems.append(f"{name} axis {axis} is {got}, expected {want}")
-                if isinstance(want, str) and isinstance(got, int) and name in ("x", "y"):
+                if isinstance(want, str) and isinstance(got, int):
                     problems.append(
                         f"{name} axis {axis} ({want}) is fixed to {got}, must be dynamic "
                         "(torch.onnx.export(..., dynamo=False) keeps it so)"
                     )
     if problems:
+        fix = (
+            "declare the graph's tensors in model.json's signature (docs/YOUR_MODEL.md)"
+            if spec.signature is None
+            else "fix model.json's signature (docs/YOUR_MODEL.md)"
+        )
         raise ModelContractError(
-            f"model {spec.label} breaks the ONNX contract: {'; '.join(problems)}; export it with "
-            "training/export.py (docs/TRAINING.md) or remove its folder"
+            f"model {spec.label} breaks the ONNX contract: {'; '.join(problems)}; {fix}, export "
+            "it with python -m training export-module (docs/TRAINING.md), or remove its folder"
         )

@@ -9,8 +9,9 @@ run on the CPU.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import onnxruntime as ort
 
 from service.logs import ONNXRUNTIME_LOG_SEVERITY
 from service.settings import ExecutionProvider
+from service.signature import Signature, StateSpec, TensorSpec
 from service.state_bank import Device
 
 logger = logging.getLogger(__name__)
@@ -57,22 +59,55 @@ def resolve_providers(
 
 
 ProviderChoice = str | tuple[str, dict[str, str]]
+TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"
 
 
-def with_options(providers: Sequence[str], device_id: int) -> list[ProviderChoice]:
-    """``providers`` as onnxruntime takes them, with the options exactness needs: the GPU
-    providers on ``device_id``, and the CUDA provider computing float32 products in float32
-    (``use_tf32=0``: by default it rounds them to TF32, a 10-bit mantissa, which puts outputs
-    ~1e-3 away from the offline run's instead of float32 rounding)."""
+def with_options(
+    providers: Sequence[str], device_id: int, tensorrt: dict[str, str] | None = None
+) -> list[ProviderChoice]:
+    """``providers`` as onnxruntime takes them: the GPU providers on ``device_id``, the CUDA
+    provider computing float32 matrix products in float32 (``use_tf32=0``), TensorRT with
+    ``tensorrt``'s options (:func:`tensorrt_profile`)."""
     chosen: list[ProviderChoice] = []
     for name in providers:
         if name == CUDA:
             chosen.append((name, {"device_id": str(device_id), "use_tf32": "0"}))
         elif name == TENSORRT:
-            chosen.append((name, {"device_id": str(device_id)}))
+            chosen.append((name, {"device_id": str(device_id), **(tensorrt or {})}))
         else:
             chosen.append(name)
     return chosen
+
+
+def keep_float32_exact(environ: MutableMapping[str, str]) -> None:
+    """Turn TF32 off in every CUDA library of this process before CUDA starts: cuDNN's RNN
+    kernels (the ONNX LSTM/GRU/RNN ops) and TensorRT round float32 to TF32's 10-bit mantissa on
+    recent GPUs whatever ``use_tf32`` says, which moves outputs ~1e-3 from the offline run.
+    ``NVIDIA_TF32_OVERRIDE=0`` is the one switch they all obey; an operator who set it keeps
+    their value (with a warning if it allows TF32)."""
+    value = environ.setdefault(TF32_OVERRIDE, "0")
+    if value != "0":
+        logger.warning(
+            "%s=%s: GPU float32 math may use TF32; outputs can differ from the offline run by "
+            "~1e-3", TF32_OVERRIDE, value,
+        )  # fmt: skip
+
+
+def tensorrt_profile(signature: Signature, max_rows: int, max_steps: int) -> dict[str, str]:
+    """TensorRT options for one model: an optimisation profile spanning every batch (1 to
+    ``max_rows``) and chunk length (1 to ``max_steps``) the server can send, so one engine is
+    built at the first call instead of a new one whenever a shape falls outside the last."""
+
+    def shapes(rows: int, steps: int) -> str:
+        dims = {signature.input.name: signature.input.graph_dims(rows, steps)}
+        dims.update({s.input: s.graph_dims(rows) for s in signature.states})
+        return ",".join(f"{name}:{'x'.join(map(str, d))}" for name, d in dims.items())
+
+    return {
+        "trt_profile_min_shapes": shapes(1, 1),
+        "trt_profile_opt_shapes": shapes(max_rows, 1),
+        "trt_profile_max_shapes": shapes(max_rows, max_steps),
+    }
 
 
 MEASURED_ROWS_AT_MOST = 256  # keeps the load-time measurement short for any max_batch_size
@@ -115,8 +150,11 @@ class ModelRuntime:
         spin_wait: bool = False,
         single_thread_twin: bool = False,
         device_id: int = 0,
+        tensorrt: dict[str, str] | None = None,
     ) -> None:
         providers = resolve_providers(provider, ort.get_available_providers(), fallback)
+        if providers[0] in (CUDA, TENSORRT):
+            keep_float32_exact(os.environ)
 
         def open_session(
             intra_threads: int, chosen: list[str], arena: bool = True
@@ -132,7 +170,7 @@ class ModelRuntime:
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             return ort.InferenceSession(
-                str(path), options, providers=with_options(chosen, device_id)
+                str(path), options, providers=with_options(chosen, device_id, tensorrt)
             )
 
         self.session = open_session(intra_op_threads, providers)
@@ -144,57 +182,108 @@ class ModelRuntime:
         self.single_thread_session = self.session
         if single_thread_twin and active == [CPU] and intra_op_threads != 1:
             self.single_thread_session = open_session(1, [CPU], arena=False)
+        # Until bind(): the default convention, tensors in the graph's declared order.
+        self.input_spec = TensorSpec("x", (0,))
+        self.output_spec = TensorSpec("y", (0,))
         self.state_inputs: list[str] = [i.name for i in self.session.get_inputs()][1:]
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
-        self.device = Device("cuda" if active[0] in (CUDA, TENSORRT) else "cpu", device_id)
+        self.state_specs: tuple[StateSpec, ...] | None = None  # None: stored = graph shapes
+        on_gpu = active[0] in (CUDA, TENSORRT)
+        self.device = Device("cuda", device_id) if on_gpu else Device("cpu")
 
-    def bind(self, state_inputs: Sequence[str], state_outputs: Sequence[str]) -> None:
-        """Feed the states to ``state_inputs`` and read them from ``state_outputs``, by name and
-        in that order, whatever order the graph declares its tensors in (by position, a graph
-        declaring ``[x, c0, h0]`` would be fed h as c: silently wrong outputs)."""
-        self.state_inputs = list(state_inputs)
-        self.output_names = ["y", *state_outputs]
+    @property
+    def runs_device_state(self) -> bool:
+        """Whether :meth:`run_bound` computes what :meth:`run` does: false for a subclass that
+        overrides only :meth:`run` (its device path would bypass the override)."""
+        cls = type(self)
+        return cls.run is ModelRuntime.run or cls.run_bound is not ModelRuntime.run_bound
+
+    def bind(self, signature: Signature) -> None:
+        """Feed and read every tensor by its name in ``signature``, whatever order the graph
+        declares them in (by position, a graph declaring ``[x, c0, h0]`` would be fed h as c:
+        silently wrong outputs), converting layouts and state shapes (:mod:`service.signature`)."""
+        self.input_spec, self.output_spec = signature.input, signature.output
+        self.state_inputs = list(signature.state_inputs)
+        self.output_names = [signature.output.name, *signature.state_outputs]
+        self.state_specs = None if signature.conventional else signature.states
+
+    def _graph_state(self, k: int, state: np.ndarray) -> np.ndarray:
+        """Stored [pre, rows, post] as the graph's shape (a view)."""
+        if self.state_specs is None:
+            return state
+        return state.reshape(self.state_specs[k].graph_dims(state.shape[1]))  # type: ignore[arg-type]
+
+    def _stored_state(self, k: int, state: np.ndarray, rows: int) -> np.ndarray:
+        """The graph's state as stored [pre, rows, post] (a view)."""
+        if self.state_specs is None:
+            return state
+        spec = self.state_specs[k]
+        return state.reshape(spec.pre, rows, spec.post)
 
     def run(
         self, x: np.ndarray, states: Sequence[np.ndarray], single_thread: bool = False
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {"x": x}
-        for name, state in zip(self.state_inputs, states, strict=True):
-            feeds[name] = state
+        """One call: ``x`` [rows, steps, features] and stored states [pre, rows, post] in, ``y``
+        [rows, steps, outputs] and the new stored states out."""
+        feeds = {self.input_spec.name: self.input_spec.to_graph(x)}
+        for k, (name, state) in enumerate(zip(self.state_inputs, states, strict=True)):
+            feeds[name] = self._graph_state(k, state)
         session = self.single_thread_session if single_thread else self.session
         y, *new_states = session.run(self.output_names, feeds)
-        return y, new_states
+        rows = x.shape[0]
+        new = [self._stored_state(k, s, rows) for k, s in enumerate(new_states)]
+        return self.output_spec.from_graph(y), new
 
     def run_bound(
         self, x: np.ndarray, states: Sequence[ort.OrtValue], single_thread: bool = False
     ) -> tuple[np.ndarray, list[ort.OrtValue]]:
         """:meth:`run` with the states already on :attr:`device` (``state_residency=device``):
         ``x`` goes in from the host, ``y`` comes back to it, and the new states are left on the
-        device, in arrays onnxruntime allocates there."""
+        device. A state whose graph shape differs from its stored shape is bound by address with
+        the graph's shape (a reshape without a copy), into arrays allocated here in the stored
+        shape; otherwise onnxruntime allocates them."""
         session = self.single_thread_session if single_thread else self.session
         binding = session.io_binding()
-        binding.bind_cpu_input("x", x)
-        for name, state in zip(self.state_inputs, states, strict=True):
-            binding.bind_ortvalue_input(name, state)
+        binding.bind_cpu_input(self.input_spec.name, self.input_spec.to_graph(x))
+        kind, device_id = self.device.kind, self.device.device_id
+        rows = x.shape[0]
+        allocated: list[ort.OrtValue | None] = []
+        for k, (name, state) in enumerate(zip(self.state_inputs, states, strict=True)):
+            if self.state_specs is None:
+                binding.bind_ortvalue_input(name, state)
+                continue
+            dims = self.state_specs[k].graph_dims(rows)
+            binding.bind_input(name, kind, device_id, np.float32, dims, state.data_ptr())
         y_name, *state_outputs = self.output_names
         binding.bind_output(y_name, "cpu")
-        for name in state_outputs:
-            binding.bind_output(name, self.device.kind, self.device.device_id)
+        for k, name in enumerate(state_outputs):
+            if self.state_specs is None:
+                binding.bind_output(name, kind, device_id)
+                allocated.append(None)
+                continue
+            spec = self.state_specs[k]
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                [spec.pre, rows, spec.post], np.float32, kind, device_id
+            )
+            binding.bind_output(
+                name, kind, device_id, np.float32, spec.graph_dims(rows), value.data_ptr()
+            )
+            allocated.append(value)
         session.run_with_iobinding(binding)
-        y, *new_states = binding.get_outputs()
-        return y.numpy(), new_states
+        y, *returned = binding.get_outputs()
+        new = [mine if mine is not None else got
+               for mine, got in zip(allocated, returned, strict=True)]  # fmt: skip
+        return self.output_spec.from_graph(y.numpy()), new
 
-    def measure_cost(
-        self, *, input_size: int, layers: int, hidden: int, max_rows: int, repeats: int = 5
-    ) -> CallCost:
-        """Time calls of one step at 1 and at ``max_rows`` rows on zeros (the fastest of
-        ``repeats`` each, so a busy machine inflates it little) and fit :class:`CallCost`. The
+    def measure_cost(self, signature: Signature, max_rows: int, repeats: int = 5) -> CallCost:
+        """Time calls of one step at 1 and at ``max_rows`` rows on initial states (the fastest
+        of ``repeats`` each, so a busy machine inflates it little) and fit :class:`CallCost`. The
         single-thread session is timed: it is the one that runs the batches this cost places on
         the event loop. The first calls also warm onnxruntime up before any client waits."""
 
         def fastest_s(rows: int) -> float:
-            x = np.zeros((rows, 1, input_size), np.float32)
-            states = [np.zeros((layers, rows, hidden), np.float32) for _ in self.state_inputs]
+            x = np.zeros((rows, 1, signature.input.size), np.float32)
+            states = [np.zeros((s.pre, rows, s.post), np.float32) for s in signature.states]
             self.run(x, states, single_thread=True)
             best = float("inf")
             for _ in range(repeats):

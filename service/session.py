@@ -19,6 +19,7 @@ class EndReason(Enum):
     IDLE_TIMEOUT = "idle_timeout"
     EVICTED = "evicted"
     SHUTDOWN = "shutdown"
+    FAILED = "failed"  # its state could not be stored (a device error): never continued
 
 
 @dataclass(eq=False, slots=True)

@@ -32,6 +32,7 @@ from service.session import (
     scoped_key,
     session_not_found,
 )
+from service.signature import StateSpec
 from service.snapshots import SessionRecord
 from service.state_bank import CPU_DEVICE, Device, StateBank, StateResidency, make_bank
 
@@ -46,28 +47,30 @@ class SessionStore:
     def __init__(
         self,
         *,
-        state_count: int,
-        layers: int,
-        hidden: int,
         max_sessions: int,
+        states: Sequence[StateSpec] = (),
+        state_count: int = 0,
+        layers: int = 1,
+        hidden: int = 1,
         evict_when_full: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_end: Callable[[Session, EndReason], None] | None = None,
         residency: StateResidency = "host",
         device: Device = CPU_DEVICE,
     ) -> None:
-        self.layers = layers
-        self.hidden = hidden
+        """``states``: the model's state tensors (:class:`service.signature.StateSpec`); or, for
+        tests, ``state_count`` states of [layers, hidden] from zeros."""
+        self.state_specs = tuple(states) or tuple(
+            StateSpec(f"s{k}", f"n{k}", (layers, hidden)) for k in range(state_count)
+        )
         self.max_sessions = max_sessions
         self.evict_when_full = evict_when_full
         self.clock = clock
         self.on_end = on_end
         self.capacity = min(INITIAL_CAPACITY, max_sessions)
-        self.state_count = state_count
-        self.bank: StateBank = make_bank(
-            residency, device, count=state_count, layers=layers, hidden=hidden,
-            capacity=self.capacity,
-        )  # fmt: skip
+        self.state_count = len(self.state_specs)
+        fills = [s.stored(s.initial_value()) for s in self.state_specs]
+        self.bank: StateBank = make_bank(residency, device, fills=fills, capacity=self.capacity)
         self.sessions: dict[str, Session] = {}
         self._free_slots = list(range(self.capacity - 1, -1, -1))
         self._per_client: collections.Counter[str] = collections.Counter()
@@ -83,7 +86,7 @@ class SessionStore:
     @property
     def session_state_bytes(self) -> int:
         """Bytes of one session's state."""
-        return 4 * self.state_count * self.layers * self.hidden
+        return 4 * sum(s.pre * s.post for s in self.state_specs)
 
     def _grow(self) -> None:
         new_capacity = min(self.capacity * 2, self.max_sessions)
@@ -118,7 +121,14 @@ class SessionStore:
         if not self._free_slots:
             self._grow()
         slot = self._free_slots.pop()
-        self.bank.write(slot, initial_state)
+        stored = None
+        if initial_state is not None:
+            stored = [s.stored(v) for s, v in zip(self.state_specs, initial_state, strict=True)]
+        try:
+            self.bank.write(slot, stored)
+        except Exception:  # a device error: the slot stays free, no session is made
+            self._free_slots.append(slot)
+            raise
         now = self.clock()
         session = Session(
             session_id=session_id,
@@ -148,7 +158,8 @@ class SessionStore:
         (a graceful shutdown wrote it); otherwise its next chunk must state the step count it
         expects (:attr:`Session.unconfirmed`)."""
         incarnation = parse_incarnation(record.incarnation)  # None in format 1: drawn anew
-        session = self.create(record.session_id, state, record.owner, record.client, incarnation)
+        shaped = [np.reshape(v, s.shape) for v, s in zip(state, self.state_specs, strict=True)]
+        session = self.create(record.session_id, shaped, record.owner, record.client, incarnation)
         session.steps = session.durable_steps = record.steps
         session.last_output = record.last_output
         session.unconfirmed = not confirmed
@@ -169,15 +180,16 @@ class SessionStore:
         return True
 
     def _check_state(self, state: Sequence[np.ndarray]) -> None:
+        """A client's initial state: one tensor per state, each of its declared shape, finite."""
         if len(state) != self.state_count:
             raise InvalidArgument(
                 f"initial state needs {self.state_count} tensors, got {len(state)}"
             )
-        for k, tensor in enumerate(state):
-            if tensor.shape != (self.layers, self.hidden):
+        for k, (tensor, spec) in enumerate(zip(state, self.state_specs, strict=True)):
+            if tuple(tensor.shape) != spec.shape:
                 raise InvalidArgument(
-                    f"initial state tensor {k} has shape {list(tensor.shape)}, "
-                    f"expected [{self.layers}, {self.hidden}]"
+                    f"initial state tensor {k} ({spec.input}) has shape {list(tensor.shape)}, "
+                    f"expected {list(spec.shape)}"
                 )
             if not np.isfinite(tensor).all():
                 raise InvalidArgument(f"initial state tensor {k} holds NaN or Inf")
@@ -238,22 +250,23 @@ class SessionStore:
             self._release(session, reason)
         return len(sessions)
 
-    def gather(self, slots: np.ndarray, zeroed: Sequence[int] = ()) -> list[Any]:
-        """The states of ``slots`` as batch arrays [layers, len(slots), hidden] (copies, in the
-        bank's residency); batch rows ``zeroed`` start from zero state (a START)."""
-        return self.bank.gather(slots, zeroed)
+    def gather(self, slots: np.ndarray, restarted: Sequence[int] = ()) -> list[Any]:
+        """The states of ``slots`` as batch arrays [pre, len(slots), post] (copies, in the
+        bank's residency); batch rows ``restarted`` start from the initial state (a START)."""
+        return self.bank.gather(slots, restarted)
 
     def scatter(self, slots: np.ndarray, new_states: list[Any]) -> None:
         """Write batch arrays ``new_states`` (one row per slot) into ``slots``."""
         self.bank.scatter(slots, new_states)
 
     def read_states(self, sessions: Sequence[Session]) -> list[np.ndarray]:
-        """Host copies of ``sessions``' states, [layers, len(sessions), hidden] each."""
+        """Host copies of ``sessions``' states as stored, [pre, len(sessions), post] each."""
         return self.bank.read([s.slot for s in sessions])
 
     def read_state(self, session: Session) -> list[np.ndarray]:
-        """Host copies of ``session``'s state, [layers, hidden] each."""
-        return [array[:, 0, :] for array in self.read_states([session])]
+        """Host copies of ``session``'s state, each of its declared shape."""
+        arrays = self.read_states([session])
+        return [a[:, 0, :].reshape(s.shape) for a, s in zip(arrays, self.state_specs, strict=True)]
 
     def restarted(self, session: Session) -> None:
         """``session`` starts over (its state was zeroed for the chunk that restarts it): step 0,

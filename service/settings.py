@@ -75,9 +75,10 @@ class Settings(BaseSettings):
     batch_buckets: str = Field(
         "auto",
         description="batch sizes a model call is padded up to, so a GPU provider sees few "
-        "shapes (TensorRT builds an engine per shape): a comma-separated list such as "
-        "1,8,32,128, none, or auto (powers of two up to max_batch_size on cuda and tensorrt, "
-        "none on cpu); padding rows are zeros and never reach a session",
+        "shapes (CUDA kernels and TensorRT tactics per shape): a comma-separated list such as "
+        "1,8,32,128 (at most max_batch_size; batches above the largest are not padded), none, "
+        "or auto (powers of two up to max_batch_size on cuda and tensorrt, none on cpu); "
+        "padding rows are zeros and never reach a session",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime threads inside one operator (0: onnxruntime decides)"
@@ -222,7 +223,7 @@ class Settings(BaseSettings):
     def _buckets_are_sizes(cls, value: str) -> str:
         text = value.strip().lower()
         if text in ("auto", "none", ""):
-            return text or "none"
+            return text or "auto"
         try:
             sizes = sorted({int(part) for part in text.split(",") if part.strip()})
         except ValueError:
@@ -246,6 +247,17 @@ class Settings(BaseSettings):
             powers = [1 << k for k in range(self.max_batch_size.bit_length())]
             return tuple(sorted({*powers, self.max_batch_size}))
         return tuple(int(size) for size in self.batch_buckets.split(","))
+
+    @model_validator(mode="after")
+    def _buckets_fit_the_batch(self) -> Settings:
+        if self.batch_buckets not in ("auto", "none"):
+            largest = int(self.batch_buckets.split(",")[-1])
+            if largest > self.max_batch_size:
+                raise ValueError(
+                    f"batch_buckets {self.batch_buckets} pads batches beyond max_batch_size "
+                    f"({self.max_batch_size}); the largest bucket should be max_batch_size"
+                )
+        return self
 
     @model_validator(mode="after")
     def _tls_files_come_in_pairs(self) -> Settings:

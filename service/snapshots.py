@@ -50,8 +50,8 @@ class SessionRecord:
 class ModelSnapshot:
     """The sessions of one model version at one moment, and their states.
 
-    ``states[k]`` has shape [layers, len(sessions), hidden]; column ``i`` belongs to
-    ``sessions[i]``. The last replies travel in the payload after the states. ``final``: written
+    ``states[k]`` has shape [pre, len(sessions), post] (a state as stored, service/signature.py);
+    column ``i`` belongs to ``sessions[i]``. The last replies travel in the payload after the states. ``final``: written
     by a graceful shutdown, after which the server applied nothing more.
     """
 
@@ -81,6 +81,7 @@ def encode(snapshot: ModelSnapshot) -> bytes:
         np.ascontiguousarray(a, dtype="<f4").tobytes() for a in [*snapshot.states, *outputs]
     )
     layers, _, hidden = snapshot.states[0].shape if snapshot.states else (0, 0, 0)
+    stored = [[int(s.shape[0]), int(s.shape[2])] for s in snapshot.states]  # [pre, post] each
     header = {
         "format": FORMAT_VERSION,
         "model": snapshot.model,
@@ -91,6 +92,7 @@ def encode(snapshot: ModelSnapshot) -> bytes:
         "state_count": len(snapshot.states),
         "layers": layers,
         "hidden": hidden,
+        "state_shapes": stored,
         "output_size": output_size,
         "sessions": [_entry(r) for r in snapshot.sessions],
         "payload_bytes": len(payload),
@@ -149,17 +151,22 @@ def _decode(blob: bytes) -> ModelSnapshot:
 
 def _contents(header: dict[str, Any], payload: bytes) -> ModelSnapshot:
     entries = header["sessions"]
-    shape = (header["layers"], len(entries), header["hidden"])
-    size = int(np.prod(shape)) * 4
+    count = int(header["state_count"])
+    stored = header.get("state_shapes") or [[header["layers"], header["hidden"]]] * count
+    if len(stored) != count:
+        raise CorruptSnapshot("state_shapes does not match state_count")
+    shapes = [(int(pre), len(entries), int(post)) for pre, post in stored]
+    sizes = [4 * int(np.prod(shape)) for shape in shapes]
     output_size = int(header["output_size"])
     rows = [int(e[3]) for e in entries]
-    if size * header["state_count"] + 4 * output_size * sum(rows) != len(payload):
+    if sum(sizes) + 4 * output_size * sum(rows) != len(payload):
         raise CorruptSnapshot("payload size does not match the sessions and tensor sizes")
-    states = [
-        np.frombuffer(payload, "<f4", count=size // 4, offset=k * size).reshape(shape).copy()
-        for k in range(header["state_count"])
-    ]
-    offset = size * header["state_count"]
+    states, offset = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        states.append(
+            np.frombuffer(payload, "<f4", count=size // 4, offset=offset).reshape(shape).copy()
+        )
+        offset += size
     sessions = []
     for entry, n in zip(entries, rows, strict=True):
         session_id, steps, owner = str(entry[0]), int(entry[1]), str(entry[2])

@@ -1,7 +1,8 @@
 """Where a model's recurrent state lives: host memory (numpy) or the model's device (OrtValues).
 
-A bank holds one array per state tensor, ``[layers, capacity, hidden]``, a slot per session. A
-batch *gathers* its sessions' slots into batch-sized arrays ``[layers, rows, hidden]``, computes,
+A bank holds one array per state tensor, ``[pre, capacity, post]`` (a state as stored:
+:mod:`service.signature`), a slot per session. A
+batch *gathers* its sessions' slots into batch-sized arrays ``[pre, rows, post]``, computes,
 and *scatters* the new states back. With ``state_residency=host`` those arrays are numpy arrays
 and every model call copies the batch's states to the device and back (free on the CPU provider).
 With ``state_residency=device`` they are onnxruntime OrtValues on the model's device, and
@@ -24,6 +25,7 @@ output is complete before the model call that reads it starts, whichever thread 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,15 +98,16 @@ class StateBank(Protocol):
         ...
 
     def write(self, slot: int, values: Sequence[np.ndarray] | None) -> None:
-        """Set ``slot``'s state to ``values`` (``[layers, hidden]`` each), or zeros for None."""
+        """Set ``slot``'s state to ``values`` (``[pre, post]`` each), or the initial state."""
         ...
 
     def read(self, slots: Sequence[int]) -> list[np.ndarray]:
-        """Host copies of ``slots``' states, ``[layers, len(slots), hidden]`` each."""
+        """Host copies of ``slots``' states, ``[pre, len(slots), post]`` each."""
         ...
 
-    def gather(self, slots: np.ndarray, zeroed: Sequence[int] = ()) -> list[Any]:
-        """The states of ``slots`` as batch arrays; batch rows ``zeroed`` start from zero state."""
+    def gather(self, slots: np.ndarray, restarted: Sequence[int] = ()) -> list[Any]:
+        """The states of ``slots`` as batch arrays; batch rows ``restarted`` get the initial
+        state instead (a START)."""
         ...
 
     def scatter(self, slots: np.ndarray, states: list[Any]) -> None:
@@ -144,9 +147,16 @@ class HostStateBank:
     residency: StateResidency = "host"
     rows: RowOps = HostRows()
 
-    def __init__(self, *, count: int, layers: int, hidden: int, capacity: int) -> None:
-        self.layers, self.hidden, self.capacity = layers, hidden, capacity
-        self.arrays = [np.zeros((layers, capacity, hidden), np.float32) for _ in range(count)]
+    def __init__(self, *, fills: Sequence[np.ndarray], capacity: int) -> None:
+        """``fills``: each state's initial value as stored, ``[pre, post]``."""
+        self.fills = [np.asarray(f, np.float32) for f in fills]
+        self.capacity = capacity
+        self.arrays = [self._fresh(f, capacity) for f in self.fills]
+
+    @staticmethod
+    def _fresh(fill: np.ndarray, rows: int) -> np.ndarray:
+        """Zeros: a slot gets its state when a session is created there (:meth:`write`)."""
+        return np.zeros((fill.shape[0], rows, fill.shape[1]), np.float32)
 
     @property
     def nbytes(self) -> int:
@@ -154,27 +164,27 @@ class HostStateBank:
 
     def grow(self, capacity: int) -> None:
         for k, old in enumerate(self.arrays):
-            grown = np.zeros((self.layers, capacity, self.hidden), np.float32)
+            grown = self._fresh(self.fills[k], capacity)
             grown[:, : self.capacity] = old
             self.arrays[k] = grown
         self.capacity = capacity
 
     def write(self, slot: int, values: Sequence[np.ndarray] | None) -> None:
         for k, array in enumerate(self.arrays):
-            array[:, slot, :] = 0.0 if values is None else values[k]
+            array[:, slot, :] = self.fills[k] if values is None else values[k]
 
     def read(self, slots: Sequence[int]) -> list[np.ndarray]:
         return [array[:, list(slots), :] for array in self.arrays]  # fancy index: a copy
 
-    def gather(self, slots: np.ndarray, zeroed: Sequence[int] = ()) -> list[np.ndarray]:
+    def gather(self, slots: np.ndarray, restarted: Sequence[int] = ()) -> list[np.ndarray]:
         if len(slots) == 1:  # a slice is several times cheaper than fancy indexing
             slot = int(slots[0])
             states = [array[:, slot : slot + 1, :].copy() for array in self.arrays]
         else:
             states = [array.take(slots, axis=1) for array in self.arrays]  # take: new, C-ordered
-        for row in zeroed:
-            for state in states:
-                state[:, row, :] = 0.0
+        for row in restarted:
+            for state, fill in zip(states, self.fills, strict=True):
+                state[:, row, :] = fill
         return states
 
     def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
@@ -213,14 +223,19 @@ class StateGraphs:
         self._gather = load("gather_rows")
         self._scatter = load("scatter_rows")
         self._grow = load("grow_rows")
+        self.zero = self.on_device(np.zeros((1, 1, 1), np.float32))
 
     # The primitives ------------------------------------------------------------------------
-    def picked(self, state: ort.OrtValue, rows: np.ndarray, keep: np.ndarray) -> ort.OrtValue:
-        """``state[:, rows, :]`` with the rows where ``keep`` is false set to zero."""
+    def picked(
+        self, state: ort.OrtValue, rows: np.ndarray, keep: np.ndarray, fill: ort.OrtValue
+    ) -> ort.OrtValue:
+        """``state[:, rows, :]`` with the rows where ``keep`` is false set to ``fill``
+        ([pre, 1, post] or [1, 1, 1], on the device)."""
         binding = self._gather.io_binding()
         binding.bind_ortvalue_input("states", state)
         binding.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
         binding.bind_cpu_input("keep", np.ascontiguousarray(keep, np.bool_).reshape(1, -1, 1))
+        binding.bind_ortvalue_input("fill", fill)
         binding.bind_output("picked", self.device.kind, self.device.device_id)
         self._gather.run_with_iobinding(binding)
         value: ort.OrtValue = binding.get_outputs()[0]
@@ -232,6 +247,7 @@ class StateGraphs:
         binding.bind_ortvalue_input("states", state)
         binding.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
         binding.bind_cpu_input("keep", np.ones((1, len(rows), 1), np.bool_))
+        binding.bind_ortvalue_input("fill", self.zero)
         binding.bind_output("picked", "cpu")
         self._gather.run_with_iobinding(binding)
         host: np.ndarray = binding.get_outputs()[0].numpy()
@@ -263,16 +279,17 @@ class StateGraphs:
         value: ort.OrtValue = binding.get_outputs()[0]
         return value
 
-    def zeros(self, layers: int, rows: int, hidden: int) -> ort.OrtValue:
-        """A new zero array ``[layers, rows, hidden]`` on the device (copied from the host once:
-        on the CPU device the OrtValue shares the numpy array's memory and keeps it alive)."""
-        zeros = np.zeros((layers, rows, hidden), np.float32)
-        return ort.OrtValue.ortvalue_from_numpy(zeros, self.device.kind, self.device.device_id)
+    def on_device(self, array: np.ndarray) -> ort.OrtValue:
+        """A copy of host ``array`` on the device (on the CPU device the OrtValue shares the
+        numpy array's memory and keeps it alive: the array must not be written afterwards)."""
+        return ort.OrtValue.ortvalue_from_numpy(
+            np.array(array, np.float32), self.device.kind, self.device.device_id
+        )
 
     # RowOps ----------------------------------------------------------------------------------
     def take(self, states: list[ort.OrtValue], rows: np.ndarray) -> list[ort.OrtValue]:
         keep = np.ones(len(rows), np.bool_)
-        return [self.picked(s, rows, keep) for s in states]
+        return [self.picked(s, rows, keep, self.zero) for s in states]
 
     def put(
         self, states: list[ort.OrtValue], rows: np.ndarray, new: list[ort.OrtValue]
@@ -288,46 +305,59 @@ class StateGraphs:
         return tuple(state.shape())
 
 
+@functools.cache
+def graphs_on(device: Device) -> StateGraphs:
+    """The companion graphs of ``device``, loaded once per process and shared by every model on
+    it: each onnxruntime session on a GPU holds its own memory arena and library handles.
+    onnxruntime sessions may run concurrently from several threads."""
+    return StateGraphs(device)
+
+
 class DeviceStateBank:
     """States in OrtValues on the model's device (``state_residency=device``)."""
 
     residency: StateResidency = "device"
 
-    def __init__(
-        self, *, count: int, layers: int, hidden: int, capacity: int, device: Device
-    ) -> None:
-        self.layers, self.hidden, self.capacity = layers, hidden, capacity
-        self.graphs = StateGraphs(device)
+    def __init__(self, *, fills: Sequence[np.ndarray], capacity: int, device: Device) -> None:
+        """``fills``: each state's initial value as stored, ``[pre, post]``."""
+        self.graphs = graphs_on(device)
         self.rows: RowOps = self.graphs
-        self.arrays = [self.graphs.zeros(layers, capacity, hidden) for _ in range(count)]
+        self.capacity = capacity
+        self.fills = [np.asarray(f, np.float32) for f in fills]
+        self.device_fills = [self.graphs.on_device(f[:, None, :]) for f in self.fills]
+        self.arrays = [  # zeros: a slot gets its state when a session is created there
+            self.graphs.on_device(np.zeros((f.shape[0], capacity, f.shape[1]))) for f in self.fills
+        ]
 
     @property
     def nbytes(self) -> int:
-        return len(self.arrays) * self.layers * self.capacity * self.hidden * 4
+        return sum(f.size for f in self.fills) * self.capacity * 4
 
     def grow(self, capacity: int) -> None:
+        """New slots hold zeros until a session is created there (:meth:`write`)."""
         self.arrays = [self.graphs.grown(a, capacity - self.capacity) for a in self.arrays]
         self.capacity = capacity
 
     def write(self, slot: int, values: Sequence[np.ndarray] | None) -> None:
         rows = np.array([slot], np.int64)
         for k, array in enumerate(self.arrays):
-            row = np.zeros((self.layers, 1, self.hidden), np.float32)
-            if values is not None:
-                row[:, 0, :] = values[k]
-            self.graphs.write_rows(array, rows, row)
+            row = self.fills[k] if values is None else values[k]
+            self.graphs.write_rows(array, rows, np.asarray(row, np.float32)[:, None, :])
 
     def read(self, slots: Sequence[int]) -> list[np.ndarray]:
         rows = np.asarray(slots, np.int64)
         if not len(rows):
-            return [np.zeros((self.layers, 0, self.hidden), np.float32) for _ in self.arrays]
+            return [np.zeros((f.shape[0], 0, f.shape[1]), np.float32) for f in self.fills]
         return [self.graphs.picked_to_host(array, rows) for array in self.arrays]
 
-    def gather(self, slots: np.ndarray, zeroed: Sequence[int] = ()) -> list[ort.OrtValue]:
+    def gather(self, slots: np.ndarray, restarted: Sequence[int] = ()) -> list[ort.OrtValue]:
         keep = np.ones(len(slots), np.bool_)
-        keep[list(zeroed)] = False
+        keep[list(restarted)] = False
         rows = slots.astype(np.int64, copy=False)
-        return [self.graphs.picked(array, rows, keep) for array in self.arrays]
+        return [
+            self.graphs.picked(array, rows, keep, fill)
+            for array, fill in zip(self.arrays, self.device_fills, strict=True)
+        ]
 
     def scatter(self, slots: np.ndarray, states: list[ort.OrtValue]) -> None:
         rows = slots.astype(np.int64, copy=False)
@@ -336,17 +366,10 @@ class DeviceStateBank:
 
 
 def make_bank(
-    residency: StateResidency,
-    device: Device,
-    *,
-    count: int,
-    layers: int,
-    hidden: int,
-    capacity: int,
+    residency: StateResidency, device: Device, *, fills: Sequence[np.ndarray], capacity: int
 ) -> StateBank:
-    """A bank of ``count`` state tensors with room for ``capacity`` sessions."""
+    """A bank of one array per state (``fills``: each one's initial value as stored, [pre, post])
+    with room for ``capacity`` sessions."""
     if residency == "device":
-        return DeviceStateBank(
-            count=count, layers=layers, hidden=hidden, capacity=capacity, device=device
-        )
-    return HostStateBank(count=count, layers=layers, hidden=hidden, capacity=capacity)
+        return DeviceStateBank(fills=fills, capacity=capacity, device=device)
+    return HostStateBank(fills=fills, capacity=capacity)

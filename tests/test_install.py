@@ -85,7 +85,7 @@ def test_the_installed_package_moves_state_on_the_device(installed: Path, tmp_pa
     """state_residency=device needs the companion graphs (package data) and no torch or onnx."""
     script = (
         "import numpy as np, sys; from service.state_bank import DeviceStateBank, CPU_DEVICE; "
-        "b = DeviceStateBank(count=1, layers=1, hidden=2, capacity=2, device=CPU_DEVICE); "
+        "b = DeviceStateBank(fills=[np.zeros((1, 2))], capacity=2, device=CPU_DEVICE); "
         "b.write(1, [np.ones((1, 2), np.float32)]); b.grow(4); "
         "assert b.read([1])[0].tolist() == [[[1.0, 1.0]]]; "
         "assert 'torch' not in sys.modules and 'onnx' not in sys.modules; print('ok')"

@@ -127,9 +127,8 @@ def test_empty_or_missing_repository(tmp_path: Path) -> None:
 def test_measured_call_cost_is_positive_and_grows_with_the_batch(tiny_repository: Path) -> None:
     spec = read_spec(discover(tiny_repository)[0])
     runtime = ModelRuntime(spec.onnx_path, intra_op_threads=1)
-    cost = runtime.measure_cost(
-        input_size=spec.input_size, layers=spec.num_layers, hidden=spec.hidden_size, max_rows=64
-    )
+    runtime.bind(spec.tensors)
+    cost = runtime.measure_cost(spec.tensors, max_rows=64)
     assert cost.fixed_s > 0 and cost.per_row_s >= 0
     assert cost.estimate_s(64, 1) >= cost.estimate_s(1, 1) > 0
     assert cost.estimate_s(1, 4) == pytest.approx(4 * cost.estimate_s(1, 1))

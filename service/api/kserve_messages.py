@@ -110,43 +110,48 @@ def count_parameter(params: Mapping[str, pb.InferParameter], name: str) -> int |
 
 
 def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
-    """The request's ``x`` as [steps, features]; it must be FP32 with a batch of exactly 1, its
-    values in one raw_input_contents entry or in fp32_contents (not both, as in Triton)."""
-    if len(request.inputs) != 1 or request.inputs[0].name != "x":
+    """The request's input (``x``, or the name model.json declares) as [steps, features]; it
+    must be FP32 with a batch of exactly 1, its values in one raw_input_contents entry or in
+    fp32_contents (not both, as in Triton)."""
+    name = spec.tensors.input.name
+    if len(request.inputs) != 1 or request.inputs[0].name != name:
         names = shown_names([i.name for i in request.inputs])
-        raise InvalidArgument(f"model {spec.label} takes exactly one input named 'x', got {names}")
+        raise InvalidArgument(
+            f"model {spec.label} takes exactly one input named {name!r}, got {names}"
+        )
     tensor = request.inputs[0]
     if tensor.datatype != "FP32":
-        raise InvalidArgument(f"input 'x' must be FP32, got {shown_datatype(tensor.datatype)}")
+        raise InvalidArgument(f"input {name!r} must be FP32, got {shown_datatype(tensor.datatype)}")
     typed = typed_contents(tensor)
     if request.raw_input_contents:
         if typed:
             raise InvalidArgument(
-                f"input 'x' has both raw_input_contents and {typed[0]}; send its values in one"
+                f"input {name!r} has both raw_input_contents and {typed[0]}; send its values in one"
             )
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument(
                 f"raw_input_contents holds {len(request.raw_input_contents)} entries for 1 input; "
                 "send one entry per input"
             )
-        x = decode_float32(tensor.shape, request.raw_input_contents[0], "input 'x'")
+        x = decode_float32(tensor.shape, request.raw_input_contents[0], f"input {name!r}")
     else:
-        wrong = [name for name in typed if name != "fp32_contents"]
+        wrong = [kind for kind in typed if kind != "fp32_contents"]
         if wrong:
             raise InvalidArgument(
-                f"input 'x' is FP32: send its values in fp32_contents or raw_input_contents, "
+                f"input {name!r} is FP32: send its values in fp32_contents or raw_input_contents, "
                 f"not {wrong[0]}"
             )
-        x = from_floats(tensor.shape, tensor.contents.fp32_contents, "input 'x'")
+        x = from_floats(tensor.shape, tensor.contents.fp32_contents, f"input {name!r}")
     if x.ndim != 3 or x.shape[0] != 1:
         raise InvalidArgument(
-            f"input 'x' must be [1, steps, {spec.input_size}] (a sequence request carries "
+            f"input {name!r} must be [1, steps, {spec.input_size}] (a sequence request carries "
             f"batch size 1), got {list(x.shape)}"
         )
     for output in request.outputs:
-        if output.name != "y":
+        if output.name != spec.tensors.output.name:
             raise InvalidArgument(
-                f"model {spec.label} has one output, 'y'; unknown {shown(output.name)}"
+                f"model {spec.label} has one output, {spec.tensors.output.name!r}; unknown "
+                f"{shown(output.name)}"
             )
     chunk: np.ndarray = x[0]
     return chunk
@@ -198,7 +203,7 @@ def fill_infer_response(
     message.model_version = result.model_version or spec.version
     message.id = request.id
     y = result.output
-    message.outputs.add(name="y", datatype="FP32", shape=(1, *y.shape))
+    message.outputs.add(name=spec.tensors.output.name, datatype="FP32", shape=(1, *y.shape))
     message.raw_output_contents.append(float32_bytes(y))
     message.parameters["sequence_steps"].int64_param = result.steps
     start = request.parameters.get("sequence_start")

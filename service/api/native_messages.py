@@ -29,6 +29,7 @@ END_REASONS = {
     EndReason.IDLE_TIMEOUT: pb.END_REASON_IDLE_TIMEOUT,
     EndReason.EVICTED: pb.END_REASON_EVICTED,
     EndReason.SHUTDOWN: pb.END_REASON_SHUTDOWN,
+    EndReason.FAILED: pb.END_REASON_FAILED,
 }
 
 
@@ -105,6 +106,7 @@ ORT_DATATYPES = {
 }
 DYNAMIC = -1  # a dimension of any size (the steps of a chunk)
 ZEROS = "zeros"
+DECLARED = "declared"  # model.json's signature gives the initial value (docs/YOUR_MODEL.md)
 
 
 @dataclass(frozen=True)
@@ -146,33 +148,39 @@ def model_signature(spec: ModelSpec, runtime: ModelRuntime) -> ModelSignature:
     native GetModel are all built from it, so a richer model contract (several inputs and
     outputs, int64 inputs, more state tensors) changes this function only.
 
-    Names come from the spec where it says them (the states), else from the graph the runtime
-    loaded (its inputs and outputs that are not states); datatypes from the graph; sizes from the
-    spec. Today's contract (checked at load): one input of ``input_size`` features and one
-    output of ``output_size`` per step, and per state ``[layers, hidden]`` starting from zeros.
+    Names and sizes come from the spec's signature; datatypes from the graph. The contract (checked at load, :mod:`service.signature`): one input and one output,
+    named as model.json's signature says (``x`` and ``y`` by default), and any number of states,
+    each of its declared shape, from zeros or a declared initial value.
     """
     graph_inputs = {a.name: a.type for a in runtime.session.get_inputs()}
     graph_outputs = {a.name: a.type for a in runtime.session.get_outputs()}
+    sig = spec.tensors
 
     def datatype(ort_type: str | None) -> str:
         ort_type = ort_type or "tensor(float)"
         return ORT_DATATYPES.get(ort_type, ort_type)  # a type KServe has no name for: as it is
 
-    inputs = tuple(
-        TensorDescription(name, datatype(ort_type), (DYNAMIC, spec.input_size))
-        for name, ort_type in graph_inputs.items()
-        if name not in spec.state_inputs
+    inputs = (
+        TensorDescription(
+            sig.input.name, datatype(graph_inputs.get(sig.input.name)), (DYNAMIC, *sig.input.shape)
+        ),
     )
-    outputs = tuple(
-        TensorDescription(name, datatype(ort_type), (DYNAMIC, spec.output_size))
-        for name, ort_type in graph_outputs.items()
-        if name not in spec.state_outputs
+    outputs = (
+        TensorDescription(
+            sig.output.name,
+            datatype(graph_outputs.get(sig.output.name)),
+            (DYNAMIC, *sig.output.shape),
+        ),
     )
     states = tuple(
         StateDescription(
-            name, output, datatype(graph_inputs.get(name)), (spec.num_layers, spec.hidden_size)
+            s.input,
+            s.output,
+            datatype(graph_inputs.get(s.input)),
+            s.shape,
+            ZEROS if not s.initial.any() else DECLARED,
         )
-        for name, output in zip(spec.state_inputs, spec.state_outputs, strict=True)
+        for s in sig.states
     )
     return ModelSignature(inputs, outputs, states, spec.labels, spec.vocabulary)
 
