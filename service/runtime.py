@@ -40,18 +40,27 @@ class ProviderUnavailable(RuntimeError):
 
 
 def resolve_providers(
-    requested: ExecutionProvider, available: Sequence[str], fallback: bool
+    requested: ExecutionProvider, available: Sequence[str], fallback: bool, loaded: bool = True
 ) -> list[str]:
-    """The provider list to hand onnxruntime for ``requested`` given the ``available`` ones."""
+    """The provider list to hand onnxruntime for ``requested`` given the ``available`` ones.
+    ``loaded=False``: the provider is installed but onnxruntime could not start it."""
     chain = PROVIDER_CHAINS[requested]
     primary = chain[0]
     if primary in available:
         return [p for p in chain if p in available]
-    message = (
-        f"execution provider {requested!r} needs {primary}, but this onnxruntime offers only "
-        f"{', '.join(available) or 'nothing'}; install onnxruntime-gpu with matching CUDA libraries, "
-        "or set RNNSERVE_EXECUTION_PROVIDER=cpu"
-    )
+    if loaded:
+        message = (
+            f"execution provider {requested!r} needs {primary}, but this onnxruntime offers only "
+            f"{', '.join(available) or 'nothing'}; install onnxruntime-gpu with matching CUDA "
+            "libraries (docs/DEPLOY.md), or set RNNSERVE_EXECUTION_PROVIDER=cpu"
+        )
+    else:
+        message = (
+            f"execution provider {requested!r}: {primary} is installed but failed to start (no "
+            "GPU or driver visible to this process, or a CUDA library missing: run the container "
+            "with --gpus all and the NVIDIA container runtime, docs/DEPLOY.md), or set "
+            "RNNSERVE_EXECUTION_PROVIDER=cpu"
+        )
     if not fallback:
         raise ProviderUnavailable(message + " (or RNNSERVE_PROVIDER_FALLBACK=true to run on CPU)")
     logger.warning("%s; falling back to CPUExecutionProvider (provider_fallback is on)", message)
@@ -155,6 +164,9 @@ class ModelRuntime:
         providers = resolve_providers(provider, ort.get_available_providers(), fallback)
         if providers[0] in (CUDA, TENSORRT):
             keep_float32_exact(os.environ)
+            preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+            if preload is not None:  # CUDA and cuDNN from their pip wheels, if installed so
+                preload()
 
         def open_session(
             intra_threads: int, chosen: list[str], arena: bool = True
@@ -176,8 +188,8 @@ class ModelRuntime:
         self.session = open_session(intra_op_threads, providers)
         active = self.session.get_providers()
         if providers[0] not in active:
-            # onnxruntime may skip a provider whose libraries fail to load; treat that like absence.
-            resolve_providers(provider, active, fallback)
+            # onnxruntime skips a provider whose libraries or device fail to load.
+            resolve_providers(provider, active, fallback, loaded=False)
         self.providers: list[str] = active
         self.single_thread_session = self.session
         if single_thread_twin and active == [CPU] and intra_op_threads != 1:
