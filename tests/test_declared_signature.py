@@ -1,0 +1,277 @@
+"""Models whose graphs follow another toolchain's conventions, served by declaring their tensors
+in model.json's "signature" (docs/YOUR_MODEL.md), without editing the graphs:
+
+- the bare ONNX LSTM op, time-major, with the op's own names (X, initial_h, initial_c -> Y, Y_h,
+  Y_c) and its 4-D ``Y`` [time, directions, batch, hidden];
+- a GRU whose state is [batch, hidden] (the batch axis first), with its own names and a non-zero
+  initial state.
+
+Each is streamed through the server in mixed chunks over both APIs, interleaved, and must equal
+onnxruntime running the whole sequence on the graph directly. Wrong declarations are refused at
+load in one line while the other models serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service._proto.inference import grpc_service_pb2 as kpb
+from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from service.api.native_messages import to_tensor
+from service.repository import read_spec
+from tests.chunking import chunk_spans
+from tests.grpc_helpers import (
+    channel,
+    infer_output,
+    infer_request,
+    kserve,
+    native,
+    output_of,
+    serving,
+)
+
+FEATURES, HIDDEN, GRU_HIDDEN, INITIAL = 3, 5, 4, 0.5
+F32 = TensorProto.FLOAT
+
+
+def save(root: Path, name: str, graph: Any, signature: dict[str, Any]) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folder = root / name / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    (folder / "model.json").write_text(json.dumps({"signature": signature}))
+    return folder
+
+
+def weights(rng: np.random.Generator, name: str, *shape: int) -> Any:
+    return numpy_helper.from_array(rng.uniform(-0.5, 0.5, shape).astype(np.float32), name)
+
+
+def lstm_op_graph(rng: np.random.Generator) -> Any:
+    """The ONNX LSTM op alone: X [T, B, F] -> Y [T, 1, B, H], Y_h and Y_c [1, B, H]."""
+    node = helper.make_node("LSTM", ["X", "W", "R", "B", "", "initial_h", "initial_c"],
+                            ["Y", "Y_h", "Y_c"], hidden_size=HIDDEN)  # fmt: skip
+    inits = [weights(rng, "W", 1, 4 * HIDDEN, FEATURES), weights(rng, "R", 1, 4 * HIDDEN, HIDDEN),
+             weights(rng, "B", 1, 8 * HIDDEN)]  # fmt: skip
+    state = ["one", "batch", HIDDEN]
+    return helper.make_graph(
+        [node], "lstm_op",
+        [helper.make_tensor_value_info("X", F32, ["time", "batch", FEATURES]),
+         helper.make_tensor_value_info("initial_h", F32, [1, "batch", HIDDEN]),
+         helper.make_tensor_value_info("initial_c", F32, [1, "batch", HIDDEN])],
+        [helper.make_tensor_value_info("Y", F32, ["time", 1, "batch", HIDDEN]),
+         helper.make_tensor_value_info("Y_h", F32, state),
+         helper.make_tensor_value_info("Y_c", F32, state)],
+        inits,
+    )  # fmt: skip
+
+
+LSTM_OP_SIGNATURE = {
+    "inputs": [{"name": "X", "shape": [FEATURES], "layout": "TB"}],
+    "outputs": [{"name": "Y", "shape": [HIDDEN], "layout": "T1B"}],
+    "states": [
+        {"input": "initial_h", "output": "Y_h", "shape": [1, HIDDEN]},
+        {"input": "initial_c", "output": "Y_c", "shape": [1, HIDDEN]},
+    ],
+}
+
+
+def gru_state_first_graph(rng: np.random.Generator) -> Any:
+    """A batch-major GRU whose state is [batch, hidden]: features [B, T, F] and state [B, H] ->
+    hidden [B, T, H] and state_out [B, H] (the ONNX GRU op inside is time-major)."""
+    nodes = [
+        helper.make_node("Transpose", ["features"], ["x_tm"], perm=[1, 0, 2]),
+        helper.make_node("Unsqueeze", ["state", "axis0"], ["h0"]),  # [1, B, H]
+        helper.make_node(
+            "GRU", ["x_tm", "W", "R", "B", "", "h0"], ["Y", "Y_h"], hidden_size=GRU_HIDDEN
+        ),
+        helper.make_node("Squeeze", ["Y", "axis1"], ["y_tm"]),  # [T, 1, B, H] -> [T, B, H]
+        helper.make_node("Transpose", ["y_tm"], ["hidden"], perm=[1, 0, 2]),
+        helper.make_node("Squeeze", ["Y_h", "axis0"], ["state_out"]),  # [1, B, H] -> [B, H]
+    ]
+    inits = [
+        weights(rng, "W", 1, 3 * GRU_HIDDEN, FEATURES),
+        weights(rng, "R", 1, 3 * GRU_HIDDEN, GRU_HIDDEN),
+        weights(rng, "B", 1, 6 * GRU_HIDDEN),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    return helper.make_graph(
+        nodes, "gru_state_first",
+        [helper.make_tensor_value_info("features", F32, ["batch", "time", FEATURES]),
+         helper.make_tensor_value_info("state", F32, ["batch", GRU_HIDDEN])],
+        [helper.make_tensor_value_info("hidden", F32, ["batch", "time", GRU_HIDDEN]),
+         helper.make_tensor_value_info("state_out", F32, ["batch", GRU_HIDDEN])],
+        inits,
+    )  # fmt: skip
+
+
+GRU_SIGNATURE = {
+    "inputs": [{"name": "features", "shape": [FEATURES]}],
+    "outputs": [{"name": "hidden", "shape": [GRU_HIDDEN]}],
+    "states": [
+        {
+            "input": "state",
+            "output": "state_out",
+            "shape": [GRU_HIDDEN],
+            "batch_axis": 0,
+            "initial": INITIAL,
+        }
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(4)
+    root = tmp_path_factory.mktemp("declared")
+    save(root, "lstm_op", lstm_op_graph(rng), LSTM_OP_SIGNATURE)
+    save(root, "gru_state_first", gru_state_first_graph(rng), GRU_SIGNATURE)
+    return root
+
+
+def offline(root: Path, name: str, x: np.ndarray) -> np.ndarray:
+    """onnxruntime over the whole sequence ``x`` [steps, features], in the graph's own terms."""
+    session = ort.InferenceSession(str(root / name / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    if name == "lstm_op":
+        zeros = np.zeros((1, 1, HIDDEN), np.float32)
+        (y,) = session.run(["Y"], {"X": x[:, None, :], "initial_h": zeros, "initial_c": zeros})
+        return np.asarray(y[:, 0, 0, :])
+    state = np.full((1, GRU_HIDDEN), INITIAL, np.float32)
+    (hidden,) = session.run(["hidden"], {"features": x[None], "state": state})
+    return np.asarray(hidden[0])
+
+
+def test_the_declared_signature_reads_as_declared(repository: Path) -> None:
+    spec = read_spec(repository / "lstm_op" / "1")
+    sig = spec.tensors
+    assert (sig.input.name, sig.input.layout, sig.output.name, sig.output.layout) == (
+        "X", "TB", "Y", "T1B",
+    )  # fmt: skip
+    assert sig.state_inputs == ("initial_h", "initial_c")
+    assert (spec.input_size, spec.output_size, spec.cell, spec.hidden_size) == (3, 5, "lstm", 5)
+    gru = read_spec(repository / "gru_state_first" / "1").tensors.states[0]
+    assert (gru.shape, gru.batch_axis, gru.pre, gru.post) == ((GRU_HIDDEN,), 0, 1, GRU_HIDDEN)
+
+
+@pytest.mark.parametrize("residency", ["host", "device"])
+async def test_declared_models_stream_exactly_over_both_apis(
+    make_settings: Any, repository: Path, residency: str
+) -> None:
+    rng = np.random.default_rng(9)
+    settings = make_settings(model_repository=repository, state_residency=residency,
+                             max_queue_delay_s=0.002)  # fmt: skip
+    plans = []
+    for n in range(24):
+        steps = int(rng.integers(8, 30))
+        chunks: list[int] = []
+        while sum(chunks) < steps:
+            chunks.append(min(int(rng.integers(1, 7)), steps - sum(chunks)))
+        name = "lstm_op" if n % 2 else "gru_state_first"
+        x = rng.standard_normal((steps, FEATURES)).astype(np.float32)
+        plans.append((n, name, x, chunks))
+    async with serving(settings) as server, channel(server.grpc_port) as ch:
+        nat, ks = native(ch), kserve(ch)
+
+        async def native_stream(name: str, x: np.ndarray, chunks: list[int]) -> np.ndarray:
+            call = nat.Stream()
+            await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=name)))
+            await call.read()
+            outputs = []
+            for a, b in chunk_spans(chunks):
+                await call.write(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(x[a:b]))))
+                reply = await call.read()
+                assert reply.output.steps == b, reply
+                outputs.append(output_of(reply.output))
+            await call.done_writing()
+            return np.concatenate(outputs)
+
+        async def kserve_unary(n: int, name: str, x: np.ndarray, chunks: list[int]) -> np.ndarray:
+            outputs = []
+            input_name = "X" if name == "lstm_op" else "features"
+            for i, (a, b) in enumerate(chunk_spans(chunks)):
+                request = infer_request(name, 500 + n, x[a:b], start=i == 0)
+                request.inputs[0].name = input_name
+                reply: kpb.ModelInferResponse = await ks.ModelInfer(request)
+                assert reply.outputs[0].name == ("Y" if name == "lstm_op" else "hidden")
+                outputs.append(infer_output(reply))
+            return np.concatenate(outputs)
+
+        runs = [native_stream(name, x, c) if n % 4 < 2 else kserve_unary(n, name, x, c)
+                for n, name, x, c in plans]  # fmt: skip
+        results = await asyncio.gather(*runs)
+    for (_, name, x, chunks), streamed in zip(plans, results, strict=True):
+        np.testing.assert_allclose(
+            streamed, offline(repository, name, x), atol=1e-5, err_msg=f"{name} {chunks}"
+        )
+
+
+async def test_a_start_begins_again_from_the_declared_initial_state(
+    make_settings: Any, repository: Path
+) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, FEATURES)).astype(np.float32)
+    settings = make_settings(model_repository=repository)
+    async with serving(settings) as server, channel(server.grpc_port) as ch:
+        ks = kserve(ch)
+
+        async def sequence(values: np.ndarray, start: bool) -> np.ndarray:
+            request = infer_request("gru_state_first", 7, values, start=start)
+            request.inputs[0].name = "features"
+            return infer_output(await ks.ModelInfer(request))
+
+        await sequence(x, start=True)
+        again = await sequence(x, start=True)  # restarts: from 0.5 again, not from zeros
+    np.testing.assert_allclose(again, offline(repository, "gru_state_first", x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "phrases"),
+    [
+        (lambda s: s["inputs"][0].update(name="x"), ("inputs are", "'X'", "expected ['x'")),
+        (lambda s: s["inputs"][0].update(layout="BT"), ("does not stream exactly",)),
+        (lambda s: s["states"][0].update(shape=[1, 6]), ("initial_h axis 2 is 5, expected 6",)),
+        (lambda s: s["outputs"].append({"name": "Y_h", "shape": [5]}),
+         ("exactly one input and one output",)),
+        (lambda s: s["states"][0].update(batch_axis=7), ("batch_axis must be 0..2",)),
+    ],
+)  # fmt: skip
+async def test_a_wrong_declaration_is_refused_in_one_line_and_the_others_serve(
+    make_settings: Any, tmp_path: Path, change: Any, phrases: tuple[str, ...]
+) -> None:
+    rng = np.random.default_rng(4)
+    signature = json.loads(json.dumps(LSTM_OP_SIGNATURE))
+    change(signature)
+    save(tmp_path, "lstm_op", lstm_op_graph(rng), signature)
+    save(tmp_path, "gru_state_first", gru_state_first_graph(rng), GRU_SIGNATURE)
+    async with serving(make_settings(model_repository=tmp_path)) as server:
+        refused = server.engine.registry.refused
+        assert list(refused) == ["lstm_op/1"], refused
+        reason = refused["lstm_op/1"]
+        assert "\n" not in reason and all(p in reason for p in phrases), reason
+        assert server.engine.model("gru_state_first").ready
+
+
+def test_the_guide_declares_what_is_served_here(repository: Path) -> None:
+    """docs/YOUR_MODEL.md's model.json is the one this file serves, and `rnnserve check` passes
+    on the repository of declared models."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "YOUR_MODEL.md").read_text()
+    block = guide.split("```json\n", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == {"signature": LSTM_OP_SIGNATURE}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "check", str(repository)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok   lstm_op/1" in result.stdout and "ok   gru_state_first/1" in result.stdout
