@@ -242,7 +242,7 @@ def gpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--providers", nargs="+", choices=["cpu", "cuda", "tensorrt"],
+    parser.add_argument("--providers", "--provider", nargs="+", choices=["cpu", "cuda", "tensorrt"],
                         help="default: cpu and every GPU provider onnxruntime offers")  # fmt: skip
     parser.add_argument("--models", nargs="+", default=["adding_lstm", SYNTHETIC],
                         help=f"bundled model names, and/or {SYNTHETIC}")  # fmt: skip
