@@ -85,11 +85,12 @@ class Durability:
         self._last_change_s = time.monotonic()
 
     # ----- restore --------------------------------------------------------------------------
-    def restore(self) -> RestoreReport:
-        """Load every model's snapshot into its (empty) store. A snapshot that is corrupt, or was
-        taken with a different model file, is moved aside and reported, never loaded."""
+    def restore(self, models: list[DurableModel] | None = None) -> RestoreReport:
+        """Load every model's snapshot (or those of ``models``: versions loaded while serving)
+        into its (empty) store. A snapshot that is corrupt, or was taken with a different model
+        file, is moved aside and reported, never loaded."""
         restored, rejected = 0, {}
-        for model in self.models():
+        for model in self.models() if models is None else models:
             key = snapshot_key(model.name, model.version)
             blob = self.backend.read(key)
             if blob is None:
@@ -212,6 +213,23 @@ class Durability:
             count = sum(len(s.sessions) for s, _, _ in captured)
             logger.debug("snapshot of %d session(s) written", count)
             return count
+
+    async def forget(self, model: DurableModel) -> None:
+        """Write ``model``'s snapshot as it is now, without sessions: it is about to be released
+        (unloaded or removed, its sessions all ended), and if the same version is loaded again,
+        none of the sessions that ended must come back from an older snapshot. (A version that
+        goes while sessions live keeps them: the server serves them until they end.)"""
+        async with self._lock:
+            snapshot, _, _ = self._capture(model, final=False)
+            try:
+                await asyncio.to_thread(self.backend.write, snapshot.key, encode(snapshot))
+            except Exception as error:
+                self.metrics.snapshots.labels("failed").inc()
+                logger.error(
+                    "could not clear the snapshot of %s (%s: %s): if that version is loaded "
+                    "again, the sessions it held at its last snapshot come back unconfirmed",
+                    snapshot.key, type(error).__name__, error,
+                )  # fmt: skip
 
     def _write_all(self, snapshots: list[ModelSnapshot]) -> None:
         for snapshot in snapshots:

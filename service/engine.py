@@ -5,6 +5,10 @@ module. It speaks numpy and domain errors (``service.errors``), never protobuf o
 from either API, enters through :meth:`InferenceEngine.submit`, which returns a future of its
 :class:`StepResult`; per-session order is kept by the model's batcher.
 
+Which versions serve changes while the server runs (:mod:`service.model_control`): a session
+stays on the version it started on, and a version that takes no new sessions (unloaded, removed)
+serves its live ones until they end.
+
 Concurrency: every method runs on the event loop thread (the adapters are asyncio servicers), so
 sessions and stores are mutated from one thread only; model calls happen in each batcher's worker
 thread.
@@ -29,12 +33,14 @@ from service.chunks import (
 )
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
 from service.errors import (
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
     Unavailable,
 )
 from service.metrics import Metrics
+from service.model_control import ModelControl, durable_model
 from service.models import EndHook, ModelHandle, ModelRegistry
 from service.repository import ModelSpec
 from service.runtime import ModelRuntime
@@ -76,28 +82,29 @@ class InferenceEngine:
         self.restore_report: RestoreReport | None = None
         self.ready = False
         self.model_failed: Callable[[ModelHandle], None] = lambda handle: None  # server's hook
+        self.control = ModelControl(
+            self.registry, settings, metrics, runtime_class, self._end_hook, self._changed,
+            self._batcher_failed,
+        )  # fmt: skip
         self._ttl_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # the serving loop, set by start()
         self._closing = False
 
     # ----- loading and models ----------------------------------------------------------------
     def load_models(self) -> None:
-        """Load and check every model, then restore saved sessions (runs in a thread)."""
-        self.registry.load(self.settings, self.metrics, self.runtime_class, self._end_hook)
-        for label in self.registry.refused:
-            self.metrics.model_ready.labels(*label.split("/", 1)).set(0)
+        """Load and check the repository's models (the versions their policies select), then
+        restore saved sessions (runs in a thread, before serving). A version refused is logged
+        in one line and the others serve; ModelContractError when none can."""
+        handles = self.control.load_at_start_up()
         self.durability = make_durability(self.settings, self.metrics, self._durable_models)
+        self.control.durability = self.durability
         if self.durability is not None:
             self.restore_report = self.durability.restore()
-            for handle in self.handles():
-                labels = (handle.spec.name, handle.spec.version)
-                self.metrics.active_sessions.labels(*labels).set(len(handle.store))
+            for handle in handles:
+                self.control.count_sessions(handle)
 
     def _durable_models(self) -> list[DurableModel]:
-        return [
-            DurableModel(h.spec.name, h.spec.version, h.spec.sha256, h.store)
-            for h in self.handles()
-        ]
+        return [durable_model(h) for h in self.registry.every_handle()]
 
     def _end_hook(self, spec: ModelSpec) -> EndHook:
         ended = self.metrics.sessions_ended
@@ -108,13 +115,16 @@ class InferenceEngine:
             active.dec()
             if reason != EndReason.SHUTDOWN:
                 self._changed()
+                self.control.session_ended(spec)  # a retired version's last one: released
 
         return on_end
 
     async def start(self) -> None:
-        """Create the batchers on the running loop and start the idle-session sweeper."""
+        """Create the batchers on the running loop, start the idle-session sweeper and (with
+        model_control poll) the repository poll."""
         self._loop = asyncio.get_running_loop()
-        self.registry.start(self.settings, self.metrics, self._changed, self._batcher_failed)
+        self.registry.start(self.metrics, self._changed, self._batcher_failed)
+        self.control.start()
         if self.settings.session_ttl_s > 0:
             self._ttl_task = asyncio.create_task(self._sweep_idle_forever(), name="ttl-sweeper")
         if self.durability is not None:
@@ -127,16 +137,36 @@ class InferenceEngine:
         self.model_failed(handle)
 
     def handles(self) -> list[ModelHandle]:
+        """The model versions that take new sessions."""
         return self.registry.handles()
 
     def versions(self, name: str) -> list[str]:
         return self.registry.versions(name)
 
     def model(self, name: str, version: str = "") -> ModelHandle:
-        """The loaded model version (NOT_FOUND); UNAVAILABLE while the models still load."""
+        """The loaded model version (NOT_FOUND), retired or not; without ``version``, the
+        newest that takes new sessions. UNAVAILABLE while the models still load."""
         if not self.ready and not self._closing:
             raise Unavailable("the server is still loading its models; retry shortly")
         return self.registry.get(name, version)
+
+    def route(self, name: str, version: str, session_id: str, caller: Caller) -> ModelHandle:
+        """The model version a request for session ``session_id`` goes to, where
+        :meth:`model` finds none taking new sessions: the version the session lives on."""
+        return self._find(name, version, session_id, caller.owner)[0]
+
+    def _check_takes_new(self, handle: ModelHandle) -> None:
+        """FAILED_PRECONDITION, saying why and where to go instead, if ``handle`` takes no new
+        sessions."""
+        if handle.retired:
+            serving = self.registry.versions(handle.spec.name)
+            instead = (
+                f"; open new ones on version {serving[-1]}, or name no version" if serving else ""
+            )
+            raise FailedPrecondition(
+                f"model {handle.spec.label} takes no new sessions: {handle.retired}; its live "
+                f"sessions go on until they end{instead}"
+            )
 
     # ----- sessions --------------------------------------------------------------------------
     def open_session(
@@ -152,6 +182,7 @@ class InferenceEngine:
         """Start a session with zero (or the given) state."""
         self._check_open()
         handle = self.model(name, version)
+        self._check_takes_new(handle)
         return self._view(handle, self._create(handle, session_id, initial_state, api, caller))
 
     def _create(
@@ -194,8 +225,17 @@ class InferenceEngine:
     ) -> tuple[ModelHandle, Session | None]:
         """The model version a request goes to and the owner's session there, if any: the named
         version, or the newest, unless (``elsewhere``) the session lives on an older one: a
-        session stays on the version it started on. UNAVAILABLE while the models load."""
-        handle = self.model(name, version)
+        session stays on the version it started on (retired or not). UNAVAILABLE while the
+        models load."""
+        try:
+            handle = self.model(name, version)
+        except FailedPrecondition:  # no version takes new sessions: the session may live on one
+            found = (
+                None if version or not elsewhere else self.registry.holding(name, session_id, owner)
+            )
+            if found is None:
+                raise
+            return found
         session = handle.store.find(session_id, owner)
         if session is None and not version and elsewhere:  # only on a miss: no cost otherwise
             found = self.registry.holding(name, session_id, owner)
@@ -305,9 +345,12 @@ class InferenceEngine:
         """
         self._check_open()
         handle, session = self._find(name, version, session_id, caller.owner, elsewhere=not start)
+        if start:
+            self._check_takes_new(handle)
         try:
             s = self.settings
-            check_chunk(handle.spec, x, s.max_chunk_steps, s.nonfinite_inputs == "reject")
+            steps_limit = handle.settings.max_chunk_steps  # the model's own, or the server's
+            check_chunk(handle.spec, x, steps_limit, s.nonfinite_inputs == "reject")
             check_reply_fits(handle.spec, x.shape[0], s.max_message_bytes, reply_extra_bytes)
         except ServiceError as error:  # refused, not applied: say where the session stands
             raise (error if session is None else error.with_session_steps(session.steps)) from None
@@ -340,7 +383,21 @@ class InferenceEngine:
             # it. Cleared here, not when it applies: a request failing in between breaks the
             # sequence again, for those sent after that one.
             session.broken = None
+        if created and not version:
+            self._end_elsewhere(handle, session_id, caller.owner)
         return future
+
+    def _end_elsewhere(self, handle: ModelHandle, session_id: str, owner: str) -> None:
+        """A START naming no version began session ``session_id`` on ``handle`` (the newest
+        version): the same id living on another version of the model is this sequence's older
+        history (a START restarts a live sequence), so it ends there (closed), and a version
+        that is going away is not kept by it."""
+        for other in self.registry.loaded(handle.spec.name).values():
+            session = None if other is handle else other.store.find(session_id, owner)
+            if session is not None and session.close_when_idle is None:
+                other.store.end(session, EndReason.CLOSED)
+                logger.info("sequence restarted on model %s: ended on %s", handle.spec.label,
+                            other.spec.label)  # fmt: skip
 
     def sequence_failed(
         self, name: str, version: str, session_id: str, caller: Caller, error: ServiceError
@@ -368,7 +425,7 @@ class InferenceEngine:
         ttl = self.settings.session_ttl_s
         if ttl <= 0:
             return 0
-        return sum(len(h.store.expire_idle(ttl)) for h in self.handles())
+        return sum(len(h.store.expire_idle(ttl)) for h in self.registry.every_handle())
 
     async def _sweep_idle_forever(self) -> None:
         while True:
@@ -376,7 +433,7 @@ class InferenceEngine:
             expired = self.expire_idle_sessions()
             if expired:
                 logger.info("ended %d idle session(s)", expired)
-            for handle in self.handles():
+            for handle in self.registry.every_handle():
                 self.metrics.state_bytes.labels(handle.spec.name, handle.spec.version).set(
                     handle.store.state_bytes
                 )
@@ -390,8 +447,9 @@ class InferenceEngine:
             self._ttl_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ttl_task
+        await self.control.stop()  # a load or a release under way finishes first
         report = {"sessions_ended": 0, "models_not_drained": 0, "sessions_saved": 0}
-        started = [h for h in self.handles() if h._batcher is not None]
+        started = [h for h in self.registry.every_handle() if h.started]
         timeout_s = self.settings.drain_timeout_s
         drained = await asyncio.gather(*(h.batcher.drain(timeout_s) for h in started))
         report["models_not_drained"] = drained.count(False)
@@ -401,7 +459,7 @@ class InferenceEngine:
                 report["sessions_saved"] = await self.durability.snapshot(force=True, final=True)
             except Exception:
                 logger.error("the shutdown snapshot failed: sessions will not be restored")
-        for handle in self.handles():
+        for handle in self.registry.every_handle():
             report["sessions_ended"] += handle.store.end_all(EndReason.SHUTDOWN)
         for handle in started:
             await handle.batcher.close()

@@ -1,21 +1,36 @@
 """The registry of loaded models: each version's spec, runtime, session store and batcher.
 
 Loading checks every model (:mod:`service.model_check`) before any is served, refusing those that
-fail while the others serve; lookups by name (and optional version: the highest when none is
-given) are what every request starts with.
+fail while the others serve; lookups by name (and optional version: the highest serving one when
+none is given) are what every request starts with.
+
+Model control (:mod:`service.engine` drives it): :func:`scan_repository` reads what the repository
+holds (each version's files, each model's serving.json), :meth:`ModelRegistry.load` opens and
+checks versions in a worker thread, and on the event loop :meth:`ModelRegistry.add` serves one,
+:meth:`ModelRegistry.retire` stops one from taking new sessions (its live sessions go on) and
+:meth:`ModelRegistry.remove` forgets one whose sessions have all ended.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from service.batcher import Batcher
-from service.errors import ModelContractError, NotFound, Unavailable, shown
+from service.errors import FailedPrecondition, ModelContractError, NotFound, Unavailable, shown
 from service.metrics import LoopHistogramChild, Metrics
 from service.model_check import open_model
-from service.repository import ModelSpec, discover, no_models, version_key
-from service.runtime import CallCost, ModelRuntime
+from service.repository import (
+    ModelSpec,
+    ServingConfig,
+    discover,
+    read_serving_config,
+    version_key,
+)
+from service.runtime import CallCost, ModelRuntime, ProviderUnavailable
 from service.session import EndReason, Session
 from service.session_store import SessionStore
 from service.settings import Settings
@@ -27,7 +42,12 @@ EndHook = Callable[[Session, EndReason], None]
 
 
 class ModelHandle:
-    """One loaded model version: spec, runtime, sessions and (once started) its batcher."""
+    """One loaded model version: spec, runtime, sessions and (once started) its batcher.
+
+    ``settings``: the server's with the model's serving.json over them (what its batcher, its
+    runtime and its chunk checks use). ``fingerprint``: its files when it was loaded.
+    ``retired``: why it takes no new sessions (None: it does); its live sessions go on.
+    """
 
     def __init__(
         self,
@@ -35,11 +55,16 @@ class ModelHandle:
         runtime: ModelRuntime,
         store: SessionStore,
         call_cost: CallCost | None,
+        settings: Settings,
+        fingerprint: str = "",
     ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.store = store
         self.call_cost = call_cost  # measured at load; None when nothing runs inline
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.retired: str | None = None
         self._batcher: Batcher | None = None
         self._latency: dict[str, LoopHistogramChild] = {}  # per API, labelled once
 
@@ -50,9 +75,38 @@ class ModelHandle:
         return self._batcher
 
     @property
+    def started(self) -> bool:
+        return self._batcher is not None
+
+    @property
     def ready(self) -> bool:
-        """Started, and its batcher can go on."""
-        return self._batcher is not None and self._batcher.failure is None
+        """Started, takes new sessions, and its batcher can go on."""
+        return self._batcher is not None and self._batcher.failure is None and not self.retired
+
+    def start(
+        self,
+        metrics: Metrics,
+        on_applied: Callable[[], None],
+        on_failed: Callable[[Batcher], None],
+    ) -> None:
+        """Create the batcher, on the running loop, with this model's settings."""
+        s = self.settings
+        self._batcher = Batcher(
+            spec=self.spec,
+            runtime=self.runtime,
+            store=self.store,
+            metrics=metrics,
+            max_batch_size=s.max_batch_size,
+            max_queue_delay_s=s.max_queue_delay_s,
+            max_queue_chunks=s.max_queue_chunks,
+            max_waiting_per_session=s.max_waiting_chunks_per_session,
+            deadline_margin_s=s.deadline_margin_s,
+            inline_compute_below_s=s.inline_compute_below_s,
+            call_cost=self.call_cost,
+            batch_buckets=s.resolved_batch_buckets(self.runtime.device.kind == "cuda"),
+            on_applied=on_applied,
+            on_failed=on_failed,
+        )
 
     def latency(self, metrics: Metrics, api: str) -> LoopHistogramChild:
         """The request-latency histogram of this model for ``api``."""
@@ -64,34 +118,147 @@ class ModelHandle:
         return child
 
 
+@dataclass(frozen=True)
+class ModelScan:
+    """What the repository holds of one model: its version folders (version -> fingerprint of
+    their files) and its serving.json (``config``, or ``error``: why it is invalid)."""
+
+    name: str
+    directory: Path
+    versions: dict[str, str]
+    config: ServingConfig | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class VersionToLoad:
+    """One version folder to load, with the settings it is served with (the server's, and over
+    them ``own_settings``, those its model's serving.json sets)."""
+
+    directory: Path
+    settings: Settings
+    fingerprint: str
+    own_settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.directory.parent.name}/{self.directory.name}"
+
+    @property
+    def attempt(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        """What a load of it tried: its files and its settings (a refused version is tried
+        again, by the poll, only once either changes)."""
+        return self.fingerprint, tuple(self.own_settings.items())
+
+
+@dataclass
+class Plan:
+    """What to change so that the served versions follow the repository (:meth:`ModelRegistry.plan`)."""
+
+    to_load: list[VersionToLoad] = field(default_factory=list)
+    unretire: list[ModelHandle] = field(default_factory=list)
+    retire: list[tuple[ModelHandle, str]] = field(default_factory=list)  # (version, why)
+    # Out of the version policy: retired only once every version the policy selects serves, so
+    # that a newer version refused never leaves the model without the one it would replace.
+    retire_once_served: list[tuple[ModelHandle, str]] = field(default_factory=list)
+    selected: dict[str, list[str]] = field(default_factory=dict)  # model -> its policy's versions
+    # Versions whose files changed since they were loaded, with their files now.
+    changed: list[tuple[ModelHandle, str]] = field(default_factory=list)
+    config_errors: dict[str, str] = field(default_factory=dict)  # model -> serving.json's problem
+    forget: set[str] = field(default_factory=set)  # refusals that no longer apply
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One line of the repository index (KServe RepositoryIndex): a model version and its state
+    in Triton's words (READY, UNLOADING, UNAVAILABLE), with why."""
+
+    name: str
+    version: str = ""
+    state: str = ""
+    reason: str = ""
+
+
+def fingerprint(directory: Path) -> str:
+    """The files of a version folder (names, sizes, modification times): it changes when a file
+    is written, added or removed, without reading any file."""
+    parts = []
+    for path in sorted(directory.rglob("*")):
+        try:
+            info = path.stat()
+        except OSError:  # removed while listed
+            continue
+        if path.is_file():
+            parts.append(f"{path.relative_to(directory)}:{info.st_size}:{info.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def scan_repository(root: Path, names: Collection[str] | None = None) -> dict[str, ModelScan]:
+    """The models under ``root`` (only ``names``, when given), each with its versions and its
+    serving.json, read from disk (in a worker thread while serving). A missing repository
+    raises ModelContractError."""
+    found: dict[str, dict[str, str]] = {}
+    for directory in discover(root):
+        model = directory.parent.name
+        if names is None or model in names:
+            found.setdefault(model, {})[directory.name] = fingerprint(directory)
+    scans = {}
+    for model, versions in sorted(found.items()):
+        folder = root / model
+        try:
+            scans[model] = ModelScan(model, folder, versions, read_serving_config(folder))
+        except ModelContractError as error:
+            scans[model] = ModelScan(model, folder, versions, None, str(error))
+    return scans
+
+
 class ModelRegistry:
-    """Every loaded model version, by name and version."""
+    """Every loaded model version, by name and version: those serving, and those retired that
+    still serve their live sessions."""
 
     def __init__(self) -> None:
         self._models: dict[str, dict[str, ModelHandle]] = {}
-        self._latest: dict[str, ModelHandle] = {}  # name -> highest version
-        self.refused: dict[str, str] = {}  # "<name>/<version>" -> why it is not served
+        self._latest: dict[str, ModelHandle] = {}  # name -> highest version taking sessions
+        # "<name>/<version>" (or "<name>" for its serving.json) -> why it is not served
+        self.refused: dict[str, str] = {}
 
     def load(
         self,
-        settings: Settings,
-        metrics: Metrics,
+        versions: Sequence[VersionToLoad],
         runtime_class: type[ModelRuntime],
         end_hook: Callable[[ModelSpec], EndHook],
-    ) -> None:
-        """Load and check every model of the repository (:func:`service.model_check.open_model`).
-        A model that fails is refused: logged in one line, kept in :attr:`refused` with the
-        reason, and the others serve. Raises ModelContractError when none can be served."""
-        s = settings
-        directories = discover(s.model_repository)
-        if not directories:
-            raise no_models(s.model_repository)
-        for directory in directories:
+        *,
+        at_start_up: bool,
+    ) -> tuple[list[ModelHandle], dict[str, str]]:
+        """Load and check model versions (:func:`service.model_check.open_model`), each with its
+        model's own settings; returns the handles (not served yet: :meth:`add` serves one) and
+        the versions refused, each with its one-line reason. Touches nothing that is served, so
+        it runs in a worker thread while the loop serves. At start-up, a file that cannot be read
+        or an execution provider that is missing stops the start (the server's own settings are
+        wrong); later they refuse only the version."""
+        handles: list[ModelHandle] = []
+        refused: dict[str, str] = {}
+        for version in versions:
+            directory = version.directory
+            s = version.settings  # the server's, with the model's serving.json over them
+            label = f"{directory.parent.name}/{directory.name}"
             try:
                 spec, runtime = open_model(directory, s, runtime_class)
             except ModelContractError as error:
-                label = f"{directory.parent.name}/{directory.name}"
-                self.refused[label] = str(error)
+                refused[label] = str(error)
+                continue
+            except ProviderUnavailable as error:
+                if at_start_up and "execution_provider" not in version.own_settings:
+                    raise
+                refused[label] = f"model {label}: {error}"
+                continue
+            except OSError as error:
+                if at_start_up:
+                    raise
+                refused[label] = (
+                    f"model {label}: cannot read {error.filename or directory} "
+                    f"({error.strerror or error}); check the folder and its permissions"
+                )
                 continue
             call_cost = None
             on_gpu = runtime.device.kind == "cuda"
@@ -107,87 +274,189 @@ class ModelRegistry:
                 residency=state_residency(s, runtime, spec),
                 device=runtime.device,
             )
-            self._models.setdefault(spec.name, {})[spec.version] = ModelHandle(
-                spec, runtime, store, call_cost
-            )
-            self._latest[spec.name] = self._models[spec.name][self.versions(spec.name)[-1]]
-            labels = (spec.name, spec.version)
-            metrics.state_bytes.labels(*labels).set(store.state_bytes)
-            metrics.active_sessions.labels(*labels).set(0)
-            metrics.session_capacity.labels(*labels).set(s.max_sessions)
+            handles.append(ModelHandle(spec, runtime, store, call_cost, s, version.fingerprint))
+            own = ", ".join(f"{k}={v}" for k, v in version.own_settings.items())
             logger.info(
-                "loaded model %s (%s, %d layer(s), hidden %d) on %s, state in %s memory",
+                "loaded model %s (%s, %d layer(s), hidden %d) on %s, state in %s memory%s",
                 spec.label, spec.cell, spec.num_layers, spec.hidden_size,
                 ",".join(runtime.providers),
                 "host" if store.bank.residency == "host" else runtime.device.kind,
+                f"; its own settings: {own}" if own else "",
             )  # fmt: skip
             if call_cost is not None:
                 logger.info(
                     "model %s: a one-step call takes %.0f µs + %.2f µs per session",
                     spec.label, call_cost.fixed_s * 1e6, call_cost.per_row_s * 1e6,
                 )  # fmt: skip
-        if not self._models:  # nothing to serve: the start fails with the reasons
-            raise ModelContractError(" | ".join(self.refused.values()))
-        for reason in self.refused.values():  # the others serve: one line per refused model
-            logger.error("not serving %s", reason)
+        return handles, refused
 
     def start(
         self,
-        settings: Settings,
         metrics: Metrics,
         on_applied: Callable[[], None],
         on_failed: Callable[[Batcher], None],
     ) -> None:
         """Create every model's batcher on the running loop."""
-        s = settings
-        for handle in self.handles():
-            handle._batcher = Batcher(
-                spec=handle.spec,
-                runtime=handle.runtime,
-                store=handle.store,
-                metrics=metrics,
-                max_batch_size=s.max_batch_size,
-                max_queue_delay_s=s.max_queue_delay_s,
-                max_queue_chunks=s.max_queue_chunks,
-                max_waiting_per_session=s.max_waiting_chunks_per_session,
-                deadline_margin_s=s.deadline_margin_s,
-                inline_compute_below_s=s.inline_compute_below_s,
-                call_cost=handle.call_cost,
-                batch_buckets=s.resolved_batch_buckets(handle.runtime.device.kind == "cuda"),
-                on_applied=on_applied,
-                on_failed=on_failed,
-            )
-            metrics.model_ready.labels(handle.spec.name, handle.spec.version).set(1)
+        for handle in self.every_handle():
+            if not handle.started:
+                handle.start(metrics, on_applied, on_failed)
+                metrics.model_ready.labels(handle.spec.name, handle.spec.version).set(1)
 
+    # ----- what is served (every method on the event loop once serving) ------------------------
+    def plan(
+        self,
+        scans: Mapping[str, ModelScan],
+        settings: Settings,
+        names: Collection[str] | None,
+        *,
+        refused_before: Mapping[str, object],
+    ) -> Plan:
+        """What to load, retire and serve again so that the models ``names`` (None: every model
+        of ``scans`` and every model loaded) follow the repository as ``scans`` read it. A
+        version refused before with the same ``attempt`` (``refused_before``) is not tried
+        again; an invalid serving.json changes nothing of its model (the versions loaded serve
+        on)."""
+        plan = Plan()
+        everything = set(scans) | set(self._models) | {k.split("/")[0] for k in self.refused}
+        for name in sorted(everything if names is None else set(names)):
+            scan = scans.get(name)
+            loaded = self._models.get(name, {})
+            if scan is None:  # its folder is gone, or holds no version
+                gone = "its folder was removed from the repository"
+                plan.retire.extend((h, gone) for h in loaded.values() if not h.retired)
+                plan.forget.update(k for k in self.refused if k.split("/")[0] == name)
+                continue
+            if scan.config is None:
+                plan.config_errors[name] = scan.error
+                continue
+            plan.forget.add(name)  # its serving.json reads again
+            policy = scan.config.version_policy
+            selected = plan.selected[name] = policy.select(scan.versions)
+            own = dict(scan.config.settings)
+            model_settings = settings.for_model(own)
+            for version in selected:
+                handle = loaded.get(version)
+                if handle is not None:
+                    if handle.retired:
+                        plan.unretire.append(handle)
+                    if handle.fingerprint != scan.versions[version]:
+                        plan.changed.append((handle, scan.versions[version]))
+                    continue
+                candidate = VersionToLoad(
+                    scan.directory / version, model_settings, scan.versions[version], own
+                )
+                if refused_before.get(candidate.label) != candidate.attempt:
+                    plan.to_load.append(candidate)
+            for version, handle in loaded.items():
+                if handle.retired or version in selected:
+                    continue
+                if version not in scan.versions:
+                    plan.retire.append((handle, "its folder was removed from the repository"))
+                else:
+                    why = f"it is outside the version policy ({policy}) of its serving.json"
+                    plan.retire_once_served.append((handle, why))
+            plan.forget.update(
+                k
+                for k in self.refused
+                if k.startswith(f"{name}/") and k.split("/", 1)[1] not in selected
+            )
+        return plan
+
+    def add(self, handle: ModelHandle) -> None:
+        """Serve ``handle``: it takes sessions (the newest of its model, unless a newer one
+        serves)."""
+        spec = handle.spec
+        self._models.setdefault(spec.name, {})[spec.version] = handle
+        self.refused.pop(spec.label, None)
+        self._update_latest(spec.name)
+
+    def retire(self, handle: ModelHandle, reason: str) -> None:
+        """``handle`` takes no new sessions (``reason`` says why, to the clients that ask); its
+        live sessions go on."""
+        handle.retired = reason
+        self._update_latest(handle.spec.name)
+
+    def unretire(self, handle: ModelHandle) -> None:
+        """``handle`` takes new sessions again."""
+        handle.retired = None
+        self._update_latest(handle.spec.name)
+
+    def remove(self, handle: ModelHandle) -> None:
+        """Forget ``handle`` (retired, its sessions all ended)."""
+        versions = self._models.get(handle.spec.name, {})
+        if versions.get(handle.spec.version) is handle:
+            del versions[handle.spec.version]
+            if not versions:
+                del self._models[handle.spec.name]
+            self._update_latest(handle.spec.name)
+
+    def _update_latest(self, name: str) -> None:
+        serving = self.versions(name)
+        if serving:
+            self._latest[name] = self._models[name][serving[-1]]
+        else:
+            self._latest.pop(name, None)
+
+    # ----- lookups ---------------------------------------------------------------------------
     def holding(self, name: str, session_id: str, owner: str) -> tuple[ModelHandle, Session] | None:
         """The version of model ``name`` that holds ``owner``'s session ``session_id`` (newest
-        first), or None."""
-        for version in reversed(self.versions(name)):
-            handle = self._models[name][version]
+        first, retired versions included), or None."""
+        versions = self._models.get(name, {})
+        for version in sorted(versions, key=version_key, reverse=True):
+            handle = versions[version]
             session = handle.store.find(session_id, owner)
             if session is not None:
                 return handle, session
         return None
 
     def handles(self) -> list[ModelHandle]:
+        """The versions that serve (take new sessions)."""
+        return [h for h in self.every_handle() if not h.retired]
+
+    def every_handle(self) -> list[ModelHandle]:
+        """Every loaded version, retired ones (still serving their live sessions) included."""
         return [h for versions in self._models.values() for h in versions.values()]
 
+    def find(self, name: str, version: str) -> ModelHandle | None:
+        """Model ``name`` at ``version`` (retired or not), or None."""
+        return self._models.get(name, {}).get(version)
+
+    def names(self) -> list[str]:
+        """Every model with a loaded version (retired ones included)."""
+        return sorted(self._models)
+
+    def loaded(self, name: str) -> dict[str, ModelHandle]:
+        """Model ``name``'s loaded versions, retired ones included."""
+        return dict(self._models.get(name, {}))
+
     def versions(self, name: str) -> list[str]:
-        return sorted(self._models.get(name, {}), key=version_key)
+        """Model ``name``'s versions that take new sessions, oldest first."""
+        versions = self._models.get(name, {})
+        return sorted((v for v, h in versions.items() if not h.retired), key=version_key)
 
     def get(self, name: str, version: str = "") -> ModelHandle:
-        """Model ``name`` at ``version`` (the highest when empty); NOT_FOUND names what exists."""
+        """Model ``name`` at ``version`` (retired or not), or the highest serving version when
+        ``version`` is empty; NOT_FOUND names what exists, FAILED_PRECONDITION says why none
+        takes new sessions."""
         versions = self._models.get(name)
         if not versions:
-            known = ", ".join(sorted(self._models)) or "none"
+            known = ", ".join(n for n in sorted(self._models) if self.versions(n)) or "none"
             raise NotFound(f"model {shown(name)} not found; loaded models: {known}")
         if not version:
-            return self._latest[name]
+            latest = self._latest.get(name)
+            if latest is None:  # every version retired: their live sessions only
+                newest = versions[max(versions, key=version_key)]
+                raise FailedPrecondition(
+                    f"model {shown(name)} takes no new sessions: {newest.retired}; its live "
+                    "sessions go on until they end"
+                )
+            return latest
         try:
             return versions[version]
         except KeyError:
             raise NotFound(
-                f"model {name!r} has no version {shown(version)}; versions: {', '.join(self.versions(name))}"
+                f"model {name!r} has no version {shown(version)}; versions: "
+                f"{', '.join(self.versions(name)) or 'none taking new sessions'}"
             ) from None
 
 

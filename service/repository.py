@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,114 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
             f"model {spec.label} breaks the ONNX contract: {'; '.join(problems)}; {fix}, export "
             "it with python -m training export-module (docs/TRAINING.md), or remove its folder"
         )
+
+
+# ----- serving.json: a model's version policy and its own serving settings --------------------
+
+SERVING_JSON = "serving.json"  # <repository>/<name>/serving.json, beside the version folders
+POLICY_FORMS = (
+    'version_policy must be "all", {"latest": N} or {"specific": ["1", "3"]} (Triton\'s forms '
+    '{"latest": {"num_versions": N}} and {"specific": {"versions": [1, 3]}} too)'
+)
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model are served: the ``latest`` N (by :func:`version_key`), the
+    ``specific`` ones listed, or (neither) all of them, as Triton's ``version_policy``."""
+
+    latest: int | None = None
+    specific: tuple[str, ...] | None = None
+
+    def select(self, versions: Iterable[str]) -> list[str]:
+        """The versions of ``versions`` this policy serves, oldest first."""
+        ordered = sorted(versions, key=version_key)
+        if self.latest is not None:
+            return ordered[-self.latest :]
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        return ordered
+
+    def __str__(self) -> str:
+        if self.latest is not None:
+            return f"latest {self.latest}"
+        if self.specific is not None:
+            return f"versions {', '.join(self.specific)}"
+        return "all"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """A model's serving.json: its version policy and the settings it sets for itself (names of
+    :data:`service.settings.MODEL_SETTINGS`, values checked), in file order."""
+
+    version_policy: VersionPolicy = VersionPolicy()
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+def read_serving_config(model_directory: Path) -> ServingConfig:
+    """The serving.json of the model in ``model_directory`` (the defaults when there is none).
+    Raises :class:`ModelContractError` with one line naming the model, the problem and what to
+    do: an invalid file refuses the whole model."""
+    from service.settings import MODEL_SETTINGS, model_setting
+
+    name = model_directory.name
+    path = model_directory / SERVING_JSON
+    fix = "fix it or remove it (docs/API.md, Model control)"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return ServingConfig()
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelContractError(
+            f"model {name}: {path} is not valid JSON ({error}); {fix}"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelContractError(f"model {name}: {path} is not a JSON object; {fix}")
+    known = ("version_policy", *MODEL_SETTINGS)
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        raise ModelContractError(
+            f"model {name}: {path}: unknown key {', '.join(map(repr, unknown))} (known: "
+            f"{', '.join(known)}); {fix}"
+        )
+    try:
+        policy = version_policy(config.get("version_policy", "all"))
+    except ValueError as error:
+        raise ModelContractError(f"model {name}: {path}: {error}; {fix}") from None
+    settings = []
+    for key in MODEL_SETTINGS:
+        if key in config:
+            try:
+                settings.append((key, model_setting(key, config[key])))
+            except ValueError as error:
+                raise ModelContractError(
+                    f"model {name}: {path}: {key} {config[key]!r}: {error}; {fix}"
+                ) from None
+    return ServingConfig(policy, tuple(settings))
+
+
+def version_policy(value: object) -> VersionPolicy:
+    """A version_policy of serving.json (ValueError: :data:`POLICY_FORMS`)."""
+    if value == "all" or value == {"all": {}}:
+        return VersionPolicy()
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError(f"{POLICY_FORMS}, got {json.dumps(value)[:80]}")
+    ((kind, argument),) = value.items()
+    if kind == "latest":
+        if isinstance(argument, dict) and set(argument) == {"num_versions"}:
+            argument = argument["num_versions"]
+        if isinstance(argument, bool) or not isinstance(argument, int) or argument < 1:
+            raise ValueError("version_policy latest needs a whole number of versions above 0")
+        return VersionPolicy(latest=argument)
+    if kind == "specific":
+        if isinstance(argument, dict) and set(argument) == {"versions"}:
+            argument = argument["versions"]
+        if (
+            not isinstance(argument, list)
+            or not argument
+            or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in argument)
+        ):
+            raise ValueError('version_policy specific needs a list of versions, e.g. ["1", "3"]')
+        return VersionPolicy(specific=tuple(dict.fromkeys(str(v) for v in argument)))
+    raise ValueError(f"{POLICY_FORMS}, got {json.dumps(value)[:80]}")

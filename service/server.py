@@ -197,6 +197,7 @@ class RnnServer:
         handles = self.engine.handles()
         await self.engine.start()
         self.engine.model_failed = self._model_failed
+        self.engine.control.model_changed = self._model_changed
         if freeze_start_up_objects:
             gc_pauses.freeze_start_up_objects()
         self._gc_pauses.install()
@@ -264,6 +265,18 @@ class RnnServer:
         task = asyncio.get_running_loop().create_task(
             self._health.set(model_health_name(handle), health_pb2.HealthCheckResponse.NOT_SERVING)
         )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _model_changed(self, label: str, serving: bool | None) -> None:
+        """Model control changed what ``label`` (``<name>/<version>``) is: serving, not
+        serving (refused, or taking no new sessions), or gone from the server."""
+        status = {
+            True: health_pb2.HealthCheckResponse.SERVING,
+            False: health_pb2.HealthCheckResponse.NOT_SERVING,
+            None: health_pb2.HealthCheckResponse.SERVICE_UNKNOWN,
+        }[serving]
+        task = asyncio.get_running_loop().create_task(self._health.set(f"model/{label}", status))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The models that ship with rnnserve: package data of ``service`` (a wheel holds them in
@@ -53,6 +61,20 @@ class Settings(BaseSettings):
     )
     model_repository: Path = Field(
         BUNDLED_MODELS, description="directory of <model>/<version>/model.onnx + model.json"
+    )
+    model_control: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="how the repository is followed once serving: none (the versions loaded at "
+        "start-up serve until the server stops), poll (read again every model_poll_interval_s: "
+        "new versions and models load, removed ones unload), explicit (KServe "
+        "RepositoryModelLoad / RepositoryModelUnload, tritonclient's load_model / unload_model, "
+        "load and unload a model); a version unloaded keeps serving its live sessions until they "
+        "end",
+    )
+    model_poll_interval_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="with model_control poll, how often the repository is read, in seconds",
     )
     execution_provider: ExecutionProvider = Field(
         "cpu", description="onnxruntime execution provider: cpu, cuda or tensorrt"
@@ -248,6 +270,11 @@ class Settings(BaseSettings):
             return tuple(sorted({*powers, self.max_batch_size}))
         return tuple(int(size) for size in self.batch_buckets.split(","))
 
+    def for_model(self, overrides: Mapping[str, Any]) -> Settings:
+        """These settings with a model's own (its serving.json) over them; each value already
+        checked by :func:`model_setting`."""
+        return self.model_copy(update=dict(overrides)) if overrides else self
+
     @model_validator(mode="after")
     def _buckets_fit_the_batch(self) -> Settings:
         if self.batch_buckets not in ("auto", "none"):
@@ -266,3 +293,29 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         return self
+
+
+# The settings a model's serving.json may set for that model alone (see service.repository).
+MODEL_SETTINGS = (
+    "max_batch_size",
+    "max_queue_delay_s",
+    "max_sessions",
+    "max_chunk_steps",
+    "intra_op_threads",
+    "inter_op_threads",
+    "execution_provider",
+)
+
+
+def model_setting(name: str, value: object) -> Any:
+    """``value`` checked as the setting ``name`` (one of :data:`MODEL_SETTINGS`) is checked on
+    the command line: its type (strictly: no text for numbers, no true for 1) and its range.
+    Raises ValueError with pydantic's reason."""
+    field = Settings.model_fields[name]
+    kind: Any = (
+        Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    )
+    try:
+        return TypeAdapter(kind).validate_python(value, strict=True)
+    except ValidationError as error:
+        raise ValueError(error.errors()[0]["msg"].lower()) from None

@@ -21,11 +21,14 @@ from service.api.auth import caller_of
 from service.api.kserve_messages import (
     API,
     EXTENSIONS,
+    check_load_parameters,
+    check_unload_parameters,
     error_reply,
     fill_infer_response,
     input_chunk,
     model_config,
     model_metadata,
+    repository_index,
     sequence_control,
     sequence_id_of,
 )
@@ -41,6 +44,7 @@ from service.api.streams import RequestPump
 from service.chunks import StepResult
 from service.engine import InferenceEngine
 from service.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OtherIncarnation,
@@ -74,7 +78,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     ) -> pb.ModelReadyResponse:
         try:
             handle = self.engine.model(request.name, request.version)
-        except (NotFound, Unavailable):
+        except (NotFound, Unavailable, FailedPrecondition):  # unknown, loading, unloaded
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.engine.ready and handle.ready)
 
@@ -100,8 +104,36 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         handle = self.engine.model(request.name, request.version)
         signature = model_signature(handle.spec, handle.runtime)
         return pb.ModelConfigResponse(
-            config=model_config(handle.spec, signature, self.engine.settings)
+            config=model_config(handle.spec, signature, handle.settings)  # its own max_batch_size
         )
+
+    @translate_errors(API)
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """Every model of the repository (the one there is: ``repository_name`` is not
+        consulted) and its versions' states; ``ready``: only those serving."""
+        return repository_index(
+            await self.engine.control.repository_index(ready_only=request.ready)
+        )
+
+    @translate_errors(API, "model_name")
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        """Load (or follow again) a model from the repository; answers once it serves."""
+        check_load_parameters(request.parameters)
+        await self.engine.control.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @translate_errors(API, "model_name")
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Unload a model: it takes no new sessions at once; its live sessions go on."""
+        check_unload_parameters(request.parameters)
+        await self.engine.control.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     @translate_errors(API, "model_name")
     async def ModelInfer(
@@ -122,7 +154,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
         """Convert a request and hand its chunk to the engine; returns the model's spec and the
         chunk's future. The one path of both ModelInfer and ModelStreamInfer."""
         received = time.perf_counter()
-        spec = self.engine.model(request.model_name, request.model_version).spec
+        try:
+            spec = self.engine.model(request.model_name, request.model_version).spec
+        except FailedPrecondition:  # no version takes new sequences: this one may live on one
+            spec = self.engine.route(
+                request.model_name, request.model_version, routing_id(request), caller
+            ).spec
         sequence_id = sequence_id_of(request)  # any error after this one is its sequence's
         try:
             control = sequence_control(request, sequence_id)
@@ -219,6 +256,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             raise
         except Exception as error:  # the request stream broke (a failed request answers in-band)
             await abort(context, error, self.metrics, API)
+
+
+def routing_id(request: pb.ModelInferRequest) -> str:
+    """The request's sequence id to find the version it lives on; "" when it has none or a
+    malformed one (then the request fails as it would anyway)."""
+    try:
+        return sequence_id_of(request)
+    except InvalidArgument:
+        return ""
 
 
 def as_triton(error: ServiceError) -> ServiceError:

@@ -9,7 +9,7 @@ ModelConfig declares it as Triton declares implicit state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,13 +26,20 @@ from service.api.native_messages import (
 from service.api.tensors import decode_float32, float32_bytes, from_floats
 from service.chunks import StepResult
 from service.errors import InvalidArgument, shown
+from service.models import IndexEntry
 from service.repository import ModelSpec
 from service.session import check_session_id, incarnation_text
 from service.settings import Settings
 
 API = "kserve"
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration"]
+EXTENSIONS = [
+    "sequence",
+    "sequence(string_id)",
+    "model_configuration",
+    "model_repository",  # RepositoryIndex; load and unload with model_control explicit
+    "model_repository(unload_dependents)",  # accepted: no model depends on another
+]
 
 
 @dataclass(frozen=True)
@@ -337,3 +344,40 @@ def error_reply(
     if session_steps is not None:
         reply.infer_response.parameters["sequence_steps"].int64_param = session_steps
     return reply
+
+
+# ----- the model repository extension (RepositoryIndex, RepositoryModelLoad / Unload) -----------
+
+
+def repository_index(entries: Sequence[IndexEntry]) -> pb.RepositoryIndexResponse:
+    """The index as Triton answers it: a line per model version, its state and why."""
+    index = pb.RepositoryIndexResponse.ModelIndex
+    return pb.RepositoryIndexResponse(
+        models=[
+            index(name=e.name, version=e.version, state=e.state, reason=e.reason) for e in entries
+        ]
+    )
+
+
+def check_load_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> None:
+    """RepositoryModelLoad's parameters: none is taken. A model comes from the repository with
+    its model.json and serving.json, never from a configuration or files in the request
+    (tritonclient's ``load_model(config=..., files=...)``)."""
+    for key in parameters:
+        if key == "config" or key.startswith("file:"):
+            raise InvalidArgument(
+                f"RepositoryModelLoad parameter {shown(key, 40)} is not supported: a model loads "
+                "from the repository as it is there (<name>/<version>/model.onnx + model.json, "
+                "<name>/serving.json); write it there, then load it by name"
+            )
+        raise InvalidArgument(f"unknown RepositoryModelLoad parameter {shown(key, 40)}")
+
+
+def check_unload_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> None:
+    """RepositoryModelUnload's parameters: ``unload_dependents`` (bool; tritonclient always sends
+    it) is taken and means nothing here: no model depends on another."""
+    for key, value in parameters.items():
+        if key != "unload_dependents":
+            raise InvalidArgument(f"unknown RepositoryModelUnload parameter {shown(key, 40)}")
+        if value.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidArgument("unload_dependents must be a bool parameter")
