@@ -206,7 +206,7 @@ class ModelControl:
             if self._closing:
                 raise Unavailable("the server is shutting down")
             loaded = self.registry.loaded(name)
-            if not loaded and not (self.settings.model_repository / name).is_dir():
+            if not loaded and not await self._in_repository(name):
                 raise NotFound(f"model {shown(name)} is not loaded, nor in the model repository")
             self._unloaded.add(name)
             for label in [k for k in self.registry.refused if k.split("/")[0] == name]:
@@ -215,6 +215,16 @@ class ModelControl:
                 if not handle.retired:
                     self._retire(handle, "it was unloaded (RepositoryModelUnload)")
             await self._release_idle()
+
+    async def _in_repository(self, name: str) -> bool:
+        """Whether the repository holds a version of model ``name`` (a client's name is never
+        made into a path)."""
+        try:
+            return name in await asyncio.to_thread(
+                scan_repository, self.settings.model_repository, {name}
+            )
+        except ModelContractError:  # the repository is gone
+            return False
 
     def _check_control(self) -> None:
         """UNAVAILABLE, as Triton answers, unless model_control is explicit."""

@@ -272,8 +272,18 @@ class Settings(BaseSettings):
 
     def for_model(self, overrides: Mapping[str, Any]) -> Settings:
         """These settings with a model's own (its serving.json) over them; each value already
-        checked by :func:`model_setting`."""
-        return self.model_copy(update=dict(overrides)) if overrides else self
+        checked by :func:`model_setting`. Batch buckets listed beyond the model's own
+        max_batch_size give way to it (a batch of the model never pads past it)."""
+        if not overrides:
+            return self
+        settings = self.model_copy(update=dict(overrides))
+        if settings.batch_buckets not in ("auto", "none"):
+            sizes = [int(size) for size in settings.batch_buckets.split(",")]
+            most = settings.max_batch_size
+            if sizes[-1] > most:
+                kept = sorted({*(size for size in sizes if size < most), most})
+                settings = settings.model_copy(update={"batch_buckets": ",".join(map(str, kept))})
+        return settings
 
     @model_validator(mode="after")
     def _buckets_fit_the_batch(self) -> Settings:

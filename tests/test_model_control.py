@@ -160,6 +160,25 @@ async def test_a_new_version_is_served_after_a_poll_and_sessions_stay_on_theirs(
         assert list(metadata.versions) == ["1", "2"]
 
 
+async def test_a_poll_serves_a_new_model_and_releases_one_removed(
+    versions: Path, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    root = repository(versions, tmp_path, tiny_lstm=["1"])
+    settings = make_settings(model_repository=root, **control(model_control="poll"))
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        ks = kserve(ch)
+        add_version(versions, root, GRU, "1")
+        await srv.engine.control.poll_repository()
+        assert await ready(ks, GRU)
+        reply = await ks.ModelInfer(infer_request(GRU, 5, inputs(5, 3), start=True, end=True))
+        assert reply.model_version == "1"
+        shutil.rmtree(root / GRU)
+        await srv.engine.control.poll_repository()
+        assert srv.engine.registry.find(GRU, "1") is None and not await ready(ks, GRU)
+        listed = await native(ch).ListModels(pb.ListModelsRequest())
+        assert [m.name for m in listed.models] == [LSTM]
+
+
 async def test_the_poll_timer_serves_a_new_version_by_itself(
     versions: Path, tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
@@ -371,6 +390,14 @@ async def test_per_model_settings_take_effect_where_they_are_used(
         assert sample("rnnserve_batch_size_sum", labels) == 6
 
 
+def test_a_model_of_its_own_max_batch_size_pads_no_batch_beyond_it() -> None:
+    server = Settings(max_batch_size=128, batch_buckets="1,8,32,128")
+    assert server.for_model({}) is server
+    assert server.for_model({"max_batch_size": 16}).resolved_batch_buckets(True) == (1, 8, 16)
+    assert server.for_model({"max_batch_size": 8}).resolved_batch_buckets(True) == (1, 8)
+    assert Settings().for_model({"max_batch_size": 6}).resolved_batch_buckets(True) == (1, 2, 4, 6)
+
+
 # ----- serving.json that is wrong ----------------------------------------------------------
 
 
@@ -482,6 +509,9 @@ async def test_unload_keeps_live_sessions_and_load_serves_the_version_again(
             ks.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="nope")),
         )
         assert "'nope' is not in the model repository" in details
+        for name in ("nope", "..", "../models/tiny_gru"):
+            unload = kpb.RepositoryModelUnloadRequest(model_name=name)
+            await expect_code(grpc.StatusCode.NOT_FOUND, ks.RepositoryModelUnload(unload))
 
 
 TRITON_CONTROL = """
