@@ -1,6 +1,7 @@
 """A user's own nn.LSTM / nn.GRU / nn.RNN and head, exported by ``export_recurrent`` and by
 ``python -m training export-module``: the server's load checks pass, the model streams through the
-server exactly as torch runs it, and what the contract cannot serve is refused in one line."""
+server exactly as torch runs it (an LSTM with proj_size too), and what the contract cannot serve is
+refused in one line."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from torch import nn
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.model_check import open_model
-from service.repository import REQUIRED_METADATA
+from service.repository import REQUIRED_METADATA, read_spec
 from service.settings import Settings
+from service.signature import describe
 from tests.grpc_helpers import channel, native, output_of, serving, step_request
 from tests.user_models import FrameClassifier, frame_classifier, gru_regressor
 from training.__main__ import main as training_main
@@ -31,7 +33,7 @@ from training.export import (
     ExportVerificationError,
     UnsupportedModuleError,
 )
-from training.export_module import export_recurrent
+from training.export_module import ProjectedLSTM, export_recurrent, quiet_projections
 
 ROOT = Path(__file__).resolve().parent.parent
 Modules = tuple[nn.Module, nn.Module | None]
@@ -42,11 +44,18 @@ def plain_rnn() -> Modules:
     return nn.RNN(input_size=3, hidden_size=6, num_layers=2), None
 
 
-# (a) 2-layer LSTM, batch-first, linear head; (b) time-major GRU, nn.Sequential head; (c) RNN alone.
+def projected_lstm() -> Modules:
+    """A 2-layer LSTM with proj_size (h of 4, c of 12), time-major, and a linear head."""
+    return nn.LSTM(input_size=5, hidden_size=12, num_layers=2, proj_size=4), nn.Linear(4, 3)
+
+
+# (a) 2-layer LSTM, batch-first, linear head; (b) time-major GRU, nn.Sequential head; (c) RNN alone;
+# (d) 2-layer LSTM with proj_size, time-major, linear head.
 FACTORIES: dict[str, tuple[Callable[[], Modules], str]] = {
     "frames": (frame_classifier, "lstm"),
     "sensors": (gru_regressor, "gru"),
     "plain": (plain_rnn, "rnn"),
+    "projected": (projected_lstm, "lstm"),
 }
 CHUNKS = [1, 3, 7, 2, 5, 1, 4]  # 23 steps in mixed chunk lengths
 
@@ -71,7 +80,7 @@ def user_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 def torch_outputs(rnn: nn.Module, head: nn.Module | None, x: np.ndarray) -> np.ndarray:
     """The user's modules over the whole sequence from zero state, in their own layout."""
     batch_first = bool(rnn.batch_first)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_projections():
         inputs = torch.from_numpy(x)[None] if batch_first else torch.from_numpy(x)[:, None]
         out, _ = rnn(inputs)
         y = out if head is None else head(out)
@@ -96,6 +105,53 @@ def test_export_passes_the_server_check_and_records_itself(
     assert max(verification["chunkings"].values()) <= TOLERANCE
     assert verification["full_sequence_max_abs_diff"] <= TOLERANCE
     assert meta["torch_version"] == torch.__version__
+    assert "signature" not in meta or name == "projected"  # the default convention describes it
+
+
+def test_a_projected_lstm_declares_its_state_shapes(
+    user_repository: tuple[Path, dict[str, Modules]],
+) -> None:
+    """h of [layers, proj_size] and c of [layers, hidden_size], in model.json's signature exactly
+    as the server reads it; and `rnnserve check` passes on it."""
+    root, _ = user_repository
+    directory = root / "projected" / "1"
+    meta = json.loads((directory / "model.json").read_text())
+    assert (meta["hidden_size"], meta["proj_size"], meta["num_layers"]) == (12, 4, 2)
+    assert (meta["input_size"], meta["output_size"]) == (5, 3)
+    tensors = read_spec(directory).tensors
+    assert describe(tensors) == meta["signature"]
+    assert [(s.input, s.output, s.shape, s.batch_axis) for s in tensors.states] == [
+        ("h0", "hn", (2, 4), 1),
+        ("c0", "cn", (2, 12), 1),
+    ]
+    assert (tensors.input.name, tensors.input.shape) == ("x", (5,))
+    assert (tensors.output.name, tensors.output.shape) == ("y", (3,))
+    check = subprocess.run(
+        [sys.executable, "-m", "service.cli", "check", str(directory)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "1 of 1 model(s) pass" in check.stdout
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_projected_lstm_equivalent_equals_torchs(batch_first: bool, bias: bool) -> None:
+    """The fused-LSTM form torch can export computes what nn.LSTM(proj_size=...) does, from any
+    state, in either layout, with or without biases."""
+    torch.manual_seed(4)
+    lstm = nn.LSTM(3, 10, num_layers=3, proj_size=6, bias=bias, batch_first=batch_first).eval()
+    x = torch.randn((2, 9, 3) if batch_first else (9, 2, 3))
+    state = (torch.randn(3, 2, 6), torch.randn(3, 2, 10))
+    with torch.no_grad(), quiet_projections():
+        want_y, (want_h, want_c) = lstm(x, state)
+        got_y, (got_h, got_c) = ProjectedLSTM(lstm)(x, state)
+    for got, want in ((got_y, want_y), (got_h, want_h), (got_c, want_c)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
@@ -157,10 +213,6 @@ REFUSED: dict[str, tuple[Callable[[], Modules], str]] = {
     "bidirectional": (
         lambda: (nn.GRU(3, 4, batch_first=True, bidirectional=True), None),
         "bidirectional rnn cannot stream",
-    ),
-    "proj_size": (
-        lambda: (nn.LSTM(3, 8, batch_first=True, proj_size=4), None),
-        r"proj_size=4 .* issue #17, item 1",
     ),
     "pooling head": (
         lambda: (nn.LSTM(3, 4, batch_first=True), Pool()),

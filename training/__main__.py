@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="export your own nn.LSTM/GRU/RNN (and head) to ONNX, verified against torch",
         description="Export a recurrent model of your own by the service's contract: FACTORY "
         "returns (rnn, head) or the rnn alone (nn.LSTM, nn.GRU or nn.RNN, any layers, "
-        "batch_first either way; head applied to each step's output). The graph is verified "
-        "against torch over a whole sequence and in chunks of 1, 3 and 7 steps before anything "
-        "is written. Then run: rnnserve check REPOSITORY.",
+        "batch_first either way, an LSTM's proj_size too; head applied to each step's output). "
+        "The graph is verified against torch over a whole sequence and in chunks of 1, 3 and 7 "
+        "steps before anything is written. Then run: rnnserve check REPOSITORY.",
     )
     p.add_argument(
         "--factory",

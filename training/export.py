@@ -2,7 +2,10 @@
 
 Contract (docs/ARCHITECTURE.md): inputs ``x`` float32 [batch, time, features], ``h0`` [layers, batch,
 hidden] and ``c0`` (LSTM only); outputs ``y`` [batch, time, outputs], ``hn`` and ``cn`` (LSTM); batch
-and time dynamic; opset 17; the fused ONNX LSTM/GRU/RNN operators.
+and time dynamic; opset 17; the fused ONNX LSTM/GRU/RNN operators. An LSTM with ``proj_size`` P has
+``h0``/``hn`` of [layers, batch, P] (``c0``/``cn`` keep the hidden size); its model.json declares
+these shapes in a ``signature`` (service/signature.py), which the other models leave to the
+default convention.
 
 Two entry points share the export and the verification here:
 
@@ -60,17 +63,32 @@ class UnsupportedModuleError(ValueError):
 
 @dataclass(frozen=True)
 class Contract:
-    """The sizes of one model by the ONNX contract, and its tensor names."""
+    """The sizes of one model by the ONNX contract, and its tensor names. ``proj_size`` (LSTM
+    only, 0 for none) is the size of ``h``; ``c`` keeps ``hidden_size``."""
 
     cell: CellType
     num_layers: int
     hidden_size: int
     input_size: int
     output_size: int
+    proj_size: int = 0
 
     @property
     def state_names(self) -> tuple[str, ...]:
         return ("h", "c") if self.cell == "lstm" else ("h",)
+
+    @property
+    def state_sizes(self) -> tuple[int, ...]:
+        """Each state's last dimension, in the order of :attr:`state_names`."""
+        if self.cell == "lstm":
+            return (self.proj_size or self.hidden_size, self.hidden_size)
+        return (self.hidden_size,)
+
+    @property
+    def conventional(self) -> bool:
+        """Every state [layers, batch, hidden]: the server's default convention describes the
+        graph and model.json needs no ``signature``."""
+        return all(size == self.hidden_size for size in self.state_sizes)
 
     @property
     def input_names(self) -> list[str]:
@@ -81,8 +99,29 @@ class Contract:
         return ["y", *[f"{s}n" for s in self.state_names]]
 
     def zero_state(self, batch: int) -> State:
-        shape = (self.num_layers, batch, self.hidden_size)
-        return tuple(torch.zeros(shape) for _ in self.state_names)
+        return tuple(torch.zeros(self.num_layers, batch, size) for size in self.state_sizes)
+
+    def signature(self) -> dict[str, Any]:
+        """model.json's ``signature`` (the form service/signature.py reads): ``x`` and ``y``
+        batch-major, each state of [layers, its size] per session, batch at axis 1, from zeros."""
+
+        def tensor(name: str, size: int) -> dict[str, Any]:
+            return {"name": name, "dtype": "float32", "shape": [size], "layout": "BT"}
+
+        return {
+            "inputs": [tensor("x", self.input_size)],
+            "outputs": [tensor("y", self.output_size)],
+            "states": [
+                {
+                    "input": f"{name}0",
+                    "output": f"{name}n",
+                    "shape": [self.num_layers, size],
+                    "batch_axis": 1,
+                    "initial": 0.0,
+                }
+                for name, size in zip(self.state_names, self.state_sizes, strict=True)
+            ],
+        }
 
 
 def contract_of(model: RecurrentNet) -> Contract:
@@ -227,10 +266,8 @@ def verify_graph(
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((VERIFY_BATCH, VERIFY_TIME, contract.input_size)).astype(np.float32)
     state0 = [
-        (
-            0.5 * rng.standard_normal((contract.num_layers, VERIFY_BATCH, contract.hidden_size))
-        ).astype(np.float32)
-        for _ in contract.state_names
+        (0.5 * rng.standard_normal((contract.num_layers, VERIFY_BATCH, size))).astype(np.float32)
+        for size in contract.state_sizes
     ]
     with torch.no_grad():
         y_ref, state_ref = reference(

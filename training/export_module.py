@@ -6,6 +6,10 @@ signature, then go through the same export and verification as the bundled model
 (:mod:`training.export`): nothing is written unless onnxruntime reproduces torch over the whole
 sequence and in chunks with the state fed back. What the contract cannot serve yet is refused in
 one line (:class:`~training.export.UnsupportedModuleError`).
+
+torch cannot export an ``nn.LSTM`` with ``proj_size`` to ONNX ("LSTMs with projections" is
+unsupported); such a layer is exported as an equivalent of fused LSTMs (:class:`ProjectedLSTM`) and
+verified against the original layer in torch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import importlib
 import re
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +50,21 @@ RNN_CELLS: tuple[tuple[type[nn.Module], CellType], ...] = (
 )
 # Keys export_recurrent computes itself; a caller's metadata may not set them.
 COMPUTED_KEYS = (
-    "name", "version", "cell", "num_layers", "hidden_size", "input_size", "output_size", "inputs",
-    "outputs", "source", "verification", "opset", "torch_version", "onnx_version",
-    "onnxruntime_version", "exported_at", "sha256",
+    "name", "version", "cell", "num_layers", "hidden_size", "proj_size", "input_size",
+    "output_size", "inputs", "outputs", "signature", "source", "verification", "opset",
+    "torch_version", "onnx_version", "onnxruntime_version", "exported_at", "sha256",
 )  # fmt: skip
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# What torch's CPU LSTM warns when it runs one with proj_size: nothing a user can act on.
+PROJECTION_WARNING = "LSTM with projections is not supported with oneDNN"
+
+
+@contextmanager
+def quiet_projections() -> Iterator[None]:
+    """Run torch without :data:`PROJECTION_WARNING` (every other warning as before)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PROJECTION_WARNING, category=UserWarning)
+        yield
 
 
 class RecurrentAdapter(nn.Module):
@@ -62,7 +78,7 @@ class RecurrentAdapter(nn.Module):
         self.rnn = rnn
         self.head = head if head is not None else nn.Identity()
         self.time_major = not bool(getattr(rnn, "batch_first", True))
-        self.lstm = isinstance(rnn, nn.LSTM)
+        self.lstm = isinstance(rnn, nn.LSTM | ProjectedLSTM)
 
     def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.time_major:
@@ -84,9 +100,70 @@ class RecurrentAdapter(nn.Module):
         return y, tuple(new_state)
 
 
+class ProjectedLSTM(nn.Module):
+    """An ``nn.LSTM`` with ``proj_size`` P (hidden H) as fused LSTMs that torch exports to ONNX,
+    with the same call ``(x, (h0, c0)) -> (out, (hn, cn))`` and layout.
+
+    The projected layer's state is ``h = W_hr h'``, ``h'`` the unprojected output ``o * tanh(c)``.
+    Each layer becomes a plain LSTM of hidden size H over ``h'``, starting from ``h' = 0``: its
+    recurrent weights are ``W_hh W_hr`` (so ``W_hh h`` at every step after the first) and its input
+    is ``[x, e]``, with input weights ``[W_ih, W_hh]`` and ``e`` the layer's ``h0`` at the first step
+    and zeros after (so ``W_hh h0`` at the first). Its outputs and ``hn`` are ``h'`` projected by
+    ``W_hr``; ``cn`` is the plain LSTM's."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        self.batch_first = bool(lstm.batch_first)
+        self.proj_size = int(lstm.proj_size)
+        hidden = int(lstm.hidden_size)
+        self.layers = nn.ModuleList()
+        self.projections = nn.ParameterList()
+        for k in range(lstm.num_layers):
+            w_ih = getattr(lstm, f"weight_ih_l{k}").detach()
+            w_hh = getattr(lstm, f"weight_hh_l{k}").detach()
+            w_hr = getattr(lstm, f"weight_hr_l{k}").detach()
+            layer = nn.LSTM(
+                w_ih.shape[1] + self.proj_size, hidden, bias=lstm.bias, batch_first=True
+            )
+            weights = {
+                "weight_ih_l0": torch.cat([w_ih, w_hh], dim=1),
+                "weight_hh_l0": (w_hh.double() @ w_hr.double()).float(),
+            }
+            if lstm.bias:
+                weights["bias_ih_l0"] = getattr(lstm, f"bias_ih_l{k}").detach()
+                weights["bias_hh_l0"] = getattr(lstm, f"bias_hh_l{k}").detach()
+            layer.load_state_dict(weights, strict=True)
+            self.layers.append(layer)
+            self.projections.append(nn.Parameter(w_hr.clone(), requires_grad=False))
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h0, c0 = state
+        out = x if self.batch_first else x.transpose(0, 1)
+        hs, cs = [], []
+        for k, (layer, w_hr) in enumerate(zip(self.layers, self.projections, strict=True)):
+            later = torch.zeros_like(out[:, 1:, :1]).expand(-1, -1, self.proj_size)
+            first_h = torch.cat([h0[k].unsqueeze(1), later], dim=1)
+            start = (torch.zeros_like(c0[k : k + 1]), c0[k : k + 1])
+            unprojected, (h_last, c_last) = layer(torch.cat([out, first_h], dim=2), start)
+            out = torch.matmul(unprojected, w_hr.t())
+            hs.append(torch.matmul(h_last, w_hr.t()))
+            cs.append(c_last)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (torch.cat(hs, dim=0), torch.cat(cs, dim=0))
+
+
+def exportable(layer: nn.RNNBase) -> nn.Module:
+    """``layer`` as torch can export it: an LSTM with projections as a :class:`ProjectedLSTM`."""
+    if isinstance(layer, nn.LSTM) and layer.proj_size > 0:
+        return ProjectedLSTM(layer).eval()
+    return layer
+
+
 def recurrent_layer(rnn: object) -> tuple[nn.RNNBase, CellType]:
-    """``rnn`` and its contract cell; refuses anything but a unidirectional LSTM, GRU or RNN
-    without projections."""
+    """``rnn`` and its contract cell; refuses anything but a unidirectional LSTM, GRU or RNN."""
     if not isinstance(rnn, nn.Module):
         raise UnsupportedModuleError(
             f"rnn must be an nn.LSTM, nn.GRU or nn.RNN, got {type(rnn).__name__}"
@@ -107,11 +184,6 @@ def recurrent_layer(rnn: object) -> tuple[nn.RNNBase, CellType]:
         raise UnsupportedModuleError(
             "a bidirectional rnn cannot stream (its backward direction needs the end of the "
             "sequence first); export a unidirectional one (bidirectional=False)"
-        )
-    if rnn.proj_size > 0:
-        raise UnsupportedModuleError(
-            f"an LSTM with proj_size={rnn.proj_size} has h and c of different sizes, "
-            f"which needs {ISSUE_CONTRACT}; export an LSTM without proj_size"
         )
     return rnn, cell
 
@@ -134,6 +206,7 @@ def probe_head(rnn: nn.RNNBase, head: nn.Module | None) -> int:
     """Run the rnn and the head once on zeros (batch and time of different sizes, in the rnn's
     layout) and return the number of outputs per step; refuse a head that is not per step."""
     layout = "[batch, time, hidden]" if rnn.batch_first else "[time, batch, hidden]"
+    features = rnn.proj_size or rnn.hidden_size
     shape = (EXAMPLE_BATCH, EXAMPLE_TIME) if rnn.batch_first else (EXAMPLE_TIME, EXAMPLE_BATCH)
     with torch.no_grad():
         out = rnn(torch.zeros(*shape, rnn.input_size))[0]
@@ -144,7 +217,7 @@ def probe_head(rnn: nn.RNNBase, head: nn.Module | None) -> int:
         except Exception as error:
             raise UnsupportedModuleError(
                 f"the head fails on the rnn's outputs {list(out.shape)} {layout} ({error}); "
-                f"give a head that takes {rnn.hidden_size} features per step"
+                f"give a head that takes {features} features per step"
             ) from None
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != tuple(shape):
         got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -187,18 +260,20 @@ def export_recurrent(
     origin: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a user's ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (any number of layers, batch-first or
-    time-major, unidirectional) and an optional per-step ``head`` to
+    time-major, unidirectional, LSTM ``proj_size`` too) and an optional per-step ``head`` to
     ``<repository>/<name>/<version>/model.onnx`` + ``model.json`` by the contract.
 
     The modules are put in eval mode, wrapped in a :class:`RecurrentAdapter`, exported with the
     TorchScript exporter (``dynamo=False``, opset 17) and verified against PyTorch with onnxruntime
     over a whole sequence and in chunks of 1, 3 and 7 steps with the state fed back, at 3 x 37
-    steps (the trace is 2 x 5), before anything is written. ``metadata`` adds keys to model.json
+    steps (the trace is 2 x 5), before anything is written. An LSTM with ``proj_size`` gets
+    ``proj_size`` and a ``signature`` (``h`` of [layers, proj_size], ``c`` of [layers,
+    hidden_size]) in model.json. ``metadata`` adds keys to model.json
     (e.g. ``description``, ``task``, ``output_kind``, labels); ``origin`` is recorded under
     ``source`` (the command puts the factory and weights file there). Returns the metadata.
 
     Raises :class:`UnsupportedModuleError` for what the contract cannot serve (bidirectional,
-    ``proj_size``, a head that changes the batch or time axes, non-float32 weights or token ids)
+    a head that changes the batch or time axes, non-float32 weights or token ids)
     and :class:`ExportVerificationError` when the graph does not reproduce PyTorch.
     """
     extra = dict(metadata or {})
@@ -211,17 +286,21 @@ def export_recurrent(
                 f"head must be an nn.Module or None, got {type(head).__name__}"
             )
         check_tensors(head, "head")
-    adapter = RecurrentAdapter(layer, head).eval()
-    output_size = probe_head(layer, head)
-    contract = Contract(cell, layer.num_layers, layer.hidden_size, layer.input_size, output_size)
+    adapter = RecurrentAdapter(layer, head).eval()  # the reference: the user's modules in torch
+    with quiet_projections():
+        output_size = probe_head(layer, head)
+    contract = Contract(
+        cell, layer.num_layers, layer.hidden_size, layer.input_size, output_size, layer.proj_size
+    )
     version_dir = repository / name / version
     with tempfile.TemporaryDirectory(prefix="rnnserve-export-") as staging:
         onnx_path = Path(staging) / "model.onnx"
         label = f"model {name}/{version}"
-        export_graph(adapter, contract, onnx_path, label)
-        verification = verify_graph(
-            adapter.run, contract, onnx_path, chunk_steps=CHUNK_STEPS, label=label
-        )
+        export_graph(RecurrentAdapter(exportable(layer), head).eval(), contract, onnx_path, label)
+        with quiet_projections():
+            verification = verify_graph(
+                adapter.run, contract, onnx_path, chunk_steps=CHUNK_STEPS, label=label
+            )
         record: dict[str, Any] = {
             "name": name,
             "version": version,
@@ -230,10 +309,12 @@ def export_recurrent(
             "cell": cell,
             "num_layers": contract.num_layers,
             "hidden_size": contract.hidden_size,
+            **({"proj_size": contract.proj_size} if contract.proj_size else {}),
             "input_size": contract.input_size,
             "output_size": contract.output_size,
             "inputs": contract.input_names,
             "outputs": contract.output_names,
+            **({} if contract.conventional else {"signature": contract.signature()}),
             "source": {
                 "exported_from": USER_SOURCE,
                 "rnn": repr(rnn),
