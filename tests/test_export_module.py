@@ -154,9 +154,11 @@ def test_the_projected_lstm_equivalent_equals_torchs(batch_first: bool, bias: bo
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("residency", ["host", "device"])
 @pytest.mark.parametrize("name", list(FACTORIES))
 async def test_served_in_mixed_chunks_equals_torch(
     name: str,
+    residency: str,
     user_repository: tuple[Path, dict[str, Modules]],
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -165,7 +167,7 @@ async def test_served_in_mixed_chunks_equals_torch(
     x = np.random.default_rng(5).standard_normal((sum(CHUNKS), rnn.input_size)).astype(np.float32)
     outputs, start = [], 0
     async with (
-        serving(make_settings(model_repository=root)) as server,
+        serving(make_settings(model_repository=root, state_residency=residency)) as server,
         channel(server.grpc_port) as ch,
     ):
         stub = native(ch)
