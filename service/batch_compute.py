@@ -70,9 +70,10 @@ def compute_batch(
     the batch: the chunks it held are left unfinished with an :class:`InternalError`.
 
     ``rows_ops`` moves rows of the state arrays (host or device, :mod:`service.state_bank`).
-    With ``buckets``, each call is padded with zero rows up to the smallest bucket that holds it
-    (:func:`bucket_for`): in a recurrent model a row's outputs and states depend on that row
-    alone (the load-time check proves it), so the padding rows change nothing and are dropped.
+    With ``buckets``, each call is padded up to the smallest bucket that holds it
+    (:func:`bucket_for`) with rows of the first row's input and zero state: in a recurrent model
+    a row's outputs and states depend on that row alone (the load-time check proves it), so the
+    padding rows change nothing and are dropped.
     """
     lengths = [x.shape[0] for x in inputs]
     pieces: list[list[np.ndarray]] = [[] for _ in inputs]
@@ -114,11 +115,11 @@ def compute_batch(
 def padded_call(
     call: ModelCall, rows_ops: RowOps, padded_rows: int, x: np.ndarray, states: list[Any]
 ) -> tuple[np.ndarray, list[Any]]:
-    """``call(x, states)`` padded with zero rows up to ``padded_rows`` rows, checked
+    """``call(x, states)`` padded with rows (the first row's input, zero state) up to ``padded_rows`` rows, checked
     (:func:`check_call`), with the padding dropped from what it returns."""
     rows = x.shape[0]
-    if padded_rows > rows:
-        x = np.concatenate([x, np.zeros((padded_rows - rows, *x.shape[1:]), x.dtype)])
+    if padded_rows > rows:  # copies of the first row's input: valid whatever its type and range
+        x = np.concatenate([x, np.repeat(x[:1], padded_rows - rows, axis=0)])
         states = rows_ops.pad(states, padded_rows)
     y, new_states = call(x, states)
     check_call(x, [rows_ops.shape(s) for s in states], y, [rows_ops.shape(s) for s in new_states])

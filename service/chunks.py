@@ -1,7 +1,7 @@
-"""A chunk: what it must be before it is queued (float32 ``[steps, features]``, a bounded number
-of steps, finite values unless allowed, a reply that fits a message), its record on the way through
-the batcher, its result, and what may still refuse it when its turn comes (its caller's deadline,
-the step count and incarnation it states)."""
+"""A chunk: what it must be before it is queued (float32 ``[steps, features]`` or int64 ids in
+their range, a bounded number of steps, finite values unless allowed, a reply that fits a
+message), its record on the way through the batcher, its result, and what may still refuse it
+when its turn comes (its caller's deadline, the step count and incarnation it states)."""
 
 from __future__ import annotations
 
@@ -45,25 +45,39 @@ def all_finite(array: np.ndarray) -> bool:
     return math.isfinite(total) or bool(np.isfinite(array).all())
 
 
-def check_chunk(spec: ModelSpec, x: np.ndarray, max_steps: int, reject_nonfinite: bool) -> None:
-    """Raise INVALID_ARGUMENT unless ``x`` is a chunk that model ``spec`` can take."""
-    if x.dtype != np.float32:
-        raise InvalidArgument(f"input must be float32, got {x.dtype}")
-    if x.ndim != 2:
+def check_chunk(
+    spec: ModelSpec, x: np.ndarray, max_steps: int, reject_nonfinite: bool
+) -> np.ndarray:
+    """``x`` as model ``spec`` takes it, or INVALID_ARGUMENT: float32 ``[steps, features]``
+    (integers are taken as float32 values, as before int64 tensors existed), or for a model of
+    token ids int64 ``[steps]`` in the declared range."""
+    declared = spec.tensors.input
+    wanted = "[steps]" if not declared.shape else f"[steps, {spec.input_size}]"
+    if x.dtype.kind in "iu" and declared.dtype == "float32":
+        x = x.astype(np.float32)
+    if x.dtype != declared.numpy_dtype:
+        raise InvalidArgument(f"input must be {declared.dtype}, got {x.dtype}")
+    if x.ndim != 1 + len(declared.shape):
+        raise InvalidArgument(f"input must be {wanted}, got shape {list(x.shape)}")
+    steps = x.shape[0]
+    if declared.shape and x.shape[1] != spec.input_size:
         raise InvalidArgument(
-            f"input must be [steps, {spec.input_size}], got shape {list(x.shape)}"
-        )
-    steps, features = x.shape
-    if features != spec.input_size:
-        raise InvalidArgument(
-            f"model {spec.label} takes {spec.input_size} features per step, got {features}"
+            f"model {spec.label} takes {spec.input_size} features per step, got {x.shape[1]}"
         )
     if steps < 1:
         raise InvalidArgument("a chunk needs at least one step")
     if steps > max_steps:
         raise InvalidArgument(f"chunk of {steps} steps exceeds the limit of {max_steps}")
-    if reject_nonfinite and not all_finite(x):
+    if declared.value_range is not None:
+        low, high = declared.value_range
+        if int(x.min()) < low or int(x.max()) >= high:
+            raise InvalidArgument(
+                f"model {spec.label} takes ids from {low} to {high - 1}; the chunk holds "
+                f"{int(x.min()) if int(x.min()) < low else int(x.max())}"
+            )
+    elif reject_nonfinite and not all_finite(x):
         raise InvalidArgument("input holds NaN or Inf")
+    return x
 
 
 def check_reply_fits(

@@ -350,7 +350,7 @@ class InferenceEngine:
         try:
             s = self.settings
             steps_limit = handle.settings.max_chunk_steps  # the model's own, or the server's
-            check_chunk(handle.spec, x, steps_limit, s.nonfinite_inputs == "reject")
+            x = check_chunk(handle.spec, x, steps_limit, s.nonfinite_inputs == "reject")
             check_reply_fits(handle.spec, x.shape[0], s.max_message_bytes, reply_extra_bytes)
         except ServiceError as error:  # refused, not applied: say where the session stands
             raise (error if session is None else error.with_session_steps(session.steps)) from None

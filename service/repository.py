@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_METADATA = ("cell", "num_layers", "hidden_size", "input_size", "output_size")
 SIZES = REQUIRED_METADATA[1:]
 CELLS = ("rnn", "lstm", "gru")
+ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 REEXPORT = (
     "export it again (python -m training export, or export-module for a model of your own: "
     "docs/TRAINING.md) or remove its folder"
@@ -222,10 +223,12 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
             **{s.output: s.graph_dims("batch") for s in sig.states},
         }
         graph = {**inputs, **outputs}
+        types = {sig.input.name: ONNX_TYPES[sig.input.dtype]}
         for name, dims in wanted.items():
             arg = graph[name]
-            if arg.type != "tensor(float)":
-                problems.append(f"{name} has type {arg.type}, expected tensor(float)")
+            expected_type = types.get(name, "tensor(float)")
+            if arg.type != expected_type:
+                problems.append(f"{name} has type {arg.type}, expected {expected_type}")
             shape = list(arg.shape)
             if len(shape) != len(dims):
                 problems.append(f"{name} has rank {len(shape)}, expected {len(dims)} ({dims})")

@@ -294,7 +294,7 @@ class ModelRuntime:
         the event loop. The first calls also warm onnxruntime up before any client waits."""
 
         def fastest_s(rows: int) -> float:
-            x = np.zeros((rows, 1, signature.input.size), np.float32)
+            x = signature.input.sample(np.random.default_rng(0), rows, 1)
             states = [np.zeros((s.pre, rows, s.post), np.float32) for s in signature.states]
             self.run(x, states, single_thread=True)
             best = float("inf")

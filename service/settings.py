@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         "shapes (CUDA kernels and TensorRT tactics per shape): a comma-separated list such as "
         "1,8,32,128 (at most max_batch_size; batches above the largest are not padded), none, "
         "or auto (powers of two up to max_batch_size on cuda and tensorrt, none on cpu); "
-        "padding rows are zeros and never reach a session",
+        "padding rows never reach a session",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime threads inside one operator (0: onnxruntime decides)"

@@ -28,7 +28,11 @@ from typing import Any
 import numpy as np
 
 LAYOUTS = re.compile(r"^(?=[^B]*B[^B]*$)(?=[^T]*T[^T]*$)[BT1]+$")  # one B, one T, any 1s
-DTYPES = ("float32",)
+INPUT_DTYPES = ("float32", "int64")  # int64: token ids (an embedding in the graph)
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "int64": np.dtype(np.int64),
+}
 
 
 class SignatureError(ValueError):
@@ -37,17 +41,31 @@ class SignatureError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A chunk's input or output: its graph name, dtype, per-step shape, and layout."""
+    """A chunk's input or output: its graph name, dtype, per-step shape (``()``: one value per
+    step, e.g. a token id), and layout. An int64 input's values must lie in ``value_range``
+    [low, high): a token id outside its embedding would fail the whole batch it is in."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
     layout: str = "BT"
+    value_range: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
         """Values per step."""
         return math.prod(self.shape)
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        return NUMPY_DTYPES[self.dtype]
+
+    def sample(self, rng: np.random.Generator, rows: int, steps: int) -> np.ndarray:
+        """Valid random values [rows, steps, *shape], for the load-time checks."""
+        if self.dtype == "int64":
+            low, high = self.value_range or (0, 1)
+            return rng.integers(low, high, (rows, steps, *self.shape), dtype=np.int64)
+        return rng.standard_normal((rows, steps, *self.shape)).astype(np.float32)
 
     def graph_dims(self, rows: int | str, steps: int | str) -> list[int | str]:
         """The graph's shape for ``rows`` and ``steps`` (ints, or names of dynamic axes)."""
@@ -172,7 +190,9 @@ def parse_signature(raw: Any) -> Signature:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise SignatureError(f"signature names {duplicated} more than once")
-    return Signature(_tensor(inputs[0], "inputs[0]"), _tensor(outputs[0], "outputs[0]"), states)
+    return Signature(
+        _tensor(inputs[0], "inputs[0]", INPUT_DTYPES), _tensor(outputs[0], "outputs[0]"), states
+    )
 
 
 def _list(raw: dict[str, Any], key: str) -> list[Any]:
@@ -188,27 +208,45 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _tensor(raw: Any, where: str) -> TensorSpec:
+def _tensor(raw: Any, where: str, dtypes: tuple[str, ...] = ("float32",)) -> TensorSpec:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
         raise SignatureError(f"signature {where} needs a name")
-    unknown = set(raw) - {"name", "shape", "dtype", "layout"}
+    unknown = set(raw) - {"name", "shape", "dtype", "layout", "range"}
     if unknown:
         raise SignatureError(f"signature {where} has unknown keys {sorted(unknown)}")
     dtype = raw.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise SignatureError(f"signature {where}: dtype {dtype!r} is not served (float32 only)")
+    if dtype not in dtypes:
+        raise SignatureError(
+            f"signature {where}: dtype {dtype!r} is not served here ({' or '.join(dtypes)})"
+        )
     layout = raw.get("layout", "BT")
     if not isinstance(layout, str) or not LAYOUTS.match(layout):
         raise SignatureError(
             f"signature {where}: layout {layout!r} must be BT (batch major), TB (time major) or "
             "another order of one B, one T and size-1 axes, e.g. T1B for ONNX LSTM's Y"
         )
-    shape = _shape(raw.get("shape"), f"signature {where}")
-    if len(shape) != 1:
+    shape = _shape(raw.get("shape", []), f"signature {where}")
+    if len(shape) > 1 or (not shape and dtype == "float32"):
         raise SignatureError(
-            f"signature {where}: shape {list(shape)} must have exactly one axis (features per step)"
+            f"signature {where}: shape {list(shape)} must be [features] (or [] for one int64 "
+            "id per step)"
         )
-    return TensorSpec(raw["name"], shape, dtype, layout)
+    value_range = raw.get("range")
+    if dtype == "int64":
+        if (
+            not isinstance(value_range, list)
+            or len(value_range) != 2
+            or not all(isinstance(v, int) for v in value_range)
+            or value_range[0] >= value_range[1]
+        ):
+            raise SignatureError(
+                f'signature {where}: an int64 input needs "range": [low, high], the ids its '
+                "graph accepts (low included, high not: [0, vocabulary size] for an embedding)"
+            )
+        value_range = (value_range[0], value_range[1])
+    elif value_range is not None:
+        raise SignatureError(f"signature {where}: range is for int64 inputs")
+    return TensorSpec(raw["name"], shape, dtype, layout, value_range)
 
 
 def _state(raw: Any, k: int) -> StateSpec:
@@ -243,7 +281,10 @@ def describe(signature: Signature) -> dict[str, Any]:
     """The signature as model.json declares it (for writing one, and for error messages)."""
 
     def tensor(t: TensorSpec) -> dict[str, Any]:
-        return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "layout": t.layout}
+        described = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "layout": t.layout}
+        if t.value_range is not None:
+            described["range"] = list(t.value_range)
+        return described
 
     def state(s: StateSpec) -> dict[str, Any]:
         initial: Any = 0.0 if s.initial.size == 0 else s.initial.tolist()

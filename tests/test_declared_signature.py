@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -275,3 +276,156 @@ def test_the_guide_declares_what_is_served_here(repository: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok   lstm_op/1" in result.stdout and "ok   gru_state_first/1" in result.stdout
+
+
+# ----- token ids: an int64 input -------------------------------------------------------------
+VOCABULARY = [chr(c) for c in range(32, 32 + 20)]  # 20 characters
+EMBED, LM_HIDDEN = 6, 8
+CHAR_LM_SIGNATURE = {
+    "inputs": [{"name": "tokens", "dtype": "int64", "shape": [], "range": [0, len(VOCABULARY)]}],
+    "outputs": [{"name": "logits", "shape": [len(VOCABULARY)]}],
+    "states": [
+        {"input": "h0", "output": "hn", "shape": [1, LM_HIDDEN]},
+        {"input": "c0", "output": "cn", "shape": [1, LM_HIDDEN]},
+    ],
+}
+
+
+def char_lm_graph(rng: np.random.Generator) -> Any:
+    """Token ids [B, T] -> embedding -> LSTM -> logits over the vocabulary [B, T, V]."""
+    vocab = len(VOCABULARY)
+    nodes = [
+        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),  # [B, T, E]
+        helper.make_node("Transpose", ["embedded"], ["x_tm"], perm=[1, 0, 2]),
+        helper.make_node(
+            "LSTM",
+            ["x_tm", "W", "R", "B", "", "h0", "c0"],
+            ["Y", "hn", "cn"],
+            hidden_size=LM_HIDDEN,
+        ),
+        helper.make_node("Squeeze", ["Y", "axis1"], ["y_tm"]),
+        helper.make_node("Transpose", ["y_tm"], ["out"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["out", "head"], ["logits"]),
+    ]
+    inits = [
+        weights(rng, "embedding", vocab, EMBED),
+        weights(rng, "W", 1, 4 * LM_HIDDEN, EMBED),
+        weights(rng, "R", 1, 4 * LM_HIDDEN, LM_HIDDEN),
+        weights(rng, "B", 1, 8 * LM_HIDDEN),
+        weights(rng, "head", LM_HIDDEN, vocab),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    state = [1, "batch", LM_HIDDEN]
+    return helper.make_graph(
+        nodes, "char_lm",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"]),
+         helper.make_tensor_value_info("h0", F32, state),
+         helper.make_tensor_value_info("c0", F32, state)],
+        [helper.make_tensor_value_info("logits", F32, ["batch", "time", vocab]),
+         helper.make_tensor_value_info("hn", F32, state),
+         helper.make_tensor_value_info("cn", F32, state)],
+        inits,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def char_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("char_lm")
+    folder = save(root, "char_lm", char_lm_graph(np.random.default_rng(6)), CHAR_LM_SIGNATURE)
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**meta, "vocabulary": VOCABULARY}))
+    return root
+
+
+def char_lm_offline(root: Path, ids: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(root / "char_lm" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    zeros = np.zeros((1, 1, LM_HIDDEN), np.float32)
+    (logits,) = session.run(["logits"], {"tokens": ids[None], "h0": zeros, "c0": zeros})
+    return np.asarray(logits[0])
+
+
+def kserve_ids(sequence_id: int, ids: np.ndarray, start: bool, raw: bool) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name="char_lm")
+    request.parameters["sequence_id"].int64_param = sequence_id
+    request.parameters["sequence_start"].bool_param = start
+    tensor = request.inputs.add(name="tokens", datatype="INT64", shape=[1, len(ids)])
+    if raw:
+        request.raw_input_contents.append(np.asarray(ids, "<i8").tobytes())
+    else:
+        tensor.contents.int64_contents.extend(int(i) for i in ids)
+    return request
+
+
+@pytest.mark.parametrize(
+    "configuration",
+    [{}, {"state_residency": "device", "batch_buckets": "1,4,16", "max_batch_size": 16}],
+)
+async def test_a_character_model_streams_token_ids_exactly(
+    make_settings: Any, char_lm: Path, configuration: dict[str, Any]
+) -> None:
+    rng = np.random.default_rng(3)
+    texts = [rng.integers(0, len(VOCABULARY), int(rng.integers(10, 25))) for _ in range(12)]
+    settings = make_settings(model_repository=char_lm, max_queue_delay_s=0.002, **configuration)
+    async with serving(settings) as server, channel(server.grpc_port) as ch:
+        nat, ks = native(ch), kserve(ch)
+
+        async def over_native(ids: np.ndarray) -> np.ndarray:
+            call = nat.Stream()
+            await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model="char_lm")))
+            await call.read()
+            outputs = []
+            for a in range(0, len(ids), 4):
+                await call.write(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(ids[a : a + 4]))))
+                outputs.append(output_of((await call.read()).output))
+            await call.done_writing()
+            return np.concatenate(outputs)
+
+        async def over_kserve(n: int, ids: np.ndarray) -> np.ndarray:
+            outputs = []
+            for i, a in enumerate(range(0, len(ids), 3)):
+                request = kserve_ids(900 + n, ids[a : a + 3], start=i == 0, raw=i % 2 == 0)
+                reply = await ks.ModelInfer(request)
+                assert reply.outputs[0].name == "logits"
+                outputs.append(infer_output(reply))
+            return np.concatenate(outputs)
+
+        runs = [over_native(t) if n % 2 else over_kserve(n, t) for n, t in enumerate(texts)]
+        results = await asyncio.gather(*runs)
+        model = await nat.GetModel(pb.GetModelRequest(model="char_lm"))
+    for ids, streamed in zip(texts, results, strict=True):
+        np.testing.assert_allclose(streamed, char_lm_offline(char_lm, ids), atol=1e-5)
+    assert list(model.vocabulary) == VOCABULARY
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        ("tokens", "INT64", [-1])
+    ]
+
+
+async def test_token_ids_outside_the_vocabulary_or_of_the_wrong_type_are_refused_unapplied(
+    make_settings: Any, char_lm: Path
+) -> None:
+    settings = make_settings(model_repository=char_lm)
+    async with serving(settings) as server, channel(server.grpc_port) as ch:
+        ks, nat = kserve(ch), native(ch)
+        for n, ids in enumerate((np.array([3, 20]), np.array([-1]))):  # one sequence each
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ks.ModelInfer(kserve_ids(10 + n, ids, start=True, raw=n == 0))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "takes ids from 0 to 19" in (info.value.details() or "")
+        floats = infer_request("char_lm", 7, np.zeros((2, 1), np.float32), start=True)
+        floats.inputs[0].name = "tokens"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ks.ModelInfer(floats)
+        assert "input 'tokens' must be INT64, got FP32" in (info.value.details() or "")
+        sid = (await nat.CreateSession(pb.CreateSessionRequest(model="char_lm"))).session_id
+        ok = await nat.Step(pb.StepRequest(model="char_lm", session_id=sid,
+                                           input=to_tensor(np.array([1, 2]))))  # fmt: skip
+        assert ok.steps == 2
+        for wrong in (np.zeros((2,), np.float32), np.array([5, 99])):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await nat.Step(pb.StepRequest(model="char_lm", session_id=sid,
+                                              input=to_tensor(wrong)))  # fmt: skip
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "takes ids from 0 to 19; the chunk holds 99" in (info.value.details() or "")
+        session = await nat.GetSession(pb.GetSessionRequest(model="char_lm", session_id=sid))
+        assert session.steps == 2  # neither was applied

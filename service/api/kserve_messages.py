@@ -23,7 +23,13 @@ from service.api.native_messages import (
     StateDescription,
     TensorDescription,
 )
-from service.api.tensors import decode_float32, float32_bytes, from_floats
+from service.api.tensors import (
+    decode_float32,
+    decode_int64,
+    float32_bytes,
+    from_floats,
+    from_ints,
+)
 from service.chunks import StepResult
 from service.errors import InvalidArgument, shown
 from service.models import IndexEntry
@@ -116,43 +122,60 @@ def count_parameter(params: Mapping[str, pb.InferParameter], name: str) -> int |
     return value
 
 
+KSERVE_DTYPES = {"float32": "FP32", "int64": "INT64"}
+TYPED_CONTENTS = {"FP32": "fp32_contents", "INT64": "int64_contents"}
+
+
 def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
-    """The request's input (``x``, or the name model.json declares) as [steps, features]; it
-    must be FP32 with a batch of exactly 1, its values in one raw_input_contents entry or in
-    fp32_contents (not both, as in Triton)."""
-    name = spec.tensors.input.name
+    """The request's input (``x``, or the name model.json declares) as [steps, features] (FP32)
+    or [steps] (INT64 token ids, when declared so); a batch of exactly 1, its values in one
+    raw_input_contents entry or in the typed contents (not both, as in Triton)."""
+    declared = spec.tensors.input
+    name, datatype = declared.name, KSERVE_DTYPES[declared.dtype]
     if len(request.inputs) != 1 or request.inputs[0].name != name:
         names = shown_names([i.name for i in request.inputs])
         raise InvalidArgument(
             f"model {spec.label} takes exactly one input named {name!r}, got {names}"
         )
     tensor = request.inputs[0]
-    if tensor.datatype != "FP32":
-        raise InvalidArgument(f"input {name!r} must be FP32, got {shown_datatype(tensor.datatype)}")
+    if tensor.datatype != datatype:
+        raise InvalidArgument(
+            f"input {name!r} must be {datatype}, got {shown_datatype(tensor.datatype)}"
+        )
     typed = typed_contents(tensor)
+    what = f"input {name!r}"
     if request.raw_input_contents:
         if typed:
             raise InvalidArgument(
-                f"input {name!r} has both raw_input_contents and {typed[0]}; send its values in one"
+                f"{what} has both raw_input_contents and {typed[0]}; send its values in one"
             )
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument(
                 f"raw_input_contents holds {len(request.raw_input_contents)} entries for 1 input; "
                 "send one entry per input"
             )
-        x = decode_float32(tensor.shape, request.raw_input_contents[0], f"input {name!r}")
+        raw = request.raw_input_contents[0]
+        if datatype == "INT64":
+            x = decode_int64(tensor.shape, raw, what)
+        else:
+            x = decode_float32(tensor.shape, raw, what)
     else:
-        wrong = [kind for kind in typed if kind != "fp32_contents"]
+        wrong = [kind for kind in typed if kind != TYPED_CONTENTS[datatype]]
         if wrong:
             raise InvalidArgument(
-                f"input {name!r} is FP32: send its values in fp32_contents or raw_input_contents, "
-                f"not {wrong[0]}"
+                f"{what} is {datatype}: send its values in {TYPED_CONTENTS[datatype]} or "
+                f"raw_input_contents, not {wrong[0]}"
             )
-        x = from_floats(tensor.shape, tensor.contents.fp32_contents, f"input {name!r}")
-    if x.ndim != 3 or x.shape[0] != 1:
+        if datatype == "INT64":
+            x = from_ints(tensor.shape, tensor.contents.int64_contents, what)
+        else:
+            x = from_floats(tensor.shape, tensor.contents.fp32_contents, what)
+    rank = 2 + len(declared.shape)
+    if x.ndim != rank or x.shape[0] != 1:
+        wanted = f"[1, steps, {spec.input_size}]" if declared.shape else "[1, steps]"
         raise InvalidArgument(
-            f"input {name!r} must be [1, steps, {spec.input_size}] (a sequence request carries "
-            f"batch size 1), got {list(x.shape)}"
+            f"{what} must be {wanted} (a sequence request carries batch size 1), got "
+            f"{list(x.shape)}"
         )
     for output in request.outputs:
         if output.name != spec.tensors.output.name:

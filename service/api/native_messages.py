@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
-from service.api.tensors import decode_float32, encode_float32, float32_bytes
+from service.api.tensors import decode_float32, decode_int64, encode_float32, float32_bytes
+from service.errors import InvalidArgument, shown
 from service.session import EndReason
 
 if TYPE_CHECKING:
@@ -34,10 +35,19 @@ END_REASONS = {
 
 
 def to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
+    """A message's tensor as numpy: float32, or int64 when its dtype says so."""
+    if tensor.dtype == "int64":
+        return decode_int64(tensor.shape, tensor.data, what)
+    if tensor.dtype not in ("", "float32"):
+        raise InvalidArgument(f"{what} has dtype {shown(tensor.dtype)}; float32 or int64")
     return decode_float32(tensor.shape, tensor.data, what)
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
+    """An array as a message's tensor: int64 arrays keep their type, the rest are float32."""
+    if array.dtype.kind in "iu":
+        ids = np.ascontiguousarray(array, "<i8")
+        return pb.Tensor(shape=list(array.shape), data=ids.tobytes(), dtype="int64")
     shape, data = encode_float32(array)
     return pb.Tensor(shape=shape, data=data)
 

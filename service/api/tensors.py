@@ -1,4 +1,5 @@
-"""Packed float32 tensors on the wire <-> numpy arrays, with the checks a client needs to see.
+"""Packed float32 (and int64) tensors on the wire <-> numpy arrays, with the checks a client
+needs to see.
 
 A shape is checked in Python ints before numpy sees it: rank, sign, each dimension and the
 element count are bounded, so no shape a client sends can make numpy raise (a zero dimension makes
@@ -15,6 +16,7 @@ import numpy as np
 from service.errors import InvalidArgument
 
 FLOAT32 = np.dtype("<f4")
+INT64 = np.dtype("<i8")
 MAX_RANK = 8
 MAX_DIMENSION = 2**31 - 1  # the longest any axis of a tensor can be
 MAX_ELEMENTS = 2**31 - 1  # the product of a shape's non-zero dimensions
@@ -55,6 +57,24 @@ def decode_float32(shape: Sequence[int], data: bytes, what: str = "tensor") -> n
             f"{what} of shape {dims} needs {4 * count} bytes of float32, got {len(data)}"
         )
     return np.frombuffer(data, dtype=FLOAT32).reshape(dims)
+
+
+def decode_int64(shape: Sequence[int], data: bytes, what: str = "tensor") -> np.ndarray:
+    """Little-endian int64 bytes of ``shape`` as a read-only array (no copy)."""
+    dims, count = checked_shape(shape, what)
+    if len(data) != 8 * count:
+        raise InvalidArgument(
+            f"{what} of shape {dims} needs {8 * count} bytes of int64, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=INT64).reshape(dims).astype(np.int64, copy=False)
+
+
+def from_ints(shape: Sequence[int], values: Sequence[int], what: str = "tensor") -> np.ndarray:
+    """``values`` (as many as ``shape`` holds, in C order) as an int64 array of ``shape``."""
+    dims, count = checked_shape(shape, what)
+    if len(values) != count:
+        raise InvalidArgument(f"{what} of shape {dims} needs {count} values, got {len(values)}")
+    return np.asarray(values, dtype=np.int64).reshape(dims)
 
 
 def from_floats(shape: Sequence[int], values: Sequence[float], what: str = "tensor") -> np.ndarray:

@@ -23,12 +23,14 @@ END_REASON_SHUTDOWN: EndReason
 END_REASON_FAILED: EndReason
 
 class Tensor(_message.Message):
-    __slots__ = ("shape", "data")
+    __slots__ = ("shape", "data", "dtype")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    dtype: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("model", "version", "session_id", "initial_state")
