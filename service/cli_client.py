@@ -136,8 +136,16 @@ def repository_lines(repository: pb.ListModelsResponse) -> list[str]:
     for model in repository.models:
         lines.extend(model_lines(model))
     for refused in repository.refused:
-        lines.append(f"{refused.name}/{refused.version}\tNOT SERVED: {refused.reason}")
+        lines.append(f"{refused_label(refused)}\tNOT SERVED: {refused.reason}")
     return lines
+
+
+def refused_label(refused: pb.RefusedModel) -> str:
+    """A refused version as ``name/version``; a model refused as a whole (its serving.json is
+    invalid: no version is tried) as ``name (serving.json)``."""
+    if refused.version:
+        return f"{refused.name}/{refused.version}"
+    return f"{refused.name} (serving.json)"
 
 
 def model_lines(m: pb.ModelInfo) -> list[str]:

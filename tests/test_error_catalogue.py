@@ -7,12 +7,15 @@ equal the offline run: no bad request disturbs another session.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
@@ -126,6 +129,23 @@ def expecting(steps: int | str) -> kpb.ModelInferRequest:
     return request
 
 
+Parameters = dict[str, kpb.ModelRepositoryParameter]
+
+
+def load(name: str = MODEL, parameters: Parameters | None = None) -> Any:
+    """KServe RepositoryModelLoad of ``name`` with ``parameters`` (tritonclient's load_model)."""
+    return kpb.RepositoryModelLoadRequest(model_name=name, parameters=parameters or {})
+
+
+def unload(name: str = MODEL, parameters: Parameters | None = None) -> Any:
+    """KServe RepositoryModelUnload of ``name`` with ``parameters``."""
+    return kpb.RepositoryModelUnloadRequest(model_name=name, parameters=parameters or {})
+
+
+def text(value: str) -> kpb.ModelRepositoryParameter:
+    return kpb.ModelRepositoryParameter(string_param=value)
+
+
 GARBAGE = b"\xff\xff\xff\xff\xff"  # a field tag that never ends
 LONG = "n" * 3000  # a client string far longer than a message quotes (and under 4096 bytes)
 OPEN = pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL))
@@ -234,6 +254,56 @@ CASES = [
          lambda n, k: k.ModelInfer(kserve_with(lambda r: setattr(r.inputs[0], "name", LONG))), "(3000 characters)"),
     Case("kserve-long-output-name", grpc.StatusCode.INVALID_ARGUMENT,
          lambda n, k: k.ModelInfer(kserve_with(lambda r: r.outputs.add(name=LONG))), "(3000 characters)"),
+    # --- model control (the KServe model repository extension); model_control none here ---
+    Case("kserve-load-not-explicit", grpc.StatusCode.UNAVAILABLE,
+         lambda n, k: k.RepositoryModelLoad(load()), "model_control is none"),
+    Case("kserve-unload-not-explicit", grpc.StatusCode.UNAVAILABLE,
+         lambda n, k: k.RepositoryModelUnload(unload()), "explicit model load / unload is not allowed"),
+    Case("kserve-load-config", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.RepositoryModelLoad(load(parameters={"config": text("{}")})), "parameter 'config' is not supported"),
+    Case("kserve-load-files", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.RepositoryModelLoad(load(parameters={"file:1/model.onnx": kpb.ModelRepositoryParameter(
+             bytes_param=b"onnx")})), "parameter 'file:1/model.onnx' is not supported"),
+    Case("kserve-load-unknown-parameter", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.RepositoryModelLoad(load(parameters={"pin": text("yes")})), "unknown RepositoryModelLoad parameter 'pin'"),
+    Case("kserve-unload-unknown-parameter", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.RepositoryModelUnload(unload(parameters={"now": text("yes")})), "unknown RepositoryModelUnload parameter 'now'"),
+    Case("kserve-unload-dependents-not-bool", grpc.StatusCode.INVALID_ARGUMENT,
+         lambda n, k: k.RepositoryModelUnload(unload(parameters={"unload_dependents": text("true")})), "must be a bool parameter"),
+]  # fmt: skip
+
+
+def on_version(request: kpb.ModelInferRequest, version: str) -> kpb.ModelInferRequest:
+    """``request`` naming model version ``version``."""
+    request.model_version = version
+    return request
+
+
+# Model control with model_control explicit, on a server whose repository changed after start-up
+# (test_model_control_refusals_with_explicit_control): tiny_lstm/1 was removed from it and a load
+# retired it, tiny_lstm/2 serves, tiny_lstm/3 is broken, tiny_gru was unloaded; a live session on
+# each retired version goes on.
+CONTROL_CASES = [
+    Case("kserve-load-unknown-model", grpc.StatusCode.NOT_FOUND,
+         lambda n, k: k.RepositoryModelLoad(load("nope")), "model 'nope' is not in the model repository"),
+    Case("kserve-unload-unknown-model", grpc.StatusCode.NOT_FOUND,
+         lambda n, k: k.RepositoryModelUnload(unload("../tiny_gru")), "is not loaded, nor in the model repository"),
+    Case("kserve-load-refused", grpc.StatusCode.FAILED_PRECONDITION,
+         lambda n, k: k.RepositoryModelLoad(load()), "failed to load 'tiny_lstm': model tiny_lstm/3"),
+    Case("retired-version", grpc.StatusCode.FAILED_PRECONDITION,
+         lambda n, k: n.CreateSession(pb.CreateSessionRequest(model=MODEL, version="1")),
+         "model tiny_lstm/1 takes no new sessions: its folder was removed from the repository; its live "
+         "sessions go on until they end; open new ones on version 2, or name no version"),
+    Case("kserve-start-on-retired-version", grpc.StatusCode.FAILED_PRECONDITION,
+         lambda n, k: k.ModelInfer(on_version(infer_request(MODEL, 907, GOOD, start=True), "1")),
+         "model tiny_lstm/1 takes no new sessions"),
+    Case("unloaded-model", grpc.StatusCode.FAILED_PRECONDITION,
+         lambda n, k: n.CreateSession(pb.CreateSessionRequest(model="tiny_gru")),
+         "model 'tiny_gru' takes no new sessions: it was unloaded (RepositoryModelUnload); its live "
+         "sessions go on until they end"),
+    Case("kserve-start-on-unloaded-model", grpc.StatusCode.FAILED_PRECONDITION,
+         lambda n, k: k.ModelInfer(infer_request("tiny_gru", 908, GOOD, start=True)),
+         "model 'tiny_gru' takes no new sessions"),
 ]  # fmt: skip
 
 
@@ -263,6 +333,93 @@ async def test_every_catalogued_bad_request_gets_its_code_and_harms_no_one(
         store = srv.engine.model(MODEL).store
         assert len(store) == 4 and sum(s.busy for s in store.sessions.values()) == 0
         assert srv.engine.expire_idle_sessions() == 0  # TTL off here; with it on they would end
+
+
+async def test_model_control_refusals_with_explicit_control(
+    make_settings: Any, tiny_repository: Path, tmp_path: Path
+) -> None:
+    """The catalogue's model-control cases that need model_control explicit and a repository
+    that changed while serving; a witness session on the retired version goes on between them,
+    exactly."""
+    root = tmp_path / "models"
+    for name, version, source in [(MODEL, "1", "1"), (MODEL, "2", "1"), ("tiny_gru", "1", "1")]:
+        shutil.copytree(tiny_repository / name / source, root / name / version)
+    x = np.random.default_rng(12).standard_normal((2 * (len(CONTROL_CASES) + 1), 3))
+    x = x.astype(np.float32)
+    settings = make_settings(model_repository=root, model_control="explicit", **LIMITS)
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+        n, k = native(ch), kserve(ch)
+        await n.CreateSession(pb.CreateSessionRequest(model=MODEL, version="1", session_id="old"))
+        await n.CreateSession(pb.CreateSessionRequest(model="tiny_gru", session_id="kept"))
+        outputs = [output_of(await n.Step(step_request(MODEL, "old", x[:2])))]
+        shutil.rmtree(root / MODEL / "1")
+        await k.RepositoryModelLoad(load())  # 1 retires: its folder is gone
+        await k.RepositoryModelUnload(unload("tiny_gru"))
+        shutil.copytree(tiny_repository / MODEL / "1", root / MODEL / "3")
+        (root / MODEL / "3" / "model.json").write_text("{not json")
+        for i, case in enumerate(CONTROL_CASES, start=1):
+            details = await expect_code(case.code, case.call(n, k))
+            assert case.details in details, (case.name, details)
+            outputs.append(
+                output_of(await n.Step(step_request(MODEL, "old", x[2 * i : 2 * i + 2])))
+            )
+        reference = OfflineReference(tiny_repository, MODEL)(x)
+        np.testing.assert_allclose(np.concatenate(outputs), reference, atol=1e-5)
+        assert srv.engine.versions(MODEL) == ["2"] and srv.engine.versions("tiny_gru") == []
+        for name, kept in [(MODEL, "old"), ("tiny_gru", "kept")]:  # nothing else was opened
+            handle = srv.engine.registry.find(name, "1")
+            assert handle is not None and list(handle.store.sessions) == [kept]
+        assert len(srv.engine.model(MODEL, "2").store) == 0
+
+
+async def test_a_session_whose_new_state_could_not_be_stored_ends_failed(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state write failing part-way (a device error, here made to happen) ends the sessions
+    of that batch's finished chunks (reason failed) instead of letting them go on from a state
+    nobody can vouch for: a unary Step is INTERNAL, a native stream is told SessionEnded{FAILED},
+    a KServe sequence must START again. Other sessions go on."""
+    async with serving(make_settings(**LIMITS)) as srv, channel(srv.grpc_port) as ch:
+        n, k = native(ch), kserve(ch)
+        store = srv.engine.model(MODEL).store
+
+        def broken(slots: Any, states: Any) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="a"))
+        await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="other"))
+        await n.Step(step_request(MODEL, "a", GOOD))
+        await k.ModelInfer(infer_request(MODEL, 960, GOOD, start=True))
+        monkeypatch.setattr(store, "scatter", broken)
+        details = await expect_code(
+            grpc.StatusCode.INTERNAL, n.Step(step_request(MODEL, "a", GOOD))
+        )
+        assert details == (
+            "model tiny_lstm/1 could not store the new state of session 'a' (RuntimeError); the "
+            "session is ended: open it again and replay its inputs from step 0"
+        )
+        details = await expect_code(
+            grpc.StatusCode.INTERNAL, k.ModelInfer(infer_request(MODEL, 960, GOOD))
+        )
+        assert "could not store the new state of sequence '960'" in details
+        stream = n.Stream()
+        await stream.write(pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL)))
+        await stream.read()  # opened
+        await stream.write(pb.StreamRequest(chunk=pb.Chunk(input=chunk_of(1.0))))
+        ended = await stream.read()  # its chunk is not answered: the session ended
+        assert ended.WhichOneof("kind") == "ended"
+        assert ended.ended.reason == pb.END_REASON_FAILED and ended.ended.steps == 0
+        assert await stream.read() is grpc.aio.EOF  # and the stream ends, OK
+        assert await stream.code() == grpc.StatusCode.OK
+        monkeypatch.undo()  # the state writes work again
+
+        await expect_code(grpc.StatusCode.NOT_FOUND, n.Step(step_request(MODEL, "a", GOOD)))
+        details = await expect_code(
+            grpc.StatusCode.INVALID_ARGUMENT, k.ModelInfer(infer_request(MODEL, 960, GOOD))
+        )
+        assert "must specify the START flag" in details
+        assert (await n.Step(step_request(MODEL, "other", GOOD))).steps == 2
+        assert len(store) == 1 and store.find("other") is not None
 
 
 async def test_a_second_chunk_while_one_is_in_flight_is_refused(make_settings: Any) -> None:

@@ -207,6 +207,23 @@ def test_a_long_label_or_token_is_cut_short() -> None:
     assert lines[-1].endswith("'9', ... (49990 more)")
 
 
+def test_a_refused_version_and_a_refused_serving_json_print_clearly() -> None:
+    """A version refused prints as ``name/version``; a model refused for its serving.json has no
+    version (none was tried) and prints as ``name (serving.json)``, never ``name/``."""
+    version = "model tiny_gru/2: model.json is not valid JSON"
+    model = "model tiny_lstm: models/tiny_lstm/serving.json: max_batch_size 0: input should be ..."
+    repository = pb.ListModelsResponse(
+        refused=[
+            pb.RefusedModel(name="tiny_gru", version="2", reason=version),
+            pb.RefusedModel(name="tiny_lstm", version="", reason=model),
+        ]
+    )
+    assert repository_lines(repository) == [
+        f"tiny_gru/2\tNOT SERVED: {version}",
+        f"tiny_lstm (serving.json)\tNOT SERVED: {model}",
+    ]
+
+
 def test_rnnserve_models_prints_them(
     labelled_repository: Path,
     make_settings: Callable[..., Settings],
