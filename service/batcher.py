@@ -284,10 +284,17 @@ class Batcher:
             chunk.latency.observe(now_s - chunk.received_s)
             self._finish(chunk, StepResult(session.session_id, output, session.steps, chunk.end,
                                            session.durable_steps, session.incarnation,
-                                           self.spec.version))  # fmt: skip
+                                           self.spec.version, self._named(output)))  # fmt: skip
         self._steps.inc(applied_steps)
         if applied_steps:
             self._on_applied()
+
+    def _named(self, output: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
+        """A model of several outputs: each of a chunk's, by name (none for one output)."""
+        sig = self.spec.tensors
+        if len(sig.outputs) == 1:
+            return ()
+        return tuple(zip((t.name for t in sig.outputs), sig.split_outputs(output), strict=True))
 
     def _states_lost(
         self, batch: list[PendingChunk], outcome: BatchOutcome, error: Exception

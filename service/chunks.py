@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from service.errors import (
 from service.metrics import LoopHistogramChild
 from service.repository import ModelSpec
 from service.session import Session, other_incarnation
+from service.signature import TensorSpec
 
 SUMMED_IN_PYTHON_BELOW = 64  # values; under this a numpy reduction costs more than a Python sum
 # What a reply adds to its output tensor: session id (<= 128 bytes), counts, incarnation, field
@@ -46,37 +48,79 @@ def all_finite(array: np.ndarray) -> bool:
 
 
 def check_chunk(
-    spec: ModelSpec, x: np.ndarray, max_steps: int, reject_nonfinite: bool
+    spec: ModelSpec,
+    given: np.ndarray | Mapping[str, np.ndarray],
+    max_steps: int,
+    reject_nonfinite: bool,
 ) -> np.ndarray:
-    """``x`` as model ``spec`` takes it, or INVALID_ARGUMENT: float32 ``[steps, features]``
-    (integers are taken as float32 values, as before int64 tensors existed), or for a model of
-    token ids int64 ``[steps]`` in the declared range."""
-    declared = spec.tensors.input
-    wanted = "[steps]" if not declared.shape else f"[steps, {spec.input_size}]"
-    if x.dtype.kind in "iu" and declared.dtype == "float32":
-        x = x.astype(np.float32)
-    if x.dtype != declared.numpy_dtype:
-        raise InvalidArgument(f"input must be {declared.dtype}, got {x.dtype}")
-    if x.ndim != 1 + len(declared.shape):
-        raise InvalidArgument(f"input must be {wanted}, got shape {list(x.shape)}")
-    steps = x.shape[0]
-    if declared.shape and x.shape[1] != spec.input_size:
+    """A chunk as the core carries it, packed (:class:`service.signature.Signature`): one
+    float32 array [steps, input_size]. ``given``: the model's one input, or every input by name.
+    INVALID_ARGUMENT unless each input has its declared dtype (integers are taken as float32 for
+    a float32 input) and shape ``[steps, features]`` (``[steps]`` for ids), ids lie in their
+    range, values are finite (unless allowed), and all inputs have the same number of steps."""
+    sig = spec.tensors
+    if isinstance(given, Mapping):
+        names = [t.name for t in sig.inputs]
+        if sorted(given) != sorted(names):
+            raise InvalidArgument(
+                f"model {spec.label} takes inputs {names}, got {[shown(n) for n in given]}"
+            )
+        named = dict(given)
+    elif len(sig.inputs) == 1:
+        named = {sig.input.name: given}
+    else:
         raise InvalidArgument(
-            f"model {spec.label} takes {spec.input_size} features per step, got {x.shape[1]}"
+            f"model {spec.label} takes {len(sig.inputs)} inputs, "
+            f"{', '.join(t.name for t in sig.inputs)}: send each by name"
+        )
+    several = len(sig.inputs) > 1
+    arrays = [
+        checked_input(spec, tensor, named[tensor.name], reject_nonfinite, several)
+        for tensor in sig.inputs
+    ]
+    steps = arrays[0].shape[0]
+    if any(a.shape[0] != steps for a in arrays):
+        raise InvalidArgument(
+            f"the inputs of a chunk must have as many steps each, got "
+            f"{[a.shape[0] for a in arrays]}"
         )
     if steps < 1:
         raise InvalidArgument("a chunk needs at least one step")
     if steps > max_steps:
         raise InvalidArgument(f"chunk of {steps} steps exceeds the limit of {max_steps}")
-    if declared.value_range is not None:
-        low, high = declared.value_range
-        if int(x.min()) < low or int(x.max()) >= high:
+    if sig.packed_as_is:
+        return arrays[0]
+    packed = [a.reshape(steps, -1).astype(np.float32, copy=False) for a in arrays]
+    return packed[0] if len(packed) == 1 else np.concatenate(packed, axis=1)
+
+
+def checked_input(
+    spec: ModelSpec, tensor: TensorSpec, x: np.ndarray, reject_nonfinite: bool, named: bool
+) -> np.ndarray:
+    """One input of a chunk, checked against its declaration (see :func:`check_chunk`)."""
+    what = f"input {tensor.name!r}" if named else "input"
+    wanted = "[steps]" if not tensor.shape else f"[steps, {tensor.size}]"
+    if x.dtype.kind in "iu" and tensor.dtype == "float32":
+        x = x.astype(np.float32)
+    if x.dtype != tensor.numpy_dtype:
+        raise InvalidArgument(f"{what} must be {tensor.dtype}, got {x.dtype}")
+    if x.ndim != 1 + len(tensor.shape):
+        raise InvalidArgument(f"{what} must be {wanted}, got shape {list(x.shape)}")
+    if tensor.shape and x.shape[1] != tensor.size:
+        raise InvalidArgument(
+            f"model {spec.label} takes {tensor.size} features per step"
+            f"{f' in {what}' if named else ''}, got {x.shape[1]}"
+        )
+    if tensor.value_range is not None:
+        low, high = tensor.value_range
+        if x.size and (int(x.min()) < low or int(x.max()) >= high):
+            bad = int(x.min()) if int(x.min()) < low else int(x.max())
             raise InvalidArgument(
-                f"model {spec.label} takes ids from {low} to {high - 1}; the chunk holds "
-                f"{int(x.min()) if int(x.min()) < low else int(x.max())}"
+                f"model {spec.label} takes ids from {low} to {high - 1}"
+                f"{f' in {what}' if named else ''}; the chunk holds {bad}"
             )
     elif reject_nonfinite and not all_finite(x):
-        raise InvalidArgument("input holds NaN or Inf")
+        raise InvalidArgument(f"{what} holds NaN or Inf")
     return x
 
 
@@ -108,6 +152,8 @@ class StepResult:
     durable_steps: int = 0  # steps covered by the latest written snapshot
     incarnation: int = 0  # the session's (a START draws a new one)
     model_version: str = ""  # the version that computed it (a session stays on its own)
+    # A model of several outputs: each by name, [steps, ...]; ``output`` holds them side by side.
+    named_outputs: tuple[tuple[str, np.ndarray], ...] = ()
 
 
 @dataclass(eq=False, slots=True)

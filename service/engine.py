@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -314,7 +314,7 @@ class InferenceEngine:
         name: str,
         version: str,
         session_id: str,
-        x: np.ndarray,
+        x: np.ndarray | Mapping[str, np.ndarray],
         *,
         api: str,
         received_s: float,
@@ -327,7 +327,8 @@ class InferenceEngine:
         incarnation: str = "",
         reply_extra_bytes: int = 0,
     ) -> asyncio.Future[StepResult]:
-        """The one way in for a chunk ``x`` [steps, features] of session ``session_id``.
+        """The one way in for a chunk ``x`` of session ``session_id``: the model's input
+        [steps, features] (``[steps]`` for ids), or each of its inputs by name.
 
         ``start`` opens the session first (Triton's START: a live one restarts from zero state
         with this chunk), ``end`` closes it once the chunk is applied. A session with a chunk in

@@ -74,7 +74,7 @@ def unloadable(spec: ModelSpec, error: Exception) -> Exception:
 def check_behaviour(spec: ModelSpec, runtime: ModelRuntime) -> None:
     """(4): a chunk over a batch equals its steps one at a time and each row alone."""
     rng = np.random.default_rng(CHECK_SEED)
-    x = spec.tensors.input.sample(rng, CHECK_ROWS, CHECK_STEPS)
+    x = spec.tensors.sample(rng, CHECK_ROWS, CHECK_STEPS)
     states = [  # as stored: [pre, rows, post]
         0.1 * rng.standard_normal((s.pre, CHECK_ROWS, s.post)).astype(np.float32)
         for s in spec.tensors.states
@@ -116,7 +116,7 @@ def check_device_state(spec: ModelSpec, runtime: ModelRuntime, buckets: tuple[in
     host path gives, so a model or provider that cannot serve it is refused at load instead of
     failing every chunk."""
     rng = np.random.default_rng(CHECK_SEED)
-    x = spec.tensors.input.sample(rng, CHECK_ROWS, CHECK_STEPS)
+    x = spec.tensors.sample(rng, CHECK_ROWS, CHECK_STEPS)
     sig = spec.tensors
     initial = [
         [0.1 * rng.standard_normal(s.shape).astype(np.float32) for s in sig.states]

@@ -129,8 +129,8 @@ def read_spec(directory: Path) -> ModelSpec:
                 f"model {label}: {meta_path}: {error} (docs/YOUR_MODEL.md)"
             ) from None
         metadata = {**declared_sizes(signature), **metadata}
-        metadata["input_size"] = signature.input.size
-        metadata["output_size"] = signature.output.size
+        metadata["input_size"] = signature.input_size
+        metadata["output_size"] = signature.output_size
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ModelContractError(
@@ -208,8 +208,8 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     sig = spec.tensors
-    expected_in = (sig.input.name, *sig.state_inputs)
-    expected_out = (sig.output.name, *sig.state_outputs)
+    expected_in = (*(i.name for i in sig.inputs), *sig.state_inputs)
+    expected_out = (*(o.name for o in sig.outputs), *sig.state_outputs)
     problems: list[str] = []
     if set(inputs) != set(expected_in):
         problems.append(f"inputs are {sorted(inputs)}, expected {list(expected_in)}")
@@ -217,13 +217,13 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
         problems.append(f"outputs are {sorted(outputs)}, expected {list(expected_out)}")
     if not problems:
         wanted: dict[str, list[int | str]] = {
-            sig.input.name: sig.input.graph_dims("batch", "time"),
-            sig.output.name: sig.output.graph_dims("batch", "time"),
+            **{i.name: i.graph_dims("batch", "time") for i in sig.inputs},
+            **{o.name: o.graph_dims("batch", "time") for o in sig.outputs},
             **{s.input: s.graph_dims("batch") for s in sig.states},
             **{s.output: s.graph_dims("batch") for s in sig.states},
         }
         graph = {**inputs, **outputs}
-        types = {sig.input.name: ONNX_TYPES[sig.input.dtype]}
+        types = {i.name: ONNX_TYPES[i.dtype] for i in sig.inputs}
         for name, dims in wanted.items():
             arg = graph[name]
             expected_type = types.get(name, "tensor(float)")

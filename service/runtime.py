@@ -108,7 +108,7 @@ def tensorrt_profile(signature: Signature, max_rows: int, max_steps: int) -> dic
     built at the first call instead of a new one whenever a shape falls outside the last."""
 
     def shapes(rows: int, steps: int) -> str:
-        dims = {signature.input.name: signature.input.graph_dims(rows, steps)}
+        dims = {i.name: i.graph_dims(rows, steps) for i in signature.inputs}
         dims.update({s.input: s.graph_dims(rows) for s in signature.states})
         return ",".join(f"{name}:{'x'.join(map(str, d))}" for name, d in dims.items())
 
@@ -195,8 +195,7 @@ class ModelRuntime:
         if single_thread_twin and active == [CPU] and intra_op_threads != 1:
             self.single_thread_session = open_session(1, [CPU], arena=False)
         # Until bind(): the default convention, tensors in the graph's declared order.
-        self.input_spec = TensorSpec("x", (0,))
-        self.output_spec = TensorSpec("y", (0,))
+        self.signature = Signature((TensorSpec("x", (0,)),), (TensorSpec("y", (0,)),), ())
         self.state_inputs: list[str] = [i.name for i in self.session.get_inputs()][1:]
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
         self.state_specs: tuple[StateSpec, ...] | None = None  # None: stored = graph shapes
@@ -214,9 +213,9 @@ class ModelRuntime:
         """Feed and read every tensor by its name in ``signature``, whatever order the graph
         declares them in (by position, a graph declaring ``[x, c0, h0]`` would be fed h as c:
         silently wrong outputs), converting layouts and state shapes (:mod:`service.signature`)."""
-        self.input_spec, self.output_spec = signature.input, signature.output
+        self.signature = signature
         self.state_inputs = list(signature.state_inputs)
-        self.output_names = [signature.output.name, *signature.state_outputs]
+        self.output_names = [*(o.name for o in signature.outputs), *signature.state_outputs]
         self.state_specs = None if signature.conventional else signature.states
 
     def _graph_state(self, k: int, state: np.ndarray) -> np.ndarray:
@@ -237,14 +236,21 @@ class ModelRuntime:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One call: ``x`` [rows, steps, features] and stored states [pre, rows, post] in, ``y``
         [rows, steps, outputs] and the new stored states out."""
-        feeds = {self.input_spec.name: self.input_spec.to_graph(x)}
+        sig = self.signature
+        feeds = {t.name: t.to_graph(a) for t, a in zip(sig.inputs, sig.unpack(x), strict=True)}
         for k, (name, state) in enumerate(zip(self.state_inputs, states, strict=True)):
             feeds[name] = self._graph_state(k, state)
         session = self.single_thread_session if single_thread else self.session
-        y, *new_states = session.run(self.output_names, feeds)
+        results = session.run(self.output_names, feeds)
+        count = len(sig.outputs)
         rows = x.shape[0]
-        new = [self._stored_state(k, s, rows) for k, s in enumerate(new_states)]
-        return self.output_spec.from_graph(y), new
+        new = [self._stored_state(k, s, rows) for k, s in enumerate(results[count:])]
+        return self._packed_outputs(results[:count]), new
+
+    def _packed_outputs(self, ys: Sequence[np.ndarray]) -> np.ndarray:
+        """The graph's outputs as one packed [rows, steps, output_size] array."""
+        sig = self.signature
+        return sig.pack_outputs([t.from_graph(y) for t, y in zip(sig.outputs, ys, strict=True)])
 
     def run_bound(
         self, x: np.ndarray, states: Sequence[ort.OrtValue], single_thread: bool = False
@@ -256,7 +262,9 @@ class ModelRuntime:
         shape; otherwise onnxruntime allocates them."""
         session = self.single_thread_session if single_thread else self.session
         binding = session.io_binding()
-        binding.bind_cpu_input(self.input_spec.name, self.input_spec.to_graph(x))
+        sig = self.signature
+        for tensor, array in zip(sig.inputs, sig.unpack(x), strict=True):
+            binding.bind_cpu_input(tensor.name, tensor.to_graph(array))
         kind, device_id = self.device.kind, self.device.device_id
         rows = x.shape[0]
         allocated: list[ort.OrtValue | None] = []
@@ -266,9 +274,10 @@ class ModelRuntime:
                 continue
             dims = self.state_specs[k].graph_dims(rows)
             binding.bind_input(name, kind, device_id, np.float32, dims, state.data_ptr())
-        y_name, *state_outputs = self.output_names
-        binding.bind_output(y_name, "cpu")
-        for k, name in enumerate(state_outputs):
+        count = len(sig.outputs)
+        for name in self.output_names[:count]:
+            binding.bind_output(name, "cpu")
+        for k, name in enumerate(self.output_names[count:]):
             if self.state_specs is None:
                 binding.bind_output(name, kind, device_id)
                 allocated.append(None)
@@ -282,10 +291,10 @@ class ModelRuntime:
             )
             allocated.append(value)
         session.run_with_iobinding(binding)
-        y, *returned = binding.get_outputs()
+        values = binding.get_outputs()
         new = [mine if mine is not None else got
-               for mine, got in zip(allocated, returned, strict=True)]  # fmt: skip
-        return self.output_spec.from_graph(y.numpy()), new
+               for mine, got in zip(allocated, values[count:], strict=True)]  # fmt: skip
+        return self._packed_outputs([y.numpy() for y in values[:count]]), new
 
     def measure_cost(self, signature: Signature, max_rows: int, repeats: int = 5) -> CallCost:
         """Time calls of one step at 1 and at ``max_rows`` rows on initial states (the fastest
@@ -294,7 +303,7 @@ class ModelRuntime:
         the event loop. The first calls also warm onnxruntime up before any client waits."""
 
         def fastest_s(rows: int) -> float:
-            x = signature.input.sample(np.random.default_rng(0), rows, 1)
+            x = signature.sample(np.random.default_rng(0), rows, 1)
             states = [np.zeros((s.pre, rows, s.post), np.float32) for s in signature.states]
             self.run(x, states, single_thread=True)
             best = float("inf")

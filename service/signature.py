@@ -1,4 +1,4 @@
-"""A model's signature: the tensor a chunk carries in, the tensor its reply carries out, the state
+"""A model's signature: the tensors a chunk carries in, those its reply carries out, the state
 tensors kept per session, and how each sits in the graph.
 
 model.json may declare it under ``"signature"`` (docs/YOUR_MODEL.md); a model.json without one
@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 
 LAYOUTS = re.compile(r"^(?=[^B]*B[^B]*$)(?=[^T]*T[^T]*$)[BT1]+$")  # one B, one T, any 1s
-INPUT_DTYPES = ("float32", "int64")  # int64: token ids (an embedding in the graph)
+INPUT_DTYPES = ("float32", "int64")
+FLOAT32_EXACT = (
+    2**24
+)  # every integer up to this is exact as a float32  # int64: token ids (an embedding in the graph)
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
     "int64": np.dtype(np.int64),
@@ -135,11 +138,47 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class Signature:
-    """Everything the runtime binds, by name."""
+    """Everything the runtime binds, by name.
 
-    input: TensorSpec
-    output: TensorSpec
+    A chunk travels through the server *packed*: its inputs side by side as one float32 array
+    [steps, input_size] (each input's per-step values flattened, in declared order; int64 ids as
+    float32 values, exact below 2**24, which their declared range keeps them under), and its
+    outputs likewise as [steps, output_size]. So the core moves one array per chunk whatever
+    the model takes, and a model of one float32 input and output (nearly all) is packed as it is.
+    """
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
     states: tuple[StateSpec, ...]
+
+    @property
+    def input(self) -> TensorSpec:
+        """The first input (the only one of most models)."""
+        return self.inputs[0]
+
+    @property
+    def output(self) -> TensorSpec:
+        """The first output (the only one of most models)."""
+        return self.outputs[0]
+
+    @property
+    def input_size(self) -> int:
+        """Packed values per step of a chunk's inputs."""
+        return sum(t.size for t in self.inputs)
+
+    @property
+    def output_size(self) -> int:
+        """Packed values per step of a chunk's outputs."""
+        return sum(t.size for t in self.outputs)
+
+    @property
+    def packed_as_is(self) -> bool:
+        """One float32 input of [features] and one output: packing changes nothing."""
+        return (
+            len(self.inputs) == len(self.outputs) == 1
+            and self.input.dtype == "float32"
+            and len(self.input.shape) == 1
+        )
 
     @property
     def state_inputs(self) -> tuple[str, ...]:
@@ -151,21 +190,48 @@ class Signature:
 
     @property
     def conventional(self) -> bool:
-        """Every tensor batch-major and every state [*, batch, *] of rank 3: the graph's arrays
-        are the server's without any conversion."""
-        return (
-            self.input.layout == self.output.layout == "BT"
-            and len(self.input.shape) == len(self.output.shape) == 1
-            and all(s.batch_axis == 1 and len(s.shape) == 2 for s in self.states)
-        )
+        """Every state [*, batch, *] of rank 3: the graph's state arrays are the server's."""
+        return all(s.batch_axis == 1 and len(s.shape) == 2 for s in self.states)
+
+    def unpack(self, x: np.ndarray) -> list[np.ndarray]:
+        """Packed inputs [rows, steps, input_size] as each input [rows, steps, *shape] in its
+        dtype (views where the dtype is float32)."""
+        if self.packed_as_is:
+            return [x]
+        arrays, at = [], 0
+        for tensor in self.inputs:
+            part = x[..., at : at + tensor.size].reshape(*x.shape[:2], *tensor.shape)
+            arrays.append(part.astype(np.int64) if tensor.dtype == "int64" else part)
+            at += tensor.size
+        return arrays
+
+    def pack_outputs(self, ys: Sequence[np.ndarray]) -> np.ndarray:
+        """Each output [rows, steps, *shape] side by side, [rows, steps, output_size]."""
+        if len(ys) == 1:
+            return ys[0]
+        rows, steps = ys[0].shape[:2]
+        return np.concatenate([y.reshape(rows, steps, -1) for y in ys], axis=-1)
+
+    def split_outputs(self, y: np.ndarray) -> list[np.ndarray]:
+        """A chunk's packed outputs [steps, output_size] as each output [steps, *shape]."""
+        parts, at = [], 0
+        for tensor in self.outputs:
+            parts.append(y[:, at : at + tensor.size].reshape(y.shape[0], *tensor.shape))
+            at += tensor.size
+        return parts
+
+    def sample(self, rng: np.random.Generator, rows: int, steps: int) -> np.ndarray:
+        """Valid random packed inputs [rows, steps, input_size], for the load-time checks."""
+        parts = [t.sample(rng, rows, steps).reshape(rows, steps, -1) for t in self.inputs]
+        return np.concatenate(parts, axis=-1).astype(np.float32)
 
 
 def default_signature(cell: str, layers: int, hidden: int, inputs: int, outputs: int) -> Signature:
     """The exported models' convention (module docstring)."""
     names = [("h0", "hn"), ("c0", "cn")] if cell == "lstm" else [("h0", "hn")]
     return Signature(
-        TensorSpec("x", (inputs,)),
-        TensorSpec("y", (outputs,)),
+        (TensorSpec("x", (inputs,)),),
+        (TensorSpec("y", (outputs,)),),
         tuple(StateSpec(i, o, (layers, hidden)) for i, o in names),
     )
 
@@ -179,10 +245,10 @@ def parse_signature(raw: Any) -> Signature:
         raise SignatureError(f"signature has unknown keys {sorted(unknown)}")
     inputs = _list(raw, "inputs")
     outputs = _list(raw, "outputs")
-    if len(inputs) != 1 or len(outputs) != 1:
+    if not inputs or not outputs:
         raise SignatureError(
-            f"signature declares {len(inputs)} input(s) and {len(outputs)} output(s); this "
-            "server serves models of exactly one input and one output (combine them in the graph)"
+            f"signature declares {len(inputs)} input(s) and {len(outputs)} output(s); a model "
+            "needs at least one of each"
         )
     states = tuple(_state(s, k) for k, s in enumerate(_list(raw, "states")))
     names = [t["name"] for t in (*inputs, *outputs) if isinstance(t, dict) and "name" in t]
@@ -191,7 +257,9 @@ def parse_signature(raw: Any) -> Signature:
     if duplicated:
         raise SignatureError(f"signature names {duplicated} more than once")
     return Signature(
-        _tensor(inputs[0], "inputs[0]", INPUT_DTYPES), _tensor(outputs[0], "outputs[0]"), states
+        tuple(_tensor(r, f"inputs[{k}]", INPUT_DTYPES) for k, r in enumerate(inputs)),
+        tuple(_tensor(r, f"outputs[{k}]") for k, r in enumerate(outputs)),
+        states,
     )
 
 
@@ -243,6 +311,11 @@ def _tensor(raw: Any, where: str, dtypes: tuple[str, ...] = ("float32",)) -> Ten
                 f'signature {where}: an int64 input needs "range": [low, high], the ids its '
                 "graph accepts (low included, high not: [0, vocabulary size] for an embedding)"
             )
+        if max(abs(value_range[0]), abs(value_range[1])) > FLOAT32_EXACT:
+            raise SignatureError(
+                f"signature {where}: range {value_range} reaches past ±{FLOAT32_EXACT}; ids "
+                "travel through the server as float32 values, exact only up to there"
+            )
         value_range = (value_range[0], value_range[1])
     elif value_range is not None:
         raise SignatureError(f"signature {where}: range is for int64 inputs")
@@ -292,8 +365,8 @@ def describe(signature: Signature) -> dict[str, Any]:
                 "batch_axis": s.batch_axis, "initial": initial}  # fmt: skip
 
     return {
-        "inputs": [tensor(signature.input)],
-        "outputs": [tensor(signature.output)],
+        "inputs": [tensor(t) for t in signature.inputs],
+        "outputs": [tensor(t) for t in signature.outputs],
         "states": [state(s) for s in signature.states],
     }
 

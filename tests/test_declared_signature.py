@@ -244,7 +244,7 @@ async def test_a_start_begins_again_from_the_declared_initial_state(
         (lambda s: s["inputs"][0].update(layout="BT"), ("does not stream exactly",)),
         (lambda s: s["states"][0].update(shape=[1, 6]), ("initial_h axis 2 is 5, expected 6",)),
         (lambda s: s["outputs"].append({"name": "Y_h", "shape": [5]}),
-         ("exactly one input and one output",)),
+         ("names ['Y_h'] more than once",)),
         (lambda s: s["states"][0].update(batch_axis=7), ("batch_axis must be 0..2",)),
     ],
 )  # fmt: skip
@@ -429,3 +429,176 @@ async def test_token_ids_outside_the_vocabulary_or_of_the_wrong_type_are_refused
         assert "takes ids from 0 to 19; the chunk holds 99" in (info.value.details() or "")
         session = await nat.GetSession(pb.GetSessionRequest(model="char_lm", session_id=sid))
         assert session.steps == 2  # neither was applied
+
+
+# ----- several inputs and outputs ------------------------------------------------------------
+TWO_HEADS_SIGNATURE = {
+    "inputs": [
+        {"name": "tokens", "dtype": "int64", "shape": [], "range": [0, len(VOCABULARY)]},
+        {"name": "features", "shape": [2]},
+    ],
+    "outputs": [{"name": "logits", "shape": [len(VOCABULARY)]}, {"name": "value", "shape": [1]}],
+    "states": CHAR_LM_SIGNATURE["states"],
+}
+
+
+def two_heads_graph(rng: np.random.Generator) -> Any:
+    """Token ids [B, T] and features [B, T, 2] -> embedding ++ features -> LSTM -> logits
+    [B, T, V] and a value [B, T, 1]."""
+    vocab = len(VOCABULARY)
+    nodes = [
+        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),
+        helper.make_node("Concat", ["embedded", "features"], ["joined"], axis=2),
+        helper.make_node("Transpose", ["joined"], ["x_tm"], perm=[1, 0, 2]),
+        helper.make_node(
+            "LSTM",
+            ["x_tm", "W", "R", "B", "", "h0", "c0"],
+            ["Y", "hn", "cn"],
+            hidden_size=LM_HIDDEN,
+        ),
+        helper.make_node("Squeeze", ["Y", "axis1"], ["y_tm"]),
+        helper.make_node("Transpose", ["y_tm"], ["out"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["out", "head"], ["logits"]),
+        helper.make_node("MatMul", ["out", "value_head"], ["value"]),
+    ]
+    inits = [
+        weights(rng, "embedding", vocab, EMBED),
+        weights(rng, "W", 1, 4 * LM_HIDDEN, EMBED + 2),
+        weights(rng, "R", 1, 4 * LM_HIDDEN, LM_HIDDEN),
+        weights(rng, "B", 1, 8 * LM_HIDDEN),
+        weights(rng, "head", LM_HIDDEN, vocab),
+        weights(rng, "value_head", LM_HIDDEN, 1),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    state = [1, "batch", LM_HIDDEN]
+    return helper.make_graph(
+        nodes, "two_heads",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"]),
+         helper.make_tensor_value_info("features", F32, ["batch", "time", 2]),
+         helper.make_tensor_value_info("h0", F32, state),
+         helper.make_tensor_value_info("c0", F32, state)],
+        [helper.make_tensor_value_info("logits", F32, ["batch", "time", vocab]),
+         helper.make_tensor_value_info("value", F32, ["batch", "time", 1]),
+         helper.make_tensor_value_info("hn", F32, state),
+         helper.make_tensor_value_info("cn", F32, state)],
+        inits,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("two_heads")
+    save(root, "two_heads", two_heads_graph(np.random.default_rng(8)), TWO_HEADS_SIGNATURE)
+    return root
+
+
+def two_heads_offline(root: Path, ids: np.ndarray, features: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(root / "two_heads" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    zeros = np.zeros((1, 1, LM_HIDDEN), np.float32)
+    logits, value = session.run(
+        ["logits", "value"],
+        {"tokens": ids[None], "features": features[None], "h0": zeros, "c0": zeros},
+    )
+    return [np.asarray(logits[0]), np.asarray(value[0])]
+
+
+@pytest.mark.parametrize("residency", ["host", "device"])
+async def test_a_model_of_two_inputs_and_two_outputs_streams_exactly(
+    make_settings: Any, two_heads: Path, residency: str
+) -> None:
+    rng = np.random.default_rng(12)
+    plans = [
+        (
+            rng.integers(0, len(VOCABULARY), n),
+            rng.standard_normal((n, 2)).astype(np.float32),
+        )
+        for n in rng.integers(6, 18, 10)
+    ]
+    settings = make_settings(model_repository=two_heads, state_residency=residency,
+                             max_queue_delay_s=0.002)  # fmt: skip
+    async with serving(settings) as server, channel(server.grpc_port) as ch:
+        nat, ks = native(ch), kserve(ch)
+
+        async def over_native(ids: np.ndarray, feats: np.ndarray) -> list[np.ndarray]:
+            sid = (await nat.CreateSession(pb.CreateSessionRequest(model="two_heads"))).session_id
+            logits, values = [], []
+            for a in range(0, len(ids), 5):
+                inputs = {"tokens": to_tensor(ids[a : a + 5]),
+                          "features": to_tensor(feats[a : a + 5])}  # fmt: skip
+                reply = await nat.Step(
+                    pb.StepRequest(model="two_heads", session_id=sid, inputs=inputs)
+                )
+                packed = output_of(reply)
+                logits.append(output_of_named(reply, "logits"))
+                values.append(output_of_named(reply, "value"))
+                np.testing.assert_array_equal(packed, np.hstack([logits[-1], values[-1]]))
+            return [np.concatenate(logits), np.concatenate(values)]
+
+        async def over_kserve(n: int, ids: np.ndarray, feats: np.ndarray) -> list[np.ndarray]:
+            logits, values = [], []
+            for i, a in enumerate(range(0, len(ids), 4)):
+                request = kserve_ids(300 + n, ids[a : a + 4], start=i == 0, raw=False)
+                request.model_name = "two_heads"
+                part = feats[a : a + 4]
+                tensor = request.inputs.add(name="features", datatype="FP32",
+                                            shape=[1, *part.shape])  # fmt: skip
+                tensor.contents.fp32_contents.extend(part.ravel().tolist())
+                reply = await ks.ModelInfer(request)
+                by_name = {o.name: k for k, o in enumerate(reply.outputs)}
+                assert sorted(by_name) == ["logits", "value"]
+                for name, into in (("logits", logits), ("value", values)):
+                    raw = reply.raw_output_contents[by_name[name]]
+                    shape = list(reply.outputs[by_name[name]].shape)
+                    into.append(np.frombuffer(raw, "<f4").reshape(shape)[0])
+            return [np.concatenate(logits), np.concatenate(values)]
+
+        runs = [over_native(i, f) if n % 2 else over_kserve(n, i, f)
+                for n, (i, f) in enumerate(plans)]  # fmt: skip
+        results = await asyncio.gather(*runs)
+        only_value = kserve_ids(999, plans[0][0][:3], start=True, raw=True)
+        only_value.model_name = "two_heads"
+        only_value.inputs.add(name="features", datatype="FP32", shape=[1, 3, 2])
+        only_value.raw_input_contents.append(plans[0][1][:3].tobytes())
+        only_value.outputs.add(name="value")
+        reply = await ks.ModelInfer(only_value)
+        assert [o.name for o in reply.outputs] == ["value"]
+        metadata = await ks.ModelMetadata(kpb.ModelMetadataRequest(name="two_heads"))
+    for (ids, feats), streamed in zip(plans, results, strict=True):
+        for got, want in zip(streamed, two_heads_offline(two_heads, ids, feats), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [(t.name, t.datatype) for t in metadata.inputs] == [
+        ("tokens", "INT64"), ("features", "FP32"),
+    ]  # fmt: skip
+    assert [t.name for t in metadata.outputs] == ["logits", "value"]
+
+
+def output_of_named(reply: pb.StepResponse, name: str) -> np.ndarray:
+    tensor = reply.outputs[name]
+    return np.frombuffer(tensor.data, "<f4").reshape(list(tensor.shape))
+
+
+async def test_several_inputs_must_all_come_with_as_many_steps(
+    make_settings: Any, two_heads: Path
+) -> None:
+    settings = make_settings(model_repository=two_heads)
+    async with serving(settings) as server, channel(server.grpc_port) as ch:
+        nat = native(ch)
+        sid = (await nat.CreateSession(pb.CreateSessionRequest(model="two_heads"))).session_id
+        cases = [
+            ({"tokens": to_tensor(np.array([1, 2]))}, "takes inputs ['tokens', 'features']"),
+            ({"tokens": to_tensor(np.array([1, 2])),
+              "features": to_tensor(np.zeros((3, 2), np.float32))}, "as many steps each"),
+            (None, "takes 2 inputs, tokens, features: send each by name"),
+        ]  # fmt: skip
+        for inputs, phrase in cases:
+            request = pb.StepRequest(model="two_heads", session_id=sid)
+            if inputs is None:
+                request.input.CopyFrom(to_tensor(np.array([1, 2])))
+            else:
+                for name, tensor in inputs.items():
+                    request.inputs[name].CopyFrom(tensor)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await nat.Step(request)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert phrase in (info.value.details() or ""), info.value.details()

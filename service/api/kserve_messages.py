@@ -36,6 +36,7 @@ from service.models import IndexEntry
 from service.repository import ModelSpec
 from service.session import check_session_id, incarnation_text
 from service.settings import Settings
+from service.signature import TensorSpec
 
 API = "kserve"
 PLATFORM = "onnxruntime_onnx"
@@ -126,35 +127,55 @@ KSERVE_DTYPES = {"float32": "FP32", "int64": "INT64"}
 TYPED_CONTENTS = {"FP32": "fp32_contents", "INT64": "int64_contents"}
 
 
-def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
-    """The request's input (``x``, or the name model.json declares) as [steps, features] (FP32)
-    or [steps] (INT64 token ids, when declared so); a batch of exactly 1, its values in one
-    raw_input_contents entry or in the typed contents (not both, as in Triton)."""
-    declared = spec.tensors.input
+def input_chunk(
+    request: pb.ModelInferRequest, spec: ModelSpec
+) -> np.ndarray | dict[str, np.ndarray]:
+    """The request's inputs (``x``, or the names model.json declares): the model's one input as
+    [steps, features] (FP32) or [steps] (INT64 ids), or every input by name for a model of
+    several. A batch of exactly 1; each input's values in raw_input_contents (one entry per
+    input, in the request's order) or in its typed contents (not both, as in Triton). The
+    requested outputs must be the model's."""
+    declared = {t.name: t for t in spec.tensors.inputs}
+    names = [i.name for i in request.inputs]
+    if sorted(names) != sorted(declared):
+        wanted = ", ".join(repr(n) for n in declared)
+        raise InvalidArgument(
+            f"model {spec.label} takes {'inputs' if len(declared) > 1 else 'exactly one input'} "
+            f"named {wanted}, got {shown_names(names)}"
+        )
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} input(s); "
+            "send one entry per input"
+        )
+    arrays = {
+        tensor.name: one_input(tensor, declared[tensor.name], raw[k] if raw else None)
+        for k, tensor in enumerate(request.inputs)
+    }
+    outputs = {o.name for o in spec.tensors.outputs}
+    for output in request.outputs:
+        if output.name not in outputs:
+            known = ", ".join(repr(n) for n in outputs)
+            raise InvalidArgument(
+                f"model {spec.label} has output(s) {known}; unknown {shown(output.name)}"
+            )
+    return arrays[names[0]] if len(arrays) == 1 else arrays
+
+
+def one_input(tensor: pb.ModelInferRequest.InferInputTensor, declared: TensorSpec,
+              raw: bytes | None) -> np.ndarray:  # fmt: skip
+    """One request input as [steps, ...] in its declared type (see :func:`input_chunk`)."""
     name, datatype = declared.name, KSERVE_DTYPES[declared.dtype]
-    if len(request.inputs) != 1 or request.inputs[0].name != name:
-        names = shown_names([i.name for i in request.inputs])
-        raise InvalidArgument(
-            f"model {spec.label} takes exactly one input named {name!r}, got {names}"
-        )
-    tensor = request.inputs[0]
-    if tensor.datatype != datatype:
-        raise InvalidArgument(
-            f"input {name!r} must be {datatype}, got {shown_datatype(tensor.datatype)}"
-        )
-    typed = typed_contents(tensor)
     what = f"input {name!r}"
-    if request.raw_input_contents:
+    if tensor.datatype != datatype:
+        raise InvalidArgument(f"{what} must be {datatype}, got {shown_datatype(tensor.datatype)}")
+    typed = typed_contents(tensor)
+    if raw is not None:
         if typed:
             raise InvalidArgument(
                 f"{what} has both raw_input_contents and {typed[0]}; send its values in one"
             )
-        if len(request.raw_input_contents) != 1:
-            raise InvalidArgument(
-                f"raw_input_contents holds {len(request.raw_input_contents)} entries for 1 input; "
-                "send one entry per input"
-            )
-        raw = request.raw_input_contents[0]
         if datatype == "INT64":
             x = decode_int64(tensor.shape, raw, what)
         else:
@@ -170,19 +191,12 @@ def input_chunk(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
             x = from_ints(tensor.shape, tensor.contents.int64_contents, what)
         else:
             x = from_floats(tensor.shape, tensor.contents.fp32_contents, what)
-    rank = 2 + len(declared.shape)
-    if x.ndim != rank or x.shape[0] != 1:
-        wanted = f"[1, steps, {spec.input_size}]" if declared.shape else "[1, steps]"
+    if x.ndim != 2 + len(declared.shape) or x.shape[0] != 1:
+        wanted = f"[1, steps, {declared.size}]" if declared.shape else "[1, steps]"
         raise InvalidArgument(
             f"{what} must be {wanted} (a sequence request carries batch size 1), got "
             f"{list(x.shape)}"
         )
-    for output in request.outputs:
-        if output.name != spec.tensors.output.name:
-            raise InvalidArgument(
-                f"model {spec.label} has one output, {spec.tensors.output.name!r}; unknown "
-                f"{shown(output.name)}"
-            )
     chunk: np.ndarray = x[0]
     return chunk
 
@@ -232,9 +246,14 @@ def fill_infer_response(
     message.model_name = spec.name
     message.model_version = result.model_version or spec.version
     message.id = request.id
-    y = result.output
-    message.outputs.add(name=spec.tensors.output.name, datatype="FP32", shape=(1, *y.shape))
-    message.raw_output_contents.append(float32_bytes(y))
+    sig = spec.tensors
+    requested = {o.name for o in request.outputs}  # none named: every output
+    parts = [result.output] if len(sig.outputs) == 1 else sig.split_outputs(result.output)
+    for tensor, y in zip(sig.outputs, parts, strict=True):
+        if requested and tensor.name not in requested:
+            continue
+        message.outputs.add(name=tensor.name, datatype="FP32", shape=(1, *y.shape))
+        message.raw_output_contents.append(float32_bytes(y))
     message.parameters["sequence_steps"].int64_param = result.steps
     start = request.parameters.get("sequence_start")
     if start is not None and start.bool_param:  # the incarnation changes only at a START

@@ -12,13 +12,13 @@ from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service._proto.rnnserve.v1 import streaming_pb2_grpc as pb_grpc
 from service.api.auth import caller_of
 from service.api.native_messages import (
+    chunk_inputs,
     fill_step_response,
     initial_state,
     model_info,
     session_ended,
     session_info,
     stream_output,
-    to_array,
 )
 from service.api.status import abort, deadline_of, translate_errors
 from service.api.streams import RequestPump
@@ -59,7 +59,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
             request.model,
             request.version,
             request.session_id,
-            to_array(request.input, "input"),
+            chunk_inputs(request.input, request.inputs, request.HasField("input")),
             api=API,
             received_s=received,
             caller=caller_of(context),
@@ -181,7 +181,7 @@ class SessionStream:
             self.model,
             self.version,
             self.session_id,
-            to_array(chunk.input, "input"),
+            chunk_inputs(chunk.input, chunk.inputs, chunk.HasField("input")),
             api=API,
             received_s=time.perf_counter(),
             caller=self.caller,

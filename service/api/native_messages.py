@@ -8,6 +8,7 @@ Imports neither onnxruntime nor the engine at run time, so the Python client can
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,17 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=shape, data=data)
 
 
+def chunk_inputs(
+    single: pb.Tensor, named: Mapping[str, pb.Tensor], has_single: bool
+) -> np.ndarray | dict[str, np.ndarray]:
+    """A chunk's input tensor, or its inputs by name (a model of several); not both."""
+    if named:
+        if has_single:
+            raise InvalidArgument("send a chunk's input in input or inputs, not both")
+        return {name: to_array(t, f"input {shown(name)}") for name, t in named.items()}
+    return to_array(single, "input")
+
+
 def initial_state(tensors: list[pb.Tensor]) -> list[np.ndarray] | None:
     return [to_array(t, f"initial_state[{i}]") for i, t in enumerate(tensors)] or None
 
@@ -81,6 +93,8 @@ def fill_step_response(message: pb.StepResponse, result: StepResult) -> pb.StepR
     message.steps = result.steps
     message.ended = result.ended
     message.durable_steps = result.durable_steps
+    for name, values in result.named_outputs:
+        message.outputs[name].CopyFrom(to_tensor(values))
     return message
 
 
@@ -170,17 +184,13 @@ def model_signature(spec: ModelSpec, runtime: ModelRuntime) -> ModelSignature:
         ort_type = ort_type or "tensor(float)"
         return ORT_DATATYPES.get(ort_type, ort_type)  # a type KServe has no name for: as it is
 
-    inputs = (
-        TensorDescription(
-            sig.input.name, datatype(graph_inputs.get(sig.input.name)), (DYNAMIC, *sig.input.shape)
-        ),
+    inputs = tuple(
+        TensorDescription(i.name, datatype(graph_inputs.get(i.name)), (DYNAMIC, *i.shape))
+        for i in sig.inputs
     )
-    outputs = (
-        TensorDescription(
-            sig.output.name,
-            datatype(graph_outputs.get(sig.output.name)),
-            (DYNAMIC, *sig.output.shape),
-        ),
+    outputs = tuple(
+        TensorDescription(o.name, datatype(graph_outputs.get(o.name)), (DYNAMIC, *o.shape))
+        for o in sig.outputs
     )
     states = tuple(
         StateDescription(

@@ -25,53 +25,65 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brnnserve/v1/streaming.proto\x12\x0brnnserve.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\"v\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12*\n\rinitial_state\x18\x04 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"\xb7\x01\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\x1b\n\x0e\x65xpected_steps\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bincarnation\x18\x07 \x01(\tB\x11\n\x0f_expected_steps\"|\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\r\n\x05\x65nded\x18\x04 \x01(\x08\x12\x15\n\rdurable_steps\x18\x05 \x01(\x04\"I\n\x13\x43loseSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\"s\n\x11GetSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x15\n\rinclude_state\x18\x04 \x01(\x08\x12\x13\n\x0bincarnation\x18\x05 \x01(\t\"\xe0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x01\x12\"\n\x05state\x18\x06 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x15\n\rdurable_steps\x18\x07 \x01(\x04\x12(\n\x0blast_output\x18\x08 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x13\n\x0bincarnation\x18\t \x01(\t\"Y\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.rnnserve.v1.EndReason\x12\r\n\x05steps\x18\x03 \x01(\x04\"\xc6\x01\n\rStreamRequest\x12\x31\n\x04open\x18\x01 \x01(\x0b\x32!.rnnserve.v1.CreateSessionRequestH\x00\x12\x30\n\x06\x61ttach\x18\x02 \x01(\x0b\x32\x1e.rnnserve.v1.GetSessionRequestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.rnnserve.v1.ChunkH\x00\x12#\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x12.rnnserve.v1.CloseH\x00\x42\x06\n\x04kind\"[\n\x05\x43hunk\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x1b\n\x0e\x65xpected_steps\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_expected_steps\"\x07\n\x05\x43lose\"\x9d\x01\n\x0eStreamResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfoH\x00\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x19.rnnserve.v1.StepResponseH\x00\x12*\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x19.rnnserve.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"h\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\x12*\n\x07refused\x18\x02 \x03(\x0b\x32\x19.rnnserve.v1.RefusedModel\"=\n\x0cRefusedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08\x64\x61tatype\x18\x03 \x01(\t\"f\n\tStateSpec\x12\x12\n\ninput_name\x18\x01 \x01(\t\x12\x13\n\x0boutput_name\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0f\n\x07initial\x18\x05 \x01(\t\"\x8f\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0c\n\x04\x63\x65ll\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\ninput_size\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x0c\n\x04task\x18\t \x01(\t\x12\x13\n\x0boutput_kind\x18\n \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12&\n\x05input\x18\r \x01(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\'\n\x06output\x18\x0e \x01(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12&\n\x05state\x18\x0f \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\x15\n\rmetadata_json\x18\x10 \x01(\t\x12\'\n\x06inputs\x18\x11 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\x12 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12&\n\x06states\x18\x13 \x03(\x0b\x32\x16.rnnserve.v1.StateSpec\x12\x0e\n\x06labels\x18\x14 \x03(\t\x12\x12\n\nvocabulary\x18\x15 \x03(\t*\xa3\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45ND_REASON_CLOSED\x10\x01\x12\x1b\n\x17\x45ND_REASON_IDLE_TIMEOUT\x10\x02\x12\x16\n\x12\x45ND_REASON_EVICTED\x10\x03\x12\x17\n\x13\x45ND_REASON_SHUTDOWN\x10\x04\x12\x15\n\x11\x45ND_REASON_FAILED\x10\x05\x32\x8c\x04\n\x12StreamingInference\x12\x45\n\x06Stream\x12\x1a.rnnserve.v1.StreamRequest\x1a\x1b.rnnserve.v1.StreamResponse(\x01\x30\x01\x12L\n\rCreateSession\x12!.rnnserve.v1.CreateSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12K\n\x0c\x43loseSession\x12 .rnnserve.v1.CloseSessionRequest\x1a\x19.rnnserve.v1.SessionEnded\x12\x46\n\nGetSession\x12\x1e.rnnserve.v1.GetSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brnnserve/v1/streaming.proto\x12\x0brnnserve.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\"v\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12*\n\rinitial_state\x18\x04 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\"\xb1\x02\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\x1b\n\x0e\x65xpected_steps\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bincarnation\x18\x07 \x01(\t\x12\x34\n\x06inputs\x18\x08 \x03(\x0b\x32$.rnnserve.v1.StepRequest.InputsEntry\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\x42\x11\n\x0f_expected_steps\"\xfa\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\r\n\x05\x65nded\x18\x04 \x01(\x08\x12\x15\n\rdurable_steps\x18\x05 \x01(\x04\x12\x37\n\x07outputs\x18\x06 \x03(\x0b\x32&.rnnserve.v1.StepResponse.OutputsEntry\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"I\n\x13\x43loseSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\"s\n\x11GetSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x15\n\rinclude_state\x18\x04 \x01(\x08\x12\x13\n\x0bincarnation\x18\x05 \x01(\t\"\xe0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x05 \x01(\x01\x12\"\n\x05state\x18\x06 \x03(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x15\n\rdurable_steps\x18\x07 \x01(\x04\x12(\n\x0blast_output\x18\x08 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x13\n\x0bincarnation\x18\t \x01(\t\"Y\n\x0cSessionEnded\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.rnnserve.v1.EndReason\x12\r\n\x05steps\x18\x03 \x01(\x04\"\xc6\x01\n\rStreamRequest\x12\x31\n\x04open\x18\x01 \x01(\x0b\x32!.rnnserve.v1.CreateSessionRequestH\x00\x12\x30\n\x06\x61ttach\x18\x02 \x01(\x0b\x32\x1e.rnnserve.v1.GetSessionRequestH\x00\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.rnnserve.v1.ChunkH\x00\x12#\n\x05\x63lose\x18\x04 \x01(\x0b\x32\x12.rnnserve.v1.CloseH\x00\x42\x06\n\x04kind\"\xcf\x01\n\x05\x43hunk\x12\"\n\x05input\x18\x01 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x1b\n\x0e\x65xpected_steps\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12.\n\x06inputs\x18\x03 \x03(\x0b\x32\x1e.rnnserve.v1.Chunk.InputsEntry\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\x42\x11\n\x0f_expected_steps\"\x07\n\x05\x43lose\"\x9d\x01\n\x0eStreamResponse\x12*\n\x06opened\x18\x01 \x01(\x0b\x32\x18.rnnserve.v1.SessionInfoH\x00\x12+\n\x06output\x18\x02 \x01(\x0b\x32\x19.rnnserve.v1.StepResponseH\x00\x12*\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x19.rnnserve.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"h\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\x12*\n\x07refused\x18\x02 \x03(\x0b\x32\x19.rnnserve.v1.RefusedModel\"=\n\x0cRefusedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08\x64\x61tatype\x18\x03 \x01(\t\"f\n\tStateSpec\x12\x12\n\ninput_name\x18\x01 \x01(\t\x12\x13\n\x0boutput_name\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0f\n\x07initial\x18\x05 \x01(\t\"\x8f\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0c\n\x04\x63\x65ll\x18\x04 \x01(\t\x12\x0e\n\x06layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\ninput_size\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x0c\n\x04task\x18\t \x01(\t\x12\x13\n\x0boutput_kind\x18\n \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x0e\n\x06sha256\x18\x0c \x01(\t\x12&\n\x05input\x18\r \x01(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\'\n\x06output\x18\x0e \x01(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12&\n\x05state\x18\x0f \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\x15\n\rmetadata_json\x18\x10 \x01(\t\x12\'\n\x06inputs\x18\x11 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\x12 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12&\n\x06states\x18\x13 \x03(\x0b\x32\x16.rnnserve.v1.StateSpec\x12\x0e\n\x06labels\x18\x14 \x03(\t\x12\x12\n\nvocabulary\x18\x15 \x03(\t*\xa3\x01\n\tEndReason\x12\x1a\n\x16\x45ND_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45ND_REASON_CLOSED\x10\x01\x12\x1b\n\x17\x45ND_REASON_IDLE_TIMEOUT\x10\x02\x12\x16\n\x12\x45ND_REASON_EVICTED\x10\x03\x12\x17\n\x13\x45ND_REASON_SHUTDOWN\x10\x04\x12\x15\n\x11\x45ND_REASON_FAILED\x10\x05\x32\x8c\x04\n\x12StreamingInference\x12\x45\n\x06Stream\x12\x1a.rnnserve.v1.StreamRequest\x1a\x1b.rnnserve.v1.StreamResponse(\x01\x30\x01\x12L\n\rCreateSession\x12!.rnnserve.v1.CreateSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12;\n\x04Step\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse\x12K\n\x0c\x43loseSession\x12 .rnnserve.v1.CloseSessionRequest\x1a\x19.rnnserve.v1.SessionEnded\x12\x46\n\nGetSession\x12\x1e.rnnserve.v1.GetSessionRequest\x1a\x18.rnnserve.v1.SessionInfo\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.rnnserve.v1.GetModelRequest\x1a\x16.rnnserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rnnserve.v1.streaming_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENDREASON']._serialized_start=2440
-  _globals['_ENDREASON']._serialized_end=2603
+  _globals['_STEPREQUEST_INPUTSENTRY']._loaded_options = None
+  _globals['_STEPREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._loaded_options = None
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_CHUNK_INPUTSENTRY']._loaded_options = None
+  _globals['_CHUNK_INPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_ENDREASON']._serialized_start=2806
+  _globals['_ENDREASON']._serialized_end=2969
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=96
   _globals['_CREATESESSIONREQUEST']._serialized_start=98
   _globals['_CREATESESSIONREQUEST']._serialized_end=216
   _globals['_STEPREQUEST']._serialized_start=219
-  _globals['_STEPREQUEST']._serialized_end=402
-  _globals['_STEPRESPONSE']._serialized_start=404
-  _globals['_STEPRESPONSE']._serialized_end=528
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=530
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=603
-  _globals['_GETSESSIONREQUEST']._serialized_start=605
-  _globals['_GETSESSIONREQUEST']._serialized_end=720
-  _globals['_SESSIONINFO']._serialized_start=723
-  _globals['_SESSIONINFO']._serialized_end=947
-  _globals['_SESSIONENDED']._serialized_start=949
-  _globals['_SESSIONENDED']._serialized_end=1038
-  _globals['_STREAMREQUEST']._serialized_start=1041
-  _globals['_STREAMREQUEST']._serialized_end=1239
-  _globals['_CHUNK']._serialized_start=1241
-  _globals['_CHUNK']._serialized_end=1332
-  _globals['_CLOSE']._serialized_start=1334
-  _globals['_CLOSE']._serialized_end=1341
-  _globals['_STREAMRESPONSE']._serialized_start=1344
-  _globals['_STREAMRESPONSE']._serialized_end=1501
-  _globals['_LISTMODELSREQUEST']._serialized_start=1503
-  _globals['_LISTMODELSREQUEST']._serialized_end=1522
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1524
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1628
-  _globals['_REFUSEDMODEL']._serialized_start=1630
-  _globals['_REFUSEDMODEL']._serialized_end=1691
-  _globals['_GETMODELREQUEST']._serialized_start=1693
-  _globals['_GETMODELREQUEST']._serialized_end=1742
-  _globals['_TENSORSPEC']._serialized_start=1744
-  _globals['_TENSORSPEC']._serialized_end=1803
-  _globals['_STATESPEC']._serialized_start=1805
-  _globals['_STATESPEC']._serialized_end=1907
-  _globals['_MODELINFO']._serialized_start=1910
-  _globals['_MODELINFO']._serialized_end=2437
-  _globals['_STREAMINGINFERENCE']._serialized_start=2606
-  _globals['_STREAMINGINFERENCE']._serialized_end=3130
+  _globals['_STEPREQUEST']._serialized_end=524
+  _globals['_STEPREQUEST_INPUTSENTRY']._serialized_start=439
+  _globals['_STEPREQUEST_INPUTSENTRY']._serialized_end=505
+  _globals['_STEPRESPONSE']._serialized_start=527
+  _globals['_STEPRESPONSE']._serialized_end=777
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_start=710
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_end=777
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=779
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=852
+  _globals['_GETSESSIONREQUEST']._serialized_start=854
+  _globals['_GETSESSIONREQUEST']._serialized_end=969
+  _globals['_SESSIONINFO']._serialized_start=972
+  _globals['_SESSIONINFO']._serialized_end=1196
+  _globals['_SESSIONENDED']._serialized_start=1198
+  _globals['_SESSIONENDED']._serialized_end=1287
+  _globals['_STREAMREQUEST']._serialized_start=1290
+  _globals['_STREAMREQUEST']._serialized_end=1488
+  _globals['_CHUNK']._serialized_start=1491
+  _globals['_CHUNK']._serialized_end=1698
+  _globals['_CHUNK_INPUTSENTRY']._serialized_start=439
+  _globals['_CHUNK_INPUTSENTRY']._serialized_end=505
+  _globals['_CLOSE']._serialized_start=1700
+  _globals['_CLOSE']._serialized_end=1707
+  _globals['_STREAMRESPONSE']._serialized_start=1710
+  _globals['_STREAMRESPONSE']._serialized_end=1867
+  _globals['_LISTMODELSREQUEST']._serialized_start=1869
+  _globals['_LISTMODELSREQUEST']._serialized_end=1888
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1890
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1994
+  _globals['_REFUSEDMODEL']._serialized_start=1996
+  _globals['_REFUSEDMODEL']._serialized_end=2057
+  _globals['_GETMODELREQUEST']._serialized_start=2059
+  _globals['_GETMODELREQUEST']._serialized_end=2108
+  _globals['_TENSORSPEC']._serialized_start=2110
+  _globals['_TENSORSPEC']._serialized_end=2169
+  _globals['_STATESPEC']._serialized_start=2171
+  _globals['_STATESPEC']._serialized_end=2273
+  _globals['_MODELINFO']._serialized_start=2276
+  _globals['_MODELINFO']._serialized_end=2803
+  _globals['_STREAMINGINFERENCE']._serialized_start=2972
+  _globals['_STREAMINGINFERENCE']._serialized_end=3496
 # @@protoc_insertion_point(module_scope)

@@ -45,7 +45,14 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., initial_state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("model", "version", "session_id", "input", "end", "expected_steps", "incarnation")
+    __slots__ = ("model", "version", "session_id", "input", "end", "expected_steps", "incarnation", "inputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +60,7 @@ class StepRequest(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_STEPS_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     session_id: str
@@ -60,21 +68,31 @@ class StepRequest(_message.Message):
     end: bool
     expected_steps: int
     incarnation: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., end: _Optional[bool] = ..., expected_steps: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    inputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., session_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., end: _Optional[bool] = ..., expected_steps: _Optional[int] = ..., incarnation: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "output", "steps", "ended", "durable_steps")
+    __slots__ = ("session_id", "output", "steps", "ended", "durable_steps", "outputs")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output: Tensor
     steps: int
     ended: bool
     durable_steps: int
-    def __init__(self, session_id: _Optional[str] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., ended: _Optional[bool] = ..., durable_steps: _Optional[int] = ...) -> None: ...
+    outputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., ended: _Optional[bool] = ..., durable_steps: _Optional[int] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("model", "version", "session_id")
@@ -145,12 +163,21 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[CreateSessionRequest, _Mapping]] = ..., attach: _Optional[_Union[GetSessionRequest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("input", "expected_steps")
+    __slots__ = ("input", "expected_steps", "inputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     INPUT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     input: Tensor
     expected_steps: int
-    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., expected_steps: _Optional[int] = ...) -> None: ...
+    inputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., expected_steps: _Optional[int] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
