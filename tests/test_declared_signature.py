@@ -291,12 +291,11 @@ CHAR_LM_SIGNATURE = {
 }
 
 
-def char_lm_graph(rng: np.random.Generator) -> Any:
-    """Token ids [B, T] -> embedding -> LSTM -> logits over the vocabulary [B, T, V]."""
-    vocab = len(VOCABULARY)
+def lstm_nodes(rng: np.random.Generator, source: str, width: int) -> tuple[list[Any], list[Any]]:
+    """Nodes and weights of a time-major ONNX LSTM over batch-major ``source`` [B, T, width]
+    (states h0/c0 -> hn/cn) whose output comes back batch-major as ``out`` [B, T, hidden]."""
     nodes = [
-        helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),  # [B, T, E]
-        helper.make_node("Transpose", ["embedded"], ["x_tm"], perm=[1, 0, 2]),
+        helper.make_node("Transpose", [source], ["x_tm"], perm=[1, 0, 2]),
         helper.make_node(
             "LSTM",
             ["x_tm", "W", "R", "B", "", "h0", "c0"],
@@ -305,16 +304,24 @@ def char_lm_graph(rng: np.random.Generator) -> Any:
         ),
         helper.make_node("Squeeze", ["Y", "axis1"], ["y_tm"]),
         helper.make_node("Transpose", ["y_tm"], ["out"], perm=[1, 0, 2]),
-        helper.make_node("MatMul", ["out", "head"], ["logits"]),
     ]
     inits = [
-        weights(rng, "embedding", vocab, EMBED),
-        weights(rng, "W", 1, 4 * LM_HIDDEN, EMBED),
+        weights(rng, "W", 1, 4 * LM_HIDDEN, width),
         weights(rng, "R", 1, 4 * LM_HIDDEN, LM_HIDDEN),
         weights(rng, "B", 1, 8 * LM_HIDDEN),
-        weights(rng, "head", LM_HIDDEN, vocab),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
     ]
+    return nodes, inits
+
+
+def char_lm_graph(rng: np.random.Generator) -> Any:
+    """Token ids [B, T] -> embedding -> LSTM -> logits over the vocabulary [B, T, V]."""
+    vocab = len(VOCABULARY)
+    embedding = weights(rng, "embedding", vocab, EMBED)
+    nodes, inits = lstm_nodes(rng, "embedded", EMBED)
+    nodes = [helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]), *nodes,
+             helper.make_node("MatMul", ["out", "head"], ["logits"])]  # fmt: skip
+    inits = [embedding, *inits, weights(rng, "head", LM_HIDDEN, vocab)]
     state = [1, "batch", LM_HIDDEN]
     return helper.make_graph(
         nodes, "char_lm",
@@ -446,30 +453,17 @@ def two_heads_graph(rng: np.random.Generator) -> Any:
     """Token ids [B, T] and features [B, T, 2] -> embedding ++ features -> LSTM -> logits
     [B, T, V] and a value [B, T, 1]."""
     vocab = len(VOCABULARY)
+    embedding = weights(rng, "embedding", vocab, EMBED)
+    nodes, inits = lstm_nodes(rng, "joined", EMBED + 2)
     nodes = [
         helper.make_node("Gather", ["embedding", "tokens"], ["embedded"]),
         helper.make_node("Concat", ["embedded", "features"], ["joined"], axis=2),
-        helper.make_node("Transpose", ["joined"], ["x_tm"], perm=[1, 0, 2]),
-        helper.make_node(
-            "LSTM",
-            ["x_tm", "W", "R", "B", "", "h0", "c0"],
-            ["Y", "hn", "cn"],
-            hidden_size=LM_HIDDEN,
-        ),
-        helper.make_node("Squeeze", ["Y", "axis1"], ["y_tm"]),
-        helper.make_node("Transpose", ["y_tm"], ["out"], perm=[1, 0, 2]),
+        *nodes,
         helper.make_node("MatMul", ["out", "head"], ["logits"]),
         helper.make_node("MatMul", ["out", "value_head"], ["value"]),
     ]
-    inits = [
-        weights(rng, "embedding", vocab, EMBED),
-        weights(rng, "W", 1, 4 * LM_HIDDEN, EMBED + 2),
-        weights(rng, "R", 1, 4 * LM_HIDDEN, LM_HIDDEN),
-        weights(rng, "B", 1, 8 * LM_HIDDEN),
-        weights(rng, "head", LM_HIDDEN, vocab),
-        weights(rng, "value_head", LM_HIDDEN, 1),
-        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-    ]
+    inits = [embedding, *inits, weights(rng, "head", LM_HIDDEN, vocab),
+             weights(rng, "value_head", LM_HIDDEN, 1)]  # fmt: skip
     state = [1, "batch", LM_HIDDEN]
     return helper.make_graph(
         nodes, "two_heads",
