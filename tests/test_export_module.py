@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,16 +25,25 @@ from service.repository import REQUIRED_METADATA, read_spec
 from service.settings import Settings
 from service.signature import describe
 from tests.grpc_helpers import channel, native, output_of, serving, step_request
-from tests.user_models import FrameClassifier, frame_classifier, gru_regressor
+from tests.user_models import CharLM, FrameClassifier, frame_classifier, gru_regressor
 from training.__main__ import main as training_main
 from training.export import (
     CHUNK_STEPS,
+    MODULE_SOURCE,
     TOLERANCE,
     USER_SOURCE,
     ExportVerificationError,
     UnsupportedModuleError,
 )
-from training.export_module import ProjectedLSTM, export_recurrent, quiet_projections
+from training.export_module import (
+    FACTORY_FORMS,
+    ProjectedLSTM,
+    export_module,
+    export_recurrent,
+    features,
+    quiet_projections,
+    state,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 Modules = tuple[nn.Module, nn.Module | None]
@@ -226,9 +236,9 @@ REFUSED: dict[str, tuple[Callable[[], Modules], str]] = {
     ),
     "float64 weights": (lambda: (nn.GRU(3, 4).double(), None), "float64 weights .* .float()"),
     "class-id head": (lambda: (nn.RNN(3, 4), ClassIds()), "returns int64 .* float32"),
-    "token ids": (
+    "embedding inside the rnn": (
         lambda: (nn.Sequential(nn.Embedding(10, 3), nn.LSTM(3, 4)), None),
-        r"token ids \(int64\)",
+        r"token ids \(int64\) passes its embedding as embedding",
     ),
     "not a recurrent layer": (lambda: (nn.Linear(3, 4), None), "nn.LSTM, nn.GRU or nn.RNN"),
 }
@@ -242,6 +252,197 @@ def test_what_the_contract_cannot_serve_is_refused_in_one_line(case: str, tmp_pa
         export_recurrent(rnn, head, repository=tmp_path, name="m")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "m").exists()
+
+
+BAD_EMBEDDINGS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "vectors of another size": (
+        lambda: nn.Embedding(10, 5),
+        "vectors of 5 but the rnn takes input_size=3",
+    ),
+    "not an embedding": (lambda: nn.Linear(10, 3), "embedding must be an nn.Embedding"),
+    "max_norm": (lambda: nn.Embedding(10, 3, max_norm=1.0), "max_norm=None"),
+    "float64 weights": (lambda: nn.Embedding(10, 3).double(), "embedding has float64 weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EMBEDDINGS))
+def test_an_embedding_the_graph_cannot_take_is_refused_in_one_line(
+    case: str, tmp_path: Path
+) -> None:
+    factory, message = BAD_EMBEDDINGS[case]
+    with pytest.raises(UnsupportedModuleError, match=message) as info:
+        export_recurrent(nn.GRU(3, 4), embedding=factory(), repository=tmp_path, name="m")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_token_ids_through_an_embedding_with_a_padding_id(tmp_path: Path) -> None:
+    """The graph takes int64 ids [batch, time] (time-major layer: transposed inside), model.json
+    declares them with their range, and onnxruntime equals torch on ids including the padding id."""
+    embedding, rnn, head = build(lambda: (nn.Embedding(12, 3, padding_idx=0), nn.GRU(3, 5),
+                                          nn.Linear(5, 12)), 2)  # fmt: skip
+    meta = export_recurrent(rnn, head, embedding=embedding, repository=tmp_path, name="ids")
+    assert meta["signature"]["inputs"] == [
+        {"name": "x", "dtype": "int64", "shape": [], "layout": "BT", "range": [0, 12]}
+    ]
+    assert meta["embedding"] == {"num_embeddings": 12, "embedding_dim": 3, "padding_idx": 0}
+    assert describe(read_spec(tmp_path / "ids" / "1").tensors) == meta["signature"]
+    ids = np.array([[0, 3, 11, 0, 7], [5, 0, 0, 1, 2]], np.int64)
+    session = ort.InferenceSession(str(tmp_path / "ids" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    (y,) = session.run(["y"], {"x": ids, "h0": np.zeros((1, 2, 5), np.float32)})
+    with torch.no_grad():
+        want = head(rnn(embedding(torch.from_numpy(ids).T))[0]).transpose(0, 1)
+    np.testing.assert_allclose(y, want.numpy(), atol=1e-5, rtol=0)
+
+
+# ----- any module: export_module ----------------------------------------------------------------
+class StateFirst(nn.Module):
+    """A GRU cell's state kept as [batch, hidden] (batch_axis 0): forward(x, state) -> (y, state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, hn = self.rnn(x, h.unsqueeze(0))
+        return self.head(out), hn.squeeze(0)
+
+
+def test_any_module_exports_with_its_own_state_shape_and_initial_value(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    module = build(StateFirst, 3)
+    meta = export_module(
+        module, inputs=[("x", 3)], outputs=[features("y", 2)],
+        states=[state("h", "h_next", [4], batch_axis=0, initial=0.5)],
+        repository=tmp_path, name="first", metadata={"task": "custom"},
+    )  # fmt: skip
+    assert meta["signature"]["states"] == [
+        {"input": "h", "output": "h_next", "shape": [4], "batch_axis": 0, "initial": 0.5}
+    ]
+    assert meta["inputs"] == ["x", "h"] and meta["outputs"] == ["y", "h_next"]
+    assert meta["source"]["exported_from"] == MODULE_SOURCE and meta["task"] == "custom"
+    assert max(meta["verification"]["chunkings"].values()) <= TOLERANCE
+    spec, _ = open_model(tmp_path / "first" / "1", make_settings(model_repository=tmp_path))
+    assert describe(spec.tensors) == meta["signature"]
+
+
+class Returns(nn.Module):
+    """forward(x, h0, c0) of an LSTM, returning what ``give`` makes of (y, h, c)."""
+
+    def __init__(self, give: Callable[..., object]) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.give = give
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> object:
+        y, (h, c) = self.rnn(x, (h0, c0))
+        return self.give(y, h, c)
+
+
+def steps_in_python(y: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A Python loop over the time steps: the trace unrolls it at 5 steps."""
+    return torch.stack([y[:, t] * 2 for t in range(y.shape[1])], dim=1), h, c
+
+
+LSTM_STATES = [("h0", "hn", (1, 4)), ("c0", "cn", (1, 4))]
+MODULE_REFUSED: dict[str, tuple[Callable[..., object], dict[str, Any], str]] = {
+    "too few values": (lambda y, h, c: (y, h), {}, r"returns 2 value\(s\) but 3 are declared"),
+    "no feature axis": (lambda y, h, c: (y.sum(-1), h, c), {}, r"shape \[2, 5\] .*unsqueeze"),
+    "class ids": (lambda y, h, c: (y.argmax(-1, keepdim=True), h, c), {}, "y is int64"),
+    "state of another shape": (lambda y, h, c: (y, h[:, :, :2], c), {}, r"new state hn is float32 \[1, 2, 2\]"),
+    "size as declared": (lambda y, h, c: (y, h, c), {"outputs": [features("y", 3)]}, "declared with 3 .* returns 4"),
+    "a name twice": (lambda y, h, c: (y, h, c), {"outputs": ["hn"]}, r"names \['hn'\] more than once"),
+    "forward's arguments": (lambda y, h, c: (y, h, c), {"states": LSTM_STATES[:1]}, r"fails on inputs and states x \[2, 5, 3\], h0"),
+    "unknown spec": (lambda y, h, c: (y, h, c), {"inputs": [42]}, r"inputs\[0\] must be features"),
+    "time-major declared": (lambda y, h, c: (y, h, c),
+                            {"inputs": [{"name": "x", "shape": [3], "layout": "TB"}]}, "batch-major"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(MODULE_REFUSED))
+def test_a_module_that_does_not_keep_its_declaration_is_refused_in_one_line(
+    case: str, tmp_path: Path
+) -> None:
+    give, overrides, message = MODULE_REFUSED[case]
+    declared: dict[str, Any] = {"inputs": [("x", 3)], "outputs": ["y"], "states": LSTM_STATES}
+    with pytest.raises(UnsupportedModuleError, match=message) as info:
+        export_module(Returns(give), **{**declared, **overrides}, repository=tmp_path, name="m")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("give", "message"),
+    [
+        (steps_in_python, r"fixed an axis: .* Python loop over the time steps is unrolled"),
+        (lambda y, h, c: (y.cumsum(1), h, c), "chunks do not: something mixes time steps"),
+    ],
+)
+def test_a_module_that_does_not_stream_fails_verification_and_writes_nothing(
+    give: Callable[..., object], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ExportVerificationError, match=message) as info:
+        export_module(Returns(give), inputs=[("x", 3)], outputs=["y"], states=LSTM_STATES,
+                      repository=tmp_path, name="m")  # fmt: skip
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+class ProjectedInside(nn.Module):
+    """An nn.LSTM with proj_size inside a module of its own: torch's exporter refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 8, proj_size=4, batch_first=True)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> object:
+        y, (h, c) = self.rnn(x, (h, c))
+        return y, h, c
+
+
+def test_what_the_exporter_cannot_export_is_refused_in_one_line_and_quietly(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    states = [("h0", "hn", (1, 4)), ("c0", "cn", (1, 8))]
+    with quiet_projections(), pytest.raises(UnsupportedModuleError) as info:
+        export_module(ProjectedInside(), inputs=[("x", 3)], outputs=["y"], states=states,
+                      repository=tmp_path, name="m")  # fmt: skip
+    assert str(info.value) == (
+        "model m/1: torch.onnx.export (TorchScript, opset 17) cannot export the module: "
+        "Unsupported: ONNX export of operator LSTM, LSTMs with projections; for an nn.LSTM with "
+        "proj_size use export_recurrent, or put training.export_module.ProjectedLSTM(lstm) in its "
+        "place"
+    )
+    assert "graph" not in capfd.readouterr().out  # torch's log of its IR graph is dropped
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_command_loads_an_embeddings_weights(tmp_path: Path) -> None:
+    """--state-dict of a model whose layers are embedding, rnn and head (CharLM): the graph
+    answers as that model."""
+    model = build(CharLM, 4).eval()
+    torch.save(model.state_dict(), tmp_path / "chars.pt")
+    argv = ["export-module", "--factory", "tests.user_models:char_lm", "--state-dict",
+            str(tmp_path / "chars.pt"), "--repository", str(tmp_path), "--name", "chars"]  # fmt: skip
+    assert training_main(argv) == 0
+    ids = np.random.default_rng(1).integers(0, 96, (2, 7))
+    session = ort.InferenceSession(str(tmp_path / "chars" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    zeros = np.zeros((2, 2, 512), np.float32)
+    (y,) = session.run(["y"], {"x": ids, "h0": zeros, "c0": zeros})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(torch.from_numpy(ids)).numpy(), atol=1e-5, rtol=0)
+
+
+def four_modules() -> tuple[nn.Module, ...]:
+    return nn.Embedding(3, 2), nn.GRU(2, 3), nn.Linear(3, 1), nn.Identity()
+
+
+def unknown_keys() -> dict[str, object]:
+    return {"module": nn.GRU(2, 3), "inputs": [], "outputs": [], "states": [], "layout": "BT"}
 
 
 @pytest.mark.parametrize(
@@ -264,6 +465,8 @@ def test_the_command_refuses_a_bad_factory_in_one_line(
     assert training_main([*argv, "tests.user_models:missing"]) == 1
     assert training_main([*argv, "tests.no_such_module:f"]) == 1
     assert training_main([*argv, "tests.user_models"]) == 1
+    assert training_main([*argv, "tests.test_export_module:four_modules"]) == 1
+    assert training_main([*argv, "tests.test_export_module:unknown_keys"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "python -m training export-module: tests.user_models has no function 'missing'",
@@ -272,6 +475,10 @@ def test_the_command_refuses_a_bad_factory_in_one_line(
         "PYTHONPATH",
         "python -m training export-module: --factory must be package.module:function, got "
         "'tests.user_models'",
+        f"python -m training export-module: tests.test_export_module:four_modules returned tuple; "
+        f"it must return {FACTORY_FORMS}",
+        "python -m training export-module: tests.test_export_module:unknown_keys returned a dict "
+        f"with unknown keys ['layout']; it must return {FACTORY_FORMS}",
     ]
     assert not (tmp_path / "m").exists()
 
@@ -302,10 +509,16 @@ def test_the_documented_example_runs_and_rnnserve_check_accepts_it(tmp_path: Pat
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "2 of 2 model(s) pass" in run.stdout
-    assert run.stdout.count("next: rnnserve check my_repository") == 2
+    assert "4 of 4 model(s) pass" in run.stdout
+    assert run.stdout.count("next: rnnserve check my_repository") == 4
+    assert "in=token ids [0, 96) out=96" in run.stdout
+    assert "in tokens (ids [0, 20)), features [2]; out logits [20], value [1]" in run.stdout
     meta = json.loads((tmp_path / "my_repository" / "frames" / "1" / "model.json").read_text())
     assert meta["source"]["factory"] == "my_models:frame_classifier"
+    chars = json.loads((tmp_path / "my_repository" / "chars" / "1" / "model.json").read_text())
+    assert chars["signature"]["inputs"] == [
+        {"name": "x", "dtype": "int64", "shape": [], "layout": "BT", "range": [0, 96]}
+    ]
     # The weights came from frames.pt: the graph answers as FrameClassifier loaded from it.
     model = FrameClassifier()
     model.load_state_dict(torch.load(tmp_path / "frames.pt", weights_only=True))

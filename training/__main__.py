@@ -80,24 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "export-module",
-        help="export your own nn.LSTM/GRU/RNN (and head) to ONNX, verified against torch",
-        description="Export a recurrent model of your own by the service's contract: FACTORY "
-        "returns (rnn, head) or the rnn alone (nn.LSTM, nn.GRU or nn.RNN, any layers, "
-        "batch_first either way, an LSTM's proj_size too; head applied to each step's output). "
-        "The graph is verified against torch over a whole sequence and in chunks of 1, 3 and 7 "
-        "steps before anything is written. Then run: rnnserve check REPOSITORY.",
+        help="export your own PyTorch model to ONNX, verified against torch",
+        description="Export a model of your own by the service's contract. FACTORY returns "
+        "either a recurrent layer with what surrounds it: the rnn alone, (rnn, head), "
+        "(embedding, rnn, head) or a dict with keys rnn, head, embedding (nn.LSTM, nn.GRU or "
+        "nn.RNN, any layers, batch_first either way, an LSTM's proj_size too; an nn.Embedding "
+        "of int64 token ids before it; a head applied to each step's output), or any module "
+        "with forward(*inputs, *states) -> (*outputs, *new_states), batch-major, as a dict with "
+        "keys module, inputs, outputs, states (training.export_module.export_module). The graph "
+        "is verified against torch over a whole sequence and in chunks of 1, 3 and 7 steps "
+        "before anything is written. Then run: rnnserve check REPOSITORY.",
     )
     p.add_argument(
         "--factory",
         required=True,
-        help="package.module:function returning (rnn, head) or the rnn; the current folder is "
+        help="package.module:function returning the modules (see above); the current folder is "
         "importable",
     )
     p.add_argument(
         "--state-dict",
         type=Path,
         default=None,
-        help="weights to load first: a torch.save'd state dict with keys rnn.* and head.*",
+        help="weights to load first: a torch.save'd state dict, with keys rnn.*, head.* and "
+        "embedding.* for a recurrent layer, the module's own keys for a module",
     )
     p.add_argument("--repository", type=Path, required=True, help="model repository to write to")
     p.add_argument("--name", required=True, help="model name in the repository")
@@ -199,21 +204,21 @@ def command_export_module(args: argparse.Namespace) -> int:
     from training.export import ExportVerificationError, UnsupportedModuleError
     from training.export_module import (
         FactoryError,
-        export_recurrent,
+        export_parts,
         load_factory,
         load_weights,
+        summary,
     )
 
     origin = {"factory": args.factory}
     if args.state_dict is not None:
         origin["state_dict"] = str(args.state_dict)
     try:
-        rnn, head = load_factory(args.factory)
+        parts = load_factory(args.factory)
         if args.state_dict is not None:
-            load_weights(rnn, head, args.state_dict)
-        metadata = export_recurrent(
-            rnn,
-            head,
+            load_weights(parts, args.state_dict)
+        metadata = export_parts(
+            parts,
             repository=args.repository,
             name=args.name,
             version=args.version,
@@ -223,14 +228,7 @@ def command_export_module(args: argparse.Namespace) -> int:
     except (FactoryError, UnsupportedModuleError, ExportVerificationError) as error:
         print(f"python -m training export-module: {error}", file=sys.stderr)
         return 1
-    verification = metadata["verification"]
-    print(
-        f"exported {args.repository / args.name / args.version}: {metadata['cell']}, "
-        f"{metadata['num_layers']} layer(s) of {metadata['hidden_size']}, "
-        f"in={metadata['input_size']} out={metadata['output_size']}; onnxruntime within "
-        f"{max(verification['full_sequence_max_abs_diff'], verification['streaming_max_abs_diff']):.2g} "
-        f"of torch (chunks of {', '.join(verification['chunkings'])} steps)"
-    )
+    print(f"exported {args.repository / args.name / args.version}: {summary(metadata)}")
     print(f"next: rnnserve check {args.repository}")
     return 0
 

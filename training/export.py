@@ -3,15 +3,19 @@
 Contract (docs/ARCHITECTURE.md): inputs ``x`` float32 [batch, time, features], ``h0`` [layers, batch,
 hidden] and ``c0`` (LSTM only); outputs ``y`` [batch, time, outputs], ``hn`` and ``cn`` (LSTM); batch
 and time dynamic; opset 17; the fused ONNX LSTM/GRU/RNN operators. An LSTM with ``proj_size`` P has
-``h0``/``hn`` of [layers, batch, P] (``c0``/``cn`` keep the hidden size); its model.json declares
-these shapes in a ``signature`` (service/signature.py), which the other models leave to the
-default convention.
+``h0``/``hn`` of [layers, batch, P] (``c0``/``cn`` keep the hidden size), and a model that takes
+token ids has ``x`` int64 [batch, time]; model.json declares such tensors in a ``signature``
+(service/signature.py), which the other models leave to the default convention.
 
-Two entry points share the export and the verification here:
+Three entry points share the export and the verification here:
 
 - :func:`export_model` for the project's :class:`RecurrentNet` (the bundled and synthetic models);
 - :func:`training.export_module.export_recurrent` for a user's own ``nn.LSTM`` / ``nn.GRU`` /
-  ``nn.RNN`` (any number of layers, batch-first or time-major) with an optional per-step head.
+  ``nn.RNN`` (any number of layers, batch-first or time-major) with an optional embedding of token
+  ids before it and an optional per-step head after it;
+- :func:`training.export_module.export_module` for any module with the signature
+  ``forward(*inputs, *states) -> (*outputs, *new_states)``, batch-major, described by a
+  :class:`service.signature.Signature` (several inputs and outputs, states of any shape).
 
 Every export is verified against PyTorch with onnxruntime, over a whole sequence and in chunks with
 the state fed back (which is how the service runs it), at a sequence length and batch size that
@@ -21,12 +25,15 @@ the export.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +45,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from service.signature import Signature, StateSpec, TensorSpec, describe
 from training.models import CellType, ExportWrapper, RecurrentNet, State
 
 OPSET = 17
@@ -48,9 +56,16 @@ VERIFY_BATCH, VERIFY_TIME = 3, 37
 # Chunk lengths a user's module is verified in (37 steps: every one leaves a ragged last chunk).
 CHUNK_STEPS = (1, 3, 7)
 USER_SOURCE = "a user's PyTorch module (training.export_module.export_recurrent)"
-ISSUE_CONTRACT = "the richer model contract of issue #17, item 1 (not built yet)"
+MODULE_SOURCE = "a user's PyTorch module (training.export_module.export_module)"
+# What a graph that fixed an axis at export must change, by who wrote the code that fixed it.
+HEAD_CODE = "the head's code"
 
 Reference = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
+# A module in torch by a signature: (inputs, states) -> (outputs, new states), batch-major.
+SignedReference = Callable[
+    [Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+]
 
 
 class ExportVerificationError(RuntimeError):
@@ -63,8 +78,10 @@ class UnsupportedModuleError(ValueError):
 
 @dataclass(frozen=True)
 class Contract:
-    """The sizes of one model by the ONNX contract, and its tensor names. ``proj_size`` (LSTM
-    only, 0 for none) is the size of ``h``; ``c`` keeps ``hidden_size``."""
+    """The sizes of one recurrent model by the ONNX contract, and its tensor names. ``proj_size``
+    (LSTM only, 0 for none) is the size of ``h``; ``c`` keeps ``hidden_size``. ``vocabulary_size``
+    (0 for none): ``x`` is one int64 token id per step in [0, vocabulary_size) (an embedding in
+    the graph), and ``input_size`` is the size of its vectors."""
 
     cell: CellType
     num_layers: int
@@ -72,6 +89,7 @@ class Contract:
     input_size: int
     output_size: int
     proj_size: int = 0
+    vocabulary_size: int = 0
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -86,9 +104,9 @@ class Contract:
 
     @property
     def conventional(self) -> bool:
-        """Every state [layers, batch, hidden]: the server's default convention describes the
-        graph and model.json needs no ``signature``."""
-        return all(size == self.hidden_size for size in self.state_sizes)
+        """Float32 features in and every state [layers, batch, hidden]: the server's default
+        convention describes the graph and model.json needs no ``signature``."""
+        return not self.vocabulary_size and all(s == self.hidden_size for s in self.state_sizes)
 
     @property
     def input_names(self) -> list[str]:
@@ -101,27 +119,25 @@ class Contract:
     def zero_state(self, batch: int) -> State:
         return tuple(torch.zeros(self.num_layers, batch, size) for size in self.state_sizes)
 
-    def signature(self) -> dict[str, Any]:
-        """model.json's ``signature`` (the form service/signature.py reads): ``x`` and ``y``
-        batch-major, each state of [layers, its size] per session, batch at axis 1, from zeros."""
-
-        def tensor(name: str, size: int) -> dict[str, Any]:
-            return {"name": name, "dtype": "float32", "shape": [size], "layout": "BT"}
-
-        return {
-            "inputs": [tensor("x", self.input_size)],
-            "outputs": [tensor("y", self.output_size)],
-            "states": [
-                {
-                    "input": f"{name}0",
-                    "output": f"{name}n",
-                    "shape": [self.num_layers, size],
-                    "batch_axis": 1,
-                    "initial": 0.0,
-                }
+    def tensors(self) -> Signature:
+        """The graph's tensors: ``x`` and ``y`` batch-major, each state of [layers, its size] per
+        session, batch at axis 1, from zeros."""
+        if self.vocabulary_size:
+            x = TensorSpec("x", (), "int64", value_range=(0, self.vocabulary_size))
+        else:
+            x = TensorSpec("x", (self.input_size,))
+        return Signature(
+            (x,),
+            (TensorSpec("y", (self.output_size,)),),
+            tuple(
+                StateSpec(f"{name}0", f"{name}n", (self.num_layers, size))
                 for name, size in zip(self.state_names, self.state_sizes, strict=True)
-            ],
-        }
+            ),
+        )
+
+    def signature(self) -> dict[str, Any]:
+        """model.json's ``signature`` (the form service/signature.py reads)."""
+        return describe(self.tensors())
 
 
 def contract_of(model: RecurrentNet) -> Contract:
@@ -158,54 +174,146 @@ def names_for(model: RecurrentNet) -> tuple[list[str], list[str]]:
     return contract.input_names, contract.output_names
 
 
+def graph_names(signature: Signature) -> tuple[list[str], list[str]]:
+    """The graph's input names (inputs, then states) and output names (outputs, then states)."""
+    return (
+        [t.name for t in signature.inputs] + list(signature.state_inputs),
+        [t.name for t in signature.outputs] + list(signature.state_outputs),
+    )
+
+
+def example_of(signature: Signature, batch: int, steps: int) -> tuple[torch.Tensor, ...]:
+    """Inputs (zeros; an id input its lowest id) and zero states for ``batch`` x ``steps``: the
+    arguments a module by ``signature`` is traced with."""
+    inputs = [
+        torch.full((batch, steps, *t.shape), (t.value_range or (0, 1))[0], dtype=torch.int64)
+        if t.dtype == "int64"
+        else torch.zeros(batch, steps, *t.shape)
+        for t in signature.inputs
+    ]
+    states = [torch.zeros(state_shape(s, batch)) for s in signature.states]
+    return (*inputs, *states)
+
+
+def state_shape(spec: StateSpec, rows: int) -> tuple[int, ...]:
+    """A state's shape in the graph for ``rows`` sessions (the batch at its ``batch_axis``)."""
+    return (*spec.shape[: spec.batch_axis], rows, *spec.shape[spec.batch_axis :])
+
+
+def export_signed(
+    module: nn.Module,
+    signature: Signature,
+    path: Path,
+    label: str = "",
+    *,
+    fused: str | None = None,
+    culprit: str = HEAD_CODE,
+) -> None:
+    """Write ``module`` (``forward(*inputs, *states) -> (*outputs, *new_states)``, batch-major,
+    by ``signature``) to ``path`` with the TorchScript exporter (``dynamo=False``), which keeps
+    the batch and time axes dynamic as declared; then check them in the graph (and the fused ONNX
+    op ``fused``, if given). Errors name ``label`` (default: the path) and ``culprit``."""
+    module.eval()
+    input_names, output_names = graph_names(signature)
+    dynamic_axes: dict[str, dict[int, str]] = {
+        t.name: {0: "batch", 1: "time"} for t in (*signature.inputs, *signature.outputs)
+    }
+    for state in signature.states:
+        dynamic_axes[state.input] = dynamic_axes[state.output] = {state.batch_axis: "batch"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), exporter_output_dropped():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module,
+                example_of(signature, EXAMPLE_BATCH, EXAMPLE_TIME),
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        except Exception as error:  # the exporter's reason, in one line
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = (lines[0] if lines else type(error).__name__).split(" [Caused by")[0]
+            reason = reason.split(" Please feel free")[0][:300].rstrip(".")
+            hint = (
+                "; for an nn.LSTM with proj_size use export_recurrent, or put "
+                "training.export_module.ProjectedLSTM(lstm) in its place"
+                if "projection" in reason.lower()
+                else ""
+            )
+            raise UnsupportedModuleError(
+                f"{label or path}: torch.onnx.export (TorchScript, opset {OPSET}) cannot export "
+                f"the module: {reason}{hint}"
+            ) from None
+    graph = onnx.load(str(path)).graph
+    graph_ops = {node.op_type for node in graph.node}
+    if fused is not None and fused not in graph_ops:
+        raise ExportVerificationError(
+            f"{label or path}: expected the fused ONNX {fused} op, found {sorted(graph_ops)}"
+        )
+    check_dynamic_axes(graph, label or str(path), signature, culprit)
+
+
+@contextlib.contextmanager
+def exporter_output_dropped() -> Iterator[None]:
+    """Drop what the exporter writes to the process's standard output (file descriptor 1): on a
+    failure torch's C++ log prints its whole IR graph there, and the error raised says what
+    matters in one line."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no standard output to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def export_graph(module: nn.Module, contract: Contract, path: Path, label: str = "") -> None:
     """Write ``module`` (signature ``(x, *states) -> (y, *states)``, batch-major) to ``path`` with
     the TorchScript exporter, which keeps the time axis dynamic; check the fused op and the axes.
     Errors name ``label`` (default: the path)."""
-    module.eval()
-    example_x = torch.zeros(EXAMPLE_BATCH, EXAMPLE_TIME, contract.input_size)
-    example_state = contract.zero_state(EXAMPLE_BATCH)
-    dynamic_axes: dict[str, dict[int, str]] = {
-        "x": {0: "batch", 1: "time"},
-        "y": {0: "batch", 1: "time"},
-    }
-    for name in contract.input_names[1:] + contract.output_names[1:]:
-        dynamic_axes[name] = {1: "batch"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (example_x, *example_state),
-            str(path),
-            input_names=contract.input_names,
-            output_names=contract.output_names,
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    graph = onnx.load(str(path)).graph
-    graph_ops = {node.op_type for node in graph.node}
-    fused = FUSED_OPS[contract.cell]
-    if fused not in graph_ops:
-        raise ExportVerificationError(
-            f"{label or path}: expected the fused ONNX {fused} op, found {sorted(graph_ops)}"
-        )
-    check_dynamic_axes(graph, label or str(path))
+    export_signed(module, contract.tensors(), path, label, fused=FUSED_OPS[contract.cell])
 
 
-def check_dynamic_axes(graph: onnx.GraphProto, label: str) -> None:
-    """``x`` and ``y`` must keep batch and time as named (dynamic) dimensions."""
+def fixed_axis_hint(culprit: str) -> str:
+    """What to do about a graph whose export fixed an axis."""
+    return (
+        "export with dynamo=False (the TorchScript exporter, as training/export.py does) and keep "
+        f"sizes out of {culprit}"
+    )
+
+
+def check_dynamic_axes(
+    graph: onnx.GraphProto,
+    label: str,
+    signature: Signature | None = None,
+    culprit: str = HEAD_CODE,
+) -> None:
+    """Every input and output must keep batch and time as named (dynamic) dimensions (``x`` and
+    ``y`` without a ``signature``)."""
+    names = (
+        {"x", "y"}
+        if signature is None
+        else {t.name for t in (*signature.inputs, *signature.outputs)}
+    )
     for value in [*graph.input, *graph.output]:
-        if value.name not in ("x", "y"):
+        if value.name not in names:
             continue
         dims = value.type.tensor_type.shape.dim
         for axis, axis_name in ((0, "batch"), (1, "time")):
             if len(dims) > axis and not dims[axis].dim_param:
                 raise ExportVerificationError(
                     f"{label}: torch.onnx.export fixed the {axis_name} axis of {value.name} to "
-                    f"{dims[axis].dim_value}; export with dynamo=False (the TorchScript exporter, "
-                    "as training/export.py does) and keep sizes out of the head's code"
+                    f"{dims[axis].dim_value}; {fixed_axis_hint(culprit)}"
                 )
 
 
@@ -223,31 +331,121 @@ def ort_session(path: Path) -> ort.InferenceSession:
 
 def run_in_chunks(
     session: ort.InferenceSession,
-    contract: Contract,
-    x: np.ndarray,
+    signature: Signature,
+    inputs: Sequence[np.ndarray],
     state0: Sequence[np.ndarray],
     chunk: int,
 ) -> list[np.ndarray]:
-    """``[y, *final states]`` of onnxruntime over ``x`` in chunks of ``chunk`` steps, the state fed
-    back from each chunk to the next (a whole-sequence run is one chunk of every step)."""
-    ys, state = [], list(state0)
-    for start in range(0, x.shape[1], chunk):
-        feeds = [x[:, start : start + chunk], *state]
-        y, *state = session.run(None, dict(zip(contract.input_names, feeds, strict=True)))
-        ys.append(y)
-    return [np.concatenate(ys, axis=1), *state]
+    """``[*outputs, *final states]`` of onnxruntime over ``inputs`` (batch-major) in chunks of
+    ``chunk`` steps, the state fed back from each chunk to the next (a whole-sequence run is one
+    chunk of every step)."""
+    input_names, output_names = graph_names(signature)
+    outputs: list[list[np.ndarray]] = [[] for _ in signature.outputs]
+    state = list(state0)
+    for start in range(0, inputs[0].shape[1], chunk):
+        feeds = [x[:, start : start + chunk] for x in inputs] + state
+        results = session.run(output_names, dict(zip(input_names, feeds, strict=True)))
+        for into, y in zip(outputs, results, strict=False):
+            into.append(y)
+        state = results[len(signature.outputs) :]
+    return [*(np.concatenate(parts, axis=1) for parts in outputs), *state]
 
 
-def max_diff(label: str, got: list[np.ndarray], want: list[np.ndarray]) -> float:
+def max_diff(
+    label: str,
+    got: list[np.ndarray],
+    want: list[np.ndarray],
+    names: Sequence[str] = ("y", "hn", "cn"),
+    culprit: str = HEAD_CODE,
+) -> float:
     """The largest absolute difference of matching tensors; a shape mismatch fails the export."""
-    for name, a, b in zip(["y", "hn", "cn"], got, want, strict=False):
+    for name, a, b in zip(names, got, want, strict=False):
         if a.shape != b.shape:
             raise ExportVerificationError(
                 f"{label}: onnxruntime gives {name} of shape {list(a.shape)} where PyTorch gives "
-                f"{list(b.shape)}; torch's export fixed an axis: export with dynamo=False and keep "
-                "sizes out of the head's code"
+                f"{list(b.shape)}; torch's export fixed an axis: {fixed_axis_hint(culprit)}"
             )
     return max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
+
+
+def verify_signed(
+    reference: SignedReference,
+    signature: Signature,
+    path: Path,
+    *,
+    seed: int = 0,
+    chunk_steps: Sequence[int] = (1,),
+    label: str = "",
+    culprit: str = HEAD_CODE,
+) -> Verification:
+    """Compare onnxruntime with ``reference`` (batch-major, PyTorch) on random inputs (ids within
+    their range) and random states: one call over the whole sequence, then the sequence in chunks
+    of each of ``chunk_steps``; every output and every final state must agree within
+    :data:`TOLERANCE`. Errors name ``label`` (default: the path)."""
+    label = label or str(path)
+    rng = np.random.default_rng(seed)
+    inputs = [t.sample(rng, VERIFY_BATCH, VERIFY_TIME) for t in signature.inputs]
+    state0 = [
+        (0.5 * rng.standard_normal(state_shape(s, VERIFY_BATCH))).astype(np.float32)
+        for s in signature.states
+    ]
+    with torch.no_grad():
+        outputs, states = reference(
+            [torch.from_numpy(x) for x in inputs], [torch.from_numpy(s) for s in state0]
+        )
+    expected = [t.numpy() for t in (*outputs, *states)]
+    names = graph_names(signature)[1]
+    session = ort_session(path)
+    try:
+        full_diff = max_diff(
+            label,
+            run_in_chunks(session, signature, inputs, state0, VERIFY_TIME),
+            expected,
+            names,
+            culprit,
+        )
+        by_chunk = tuple(
+            (
+                n,
+                max_diff(
+                    label,
+                    run_in_chunks(session, signature, inputs, state0, n),
+                    expected,
+                    names,
+                    culprit,
+                ),
+            )
+            for n in chunk_steps
+        )
+    except ExportVerificationError:
+        raise
+    except Exception as error:  # onnxruntime: a shape fixed at export meets other sizes
+        text = " ".join(str(error).split())
+        reason = text if len(text) <= 200 else "..." + text[-200:]
+        raise ExportVerificationError(
+            f"{label}: the graph traced at {EXAMPLE_BATCH} x {EXAMPLE_TIME} steps fails at "
+            f"{VERIFY_BATCH} x {VERIFY_TIME} ({reason}): torch's export fixed the batch or time "
+            f"axis; {fixed_axis_hint(culprit)}"
+        ) from None
+    stream_diff = max(diff for _, diff in by_chunk)
+    result = Verification(full_diff, stream_diff, VERIFY_BATCH, VERIFY_TIME, by_chunk)
+    if full_diff > TOLERANCE or stream_diff > TOLERANCE:
+        if tuple(chunk_steps) == (1,):
+            streamed = f"step by step {stream_diff:.3g}"
+        else:
+            streamed = ", ".join(f"chunks of {n}: {d:.3g}" for n, d in by_chunk)
+        hint = (
+            "; the whole sequence matches and the chunks do not: something mixes time steps "
+            f"({'a head' if culprit == HEAD_CODE else 'the module'} must act on each step alone, "
+            "carrying anything between steps in its states)"
+            if full_diff <= TOLERANCE
+            else ""
+        )
+        raise ExportVerificationError(
+            f"{label}: onnxruntime differs from PyTorch (full sequence {full_diff:.3g}, "
+            f"{streamed}, tolerance {TOLERANCE}){hint}"
+        )
+    return result
 
 
 def verify_graph(
@@ -259,58 +457,17 @@ def verify_graph(
     chunk_steps: Sequence[int] = (1,),
     label: str = "",
 ) -> Verification:
-    """Compare onnxruntime with ``reference`` (batch-major, PyTorch) on random inputs and states:
-    one call over the whole sequence, then the sequence in chunks of each of ``chunk_steps``.
-    Errors name ``label`` (default: the path)."""
-    label = label or str(path)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((VERIFY_BATCH, VERIFY_TIME, contract.input_size)).astype(np.float32)
-    state0 = [
-        (0.5 * rng.standard_normal((contract.num_layers, VERIFY_BATCH, size))).astype(np.float32)
-        for size in contract.state_sizes
-    ]
-    with torch.no_grad():
-        y_ref, state_ref = reference(
-            torch.from_numpy(x), tuple(torch.from_numpy(s) for s in state0)
-        )
-    expected = [y_ref.numpy(), *[s.numpy() for s in state_ref]]
-    session = ort_session(path)
-    try:
-        full_diff = max_diff(
-            label, run_in_chunks(session, contract, x, state0, VERIFY_TIME), expected
-        )
-        by_chunk = tuple(
-            (n, max_diff(label, run_in_chunks(session, contract, x, state0, n), expected))
-            for n in chunk_steps
-        )
-    except ExportVerificationError:
-        raise
-    except Exception as error:  # onnxruntime: a shape fixed at export meets other sizes
-        text = " ".join(str(error).split())
-        reason = text if len(text) <= 200 else "..." + text[-200:]
-        raise ExportVerificationError(
-            f"{label}: the graph traced at {EXAMPLE_BATCH} x {EXAMPLE_TIME} steps fails at "
-            f"{VERIFY_BATCH} x {VERIFY_TIME} ({reason}): torch's export fixed the batch or time "
-            "axis; export with dynamo=False and keep sizes out of the head's code"
-        ) from None
-    stream_diff = max(diff for _, diff in by_chunk)
-    result = Verification(full_diff, stream_diff, VERIFY_BATCH, VERIFY_TIME, by_chunk)
-    if full_diff > TOLERANCE or stream_diff > TOLERANCE:
-        if tuple(chunk_steps) == (1,):
-            streamed = f"step by step {stream_diff:.3g}"
-        else:
-            streamed = ", ".join(f"chunks of {n}: {d:.3g}" for n, d in by_chunk)
-        hint = (
-            "; the whole sequence matches and the chunks do not: something mixes time steps "
-            "(a head must act on each step alone)"
-            if full_diff <= TOLERANCE
-            else ""
-        )
-        raise ExportVerificationError(
-            f"{label}: onnxruntime differs from PyTorch (full sequence {full_diff:.3g}, "
-            f"{streamed}, tolerance {TOLERANCE}){hint}"
-        )
-    return result
+    """:func:`verify_signed` for a recurrent model ``(x, state) -> (y, state)`` by ``contract``."""
+
+    def signed(
+        inputs: Sequence[torch.Tensor], states: Sequence[torch.Tensor]
+    ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        y, new_state = reference(inputs[0], tuple(states))
+        return (y,), new_state
+
+    return verify_signed(
+        signed, contract.tensors(), path, seed=seed, chunk_steps=chunk_steps, label=label
+    )
 
 
 def verify_onnx(model: RecurrentNet, path: Path, seed: int = 0) -> Verification:

@@ -1,11 +1,19 @@
-"""Export a user's own ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` with an optional per-step head by the
-service's ONNX contract (``python -m training export-module``; docs/TRAINING.md, "Your own model").
+"""Export a user's own PyTorch model by the service's ONNX contract (docs/TRAINING.md, "Your own
+model"; ``python -m training export-module``), in one of two forms:
 
-The layer and head are wrapped in a :class:`RecurrentAdapter` with the contract's batch-major
-signature, then go through the same export and verification as the bundled models
-(:mod:`training.export`): nothing is written unless onnxruntime reproduces torch over the whole
-sequence and in chunks with the state fed back. What the contract cannot serve yet is refused in
-one line (:class:`~training.export.UnsupportedModuleError`).
+- :func:`export_recurrent`: an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` with an optional
+  ``nn.Embedding`` of token ids before it and an optional per-step head after it. The three are
+  wrapped in a :class:`RecurrentAdapter` with the contract's batch-major signature.
+- :func:`export_module`: any module with the documented signature
+  ``forward(*inputs, *states) -> (*outputs, *new_states)``, batch-major, its tensors named and
+  sized by the caller (:func:`features`, :func:`token_ids`, :func:`state`): several inputs (float32
+  features or int64 token ids) and outputs, states of any shape.
+
+Both go through the same export and verification as the bundled models (:mod:`training.export`):
+the TorchScript exporter (``dynamo=False``, batch and time dynamic), and nothing is written unless
+onnxruntime reproduces torch over the whole sequence and in chunks of 1, 3 and 7 steps with the
+state fed back. What the contract cannot serve is refused in one line
+(:class:`~training.export.UnsupportedModuleError`).
 
 torch cannot export an ``nn.LSTM`` with ``proj_size`` to ONNX ("LSTMs with projections" is
 unsupported); such a layer is exported as an equivalent of fused LSTMs (:class:`ProjectedLSTM`) and
@@ -18,26 +26,40 @@ import importlib
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from service.signature import (
+    Signature,
+    SignatureError,
+    StateSpec,
+    TensorSpec,
+    describe,
+    parse_signature,
+)
 from training.export import (
     CHUNK_STEPS,
     EXAMPLE_BATCH,
     EXAMPLE_TIME,
-    ISSUE_CONTRACT,
+    MODULE_SOURCE,
     USER_SOURCE,
     Contract,
     UnsupportedModuleError,
+    example_of,
     export_graph,
+    export_signed,
     now,
     sha256_of,
+    state_shape,
     verify_graph,
+    verify_signed,
     versions,
     write_version,
 )
@@ -68,13 +90,19 @@ def quiet_projections() -> Iterator[None]:
 
 
 class RecurrentAdapter(nn.Module):
-    """A user's recurrent layer and per-step head behind the contract's signature
-    ``(x, h0[, c0]) -> (y, hn[, cn])``, batch-major whatever the layer's own layout: a time-major
-    layer (``batch_first=False``) gets ``x`` transposed in and ``y`` transposed out, its head
-    applied in its own layout, exactly as the user's model runs it."""
+    """A user's recurrent layer, with an optional embedding before it and a per-step head after
+    it, behind the contract's signature ``(x, h0[, c0]) -> (y, hn[, cn])``, batch-major whatever
+    the layer's own layout: a time-major layer (``batch_first=False``) gets ``x`` transposed in and
+    ``y`` transposed out, its head applied in its own layout, exactly as the user's model runs it.
+    With an ``embedding``, ``x`` is int64 token ids [batch, time] and the layer reads their
+    vectors. Its attributes ``embedding``, ``rnn`` and ``head`` are the names of a state dict's
+    keys (``--state-dict``)."""
 
-    def __init__(self, rnn: nn.Module, head: nn.Module | None = None) -> None:
+    def __init__(
+        self, rnn: nn.Module, head: nn.Module | None = None, embedding: nn.Module | None = None
+    ) -> None:
         super().__init__()
+        self.embedding = embedding
         self.rnn = rnn
         self.head = head if head is not None else nn.Identity()
         self.time_major = not bool(getattr(rnn, "batch_first", True))
@@ -83,6 +111,8 @@ class RecurrentAdapter(nn.Module):
     def forward(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.time_major:
             x = x.transpose(0, 1)
+        if self.embedding is not None:
+            x = self.embedding(x)
         if self.lstm:
             out, (h, c) = self.rnn(x, (state[0], state[1]))
             new_state: State = (h, c)
@@ -170,9 +200,9 @@ def recurrent_layer(rnn: object) -> tuple[nn.RNNBase, CellType]:
         )
     if any(isinstance(m, nn.Embedding) for m in rnn.modules()):
         raise UnsupportedModuleError(
-            "a model that takes token ids (int64) through an embedding needs "
-            f"{ISSUE_CONTRACT}; the current contract takes float32 features: export the "
-            "recurrent layer and feed it embedded vectors"
+            "rnn holds an nn.Embedding: a model that takes token ids (int64) passes its "
+            "embedding as embedding (export_recurrent(rnn, head, embedding=...), or a factory "
+            "returning (embedding, rnn, head)) and the recurrent layer itself as rnn"
         )
     cell = next((c for cls, c in RNN_CELLS if isinstance(rnn, cls)), None)
     if cell is None or not isinstance(rnn, nn.RNNBase):
@@ -249,10 +279,31 @@ def check_names(name: str, version: str, metadata: Mapping[str, Any]) -> None:
         )
 
 
+def check_embedding(embedding: object, rnn: nn.RNNBase) -> nn.Embedding:
+    """``embedding`` if it is an ``nn.Embedding`` whose vectors the rnn reads; refuses the rest."""
+    if not isinstance(embedding, nn.Embedding):
+        raise UnsupportedModuleError(
+            f"embedding must be an nn.Embedding or None, got {type(embedding).__name__}"
+        )
+    if embedding.embedding_dim != rnn.input_size:
+        raise UnsupportedModuleError(
+            f"the embedding gives vectors of {embedding.embedding_dim} but the rnn takes "
+            f"input_size={rnn.input_size}; they must be equal"
+        )
+    if embedding.max_norm is not None:
+        raise UnsupportedModuleError(
+            "the embedding has max_norm, which rescales its weights as it runs and does not "
+            "export; renormalise the weights once and set max_norm=None"
+        )
+    check_tensors(embedding, "embedding")
+    return embedding
+
+
 def export_recurrent(
     rnn: nn.Module,
     head: nn.Module | None = None,
     *,
+    embedding: nn.Module | None = None,
     repository: Path,
     name: str,
     version: str = "1",
@@ -260,7 +311,8 @@ def export_recurrent(
     origin: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a user's ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (any number of layers, batch-first or
-    time-major, unidirectional, LSTM ``proj_size`` too) and an optional per-step ``head`` to
+    time-major, unidirectional, LSTM ``proj_size`` too), an optional ``nn.Embedding`` of token ids
+    before it and an optional per-step ``head`` after it to
     ``<repository>/<name>/<version>/model.onnx`` + ``model.json`` by the contract.
 
     The modules are put in eval mode, wrapped in a :class:`RecurrentAdapter`, exported with the
@@ -268,12 +320,16 @@ def export_recurrent(
     over a whole sequence and in chunks of 1, 3 and 7 steps with the state fed back, at 3 x 37
     steps (the trace is 2 x 5), before anything is written. An LSTM with ``proj_size`` gets
     ``proj_size`` and a ``signature`` (``h`` of [layers, proj_size], ``c`` of [layers,
-    hidden_size]) in model.json. ``metadata`` adds keys to model.json
-    (e.g. ``description``, ``task``, ``output_kind``, labels); ``origin`` is recorded under
-    ``source`` (the command puts the factory and weights file there). Returns the metadata.
+    hidden_size]) in model.json. With an ``embedding`` (``padding_idx`` allowed) the graph takes
+    int64 token ids ``x`` [batch, time], the verification feeds random ids below its
+    ``num_embeddings``, and model.json's ``signature`` declares ``x`` as one int64 id per step
+    with ``"range": [0, num_embeddings]``. ``metadata`` adds keys to model.json (e.g.
+    ``description``, ``task``, ``output_kind``, ``labels``, ``vocabulary``); ``origin`` is
+    recorded under ``source`` (the command puts the factory and weights file there). Returns the
+    metadata.
 
     Raises :class:`UnsupportedModuleError` for what the contract cannot serve (bidirectional,
-    a head that changes the batch or time axes, non-float32 weights or token ids)
+    a head that changes the batch or time axes, non-float32 weights, an embedding inside ``rnn``)
     and :class:`ExportVerificationError` when the graph does not reproduce PyTorch.
     """
     extra = dict(metadata or {})
@@ -286,17 +342,26 @@ def export_recurrent(
                 f"head must be an nn.Module or None, got {type(head).__name__}"
             )
         check_tensors(head, "head")
-    adapter = RecurrentAdapter(layer, head).eval()  # the reference: the user's modules in torch
+    embedded = None if embedding is None else check_embedding(embedding, layer)
+    # The reference: the user's modules in torch.
+    adapter = RecurrentAdapter(layer, head, embedded).eval()
     with quiet_projections():
         output_size = probe_head(layer, head)
     contract = Contract(
-        cell, layer.num_layers, layer.hidden_size, layer.input_size, output_size, layer.proj_size
+        cell,
+        layer.num_layers,
+        layer.hidden_size,
+        layer.input_size,
+        output_size,
+        layer.proj_size,
+        0 if embedded is None else embedded.num_embeddings,
     )
     version_dir = repository / name / version
     with tempfile.TemporaryDirectory(prefix="rnnserve-export-") as staging:
         onnx_path = Path(staging) / "model.onnx"
         label = f"model {name}/{version}"
-        export_graph(RecurrentAdapter(exportable(layer), head).eval(), contract, onnx_path, label)
+        exported = RecurrentAdapter(exportable(layer), head, embedded).eval()
+        export_graph(exported, contract, onnx_path, label)
         with quiet_projections():
             verification = verify_graph(
                 adapter.run, contract, onnx_path, chunk_steps=CHUNK_STEPS, label=label
@@ -310,18 +375,294 @@ def export_recurrent(
             "num_layers": contract.num_layers,
             "hidden_size": contract.hidden_size,
             **({"proj_size": contract.proj_size} if contract.proj_size else {}),
-            "input_size": contract.input_size,
+            # Values per step of a chunk: one token id, or the layer's features.
+            "input_size": 1 if embedded is not None else contract.input_size,
             "output_size": contract.output_size,
+            **({} if embedded is None else {"embedding": embedding_record(embedded)}),
             "inputs": contract.input_names,
             "outputs": contract.output_names,
             **({} if contract.conventional else {"signature": contract.signature()}),
             "source": {
                 "exported_from": USER_SOURCE,
+                **({} if embedded is None else {"embedding": repr(embedded)}),
                 "rnn": repr(rnn),
                 "head": None if head is None else repr(head),
                 "layout": "batch-first"
                 if layer.batch_first
                 else "time-major (transposed in the graph)",
+                **dict(origin or {}),
+            },
+            "verification": verification.as_dict(),
+            **versions(),
+            "exported_at": now(),
+            "sha256": sha256_of(onnx_path),
+        }
+        write_version(version_dir, onnx_path, record)
+    return record
+
+
+def embedding_record(embedding: nn.Embedding) -> dict[str, Any]:
+    """model.json's ``embedding``: how many ids it takes, its vectors' size, its padding id."""
+    return {
+        "num_embeddings": embedding.num_embeddings,
+        "embedding_dim": embedding.embedding_dim,
+        "padding_idx": embedding.padding_idx,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Any module with the documented signature.
+
+# What a module's code must not do, named in the exporter's errors about fixed axes.
+MODULE_CODE = "the module's code (a Python loop over the time steps is unrolled at the trace's 5)"
+
+
+def features(name: str, size: int) -> TensorSpec:
+    """A float32 input or output of ``size`` values per step: [batch, time, size] in ``forward``."""
+    return TensorSpec(name, (size,))
+
+
+def token_ids(name: str, count: int, low: int = 0) -> TensorSpec:
+    """An int64 input of one token id per step, from ``low`` up to ``count`` (not included; the
+    ``num_embeddings`` of an embedding): [batch, time] in ``forward``."""
+    return TensorSpec(name, (), "int64", value_range=(low, count))
+
+
+def state(
+    input: str, output: str, shape: Sequence[int], batch_axis: int = 1, initial: float = 0.0
+) -> StateSpec:
+    """A state tensor kept per session: ``forward`` takes it as ``input`` and returns its next
+    value as ``output``; ``shape`` per session, the batch inserted at ``batch_axis`` (default 1:
+    ``[layers, hidden]`` is ``[layers, batch, hidden]`` in ``forward``, as nn.LSTM's h and c);
+    a new session starts from ``initial``."""
+    return StateSpec(input, output, tuple(shape), batch_axis, np.full((), initial, np.float32))
+
+
+InputLike = TensorSpec | tuple[str, int] | Mapping[str, Any]
+OutputLike = TensorSpec | tuple[str, int] | str | Mapping[str, Any]
+StateLike = StateSpec | tuple[Any, ...] | Mapping[str, Any]
+
+
+def as_tensor(spec: object, where: str, output: bool) -> TensorSpec | str:
+    """One input or output spec as a TensorSpec (an output given by name alone: its name)."""
+    if isinstance(spec, TensorSpec):
+        return spec
+    if output and isinstance(spec, str):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
+        return features(spec[0], spec[1])
+    if isinstance(spec, Mapping):
+        return dict(spec)  # type: ignore[return-value]  # parsed with the rest, below
+    raise UnsupportedModuleError(
+        f"{where} must be features(name, size), token_ids(name, count), a (name, size) pair"
+        f"{' or a name' if output else ''}, or model.json's form; got {spec!r}"
+    )
+
+
+def as_state(spec: object, where: str) -> StateSpec | dict[str, Any]:
+    if isinstance(spec, StateSpec):
+        return spec
+    if isinstance(spec, tuple) and len(spec) in (3, 4):
+        return state(*spec)
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    raise UnsupportedModuleError(
+        f"{where} must be state(input, output, shape), an (input, output, shape[, batch_axis]) "
+        f"tuple or model.json's form; got {spec!r}"
+    )
+
+
+def declared_signature(
+    inputs: Sequence[InputLike],
+    outputs: Sequence[OutputLike],
+    states: Sequence[StateLike],
+    output_sizes: Mapping[str, int],
+) -> Signature:
+    """The signature of ``export_module``'s arguments, checked as the server reads model.json
+    (round-tripped through :func:`service.signature.parse_signature`)."""
+
+    def form(spec: TensorSpec | StateSpec | str | dict[str, Any]) -> Any:
+        if isinstance(spec, str):
+            return describe(Signature((), (TensorSpec(spec, (output_sizes[spec],)),), ()))[
+                "outputs"
+            ][0]
+        if isinstance(spec, TensorSpec):
+            return describe(Signature((), (spec,), ()))["outputs"][0]
+        if isinstance(spec, StateSpec):
+            return describe(Signature((), (), (spec,)))["states"][0]
+        return spec
+
+    raw = {
+        "inputs": [form(as_tensor(t, f"inputs[{k}]", False)) for k, t in enumerate(inputs)],
+        "outputs": [form(as_tensor(t, f"outputs[{k}]", True)) for k, t in enumerate(outputs)],
+        "states": [form(as_state(s, f"states[{k}]")) for k, s in enumerate(states)],
+    }
+    try:
+        signature = parse_signature(raw)
+    except SignatureError as error:
+        raise UnsupportedModuleError(f"{error} (docs/YOUR_MODEL.md)") from None
+    not_batch_major = [t.name for t in (*signature.inputs, *signature.outputs) if t.layout != "BT"]
+    if not_batch_major:
+        raise UnsupportedModuleError(
+            f"export_module takes batch-major tensors, but {not_batch_major} declare another "
+            "layout; transpose inside forward and declare them batch-major"
+        )
+    return signature
+
+
+def output_names(outputs: Sequence[OutputLike]) -> list[str]:
+    """The outputs' names, whatever form each is given in."""
+    names = []
+    for k, spec in enumerate(outputs):
+        tensor = as_tensor(spec, f"outputs[{k}]", True)
+        if isinstance(tensor, TensorSpec):
+            names.append(tensor.name)
+        elif isinstance(tensor, dict):
+            names.append(str(tensor.get("name")))
+        else:
+            names.append(tensor)
+    return names
+
+
+def probe_module(
+    module: nn.Module, inputs: Signature, names: Sequence[str], states: int
+) -> dict[str, int]:
+    """Run ``module`` once on the trace's example (``inputs``: the declared inputs and states)
+    and return each output's size per step; refuse what the contract cannot serve, in one line."""
+    example = example_of(inputs, EXAMPLE_BATCH, EXAMPLE_TIME)
+    expected = len(names) + states
+    shown = ", ".join(
+        [f"{t.name} {list(a.shape)}" for t, a in zip(inputs.inputs, example, strict=False)]
+        + [
+            f"{s.input} {list(a.shape)}"
+            for s, a in zip(inputs.states, example[len(inputs.inputs) :], strict=True)
+        ]
+    )
+    with torch.no_grad(), quiet_projections():
+        try:
+            returned = module(*example)
+        except Exception as error:
+            detail = " ".join(str(error).split())[:300]
+            raise UnsupportedModuleError(
+                f"the module fails on inputs and states {shown} ({detail}); its forward must take "
+                "the declared inputs, then the states, batch-major"
+            ) from None
+    results = list(returned) if isinstance(returned, tuple | list) else [returned]
+    if len(results) != expected or not all(isinstance(r, torch.Tensor) for r in results):
+        raise UnsupportedModuleError(
+            f"the module returns {len(results)} value(s) but {expected} are declared ("
+            f"{', '.join(names)}, then the {states} new state(s)); forward must return the "
+            "outputs, then the new states, as tensors"
+        )
+    sizes = {}
+    for name, y in zip(names, results, strict=False):
+        if y.dim() != 3 or tuple(y.shape[:2]) != (EXAMPLE_BATCH, EXAMPLE_TIME):
+            raise UnsupportedModuleError(
+                f"output {name} has shape {list(y.shape)} for {EXAMPLE_BATCH} rows of "
+                f"{EXAMPLE_TIME} steps; outputs must be [batch, time, features] (unsqueeze(-1) "
+                "one value per step)"
+            )
+        if y.dtype != torch.float32:
+            raise UnsupportedModuleError(
+                f"output {name} is {str(y.dtype).removeprefix('torch.')}; outputs are float32 "
+                "(e.g. logits rather than class ids)"
+            )
+        sizes[name] = int(y.shape[2])
+    for spec, new in zip(inputs.states, results[len(names) :], strict=True):
+        want = list(state_shape(spec, EXAMPLE_BATCH))
+        if list(new.shape) != want or new.dtype != torch.float32:
+            raise UnsupportedModuleError(
+                f"the new state {spec.output} is {str(new.dtype).removeprefix('torch.')} "
+                f"{list(new.shape)} where {spec.input} is float32 {want}; a state's next value "
+                "must have its shape and type"
+            )
+    return sizes
+
+
+def export_module(
+    module: nn.Module,
+    *,
+    inputs: Sequence[InputLike],
+    outputs: Sequence[OutputLike],
+    states: Sequence[StateLike],
+    repository: Path,
+    name: str,
+    version: str = "1",
+    metadata: Mapping[str, Any] | None = None,
+    origin: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export any module with the signature ``forward(*inputs, *states) -> (*outputs,
+    *new_states)`` to ``<repository>/<name>/<version>/model.onnx`` + ``model.json``.
+
+    Every tensor is batch-major: an input is [batch, time, size] float32 (:func:`features`) or
+    [batch, time] int64 token ids (:func:`token_ids`); an output is [batch, time, size] float32
+    (given by :func:`features`, a ``(name, size)`` pair, or its name alone: the size is read off
+    a trial run); a state (:func:`state`, or an ``(input, output, shape[, batch_axis])`` tuple) is
+    its per-session ``shape`` with the batch inserted at ``batch_axis`` (default 1), float32.
+    model.json's form of each (docs/YOUR_MODEL.md) is taken too. The forward must act on each
+    step in order, carrying everything between steps in the states, so that a sequence in chunks
+    gives what it gives whole.
+
+    The module is put in eval mode, run once on the trace's example (what it returns must match
+    the declaration), exported with the TorchScript exporter (``dynamo=False``, opset 17, batch
+    and time dynamic; an export that fixes an axis is refused in one line that says so) and
+    verified against torch with onnxruntime over a whole sequence and in chunks of 1, 3 and 7
+    steps with the states fed back, every output and state within 1e-5, before anything is
+    written. model.json gets the full ``signature``; ``metadata`` adds keys to it (e.g.
+    ``description``, ``labels``, ``vocabulary``), ``origin`` goes under ``source``. Returns the
+    metadata.
+    """
+    extra = dict(metadata or {})
+    check_names(name, version, extra)
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModuleError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_tensors(module, "module")
+    module.eval()
+    names = output_names(outputs)
+    known = {n: 1 for n in names}  # placeholders until the trial run reads the sizes
+    declared_inputs = declared_signature(inputs, outputs, states, known)
+    sizes = probe_module(module, declared_inputs, names, len(declared_inputs.states))
+    signature = declared_signature(inputs, outputs, states, sizes)
+    for tensor in signature.outputs:
+        if tensor.size != sizes[tensor.name]:
+            raise UnsupportedModuleError(
+                f"output {tensor.name} is declared with {tensor.size} values per step but the "
+                f"module returns {sizes[tensor.name]}"
+            )
+
+    def reference(
+        xs: Sequence[torch.Tensor], hs: Sequence[torch.Tensor]
+    ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        results = module(*xs, *hs)
+        return results[: len(names)], results[len(names) :]
+
+    version_dir = repository / name / version
+    with tempfile.TemporaryDirectory(prefix="rnnserve-export-") as staging:
+        onnx_path = Path(staging) / "model.onnx"
+        label = f"model {name}/{version}"
+        export_signed(module, signature, onnx_path, label, culprit=MODULE_CODE)
+        with quiet_projections():
+            verification = verify_signed(
+                reference,
+                signature,
+                onnx_path,
+                chunk_steps=CHUNK_STEPS,
+                label=label,
+                culprit=MODULE_CODE,
+            )
+        record: dict[str, Any] = {
+            "name": name,
+            "version": version,
+            "description": "",
+            **extra,
+            "input_size": signature.input_size,
+            "output_size": signature.output_size,
+            "inputs": [t.name for t in signature.inputs] + list(signature.state_inputs),
+            "outputs": [t.name for t in signature.outputs] + list(signature.state_outputs),
+            "signature": describe(signature),
+            "source": {
+                "exported_from": MODULE_SOURCE,
+                "module": repr(module),
                 **dict(origin or {}),
             },
             "verification": verification.as_dict(),
@@ -341,9 +682,61 @@ class FactoryError(ValueError):
     """A --factory or --state-dict that cannot be used; the message says what to do."""
 
 
-def load_factory(spec: str) -> tuple[nn.Module, nn.Module | None]:
-    """Call ``package.module:function`` and return its ``(rnn, head)`` (head None if it returns
-    the rnn alone)."""
+@dataclass
+class RecurrentParts:
+    """What a factory returns for :func:`export_recurrent`."""
+
+    rnn: nn.Module
+    head: nn.Module | None = None
+    embedding: nn.Module | None = None
+
+    def adapter(self) -> nn.Module:
+        return RecurrentAdapter(self.rnn, self.head, self.embedding)
+
+
+@dataclass
+class ModuleParts:
+    """What a factory returns for :func:`export_module`."""
+
+    module: nn.Module
+    inputs: Sequence[InputLike]
+    outputs: Sequence[OutputLike]
+    states: Sequence[StateLike]
+
+
+FACTORY_FORMS = (
+    "the rnn alone, (rnn, head), (embedding, rnn, head), a dict with keys rnn and optionally "
+    "embedding and head, or a dict with keys module, inputs, outputs and states"
+)
+
+
+def parts_of(built: object, spec: str) -> RecurrentParts | ModuleParts:
+    """A factory's return value as the parts of one of the two exports."""
+    if isinstance(built, nn.Module):
+        return RecurrentParts(built)
+    if isinstance(built, tuple | list) and len(built) == 2:
+        return RecurrentParts(built[0], built[1])
+    if isinstance(built, tuple | list) and len(built) == 3:
+        return RecurrentParts(built[1], built[2], built[0])
+    if isinstance(built, Mapping) and "module" in built:
+        unknown = sorted(set(built) - {"module", "inputs", "outputs", "states"})
+        missing = sorted({"inputs", "outputs", "states"} - set(built))
+        if not unknown and not missing:
+            return ModuleParts(built["module"], built["inputs"], built["outputs"], built["states"])
+        problem = f"unknown keys {unknown}" if unknown else f"no {', '.join(missing)}"
+        raise FactoryError(f"{spec} returned a dict with {problem}; it must return {FACTORY_FORMS}")
+    if isinstance(built, Mapping) and "rnn" in built:
+        unknown = sorted(set(built) - {"embedding", "rnn", "head"})
+        if not unknown:
+            return RecurrentParts(built["rnn"], built.get("head"), built.get("embedding"))
+        raise FactoryError(
+            f"{spec} returned a dict with unknown keys {unknown}; it must return {FACTORY_FORMS}"
+        )
+    raise FactoryError(f"{spec} returned {type(built).__name__}; it must return {FACTORY_FORMS}")
+
+
+def load_factory(spec: str) -> RecurrentParts | ModuleParts:
+    """Call ``package.module:function`` and return what it built (:data:`FACTORY_FORMS`)."""
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
         raise FactoryError(f"--factory must be package.module:function, got {spec!r}")
@@ -357,31 +750,87 @@ def load_factory(spec: str) -> tuple[nn.Module, nn.Module | None]:
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise FactoryError(f"{module_name} has no function {function_name!r}")
-    built = factory()
-    if isinstance(built, nn.Module):
-        return built, None
-    if isinstance(built, tuple | list) and len(built) == 2:
-        return built[0], built[1]
-    raise FactoryError(
-        f"{spec} returned {type(built).__name__}; it must return (rnn, head) or the rnn alone"
-    )
+    return parts_of(factory(), spec)
 
 
-def load_weights(rnn: nn.Module, head: nn.Module | None, path: Path) -> None:
-    """Load a state dict with keys ``rnn.*`` and ``head.*`` (that of a model whose recurrent layer
-    is its attribute ``rnn`` and whose head is ``head``) into the factory's modules, strictly."""
+def load_weights(parts: RecurrentParts | ModuleParts, path: Path) -> None:
+    """Load a state dict into the factory's modules, strictly: the module's own, or for a
+    recurrent layer one with keys ``rnn.*``, ``head.*`` and ``embedding.*`` (that of a model whose
+    layers are its attributes ``rnn``, ``head`` and ``embedding``)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as error:
         raise FactoryError(f"cannot read --state-dict {path} ({error})") from None
-    if not isinstance(state, Mapping):
-        raise FactoryError(f"--state-dict {path} holds a {type(state).__name__}, not a state dict")
-    try:
-        RecurrentAdapter(rnn, head).load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())[:400]
+    if not isinstance(weights, Mapping):
         raise FactoryError(
-            f"--state-dict {path} does not fit the factory's modules ({detail}); save the "
-            "state dict of a model whose layers are attributes rnn and head, or load the weights "
-            "in the factory"
+            f"--state-dict {path} holds a {type(weights).__name__}, not a state dict"
+        )
+    recurrent = isinstance(parts, RecurrentParts)
+    target = parts.adapter() if isinstance(parts, RecurrentParts) else parts.module
+    try:
+        target.load_state_dict(weights, strict=True)
+    except (RuntimeError, AttributeError) as error:
+        detail = " ".join(str(error).split())[:400]
+        expected = (
+            "save the state dict of a model whose layers are attributes rnn, head and "
+            "embedding, or load the weights in the factory"
+            if recurrent
+            else "save the module's own state dict, or load the weights in the factory"
+        )
+        raise FactoryError(
+            f"--state-dict {path} does not fit the factory's modules ({detail}); {expected}"
         ) from None
+
+
+def export_parts(
+    parts: RecurrentParts | ModuleParts,
+    *,
+    repository: Path,
+    name: str,
+    version: str = "1",
+    metadata: Mapping[str, Any] | None = None,
+    origin: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export what a factory built with the export it is for."""
+    if isinstance(parts, RecurrentParts):
+        return export_recurrent(
+            parts.rnn, parts.head, embedding=parts.embedding, repository=repository, name=name,
+            version=version, metadata=metadata, origin=origin,
+        )  # fmt: skip
+    return export_module(
+        parts.module, inputs=parts.inputs, outputs=parts.outputs, states=parts.states,
+        repository=repository, name=name, version=version, metadata=metadata, origin=origin,
+    )  # fmt: skip
+
+
+def summary(metadata: Mapping[str, Any]) -> str:
+    """One line on an exported model: what it takes and gives, and how close the graph is."""
+    verification = metadata["verification"]
+    within = max(verification["full_sequence_max_abs_diff"], verification["streaming_max_abs_diff"])
+    if "cell" in metadata:
+        taken = (
+            f"token ids [0, {metadata['embedding']['num_embeddings']})"
+            if "embedding" in metadata
+            else str(metadata["input_size"])
+        )
+        shape = (
+            f"{metadata['cell']}, {metadata['num_layers']} layer(s) of {metadata['hidden_size']}, "
+            f"in={taken} out={metadata['output_size']}"
+        )
+    else:
+        signature = parse_signature(metadata["signature"])
+
+        def tensor(t: TensorSpec) -> str:
+            if t.value_range is not None:
+                return f"{t.name} (ids [{t.value_range[0]}, {t.value_range[1]}))"
+            return f"{t.name} {list(t.shape)}"
+
+        shape = (
+            f"in {', '.join(tensor(t) for t in signature.inputs)}; out "
+            f"{', '.join(tensor(t) for t in signature.outputs)}; states "
+            f"{', '.join(f'{s.input} {list(s.shape)}' for s in signature.states) or 'none'}"
+        )
+    return (
+        f"{shape}; onnxruntime within {within:.2g} of torch (chunks of "
+        f"{', '.join(verification['chunkings'])} steps)"
+    )
