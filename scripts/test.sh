@@ -4,8 +4,9 @@
 #   bash scripts/test.sh                   # everything, as CI runs it
 #   bash scripts/test.sh -m 'not slow'     # arguments go to pytest
 #
-# Two tools come from Debian rather than PyPI: promtool (package prometheus) checks the metrics
-# exposition and the alert rules, redis-server backs the Redis snapshot tests. Missing ones are
+# Three tools come from Debian rather than PyPI: promtool (package prometheus) checks the metrics
+# exposition and the alert rules, redis-server backs the Redis snapshot tests, nginx runs the
+# shipped deploy/nginx configuration in front of replicas in the routing tests. Missing ones are
 # installed with apt-get (through sudo when not root), without starting the packages' own services
 # (a policy-rc.d that says no, for the install only, and RUNLEVEL=1 where there is no systemd; the
 # tests start their own servers on loopback) and without enabling them at boot. Where that is impossible the
@@ -17,8 +18,12 @@ cd "$(dirname "$0")/.."
 
 # tool=Debian package
 missing=()
-for pair in promtool=prometheus redis-server=redis-server; do
-    command -v "${pair%%=*}" >/dev/null 2>&1 || missing+=("${pair#*=}")
+tools="promtool=prometheus redis-server=redis-server nginx=nginx"
+have() {  # nginx lives in /usr/sbin, outside a non-root user's PATH
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]
+}
+for pair in $tools; do
+    have "${pair%%=*}" || missing+=("${pair#*=}")
 done
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -45,8 +50,8 @@ if [ ${#missing[@]} -gt 0 ]; then
             done
         fi
     fi
-    for pair in promtool=prometheus redis-server=redis-server; do
-        command -v "${pair%%=*}" >/dev/null 2>&1 ||
+    for pair in $tools; do
+        have "${pair%%=*}" ||
             echo "scripts/test.sh: ${pair%%=*} is missing and could not be installed here;" \
                 "install Debian's ${pair#*=} package: the tests that need it fail until then" >&2
     done

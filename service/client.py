@@ -8,16 +8,24 @@
 
 A session streams over one bidirectional gRPC stream; chunks are sent one at a time and each reply
 is awaited, so the session's chunks are applied in order.
+
+Behind a load balancer: every call and stream of a session carries the session id as the gRPC
+metadata ``x-session-id`` (nginx ``hash $http_x_session_id consistent``, Envoy ``RING_HASH``), and a
+session whose path to its server breaks (the server restarted, or the proxy lost it) reconnects and
+resumes exactly (docs/SCALING.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import random
+import secrets
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -39,18 +47,102 @@ class SessionLostError(RuntimeError):
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 REPLAY_CHUNK_STEPS = 1024
 
+# The routing key: a load balancer hashes it so that every call of a session reaches one server.
+SESSION_HEADER = "x-session-id"
+# Trailing metadata the server puts on every error about a session's chunk (its step count): an
+# error that carries it comes from an rnnserve server, never from a proxy (service.api.status).
+SESSION_STEPS_KEY = "rnnserve-session-steps"
+# What gRPC reports when a proxy lost the path to the server (the server died or restarted under
+# a stream, or could not be reached): nginx resets the stream ("Stream removed (RST_STREAM
+# (Received RST_STREAM with error code 2))", INTERNAL), Envoy says "upstream connect error ...",
+# and a proxy answering with an HTTP error instead of gRPC gets its status in the message (502,
+# 503 and 504 as UNAVAILABLE, which is retried anyway; others as UNKNOWN). Matched in the details
+# of INTERNAL and UNKNOWN errors only, lower-cased; an rnnserve server's own INTERNAL errors say
+# "model ... failed" or "internal error (...)" and are never retried.
+DEAD_PATH_SIGNATURES = (
+    "stream removed",
+    "rst_stream",
+    "upstream connect error",
+    "upstream prematurely closed",
+    "upstream reset",
+    "no healthy upstream",
+    "connection reset",
+    "socket closed",
+    "goaway",
+    "status: 502",
+    "status: 503",
+    "status: 504",
+    "bad gateway",
+    "gateway timeout",
+)
+
+
+def routing_value(session_id: str) -> str:
+    """The ``x-session-id`` value for a session: the id itself, or, for an id that is not visible
+    ASCII (which gRPC metadata cannot carry as it is), its UTF-8 percent-encoded. Any client of the
+    session must send the same value (tritonclient users: ``str(sequence_id)``)."""
+    if session_id and all("!" <= c <= "~" for c in session_id):
+        return session_id
+    return urllib.parse.quote(session_id, safe="")
+
+
+def routing_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that routes a call of ``session_id`` (none for an id not known yet)."""
+    return ((SESSION_HEADER, routing_value(session_id)),) if session_id else ()
+
+
+def is_server_error(error: grpc.RpcError) -> bool:
+    """Whether ``error`` visibly comes from an rnnserve server: it carries the session's step
+    count in its trailing metadata."""
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return any(key == SESSION_STEPS_KEY for key, _ in trailing or ())
+
+
+def is_dead_path(error: grpc.RpcError) -> bool:
+    """Whether ``error`` says that the path to the server went away (reconnect and resume), rather
+    than that the server refused or failed the call (raise it): UNAVAILABLE or CANCELLED, or an
+    INTERNAL or UNKNOWN that no server sent and that reads as a proxy's (:data:`DEAD_PATH_SIGNATURES`).
+    """
+    code = error.code()
+    if code in RECONNECT_CODES:
+        return True
+    if code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) or is_server_error(error):
+        return False
+    details = (error.details() or "").lower()
+    return any(signature in details for signature in DEAD_PATH_SIGNATURES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconnect:
+    """How a session reconnects after its stream breaks: at most ``attempts`` tries, for at most
+    ``timeout_s`` seconds in all, waiting before each further try a random time between half and
+    all of a backoff that starts at ``first_backoff_s`` and doubles up to ``max_backoff_s``."""
+
+    timeout_s: float = 60.0
+    attempts: int = 100
+    first_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.timeout_s < 0 or self.first_backoff_s <= 0:
+            raise ValueError(f"a reconnect policy needs attempts >= 1 and a backoff > 0: {self}")
+        if self.max_backoff_s < self.first_backoff_s:
+            raise ValueError(f"max_backoff_s is below first_backoff_s: {self}")
+
 
 class StreamingSession:
     """One open session on its own stream. Use as a context manager, or call :meth:`close`.
 
-    With ``resume`` (the default) the session survives a server restart or crash: the client keeps
-    the inputs the server has not yet written to a snapshot (the replies' ``durable_steps`` say how
-    far it has), and if the stream breaks it reconnects, attaches to the restored session (the same
-    incarnation, never another session opened under the id), replays the inputs after the restored
-    step and carries on, so the outputs are those of an uninterrupted run. A reply lost in the
-    crash is recovered from the session's last output. Every chunk states the step count it
-    expects, so none is ever applied twice or onto another history: where exact resumption is
-    impossible the client raises :class:`SessionLostError` (or the server's ABORTED).
+    With ``resume`` (the default) the session survives a server restart or crash, and a proxy
+    losing its path to the server: the client keeps the inputs the server has not yet written to
+    a snapshot (the replies' ``durable_steps`` say how far it has), and if the stream breaks
+    (:func:`is_dead_path`, or the server's shutdown notice) it reconnects, attaches to the session
+    (the same incarnation, never another session opened under the id), replays the inputs after the
+    step the session is at and carries on, so the outputs are those of an uninterrupted run. A
+    reply lost on the way is recovered from the session's last output. Every chunk states the step
+    count it expects, so none is ever applied twice or onto another history: where exact
+    resumption is impossible the client raises :class:`SessionLostError`. Reconnecting follows
+    ``reconnect`` (bounded tries with backoff); an error the server sent is raised at once.
     """
 
     def __init__(
@@ -59,17 +151,25 @@ class StreamingSession:
         open_request: pb.StreamRequest,
         *,
         resume: bool = True,
-        reconnect_timeout_s: float = 60.0,
+        reconnect_timeout_s: float | None = None,
+        reconnect: Reconnect | None = None,
     ) -> None:
         self._client = client
         self.resume = resume
-        self.reconnect_timeout_s = reconnect_timeout_s
+        policy = reconnect or client.reconnect
+        if reconnect_timeout_s is not None:
+            policy = dataclasses.replace(policy, timeout_s=reconnect_timeout_s)
+        self.reconnect = policy
         self._kept: list[np.ndarray] = []  # inputs not yet in a snapshot, oldest first
         self.reconnects = 0  # times the session was resumed after its stream broke
         self.replayed_steps = 0  # inputs sent again because the restored session lacked them
+        self.breaks: list[str] = []  # what broke the stream each time ("CODE: details")
         self._closed = False
-        self._stream_failed = False  # a refused chunk ended the stream; the session lives on
-        opened = self._open_stream(open_request)
+        self._stream_failed = False  # the stream ended (a refused chunk); the session lives on
+        self._unresolved: np.ndarray | None = None  # a chunk sent on a broken path, maybe applied
+        kind = open_request.WhichOneof("kind")
+        named = open_request.open.session_id if kind == "open" else open_request.attach.session_id
+        opened = self._open_stream(open_request, named)
         self.session_id: str = opened.session_id
         self.model: str = opened.model
         self.version: str = opened.version
@@ -78,21 +178,42 @@ class StreamingSession:
         self.durable_steps: int = opened.durable_steps  # of those, how many a snapshot holds
         self._kept_from: int = opened.steps  # step index of the first kept input
 
-    def _open_stream(self, request: pb.StreamRequest) -> pb.SessionInfo:
+    @property
+    def reconnect_timeout_s(self) -> float:
+        return self.reconnect.timeout_s
+
+    def _open_stream(self, request: pb.StreamRequest, session_id: str) -> pb.SessionInfo:
         self._requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
         self._requests.put(request)
         self._responses: Iterator[pb.StreamResponse] = self._client.stub.Stream(
-            iter(self._requests.get, None), metadata=self._client.metadata
+            iter(self._requests.get, None),
+            metadata=self._client.metadata + routing_metadata(session_id),
         )
-        info: pb.SessionInfo = next(self._responses).opened
+        first = self._next_response()
+        if first.WhichOneof("kind") != "opened":  # a server answers open and attach first
+            raise _ServerGone(f"the stream answered {first.WhichOneof('kind')} before the session")
+        info: pb.SessionInfo = first.opened
         return info
+
+    def _next_response(self) -> pb.StreamResponse:
+        """The stream's next reply. Every reply of a server says what it is; an empty one is a
+        proxy's error page that gRPC read as a message (nginx's 502 without the shipped
+        configuration's error_page), and the call's status follows it."""
+        try:
+            for _ in range(2):
+                response: pb.StreamResponse = next(self._responses)
+                if response.WhichOneof("kind") is not None:
+                    return response
+        except StopIteration:  # ended without a status: only a proxy that lost the server does so
+            raise _ServerGone("the stream ended without a reply") from None
+        raise _ServerGone("the stream answered with something that is not an rnnserve reply")
 
     def _exchange(self, chunk: np.ndarray, expected_steps: int) -> pb.StepResponse:
         """Send ``chunk``, stating the step count the session must be at for it to apply (the
         server refuses any other with ABORTED, unapplied: a chunk is never applied twice)."""
         message = pb.Chunk(input=to_tensor(chunk), expected_steps=expected_steps)
         self._requests.put(pb.StreamRequest(chunk=message))
-        response = next(self._responses)
+        response = self._next_response()
         if response.WhichOneof("kind") == "ended":
             reason = response.ended.reason
             if self.resume and reason == pb.END_REASON_SHUTDOWN:
@@ -104,55 +225,71 @@ class StreamingSession:
         return response.output
 
     def step(self, x: np.ndarray) -> np.ndarray:
-        """Send one chunk [steps, features]; return its outputs [steps, outputs]."""
+        """Send one chunk [steps, features]; return its outputs [steps, outputs].
+
+        An error the server sent is raised as it is (the chunk was not applied; the session goes
+        on). A broken path is retried (:meth:`_recover`); if that fails too, the error is raised
+        and whether the chunk was applied is settled by the next call: if it was, the next call
+        must send the same chunk, and gets its outputs (exactly once), or it raises
+        :class:`SessionLostError`."""
         chunk = np.ascontiguousarray(x, dtype=np.float32)
         if chunk.ndim == 1:
             chunk = chunk[None]
-        if self._stream_failed:
-            self._reattach()
         try:
+            if self._stream_failed:
+                return self._resume_once(chunk)
             reply = self._exchange(chunk, self.steps)
-            output = to_array(reply.output, "output").copy()
-            self._applied(chunk, reply.steps, reply.durable_steps)
         except (grpc.RpcError, _ServerGone) as error:
-            if not self.resume or (
-                isinstance(error, grpc.RpcError) and error.code() not in RECONNECT_CODES
-            ):
-                if isinstance(error, grpc.RpcError):
-                    self._fail_stream()
-                raise
-            try:
-                output = self._recover(chunk)
-            except grpc.RpcError:
-                self._fail_stream()
-                raise
+            return self._after_break(chunk, error)
+        output = to_array(reply.output, "output").copy()
+        self._applied(chunk, reply.steps, reply.durable_steps)
         return output
 
+    def _after_break(self, chunk: np.ndarray, error: grpc.RpcError | _ServerGone) -> np.ndarray:
+        if isinstance(error, grpc.RpcError) and not is_dead_path(error):
+            self._fail_stream()  # the server refused it: not applied
+            raise error
+        if self._unresolved is None:  # sent, so perhaps applied: only the server knows
+            self._unresolved = chunk
+        self.breaks.append(_describe(error))
+        if not self.resume:
+            self._fail_stream()
+            raise error
+        try:
+            return self._recover(chunk)
+        except grpc.RpcError:
+            self._fail_stream()
+            raise
+
     def _fail_stream(self) -> None:
-        """A refused chunk ended the stream (the native API's way), not the session: it was not
-        applied, so the next call attaches again and goes on."""
+        """The stream is over (a refused chunk ends it, the native API's way) but not the
+        session: the next call attaches again and goes on."""
         self._requests.put(None)
         self._stream_failed = True
 
-    def _reattach(self) -> None:
-        """A new stream to the same session (the same incarnation), which must be where this
-        client left it."""
-        opened = self._open_stream(
-            pb.StreamRequest(
-                attach=pb.GetSessionRequest(
-                    model=self.model,
-                    version=self.version,
-                    session_id=self.session_id,
-                    incarnation=self.incarnation,
-                )
+    def _attach(self) -> pb.SessionInfo:
+        """A new stream to the same session: the same incarnation, never another session opened
+        under the id (that is NOT_FOUND: :class:`SessionLostError`)."""
+        request = pb.StreamRequest(
+            attach=pb.GetSessionRequest(
+                model=self.model,
+                version=self.version,
+                session_id=self.session_id,
+                incarnation=self.incarnation,
             )
         )
-        self._stream_failed = False
-        if opened.steps != self.steps:
+        try:
+            opened = self._open_stream(request, self.session_id)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            self._stream_failed = True
             raise SessionLostError(
-                f"session {self.session_id} is at step {opened.steps}, not {self.steps}: "
-                "another client stepped it"
-            )
+                f"the server has no session {self.session_id} (none restored, or only another "
+                f"session of that id): {error.details()}"
+            ) from error
+        self._stream_failed = False
+        return opened
 
     def _applied(self, chunk: np.ndarray, steps: int, durable_steps: int) -> None:
         self.steps = steps
@@ -164,63 +301,73 @@ class StreamingSession:
             self._kept_from += len(self._kept.pop(0))
 
     def _recover(self, pending: np.ndarray) -> np.ndarray:
-        """Reconnect, attach, replay what the restored session lacks, then apply ``pending``.
+        """Reconnect, attach, replay what the session lacks, then apply ``pending``.
 
-        Retried, with backoff, while the server is away or going away (UNAVAILABLE, a shutdown
-        notice), for up to ``reconnect_timeout_s``. Each wait is drawn between half and all of the
-        backoff, so that the many clients one restart cuts off do not all come back at the same
-        instants: a busy server admits new streams at only tens per second (docs/PERFORMANCE.md).
+        Tried again, with backoff, while the path to the server is broken (:func:`is_dead_path`, a
+        shutdown notice) and while the session still has the previous stream's chunk in flight
+        (the server lived; only the path broke): at most ``reconnect.attempts`` tries within
+        ``reconnect.timeout_s``, then the last error is raised. Each wait is drawn between half and
+        all of the backoff, so that the many clients one restart cuts off do not all come back at
+        the same instants: a busy server admits new streams at only tens per second
+        (docs/PERFORMANCE.md).
         """
-        deadline = time.monotonic() + self.reconnect_timeout_s
-        backoff_s = 0.05
-        while True:
+        policy = self.reconnect
+        deadline = time.monotonic() + policy.timeout_s
+        backoff_s = policy.first_backoff_s
+        for attempt in range(1, policy.attempts + 1):
             self._requests.put(None)  # let go of the broken stream
             try:
                 output = self._resume_once(pending)
                 self.reconnects += 1
                 return output
             except (grpc.RpcError, _ServerGone) as error:
-                if isinstance(error, grpc.RpcError):
-                    if error.code() == grpc.StatusCode.NOT_FOUND:
-                        raise SessionLostError(
-                            f"the server came back without session {self.session_id} "
-                            f"(no snapshot of it, or only of another session of that id): "
-                            f"{error.details()}"
-                        ) from error
-                    if error.code() not in RECONNECT_CODES:
-                        raise
-                if time.monotonic() > deadline:
+                retry = not isinstance(error, grpc.RpcError) or (
+                    is_dead_path(error) or _in_flight_still(error)
+                )
+                if not retry or attempt == policy.attempts or time.monotonic() > deadline:
                     raise
-                time.sleep(random.uniform(backoff_s / 2, backoff_s))  # restarting; try again
-                backoff_s = min(backoff_s * 2, 1.0)
+                self.breaks.append(_describe(error))
+                time.sleep(random.uniform(backoff_s / 2, backoff_s))  # away; try again
+                backoff_s = min(backoff_s * 2, policy.max_backoff_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _resume_once(self, pending: np.ndarray) -> np.ndarray:
-        attach = pb.StreamRequest(
-            attach=pb.GetSessionRequest(
-                model=self.model,
-                version=self.version,
-                session_id=self.session_id,
-                incarnation=self.incarnation,  # never another session opened under this id
-            )
-        )
-        opened = self._open_stream(attach)
+        """Attach, settle whether the chunk of the broken call (``_unresolved``) was applied,
+        replay what the session lacks (from the inputs kept since the last snapshot), then apply
+        ``pending``, stating the step count every time."""
+        opened = self._attach()
         restored, known = int(opened.steps), self.steps
-        if restored == known + len(pending):  # applied before the crash; only the reply was lost
+        unresolved = self._unresolved
+        if unresolved is not None and restored == known + len(unresolved):
+            # Applied before the break; only its reply was lost: it is the session's last output.
+            if unresolved is not pending and not np.array_equal(unresolved, pending):
+                self._fail_stream()  # settled by the next call, with the same chunk
+                raise SessionLostError(
+                    f"session {self.session_id} is at step {restored}: the chunk of an earlier "
+                    f"call that failed ({len(unresolved)} steps) was applied after all; send that "
+                    "chunk again to get its outputs"
+                )
             last = to_array(opened.last_output, "last_output").copy()
+            self._unresolved = None
             self._applied(pending, restored, int(opened.durable_steps))
             return last
-        if not self._kept_from <= restored <= known:
+        lowest = self._kept_from if self.resume else known  # what this client can replay
+        if not lowest <= restored <= known:
+            self._fail_stream()
             raise SessionLostError(
-                f"session {self.session_id} came back at step {restored}, but this client has "
-                f"steps {self._kept_from}..{known} to replay"
+                f"session {self.session_id} is at step {restored}, but this client is at step "
+                f"{known} and can replay only from step {lowest}: it restarted from an older "
+                "snapshot, or another client stepped it"
             )
+        self._unresolved = pending  # the earlier one was not applied; this one is on its way
         kept = np.concatenate(self._kept) if self._kept else np.empty((0, pending.shape[1]))
         replay = kept[restored - self._kept_from : known - self._kept_from]
-        self.replayed_steps += len(replay)
         for start in range(0, len(replay), REPLAY_CHUNK_STEPS):
             part = replay[start : start + REPLAY_CHUNK_STEPS]  # outputs already delivered
             self._exchange(part, restored + start)
+            self.replayed_steps += len(part)
         reply = self._exchange(pending, known)
+        self._unresolved = None
         self._applied(pending, reply.steps, reply.durable_steps)
         return to_array(reply.output, "output").copy()
 
@@ -229,10 +376,10 @@ class StreamingSession:
         if self._closed:
             return self.steps
         if self._stream_failed:
-            self._reattach()
+            self._attach()
         self._closed = True
         self._requests.put(pb.StreamRequest(close=pb.Close()))
-        ended = next(self._responses).ended
+        ended = self._next_response().ended
         self._requests.put(None)
         return int(ended.steps)
 
@@ -248,7 +395,7 @@ class StreamingSession:
                 incarnation=self.incarnation,
             ),
             timeout=self._client.timeout_s,
-            metadata=self._client.metadata,
+            metadata=self._client.metadata,  # x-session-id: added from the request
         )
         return [to_array(t, f"state[{i}]").copy() for i, t in enumerate(info.state)]
 
@@ -257,7 +404,7 @@ class StreamingSession:
         beam search or what-if runs); this session goes on unchanged. Its step count starts at 0."""
         return self._client.open_session(
             self.model, self.version, session_id, initial_state=self.state(), resume=self.resume,
-            reconnect_timeout_s=self.reconnect_timeout_s,
+            reconnect=self.reconnect,
         )  # fmt: skip
 
     def detach(self) -> None:
@@ -281,11 +428,56 @@ class StreamingSession:
 
 
 class _ServerGone(Exception):
-    """The stream told us the server is going away (shutdown notice)."""
+    """The stream told us the server is going away (shutdown notice), or ended without a reply."""
+
+
+def _in_flight_still(error: grpc.RpcError) -> bool:
+    """The server refused a resumed chunk because the previous stream's send of it (or of one
+    before it) may still be computing: the path broke, not the server. Attaching again shows
+    whether it was applied."""
+    code = error.code()
+    if code == grpc.StatusCode.ABORTED:  # applied meanwhile: the next attach shows it
+        return True
+    return code == grpc.StatusCode.FAILED_PRECONDITION and "in flight" in (error.details() or "")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.RpcError):
+        code = error.code()
+        return f"{code.name if code is not None else 'RpcError'}: {error.details()}"
+    return f"{type(error).__name__.lstrip('_')}: {error}"
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _SessionRouting(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``x-session-id`` to every unary call whose request names a session (CreateSession with
+    a named id, Step, GetSession, CloseSession): made through :attr:`Client.stub` by this library
+    or its user, they reach the server that holds the session. Streams get it when opened."""
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
+    ) -> Any:
+        session_id = getattr(request, "session_id", "")
+        metadata = tuple(details.metadata or ())
+        if session_id and not any(key == SESSION_HEADER for key, _ in metadata):
+            details = _CallDetails(
+                details.method, details.timeout, metadata + routing_metadata(session_id),
+                details.credentials, details.wait_for_ready, details.compression,
+            )  # fmt: skip
+        return continuation(details, request)
 
 
 class Client:
-    """Connection to an rnnserve server's native API."""
+    """Connection to an rnnserve server's native API (or to a load balancer in front of several:
+    docs/SCALING.md)."""
 
     def __init__(
         self,
@@ -295,15 +487,28 @@ class Client:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        reconnect: Reconnect | None = None,
+        name_sessions: bool = False,
     ) -> None:
-        """``credentials``: TLS (``grpc.ssl_channel_credentials``); ``token``: a bearer token."""
+        """``credentials``: TLS (``grpc.ssl_channel_credentials``); ``token``: a bearer token;
+        ``reconnect``: how sessions reconnect after their stream breaks (default
+        :class:`Reconnect`). ``name_sessions``: a session opened without an id gets one drawn
+        here (128 random bits, as the server draws them) instead of by the server, so that even
+        its first call carries ``x-session-id`` and a load balancer that hashes it routes the
+        open where every later call of the session goes."""
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=options or [])
         else:
             self.channel = grpc.secure_channel(target, credentials, options=options or [])
-        self.stub = pb_grpc.StreamingInferenceStub(self.channel)
+        self.stub = pb_grpc.StreamingInferenceStub(
+            grpc.intercept_channel(self.channel, _SessionRouting())
+        )
         self.timeout_s = timeout_s
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self.reconnect = reconnect or Reconnect()
+        self.name_sessions = name_sessions
 
     def models(self) -> list[pb.ModelInfo]:
         """The models the server serves."""
@@ -331,8 +536,14 @@ class Client:
         session_id: str = "",
         initial_state: list[np.ndarray] | None = None,
         resume: bool = True,
-        reconnect_timeout_s: float = 60.0,
+        reconnect_timeout_s: float | None = None,
+        reconnect: Reconnect | None = None,
     ) -> StreamingSession:
+        """A new session on its own stream (``session_id``: named by the caller; "" lets the
+        server draw one, or this client with ``name_sessions``). ``reconnect`` (or just its
+        ``reconnect_timeout_s``) overrides the client's policy for this session."""
+        if not session_id and self.name_sessions:
+            session_id = secrets.token_hex(16)
         request = pb.StreamRequest(
             open=pb.CreateSessionRequest(
                 model=model,
@@ -342,8 +553,9 @@ class Client:
             )
         )
         return StreamingSession(
-            self, request, resume=resume, reconnect_timeout_s=reconnect_timeout_s
-        )
+            self, request, resume=resume, reconnect_timeout_s=reconnect_timeout_s,
+            reconnect=reconnect,
+        )  # fmt: skip
 
     def attach(
         self,
@@ -351,8 +563,9 @@ class Client:
         session_id: str,
         version: str = "",
         resume: bool = True,
-        reconnect_timeout_s: float = 60.0,
+        reconnect_timeout_s: float | None = None,
         incarnation: str = "",
+        reconnect: Reconnect | None = None,
     ) -> StreamingSession:
         """Continue an existing session (e.g. after a reconnect) on a new stream. ``incarnation``
         (the session's ``incarnation`` as this client knew it): refuse any other session under
@@ -363,8 +576,9 @@ class Client:
             )
         )
         return StreamingSession(
-            self, request, resume=resume, reconnect_timeout_s=reconnect_timeout_s
-        )
+            self, request, resume=resume, reconnect_timeout_s=reconnect_timeout_s,
+            reconnect=reconnect,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.channel.close()

@@ -1,0 +1,150 @@
+"""nginx (Debian's package) on loopback for a test, running the shipped deploy/nginx/rnnserve.conf
+in front of the test's replicas: started and stopped by the test, its files in a directory of the
+test's own (no nginx service is assumed, none is touched)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = ROOT / "deploy" / "nginx" / "rnnserve.conf"
+START_TIMEOUT_S = 20.0
+MISSING = "nginx is needed (Debian package nginx; bash scripts/test.sh installs it)"
+
+
+def nginx_binary() -> str:
+    """The nginx executable. Missing: the test fails in CI (CI=true) and is skipped elsewhere,
+    saying so."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found:
+        return found
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(MISSING)
+    pytest.skip(f"{MISSING}; skipped outside CI")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def routing_config(listen_port: int, replica_ports: list[int]) -> str:
+    """The shipped configuration with its example replicas replaced by ``replica_ports`` (each
+    with the parameters the shipped lines carry) and its listen port by ``listen_port``, on
+    loopback. Fails if the shipped file no longer has the lines this replaces."""
+    text = SHIPPED_CONFIG.read_text()
+    servers = list(re.finditer(r"^( *)server \S+:\d+( [^;\n]*)?;\n", text, re.M))
+    assert len(servers) >= 2, "deploy/nginx/rnnserve.conf: no upstream server lines found"
+    indent, parameters = servers[0].group(1), servers[0].group(2) or ""
+    ours = "".join(f"{indent}server 127.0.0.1:{port}{parameters};\n" for port in replica_ports)
+    text = text[: servers[0].start()] + ours + text[servers[-1].end() :]
+    text, listens = re.subn(r"^( *)listen \d+ http2;", rf"\1listen 127.0.0.1:{listen_port} http2;",
+                            text, flags=re.M)  # fmt: skip
+    assert listens == 1, "deploy/nginx/rnnserve.conf: expected one `listen PORT http2;` line"
+    return text
+
+
+def main_config(directory: Path, include: Path) -> str:
+    """nginx.conf for a private instance: in the foreground, every file in ``directory``, an
+    access log saying where each call went."""
+    temp = "\n".join(
+        f"    {kind}_temp_path {directory / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    user = "user root root;\n" if os.geteuid() == 0 else ""  # workers reach the private directory
+    return (
+        f"daemon off;\n{user}worker_processes 1;\npid {directory / 'nginx.pid'};\n"
+        f"error_log {directory / 'error.log'} info;\n"
+        "events { worker_connections 1024; }\n"
+        "http {\n"
+        "    log_format routing '$http_x_session_id $upstream_addr $status $request_uri';\n"
+        f"    access_log {directory / 'access.log'} routing;\n"
+        f"{temp}\n"
+        f"    include {include};\n"
+        "}\n"
+    )
+
+
+class Nginx:
+    """A private nginx on a loopback port, proxying to replicas on loopback ports."""
+
+    def __init__(self, directory: Path, replica_ports: list[int], port: int = 0) -> None:
+        self.binary = nginx_binary()
+        self.directory = directory
+        self.port = port or free_port()
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "rnnserve.conf").write_text(routing_config(self.port, replica_ports))
+        (directory / "nginx.conf").write_text(main_config(directory, directory / "rnnserve.conf"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self, *extra: str) -> list[str]:
+        return [self.binary, "-p", str(self.directory), "-c", str(self.directory / "nginx.conf"),
+                "-e", str(self.directory / "error.log"), *extra]  # fmt: skip
+
+    def check(self) -> None:
+        """``nginx -t`` on the generated configuration."""
+        result = subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._accepts():  # bounded poll: listening, or exited
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"nginx did not start:\n{self.errors()[-3000:]}")
+            time.sleep(0.01)
+
+    def _accepts(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGTERM: open streams are cut, as when nginx goes away)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def errors(self) -> str:
+        path = self.directory / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self) -> list[list[str]]:
+        """One ``[session id or "-", upstream address(es), status, uri]`` per finished call."""
+        path = self.directory / "access.log"
+        return [line.split(" ") for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@contextlib.contextmanager
+def nginx(directory: Path, replica_ports: list[int], port: int = 0) -> Iterator[Nginx]:
+    """A started :class:`Nginx` for the block, stopped afterwards whatever happens."""
+    server = Nginx(directory, replica_ports, port)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
