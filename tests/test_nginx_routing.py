@@ -33,6 +33,7 @@ from service.client import (
     SESSION_STEPS_KEY,
     Client,
     Reconnect,
+    SessionLostError,
     StreamingSession,
     is_dead_path,
     is_server_error,
@@ -165,7 +166,7 @@ class Cluster:
 def cluster_once(
     tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    nginx_binary()  # fails in CI, skips elsewhere, when nginx is missing
+    nginx_binary()  # fails at once, saying how to install it, when nginx is missing
     cluster = Cluster(tiny_repository, tmp_path_factory.mktemp("nginx-routing"))
     try:
         yield cluster
@@ -258,6 +259,116 @@ def test_the_client_knows_the_servers_metadata_key_and_sends_header_safe_ids() -
     assert routing_value("é") == "%C3%A9"
     with pytest.raises(ValueError, match="attempts"):
         Reconnect(attempts=0)
+
+
+class ScriptedServer:
+    """A stand-in for ``Client.stub`` (one server behind a proxy) for the client's resume logic
+    alone, with faults scripted by the test. One session, whose "model" answers each step with its
+    input plus the step's index in the session: a chunk applied twice or skipped shows."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.last: np.ndarray | None = None
+        self.cut_before_apply = 0  # chunks the path loses on their way
+        self.cut_after_apply = 0  # chunks applied whose reply the path then loses
+        self.attach_refusals = 0  # attaches answered UNAVAILABLE (the replica is away)
+        self.applied: list[int] = []  # the length of every chunk applied
+        self.headers: list[str] = []  # x-session-id of every stream
+
+    @staticmethod
+    def offline(x: np.ndarray) -> np.ndarray:
+        return x + np.arange(len(x), dtype=np.float32)[:, None]
+
+    def Stream(self, requests: Iterator[pb.StreamRequest], metadata: Any = ()) -> Any:
+        self.headers.append(dict(metadata).get("x-session-id", ""))
+        return self._serve(requests)
+
+    def _opened(self) -> pb.StreamResponse:
+        info = pb.SessionInfo(session_id="s", model="m", version="1", steps=self.steps,
+                              durable_steps=self.steps, incarnation="i1")  # fmt: skip
+        if self.last is not None:
+            info.last_output.CopyFrom(to_tensor(self.last))
+        return pb.StreamResponse(opened=info)
+
+    def _serve(self, requests: Iterator[pb.StreamRequest]) -> Iterator[pb.StreamResponse]:
+        for request in requests:
+            kind = request.WhichOneof("kind")
+            if kind == "attach" and self.attach_refusals:
+                self.attach_refusals -= 1
+                raise FakeRpcError(S.UNAVAILABLE, "nginx: no answer from the replica")
+            if kind in ("open", "attach"):
+                yield self._opened()
+            elif kind == "close":
+                yield pb.StreamResponse(ended=pb.SessionEnded(session_id="s", steps=self.steps))
+            elif self.cut_before_apply:
+                self.cut_before_apply -= 1
+                raise FakeRpcError(S.INTERNAL, NGINX_RESET)
+            else:
+                x = to_array(request.chunk.input, "input")
+                if request.chunk.expected_steps != self.steps:
+                    raise FakeRpcError(S.ABORTED, "not applied", ((SESSION_STEPS_KEY, "0"),))
+                y = x + np.arange(self.steps, self.steps + len(x), dtype=np.float32)[:, None]
+                self.steps += len(x)
+                self.last = y
+                self.applied.append(len(x))
+                if self.cut_after_apply:
+                    self.cut_after_apply -= 1
+                    raise FakeRpcError(S.INTERNAL, NGINX_RESET)  # applied; its reply is lost
+                reply = pb.StepResponse(session_id="s", output=to_tensor(y), steps=self.steps,
+                                        durable_steps=self.steps)  # fmt: skip
+                yield pb.StreamResponse(output=reply)
+
+
+def scripted_session(policy: Reconnect) -> tuple[ScriptedServer, StreamingSession]:
+    server = ScriptedServer()
+    client = Client("127.0.0.1:9", reconnect=policy)  # never connected: the stub is scripted
+    client.stub = server  # type: ignore[assignment]
+    return server, client.open_session("m", session_id="s")
+
+
+def test_a_reply_lost_on_the_path_is_recovered_once_from_the_last_output() -> None:
+    server, session = scripted_session(Reconnect(attempts=5, first_backoff_s=0.001))
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    outputs = [session.step(x[:2])]
+    server.cut_after_apply = 1
+    outputs.append(session.step(x[2:5]))  # applied, reply lost: recovered, not sent again
+    outputs.append(session.step(x[5:]))
+    np.testing.assert_array_equal(np.concatenate(outputs), server.offline(x))
+    assert server.applied == [2, 3, 1] and session.reconnects == 1
+    assert server.headers == ["s", "s"]  # the open and the attach, both routed
+
+
+def test_a_chunk_whose_call_failed_on_the_path_is_settled_by_the_next_call() -> None:
+    """The path breaks after the chunk was applied and stays broken for every retry: the call
+    raises. The next call finds the chunk applied: with another chunk it raises SessionLostError
+    (the caller believes the first was not applied); with the same chunk it returns that chunk's
+    outputs without applying it again, and the session goes on exactly."""
+    server, session = scripted_session(Reconnect(attempts=3, first_backoff_s=0.001))
+    x = np.arange(16, dtype=np.float32).reshape(8, 2)
+    outputs = [session.step(x[:2])]
+    server.cut_after_apply, server.attach_refusals = 1, 3
+    with pytest.raises(grpc.RpcError) as away:
+        session.step(x[2:5])
+    assert away.value.code() == grpc.StatusCode.UNAVAILABLE and len(session.breaks) == 3
+    with pytest.raises(SessionLostError, match="applied after all"):
+        session.step(x[5:])
+    outputs.append(session.step(x[2:5]))  # the same chunk again: its outputs, once
+    outputs.append(session.step(x[5:]))
+    np.testing.assert_array_equal(np.concatenate(outputs), server.offline(x))
+    assert server.applied == [2, 3, 3]
+
+
+def test_a_chunk_whose_call_failed_before_it_was_applied_is_simply_sent_again() -> None:
+    server, session = scripted_session(Reconnect(attempts=2, first_backoff_s=0.001))
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    outputs = [session.step(x[:2])]
+    server.cut_before_apply, server.attach_refusals = 1, 2
+    with pytest.raises(grpc.RpcError):
+        session.step(x[2:4])
+    outputs.append(session.step(x[2:4]))
+    outputs.append(session.step(x[4:]))
+    np.testing.assert_array_equal(np.concatenate(outputs), server.offline(x))
+    assert server.applied == [2, 2, 1]
 
 
 # ---------------------------------------------------------------------------------------------
