@@ -40,8 +40,9 @@ class SessionEndedError(RuntimeError):
 
 
 class SessionLostError(RuntimeError):
-    """The session could not be resumed exactly after the server went away: it has no snapshot of
-    it, or the snapshot is older than the inputs this client kept."""
+    """The session cannot go on exactly after its stream broke: the server has no snapshot of it
+    (or only of another session of its id), it came back behind the inputs this client kept, or
+    the chunk of an earlier call that failed was applied after all (send that chunk again)."""
 
 
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -169,7 +170,12 @@ class StreamingSession:
         self._unresolved: np.ndarray | None = None  # a chunk sent on a broken path, maybe applied
         kind = open_request.WhichOneof("kind")
         named = open_request.open.session_id if kind == "open" else open_request.attach.session_id
-        opened = self._open_stream(open_request, named)
+        try:
+            opened = self._open_stream(open_request, named)
+        except _ServerGone as error:  # not retried: an open may have been applied
+            raise ConnectionError(
+                f"the stream broke before the session was {kind}ed: {error}"
+            ) from error
         self.session_id: str = opened.session_id
         self.model: str = opened.model
         self.version: str = opened.version
@@ -252,13 +258,14 @@ class StreamingSession:
         if self._unresolved is None:  # sent, so perhaps applied: only the server knows
             self._unresolved = chunk
         self.breaks.append(_describe(error))
-        if not self.resume:
-            self._fail_stream()
-            raise error
         try:
+            if not self.resume:
+                raise error
             return self._recover(chunk)
-        except grpc.RpcError:
+        except (grpc.RpcError, _ServerGone) as failed:
             self._fail_stream()
+            if isinstance(failed, _ServerGone):
+                raise ConnectionError(f"session {self.session_id}: {failed}") from failed
             raise
 
     def _fail_stream(self) -> None:
@@ -375,11 +382,16 @@ class StreamingSession:
         """Close the session on the server; returns its final step count."""
         if self._closed:
             return self.steps
-        if self._stream_failed:
-            self._attach()
-        self._closed = True
-        self._requests.put(pb.StreamRequest(close=pb.Close()))
-        ended = self._next_response().ended
+        try:
+            if self._stream_failed:
+                self._attach()
+            self._closed = True
+            self._requests.put(pb.StreamRequest(close=pb.Close()))
+            ended = self._next_response().ended
+        except _ServerGone as error:
+            raise ConnectionError(
+                f"the stream broke while session {self.session_id} closed: {error}"
+            ) from error
         self._requests.put(None)
         return int(ended.steps)
 

@@ -271,16 +271,18 @@ class ScriptedServer:
         self.last: np.ndarray | None = None
         self.cut_before_apply = 0  # chunks the path loses on their way
         self.cut_after_apply = 0  # chunks applied whose reply the path then loses
+        self.cut_in_flight = 0  # chunks the path loses while they still compute
+        self.computing: np.ndarray | None = None  # such a chunk: done when the next one comes
         self.attach_refusals = 0  # attaches answered UNAVAILABLE (the replica is away)
         self.applied: list[int] = []  # the length of every chunk applied
-        self.headers: list[str] = []  # x-session-id of every stream
+        self.metadata: list[dict[str, str]] = []  # every stream's
 
     @staticmethod
     def offline(x: np.ndarray) -> np.ndarray:
         return x + np.arange(len(x), dtype=np.float32)[:, None]
 
     def Stream(self, requests: Iterator[pb.StreamRequest], metadata: Any = ()) -> Any:
-        self.headers.append(dict(metadata).get("x-session-id", ""))
+        self.metadata.append(dict(metadata))
         return self._serve(requests)
 
     def _opened(self) -> pb.StreamResponse:
@@ -289,6 +291,13 @@ class ScriptedServer:
         if self.last is not None:
             info.last_output.CopyFrom(to_tensor(self.last))
         return pb.StreamResponse(opened=info)
+
+    def _apply(self, x: np.ndarray) -> np.ndarray:
+        y = x + np.arange(self.steps, self.steps + len(x), dtype=np.float32)[:, None]
+        self.steps += len(x)
+        self.last = y
+        self.applied.append(len(x))
+        return y
 
     def _serve(self, requests: Iterator[pb.StreamRequest]) -> Iterator[pb.StreamResponse]:
         for request in requests:
@@ -303,14 +312,20 @@ class ScriptedServer:
             elif self.cut_before_apply:
                 self.cut_before_apply -= 1
                 raise FakeRpcError(S.INTERNAL, NGINX_RESET)
+            elif self.cut_in_flight:
+                self.cut_in_flight -= 1
+                self.computing = to_array(request.chunk.input, "input")
+                raise FakeRpcError(S.INTERNAL, NGINX_RESET)
+            elif self.computing is not None:  # the lost one finishes; this one is refused
+                self._apply(self.computing)
+                self.computing = None
+                steps = ((SESSION_STEPS_KEY, str(self.steps)),)
+                raise FakeRpcError(S.FAILED_PRECONDITION, "already has a chunk in flight", steps)
             else:
                 x = to_array(request.chunk.input, "input")
                 if request.chunk.expected_steps != self.steps:
                     raise FakeRpcError(S.ABORTED, "not applied", ((SESSION_STEPS_KEY, "0"),))
-                y = x + np.arange(self.steps, self.steps + len(x), dtype=np.float32)[:, None]
-                self.steps += len(x)
-                self.last = y
-                self.applied.append(len(x))
+                y = self._apply(x)
                 if self.cut_after_apply:
                     self.cut_after_apply -= 1
                     raise FakeRpcError(S.INTERNAL, NGINX_RESET)  # applied; its reply is lost
@@ -319,15 +334,18 @@ class ScriptedServer:
                 yield pb.StreamResponse(output=reply)
 
 
-def scripted_session(policy: Reconnect) -> tuple[ScriptedServer, StreamingSession]:
+def scripted_session(
+    policy: Reconnect, token: str | None = None
+) -> tuple[ScriptedServer, StreamingSession]:
     server = ScriptedServer()
-    client = Client("127.0.0.1:9", reconnect=policy)  # never connected: the stub is scripted
+    client = Client("127.0.0.1:9", reconnect=policy, token=token)  # the stub is scripted
     client.stub = server  # type: ignore[assignment]
     return server, client.open_session("m", session_id="s")
 
 
 def test_a_reply_lost_on_the_path_is_recovered_once_from_the_last_output() -> None:
-    server, session = scripted_session(Reconnect(attempts=5, first_backoff_s=0.001))
+    token = "t" * 20
+    server, session = scripted_session(Reconnect(attempts=5, first_backoff_s=0.001), token)
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     outputs = [session.step(x[:2])]
     server.cut_after_apply = 1
@@ -335,7 +353,8 @@ def test_a_reply_lost_on_the_path_is_recovered_once_from_the_last_output() -> No
     outputs.append(session.step(x[5:]))
     np.testing.assert_array_equal(np.concatenate(outputs), server.offline(x))
     assert server.applied == [2, 3, 1] and session.reconnects == 1
-    assert server.headers == ["s", "s"]  # the open and the attach, both routed
+    # The open and the attach: both routed, both with the bearer token.
+    assert server.metadata == [{"authorization": f"Bearer {token}", "x-session-id": "s"}] * 2
 
 
 def test_a_chunk_whose_call_failed_on_the_path_is_settled_by_the_next_call() -> None:
@@ -356,6 +375,20 @@ def test_a_chunk_whose_call_failed_on_the_path_is_settled_by_the_next_call() -> 
     outputs.append(session.step(x[5:]))
     np.testing.assert_array_equal(np.concatenate(outputs), server.offline(x))
     assert server.applied == [2, 3, 3]
+
+
+def test_a_chunk_still_computing_when_the_path_broke_is_waited_for_not_sent_twice() -> None:
+    """The path broke while the chunk computed on a live server (nginx restarted): the resent
+    chunk is refused (in flight), and the next attach finds it applied: its outputs, once."""
+    server, session = scripted_session(Reconnect(attempts=5, first_backoff_s=0.001))
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    outputs = [session.step(x[:2])]
+    server.cut_in_flight = 1
+    outputs.append(session.step(x[2:4]))
+    outputs.append(session.step(x[4:]))
+    np.testing.assert_array_equal(np.concatenate(outputs), server.offline(x))
+    assert server.applied == [2, 2, 2] and session.reconnects == 1
+    assert [b.split(":")[0] for b in session.breaks] == ["INTERNAL", "FAILED_PRECONDITION"]
 
 
 def test_a_chunk_whose_call_failed_before_it_was_applied_is_simply_sent_again() -> None:
