@@ -23,7 +23,7 @@ import random
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -131,6 +131,62 @@ class Reconnect:
             raise ValueError(f"max_backoff_s is below first_backoff_s: {self}")
 
 
+class ChunkInputs:
+    """What one or more chunks send: the model's one input, or every input by name (a model of
+    several, docs/YOUR_MODEL.md); ``len`` is the steps. Float inputs travel as float32 and
+    integer ones (token ids) as int64. Kept until a snapshot covers them, to replay."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], named: bool) -> None:
+        self.arrays = arrays  # one entry, key "", when not named
+        self.named = named
+
+    @classmethod
+    def of(cls, x: np.ndarray | Mapping[str, np.ndarray]) -> ChunkInputs:
+        """``x``: [steps, features] (one step may be [features]), [steps] token ids, or a
+        mapping of input names to such arrays."""
+        if isinstance(x, Mapping):
+            return cls({name: _wire_array(a, ids_1d=True) for name, a in x.items()}, True)
+        return cls({"": _wire_array(x, ids_1d=False)}, False)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, steps: slice) -> ChunkInputs:
+        return ChunkInputs({k: a[steps] for k, a in self.arrays.items()}, self.named)
+
+    @staticmethod
+    def joined(parts: Sequence[ChunkInputs]) -> ChunkInputs:
+        """``parts`` one after another (none: no steps)."""
+        if not parts:
+            return ChunkInputs({"": np.empty((0, 0), np.float32)}, False)
+        keys = parts[0].arrays
+        return ChunkInputs(
+            {k: np.concatenate([p.arrays[k] for p in parts]) for k in keys}, parts[0].named
+        )
+
+    def same_as(self, other: ChunkInputs) -> bool:
+        return self is other or (
+            self.arrays.keys() == other.arrays.keys()
+            and all(np.array_equal(a, other.arrays[k]) for k, a in self.arrays.items())
+        )
+
+    def message(self, expected_steps: int) -> pb.Chunk:
+        if self.named:
+            inputs = {k: to_tensor(a) for k, a in self.arrays.items()}
+            return pb.Chunk(inputs=inputs, expected_steps=expected_steps)
+        return pb.Chunk(input=to_tensor(self.arrays[""]), expected_steps=expected_steps)
+
+
+def _wire_array(x: np.ndarray, ids_1d: bool) -> np.ndarray:
+    """An input as it is sent: integers as int64 ids ([steps]), anything else float32
+    ([steps, features]; a lone step [features] becomes [1, features] unless ``ids_1d``)."""
+    array = np.asarray(x)
+    if array.dtype.kind in "iu":
+        return np.ascontiguousarray(array, np.int64)
+    chunk = np.ascontiguousarray(array, np.float32)
+    return chunk if chunk.ndim != 1 or ids_1d else chunk[None]
+
+
 class StreamingSession:
     """One open session on its own stream. Use as a context manager, or call :meth:`close`.
 
@@ -161,13 +217,15 @@ class StreamingSession:
         if reconnect_timeout_s is not None:
             policy = dataclasses.replace(policy, timeout_s=reconnect_timeout_s)
         self.reconnect = policy
-        self._kept: list[np.ndarray] = []  # inputs not yet in a snapshot, oldest first
+        self._kept: list[ChunkInputs] = []  # inputs not yet in a snapshot, oldest first
         self.reconnects = 0  # times the session was resumed after its stream broke
         self.replayed_steps = 0  # inputs sent again because the restored session lacked them
         self.breaks: list[str] = []  # what broke the stream each time ("CODE: details")
         self._closed = False
         self._stream_failed = False  # the stream ended (a refused chunk); the session lives on
-        self._unresolved: np.ndarray | None = None  # a chunk sent on a broken path, maybe applied
+        self._unresolved: ChunkInputs | None = None  # sent on a broken path, maybe applied
+        # A model of several outputs: the last chunk's, by name.
+        self.last_outputs: dict[str, np.ndarray] = {}
         kind = open_request.WhichOneof("kind")
         named = open_request.open.session_id if kind == "open" else open_request.attach.session_id
         try:
@@ -214,10 +272,10 @@ class StreamingSession:
             raise _ServerGone("the stream ended without a reply") from None
         raise _ServerGone("the stream answered with something that is not an rnnserve reply")
 
-    def _exchange(self, chunk: np.ndarray, expected_steps: int) -> pb.StepResponse:
+    def _exchange(self, chunk: ChunkInputs, expected_steps: int) -> pb.StepResponse:
         """Send ``chunk``, stating the step count the session must be at for it to apply (the
         server refuses any other with ABORTED, unapplied: a chunk is never applied twice)."""
-        message = pb.Chunk(input=to_tensor(chunk), expected_steps=expected_steps)
+        message = chunk.message(expected_steps)
         self._requests.put(pb.StreamRequest(chunk=message))
         response = self._next_response()
         if response.WhichOneof("kind") == "ended":
@@ -230,28 +288,32 @@ class StreamingSession:
             )
         return response.output
 
-    def step(self, x: np.ndarray) -> np.ndarray:
-        """Send one chunk [steps, features]; return its outputs [steps, outputs].
+    def step(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """Send one chunk [steps, features] (token ids: [steps] integers; a model of several
+        inputs: a mapping of their names to such arrays); return its outputs [steps, outputs]
+        (a model of several outputs: side by side; :attr:`last_outputs` has them by name).
 
         An error the server sent is raised as it is (the chunk was not applied; the session goes
         on). A broken path is retried (:meth:`_recover`); if that fails too, the error is raised
         and whether the chunk was applied is settled by the next call: if it was, the next call
         must send the same chunk, and gets its outputs (exactly once), or it raises
         :class:`SessionLostError`."""
-        chunk = np.ascontiguousarray(x, dtype=np.float32)
-        if chunk.ndim == 1:
-            chunk = chunk[None]
+        chunk = ChunkInputs.of(x)
         try:
             if self._stream_failed:
                 return self._resume_once(chunk)
             reply = self._exchange(chunk, self.steps)
         except (grpc.RpcError, _ServerGone) as error:
             return self._after_break(chunk, error)
-        output = to_array(reply.output, "output").copy()
         self._applied(chunk, reply.steps, reply.durable_steps)
-        return output
+        return self._outputs(reply)
 
-    def _after_break(self, chunk: np.ndarray, error: grpc.RpcError | _ServerGone) -> np.ndarray:
+    def _outputs(self, reply: pb.StepResponse) -> np.ndarray:
+        """A reply's outputs (and, for a model of several, :attr:`last_outputs` by name)."""
+        self.last_outputs = {name: to_array(t, name).copy() for name, t in reply.outputs.items()}
+        return to_array(reply.output, "output").copy()
+
+    def _after_break(self, chunk: ChunkInputs, error: grpc.RpcError | _ServerGone) -> np.ndarray:
         if isinstance(error, grpc.RpcError) and not is_dead_path(error):
             self._fail_stream()  # the server refused it: not applied
             raise error
@@ -298,7 +360,7 @@ class StreamingSession:
         self._stream_failed = False
         return opened
 
-    def _applied(self, chunk: np.ndarray, steps: int, durable_steps: int) -> None:
+    def _applied(self, chunk: ChunkInputs, steps: int, durable_steps: int) -> None:
         self.steps = steps
         self.durable_steps = durable_steps
         if not self.resume:
@@ -307,7 +369,7 @@ class StreamingSession:
         while self._kept and self._kept_from + len(self._kept[0]) <= durable_steps:
             self._kept_from += len(self._kept.pop(0))
 
-    def _recover(self, pending: np.ndarray) -> np.ndarray:
+    def _recover(self, pending: ChunkInputs) -> np.ndarray:
         """Reconnect, attach, replay what the session lacks, then apply ``pending``.
 
         Tried again, with backoff, while the path to the server is broken (:func:`is_dead_path`, a
@@ -338,7 +400,7 @@ class StreamingSession:
                 backoff_s = min(backoff_s * 2, policy.max_backoff_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _resume_once(self, pending: np.ndarray) -> np.ndarray:
+    def _resume_once(self, pending: ChunkInputs) -> np.ndarray:
         """Attach, settle whether the chunk of the broken call (``_unresolved``) was applied,
         replay what the session lacks (from the inputs kept since the last snapshot), then apply
         ``pending``, stating the step count every time."""
@@ -347,7 +409,7 @@ class StreamingSession:
         unresolved = self._unresolved
         if unresolved is not None and restored == known + len(unresolved):
             # Applied before the break; only its reply was lost: it is the session's last output.
-            if unresolved is not pending and not np.array_equal(unresolved, pending):
+            if not unresolved.same_as(pending):
                 self._fail_stream()  # settled by the next call, with the same chunk
                 raise SessionLostError(
                     f"session {self.session_id} is at step {restored}: the chunk of an earlier "
@@ -367,7 +429,7 @@ class StreamingSession:
                 "snapshot, or another client stepped it"
             )
         self._unresolved = pending  # the earlier one was not applied; this one is on its way
-        kept = np.concatenate(self._kept) if self._kept else np.empty((0, pending.shape[1]))
+        kept = ChunkInputs.joined(self._kept)
         replay = kept[restored - self._kept_from : known - self._kept_from]
         for start in range(0, len(replay), REPLAY_CHUNK_STEPS):
             part = replay[start : start + REPLAY_CHUNK_STEPS]  # outputs already delivered
@@ -376,7 +438,7 @@ class StreamingSession:
         reply = self._exchange(pending, known)
         self._unresolved = None
         self._applied(pending, reply.steps, reply.durable_steps)
-        return to_array(reply.output, "output").copy()
+        return self._outputs(reply)
 
     def close(self) -> int:
         """Close the session on the server; returns its final step count."""

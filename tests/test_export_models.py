@@ -214,18 +214,25 @@ def test_rnnserve_check_passes_on_all_six(six: tuple[Path, dict[str, Kind]]) -> 
 
 
 def client_streams(
-    port: int, model: str, runs: list[tuple[str, dict[str, np.ndarray], list[int]]]
-) -> list[np.ndarray]:
-    """The Python client (service.client), one session per sequence, chunk after chunk."""
-    outputs = []
+    port: int, model: str, kind: Kind, runs: list[tuple[str, dict[str, np.ndarray], list[int]]]
+) -> list[dict[str, np.ndarray]]:
+    """The Python client (service.client), one session per sequence, chunk after chunk: the
+    model's one input as it is (token ids as integers), several inputs by name; several outputs
+    read by name from ``last_outputs``."""
+    results = []
     with Client(f"127.0.0.1:{port}") as client:
         for _, values, chunks in runs:
-            (x,) = values.values()
+            parts: dict[str, list[np.ndarray]] = {name: [] for name in kind.outputs}
             with client.open_session(model) as session:
-                outputs.append(
-                    np.concatenate([session.step(x[a:b]) for a, b in chunk_spans(chunks)])
-                )
-    return outputs
+                for a, b in chunk_spans(chunks):
+                    if len(values) == 1:
+                        y = session.step(next(iter(values.values()))[a:b])
+                    else:
+                        y = session.step({name: x[a:b] for name, x in values.items()})
+                    for name in kind.outputs:
+                        parts[name].append(session.last_outputs[name] if len(parts) > 1 else y)
+            results.append({name: np.concatenate(p) for name, p in parts.items()})
+    return results
 
 
 async def stub_streams(
@@ -254,21 +261,18 @@ async def stub_streams(
     return results
 
 
-SINGLE_FLOAT_INPUT = ("frames", "sensors", "projected", "lstm_op")
-
-
 async def test_served_through_the_native_api_equals_torch(
     six: tuple[Path, dict[str, Kind]], plans: dict[str, Any], make_settings: Callable[..., Settings]
 ) -> None:
-    """Single float input: the Python client; token ids (chars) and several inputs (two_heads):
-    the raw stubs, inputs and outputs by name."""
+    """Every kind through the Python client (token ids as integers, several inputs by name,
+    several outputs by name), and the raw stubs for the two with ids or several inputs."""
     root, kinds = six
     async with serving(make_settings(model_repository=root)) as server:
         port = server.grpc_port
         by_client = await asyncio.gather(
             *(
-                asyncio.to_thread(client_streams, port, name, plans[name])
-                for name in SINGLE_FLOAT_INPUT
+                asyncio.to_thread(client_streams, port, name, kinds[name], plans[name])
+                for name in kinds
             )
         )
         by_stubs = {
@@ -277,9 +281,9 @@ async def test_served_through_the_native_api_equals_torch(
         }
         with Client(f"127.0.0.1:{port}") as client:
             info = await asyncio.to_thread(client.model, "chars")
-    for name, outputs in zip(SINGLE_FLOAT_INPUT, by_client, strict=True):
-        for (key, values, _), y in zip(plans[name], outputs, strict=True):
-            assert_equal_to_torch(kinds[name], values, {kinds[name].outputs[0]: y}, f"client {key}")
+    for name, results in zip(kinds, by_client, strict=True):
+        for (key, values, _), got in zip(plans[name], results, strict=True):
+            assert_equal_to_torch(kinds[name], values, got, f"client {key}")
     for name, results in by_stubs.items():
         for (key, values, _), got in zip(plans[name], results, strict=True):
             assert_equal_to_torch(kinds[name], values, got, f"native {key}")
