@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.client import Client
 from tests.models_for_tests import OfflineReference
 
@@ -88,6 +89,17 @@ def server_factory(tiny_repository: Path, tmp_path: Path) -> Iterator[list[Serve
         server.stop()
 
 
+def until_in_a_snapshot(client: Client, session_id: str, tries: int = 20_000) -> None:
+    """Ask until a periodic snapshot holds some of the session (durable_steps > 0): a session
+    could otherwise stream all its chunks before the first snapshot after it opened, and never
+    reach the point where the server may be killed. Bounded by a number of questions."""
+    request = pb.GetSessionRequest(model=MODEL, session_id=session_id)
+    for _ in range(tries):
+        if client.stub.GetSession(request, timeout=10).durable_steps:
+            return
+    raise AssertionError(f"no snapshot held session {session_id} after {tries} questions")
+
+
 def run_sessions_through_a_fault(
     servers: list[ServerProcess], port: int, tiny_repository: Path, fault: int
 ) -> list[tuple[np.ndarray, np.ndarray, int]]:
@@ -111,11 +123,9 @@ def run_sessions_through_a_fault(
                 waiting = True
                 for k, x in enumerate(inputs[i]):
                     outputs.append(session.step(x))
-                    if (
-                        waiting
-                        and k >= CHUNKS // 3
-                        and (fault == signal.SIGTERM or session.durable_steps)
-                    ):
+                    if waiting and k >= CHUNKS // 3:
+                        if fault == signal.SIGKILL:
+                            until_in_a_snapshot(client, session.session_id)
                         progressed.wait(timeout=60)
                         waiting = False
                 session.close()
