@@ -33,11 +33,13 @@ from service.chunks import (
 )
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
 from service.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
     Unavailable,
+    shown,
 )
 from service.metrics import Metrics
 from service.model_control import ModelControl, durable_model
@@ -132,7 +134,12 @@ class InferenceEngine:
         self.ready = True
 
     def _batcher_failed(self, batcher: Batcher) -> None:
-        handle = self.registry.get(batcher.spec.name, batcher.spec.version)
+        """``batcher``'s loop stopped: its version cannot go on. Only if it is still the batcher
+        of the version served under that name: a batcher of a version released (or released and
+        loaded again) must never mark the version that serves now not ready."""
+        handle = self.registry.find(batcher.spec.name, batcher.spec.version)
+        if handle is None or not handle.started or handle.batcher is not batcher:
+            return
         self.metrics.model_ready.labels(batcher.spec.name, batcher.spec.version).set(0)
         self.model_failed(handle)
 
@@ -179,10 +186,20 @@ class InferenceEngine:
         api: str,
         caller: Caller = ANONYMOUS,
     ) -> SessionView:
-        """Start a session with zero (or the given) state."""
+        """Start a session with zero (or the given) state. Ids are scoped to the model: an id
+        that lives on another version of it is ALREADY_EXISTS too (requests naming no version
+        would otherwise reach either)."""
         self._check_open()
         handle = self.model(name, version)
         self._check_takes_new(handle)
+        if session_id is not None:
+            found = self.registry.holding(name, session_id, caller.owner)
+            if found is not None and found[0] is not handle:
+                raise AlreadyExists(
+                    f"session {shown(session_id)} already exists, on version "
+                    f"{found[0].spec.version} of model {shown(name)}; close it first, or choose "
+                    "another id"
+                )
         return self._view(handle, self._create(handle, session_id, initial_state, api, caller))
 
     def _create(
@@ -231,13 +248,16 @@ class InferenceEngine:
             handle = self.model(name, version)
         except FailedPrecondition:  # no version takes new sessions: the session may live on one
             found = (
-                None if version or not elsewhere else self.registry.holding(name, session_id, owner)
+                None
+                if version or not elsewhere
+                else self.registry.holding(name, session_id, owner, closing=True)
             )
             if found is None:
                 raise
             return found
         session = handle.store.find(session_id, owner)
-        if session is None and not version and elsewhere:  # only on a miss: no cost otherwise
+        closing = session is not None and session.close_when_idle is not None
+        if (session is None or closing) and not version and elsewhere:  # no cost otherwise
             found = self.registry.holding(name, session_id, owner)
             if found is not None:
                 return found
@@ -384,15 +404,16 @@ class InferenceEngine:
             # it. Cleared here, not when it applies: a request failing in between breaks the
             # sequence again, for those sent after that one.
             session.broken = None
-        if created and not version:
+        if start:
             self._end_elsewhere(handle, session_id, caller.owner)
         return future
 
     def _end_elsewhere(self, handle: ModelHandle, session_id: str, owner: str) -> None:
-        """A START naming no version began session ``session_id`` on ``handle`` (the newest
-        version): the same id living on another version of the model is this sequence's older
-        history (a START restarts a live sequence), so it ends there (closed), and a version
-        that is going away is not kept by it."""
+        """A START began (or restarted) session ``session_id`` on ``handle``, the version it
+        named or the newest: a START restarts the id on the model, so the same id living on
+        any other version is this sequence's older history and ends there (closed). Left live,
+        a later request naming no version could reach that stale copy; and a version that is
+        going away is not kept by it."""
         for other in self.registry.loaded(handle.spec.name).values():
             session = None if other is handle else other.store.find(session_id, owner)
             if session is not None and session.close_when_idle is None:

@@ -17,7 +17,11 @@ sessions back from its snapshot.
 
 Concurrency: everything here runs on the event loop but the repository reads and the loads,
 which run in worker threads on objects nothing served can reach yet. One change at a time: a
-lock on the loop is held by a poll, a load, an unload and a release.
+lock on the loop is held by a poll, a load, an unload and a release. A change runs to its end
+even if the RPC that asked for it is cancelled (its client's deadline, a disconnect): it runs as
+a task of its own that the RPC waits for, shielded, so that no version is left half released.
+At shutdown a load under way is abandoned (its thread, a daemon, finishes the version it is on;
+nothing it loaded is served), and every other change finishes.
 """
 
 from __future__ import annotations
@@ -25,15 +29,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from service.batcher import Batcher
 from service.durability import Durability, DurableModel
-from service.errors import FailedPrecondition, ModelContractError, NotFound, Unavailable, shown
+from service.errors import (
+    ErrorKind,
+    FailedPrecondition,
+    ModelContractError,
+    NotFound,
+    ServiceError,
+    Unavailable,
+    shown,
+)
 from service.metrics import Metrics
 from service.models import (
     EndHook,
     IndexEntry,
+    Loaded,
     ModelHandle,
     ModelRegistry,
     ModelScan,
@@ -43,9 +58,21 @@ from service.models import (
 )
 from service.repository import ModelSpec, no_models, version_key
 from service.runtime import ModelRuntime
+from service.session import EndReason
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ControlNotAllowed(Unavailable):
+    """RepositoryModelLoad / RepositoryModelUnload while model_control is not explicit: answered
+    UNAVAILABLE, as Triton answers it, but a client's mistake, not a fault of the server: it is
+    counted in ``rnnserve_failures_total`` as ``counted_as`` (FAILED_PRECONDITION), so that it
+    never fires the alert on the server's own failures."""
+
+    counted_as = ErrorKind.FAILED_PRECONDITION
 
 
 def durable_model(handle: ModelHandle) -> DurableModel:
@@ -79,7 +106,11 @@ class ModelControl:
         self.model_changed: Callable[[str, bool | None], None] = lambda label, serving: None
         self._lock: asyncio.Lock  # one change at a time, made on the loop by start()
         self._loop: asyncio.AbstractEventLoop
+        # The poll's timer (a test drives it with a sleep of its own).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._stopping: asyncio.Future[None]  # done once stop() begins (made by start())
         self._poll_task: asyncio.Task[None] | None = None
+        self._operations: set[asyncio.Task[Any]] = set()  # polls, loads, unloads under way
         self._releases: set[asyncio.Task[None]] = set()
         self._refused_at: dict[str, object] = {}  # label -> the attempt refused (files, settings)
         self._unloaded: set[str] = set()  # models unloaded by request (RepositoryModelUnload)
@@ -96,44 +127,87 @@ class ModelControl:
         if not scans:
             raise no_models(root)
         plan = self.registry.plan(scans, self.settings, None, refused_before={})
-        handles, refused = self.registry.load(
+        loaded = self.registry.load(
             plan.to_load, self.runtime_class, self.end_hook, at_start_up=True
         )
         for name, reason in plan.config_errors.items():
             self._refuse(name, reason, None, log=False)
         for version in plan.to_load:
-            if version.label in refused:
-                self._refuse(version.label, refused[version.label], version.attempt, log=False)
-        for handle in handles:
+            label = version.label
+            if label in loaded.refused:
+                attempt = None if label in loaded.transient else version.attempt
+                self._refuse(label, loaded.refused[label], attempt, log=False)
+        for handle in loaded.handles:
             self.registry.add(handle)
             self.count_sessions(handle)
-        if not handles:  # nothing to serve: the start fails with the reasons
-            raise ModelContractError(" | ".join(self.registry.refused.values()))
+        if not loaded.handles:  # nothing to serve: the start fails with the reasons
+            raise ModelContractError(
+                " | ".join(self.registry.refused.values()) or no_models(root).args[0]
+            )
         for reason in self.registry.refused.values():  # the others serve: one line per refused
             logger.error("not serving %s", reason)
-        return handles
+        return loaded.handles
 
     def start(self) -> None:
         """On the serving loop: the refusals' gauges, and (model_control poll) the poll."""
         self._loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
+        self._stopping = self._loop.create_future()
         for label in self.registry.refused:
             self._refused_metric(label)
         if self.settings.model_control == "poll":
             self._poll_task = asyncio.create_task(self._poll_forever(), name="repository-poll")
 
     async def stop(self) -> None:
-        """No more changes: the poll stops, a load or release under way finishes, releases
-        waiting for their turn are dropped (shutdown ends every session anyway)."""
+        """No more changes: the poll stops, a load under way is abandoned (shutdown never waits
+        for a model to load: a TensorRT engine build takes minutes), a release under way
+        finishes, releases waiting for their turn are dropped (shutdown ends every session
+        anyway)."""
         self._closing = True
+        if not hasattr(self, "_lock"):  # never started
+            return
+        if not self._stopping.done():
+            self._stopping.set_result(None)
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
-        if hasattr(self, "_lock"):  # started
-            async with self._lock:
-                for release in self._releases:
-                    release.cancel()
+        while self._operations:  # each ends soon: none loads any more, none starts a release
+            await asyncio.wait(set(self._operations))
+        async with self._lock:
+            for release in self._releases:
+                release.cancel()
+
+    async def settled(self) -> None:
+        """Wait until no change is under way: every poll, load and unload done, and every
+        retired version whose last session ended released (what a test, or an embedder that
+        must know, waits for instead of polling the registry)."""
+        while self._operations or self._releases:
+            await asyncio.wait({*self._operations, *self._releases})
+
+    async def _operation(self, change: Coroutine[Any, Any, T]) -> T:
+        """Run ``change`` (a poll, a load, an unload) as a task of its own and wait for it,
+        shielded: if the caller goes away (an RPC's deadline, a disconnect), the change still
+        runs to its end, and no version is left half released (forgotten by the registry while
+        its snapshot still holds ended sessions and its batcher runs on)."""
+        task = self._loop.create_task(change, name="model-control")
+        self._operations.add(task)
+        task.add_done_callback(self._operations.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(self._unwatched_done)  # nobody waits for it any more
+            raise
+
+    @staticmethod
+    def _unwatched_done(task: asyncio.Task[Any]) -> None:
+        """A change whose caller went away ended: its failure, if any, is logged here."""
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, ServiceError):
+            logger.info("a model load / unload whose caller went away failed: %s", error.message)
+        elif error is not None:
+            logger.error("a model load / unload whose caller went away failed", exc_info=error)
 
     def session_ended(self, spec: ModelSpec) -> None:
         """A session of ``spec``'s version ended: a retired version whose last one it was is
@@ -153,7 +227,11 @@ class ModelControl:
     async def poll_repository(self) -> None:
         """Read the repository again and follow it (what the poll does every
         ``model_poll_interval_s``): new versions and models load, removed ones retire. A version
-        refused is tried again once its files or its model's settings change."""
+        refused is tried again once its files or its model's settings change (one refused
+        because it could not be read, or its provider was missing: at every poll)."""
+        await self._operation(self._poll())
+
+    async def _poll(self) -> None:
         async with self._lock:
             if not self._closing:
                 await self._sync(None, retry=False)
@@ -161,7 +239,7 @@ class ModelControl:
     async def _poll_forever(self) -> None:
         failing = False
         while True:
-            await asyncio.sleep(self.settings.model_poll_interval_s)
+            await self.sleep(self.settings.model_poll_interval_s)
             try:
                 await self.poll_repository()
             except Exception as error:  # the poll goes on: what serves is unchanged
@@ -183,10 +261,15 @@ class ModelControl:
         repository has no such model; FAILED_PRECONDITION with the reasons if a version, or its
         serving.json, is refused (the versions loaded before serve on)."""
         self._check_control()
+        await self._operation(self._load_model(name))
+
+    async def _load_model(self, name: str) -> None:
         async with self._lock:
             if self._closing:
                 raise Unavailable("the server is shutting down")
             scans, refused = await self._sync({name}, retry=True)
+            if self._closing:  # abandoned: the server stops
+                raise Unavailable("the server is shutting down")
             if name not in scans:
                 raise NotFound(
                     f"model {shown(name)} is not in the model repository "
@@ -202,6 +285,9 @@ class ModelControl:
         version of it takes new sessions; each serves its live sessions until they end and is
         then released. NOT_FOUND if neither loaded nor in the repository."""
         self._check_control()
+        await self._operation(self._unload_model(name))
+
+    async def _unload_model(self, name: str) -> None:
         async with self._lock:
             if self._closing:
                 raise Unavailable("the server is shutting down")
@@ -230,12 +316,12 @@ class ModelControl:
         """UNAVAILABLE, as Triton answers, unless model_control is explicit."""
         mode = self.settings.model_control
         if mode == "poll":
-            raise Unavailable(
+            raise ControlNotAllowed(
                 "explicit model load / unload is not allowed if polling is enabled "
                 "(model_control is poll: the server follows the repository by itself)"
             )
         if mode != "explicit":
-            raise Unavailable(
+            raise ControlNotAllowed(
                 f"explicit model load / unload is not allowed: model_control is {mode} (the "
                 "models loaded at start-up serve until the server stops); start the server with "
                 "--model-control explicit to load and unload models by request"
@@ -248,66 +334,100 @@ class ModelControl:
         control lock: read it (in a thread), load what is new (in a thread: the loop serves on),
         then, on the loop, serve the new versions, serve retired ones the policy selects again,
         and retire those removed or out of the policy. ``retry``: try again versions refused
-        before with the same files and settings. Returns the scans and the refused versions."""
+        before with the same files and settings. Returns the scans and the refused versions;
+        nothing changes if the server stops meanwhile."""
         root = self.settings.model_repository
         scans = await asyncio.to_thread(scan_repository, root, names)
         refused_before = {} if retry else self._refused_at
         plan = self.registry.plan(scans, self.settings, names, refused_before=refused_before)
-        handles: list[ModelHandle] = []
-        refused: dict[str, str] = {}
-        transient: set[str] = set()
+        loaded = Loaded()
         if plan.to_load:
-            handles, refused, transient = await asyncio.to_thread(self._load, plan.to_load)
-        self._apply(plan, handles, refused, transient)
+            abandoned = await self._load_in_thread(plan.to_load)
+            if abandoned is None:  # the server stops: nothing it loaded is served
+                return scans, {}
+            loaded = abandoned
+        if self._closing:
+            return scans, {}
+        self._apply(plan, loaded)
         await self._release_idle()
-        return scans, refused
+        return scans, loaded.refused
 
-    def _load(
-        self, versions: list[VersionToLoad]
-    ) -> tuple[list[ModelHandle], dict[str, str], set[str]]:
+    async def _load_in_thread(self, versions: list[VersionToLoad]) -> Loaded | None:
+        """:meth:`_load` in a thread of its own, or None if the server stops first: shutdown
+        does not wait for it. The thread is a daemon, which the process does not wait for
+        either; it loads no version after the one it is on."""
+        done: asyncio.Future[Loaded] = self._loop.create_future()
+
+        def settle(result: Loaded | None, error: BaseException | None) -> None:
+            if done.cancelled():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                assert result is not None
+                done.set_result(result)
+
+        def work() -> None:
+            result, error = None, None
+            try:
+                result = self._load(versions)
+            except BaseException as failure:  # handed to the loop, raised there
+                error = failure
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=work, name="model-load", daemon=True).start()
+        waits: set[asyncio.Future[Any]] = {done, self._stopping}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            done.cancel()  # what it loads is dropped; a failure of it is no one's concern now
+            return None
+        return done.result()
+
+    def _load(self, versions: list[VersionToLoad]) -> Loaded:
         """Load and check ``versions`` and restore their sessions from their snapshots (a
         version that comes back after the server lost it: removed while it was down), in a
         worker thread: nothing served can reach these handles yet. A snapshot that cannot be
         read (the backend out of reach) refuses its version for now (``transient``: tried again
         at the next poll), so that its sessions are not lost by serving it without them."""
-        handles, refused = self.registry.load(
-            versions, self.runtime_class, self.end_hook, at_start_up=False
+        loaded = self.registry.load(
+            versions,
+            self.runtime_class,
+            self.end_hook,
+            at_start_up=False,
+            abandoned=lambda: self._closing,
         )
         if self.durability is None:
-            return handles, refused, set()
-        restored, transient = [], set()
-        for handle in handles:
+            return loaded
+        restored = []
+        for handle in loaded.handles:
             try:
                 self.durability.restore([durable_model(handle)])
             except Exception as error:
                 label = handle.spec.label
-                refused[label] = (
+                loaded.refused[label] = (
                     f"model {label}: its sessions' snapshot cannot be read "
                     f"({type(error).__name__}: {error}); it loads once it can"
                 )
-                transient.add(label)
+                loaded.transient.add(label)
                 continue
             restored.append(handle)
-        return restored, refused, transient
+        loaded.handles = restored
+        return loaded
 
-    def _apply(
-        self,
-        plan: Plan,
-        handles: list[ModelHandle],
-        refused: dict[str, str],
-        transient: set[str],
-    ) -> None:
+    def _apply(self, plan: Plan, loaded: Loaded) -> None:
         """The loop's part of a sync: what serves, what is refused, what retires."""
         for label in plan.forget:
             self._forget_refusal(label)
         for name, reason in plan.config_errors.items():
             self._refuse(name, reason, None)
         attempts = {v.label: v.attempt for v in plan.to_load}
-        for label, reason in refused.items():
-            self._refuse(label, reason, None if label in transient else attempts[label])
+        for label, reason in loaded.refused.items():
+            transient = label in loaded.transient
+            self._refuse(label, reason, None if transient else attempts[label])
         for handle in plan.unretire:
             self._unretire(handle)
-        for handle in handles:
+        for handle in loaded.handles:
             self._serve(handle)
         for handle, now in plan.changed:
             label = handle.spec.label
@@ -329,6 +449,7 @@ class ModelControl:
     def _serve(self, handle: ModelHandle) -> None:
         """A version loaded while serving starts taking sessions."""
         spec = handle.spec
+        self._drop_restored_elsewhere(handle)
         self.registry.add(handle)
         handle.start(self.metrics, self.on_applied, self.on_failed)
         self.count_sessions(handle)
@@ -337,6 +458,24 @@ class ModelControl:
         self._changed_on_disk.pop(spec.label, None)
         self.model_changed(spec.label, True)
         logger.info("serving model %s (%d session(s) restored)", spec.label, len(handle.store))
+
+    def _drop_restored_elsewhere(self, handle: ModelHandle) -> None:
+        """Sessions that ``handle`` restored from its snapshot but whose ids live on another
+        version of the model now (restarted there while this version was away): the restored
+        copy is an older history of the id, so it is ended, never served beside the live one (a
+        request naming no version could reach either)."""
+        spec = handle.spec
+        dropped = []
+        for session in list(handle.store.sessions.values()):
+            found = self.registry.holding(spec.name, session.session_id, session.owner)
+            if found is not None:
+                dropped.append(found[0].spec.version)
+                handle.store.end(session, EndReason.CLOSED)
+        if dropped:
+            logger.warning(
+                "model %s: %d session(s) of its snapshot not restored: their ids live on "
+                "version(s) %s now", spec.label, len(dropped), ", ".join(sorted(set(dropped))),
+            )  # fmt: skip
 
     def _retire(self, handle: ModelHandle, reason: str) -> None:
         """``handle`` takes no new sessions; its live sessions go on until they end, then it is
@@ -388,6 +527,7 @@ class ModelControl:
         for gauge in (m.active_sessions, m.session_capacity, m.state_bytes, m.queue_depth):
             with contextlib.suppress(KeyError):
                 gauge.remove(spec.name, spec.version)
+        handle.release()
         self.model_changed(spec.label, None)
         logger.info("model %s released: %s, and its sessions have all ended", spec.label,
                     handle.retired)  # fmt: skip

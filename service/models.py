@@ -24,6 +24,7 @@ from service.errors import FailedPrecondition, ModelContractError, NotFound, Una
 from service.metrics import LoopHistogramChild, Metrics
 from service.model_check import open_model
 from service.repository import (
+    SERVING_JSON,
     ModelSpec,
     ServingConfig,
     discover,
@@ -108,6 +109,18 @@ class ModelHandle:
             on_failed=on_failed,
         )
 
+    def release(self) -> None:
+        """Let go of everything this version holds, once it is released (its batcher closed,
+        its sessions all ended, its series gone), so that its onnxruntime sessions, state bank
+        and worker thread are freed now. A closed batcher stays in a reference cycle (its
+        cancelled loop task's traceback holds it), and a version loaded at start-up was frozen
+        out of the collector's scans (:mod:`service.gc_pauses`): that cycle is never collected,
+        so it must not reach the model."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            vars(batcher).clear()  # its runner (runtime, thread), store (bank), queue, series
+        self._latency.clear()
+
     def latency(self, metrics: Metrics, api: str) -> LoopHistogramChild:
         """The request-latency histogram of this model for ``api``."""
         child = self._latency.get(api)
@@ -149,6 +162,17 @@ class VersionToLoad:
         """What a load of it tried: its files and its settings (a refused version is tried
         again, by the poll, only once either changes)."""
         return self.fingerprint, tuple(self.own_settings.items())
+
+
+@dataclass
+class Loaded:
+    """What :meth:`ModelRegistry.load` made of the versions it was given: the handles loaded,
+    the versions refused (label -> one-line reason), and which of those refusals are
+    ``transient`` (tried again by every poll, whatever changes)."""
+
+    handles: list[ModelHandle] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    transient: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -229,66 +253,89 @@ class ModelRegistry:
         end_hook: Callable[[ModelSpec], EndHook],
         *,
         at_start_up: bool,
-    ) -> tuple[list[ModelHandle], dict[str, str]]:
+        abandoned: Callable[[], bool] = lambda: False,
+    ) -> Loaded:
         """Load and check model versions (:func:`service.model_check.open_model`), each with its
         model's own settings; returns the handles (not served yet: :meth:`add` serves one) and
         the versions refused, each with its one-line reason. Touches nothing that is served, so
-        it runs in a worker thread while the loop serves. At start-up, a file that cannot be read
-        or an execution provider that is missing stops the start (the server's own settings are
-        wrong); later they refuse only the version."""
-        handles: list[ModelHandle] = []
-        refused: dict[str, str] = {}
+        it runs in a worker thread while the loop serves. At start-up, a file that cannot be read,
+        an execution provider that is missing or any unexpected error stops the start (the
+        server's own settings are wrong); later they refuse only the version, and the first two
+        are ``transient`` (a poll tries the version again: fixing permissions or installing a
+        provider changes none of its files). ``abandoned``: asked between versions; once true (the
+        server stops), the versions left are not loaded."""
+        loaded = Loaded()
         for version in versions:
-            directory = version.directory
-            s = version.settings  # the server's, with the model's serving.json over them
-            label = f"{directory.parent.name}/{directory.name}"
+            if abandoned():
+                break
+            label = version.label
             try:
-                spec, runtime = open_model(directory, s, runtime_class)
+                handle = self._load_one(version, runtime_class, end_hook)
             except ModelContractError as error:
-                refused[label] = str(error)
-                continue
+                loaded.refused[label] = str(error)
             except ProviderUnavailable as error:
                 if at_start_up and "execution_provider" not in version.own_settings:
                     raise
-                refused[label] = f"model {label}: {error}"
-                continue
+                loaded.refused[label] = f"model {label}: {error}"
+                loaded.transient.add(label)
             except OSError as error:
                 if at_start_up:
                     raise
-                refused[label] = (
-                    f"model {label}: cannot read {error.filename or directory} "
+                loaded.refused[label] = (
+                    f"model {label}: cannot read {error.filename or version.directory} "
                     f"({error.strerror or error}); check the folder and its permissions"
                 )
-                continue
-            call_cost = None
-            on_gpu = runtime.device.kind == "cuda"
-            # On a GPU every batch goes to the worker thread: a first call of a shape (kernel
-            # choice, a TensorRT engine) may take seconds, which the event loop must not wait.
-            if s.inline_compute_below_s > 0 and not on_gpu:
-                call_cost = runtime.measure_cost(spec.tensors, max_rows=s.max_batch_size)
-            store = SessionStore(
-                states=spec.tensors.states,
-                max_sessions=s.max_sessions,
-                evict_when_full=s.evict_when_full,
-                on_end=end_hook(spec),
-                residency=state_residency(s, runtime, spec),
-                device=runtime.device,
-            )
-            handles.append(ModelHandle(spec, runtime, store, call_cost, s, version.fingerprint))
-            own = ", ".join(f"{k}={v}" for k, v in version.own_settings.items())
+                loaded.transient.add(label)
+            except Exception as error:  # e.g. out of memory: this version only, while serving
+                if at_start_up:
+                    raise
+                logger.debug("model %s: the load failed", label, exc_info=error)
+                loaded.refused[label] = (
+                    f"model {label}: failed to load ({type(error).__name__}: "
+                    f"{' '.join(str(error).split())})"
+                )
+            else:
+                loaded.handles.append(handle)
+        return loaded
+
+    @staticmethod
+    def _load_one(
+        version: VersionToLoad,
+        runtime_class: type[ModelRuntime],
+        end_hook: Callable[[ModelSpec], EndHook],
+    ) -> ModelHandle:
+        """One version opened, checked, measured, with its (empty) session store."""
+        s = version.settings  # the server's, with the model's serving.json over them
+        spec, runtime = open_model(version.directory, s, runtime_class)
+        call_cost = None
+        on_gpu = runtime.device.kind == "cuda"
+        # On a GPU every batch goes to the worker thread: a first call of a shape (kernel
+        # choice, a TensorRT engine) may take seconds, which the event loop must not wait.
+        if s.inline_compute_below_s > 0 and not on_gpu:
+            call_cost = runtime.measure_cost(spec.tensors, max_rows=s.max_batch_size)
+        store = SessionStore(
+            states=spec.tensors.states,
+            max_sessions=s.max_sessions,
+            evict_when_full=s.evict_when_full,
+            on_end=end_hook(spec),
+            residency=state_residency(s, runtime, spec),
+            device=runtime.device,
+        )
+        handle = ModelHandle(spec, runtime, store, call_cost, s, version.fingerprint)
+        own = ", ".join(f"{k}={v}" for k, v in version.own_settings.items())
+        logger.info(
+            "loaded model %s (%s, %d layer(s), hidden %d) on %s, state in %s memory%s",
+            spec.label, spec.cell, spec.num_layers, spec.hidden_size,
+            ",".join(runtime.providers),
+            "host" if store.bank.residency == "host" else runtime.device.kind,
+            f"; its own settings: {own}" if own else "",
+        )  # fmt: skip
+        if call_cost is not None:
             logger.info(
-                "loaded model %s (%s, %d layer(s), hidden %d) on %s, state in %s memory%s",
-                spec.label, spec.cell, spec.num_layers, spec.hidden_size,
-                ",".join(runtime.providers),
-                "host" if store.bank.residency == "host" else runtime.device.kind,
-                f"; its own settings: {own}" if own else "",
+                "model %s: a one-step call takes %.0f µs + %.2f µs per session",
+                spec.label, call_cost.fixed_s * 1e6, call_cost.per_row_s * 1e6,
             )  # fmt: skip
-            if call_cost is not None:
-                logger.info(
-                    "model %s: a one-step call takes %.0f µs + %.2f µs per session",
-                    spec.label, call_cost.fixed_s * 1e6, call_cost.per_row_s * 1e6,
-                )  # fmt: skip
-        return handles, refused
+        return handle
 
     def start(
         self,
@@ -329,9 +376,18 @@ class ModelRegistry:
             if scan.config is None:
                 plan.config_errors[name] = scan.error
                 continue
-            plan.forget.add(name)  # its serving.json reads again
             policy = scan.config.version_policy
-            selected = plan.selected[name] = policy.select(scan.versions)
+            selected = policy.select(scan.versions)
+            if not selected:  # Triton refuses such a model too; never dropped without a word
+                plan.config_errors[name] = (
+                    f"model {name}: the version policy ({policy}) of "
+                    f"{scan.directory / SERVING_JSON} selects none of its versions "
+                    f"({', '.join(sorted(scan.versions, key=version_key))}); fix version_policy "
+                    "or add a version it selects"
+                )
+                continue
+            plan.forget.add(name)  # its serving.json reads again
+            plan.selected[name] = selected
             own = dict(scan.config.settings)
             model_settings = settings.for_model(own)
             for version in selected:
@@ -398,14 +454,18 @@ class ModelRegistry:
             self._latest.pop(name, None)
 
     # ----- lookups ---------------------------------------------------------------------------
-    def holding(self, name: str, session_id: str, owner: str) -> tuple[ModelHandle, Session] | None:
-        """The version of model ``name`` that holds ``owner``'s session ``session_id`` (newest
-        first, retired versions included), or None."""
+    def holding(
+        self, name: str, session_id: str, owner: str, *, closing: bool = False
+    ) -> tuple[ModelHandle, Session] | None:
+        """The version of model ``name`` that holds ``owner``'s live session ``session_id``
+        (newest first, retired versions included), or None. A session closing (its close waits
+        for its chunk in flight; a START elsewhere may have ended it) counts only if
+        ``closing``."""
         versions = self._models.get(name, {})
         for version in sorted(versions, key=version_key, reverse=True):
             handle = versions[version]
             session = handle.store.find(session_id, owner)
-            if session is not None:
+            if session is not None and (closing or session.close_when_idle is None):
                 return handle, session
         return None
 

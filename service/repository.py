@@ -86,14 +86,20 @@ def version_key(version: str) -> tuple[int, int | str]:
 
 
 def discover(root: Path) -> list[Path]:
-    """Version directories under ``root`` that hold a model.onnx."""
+    """Version directories under ``root`` that hold a model.onnx. A model or version folder
+    whose name starts with a dot is never one: ``.2.incoming`` is a version being copied in, to
+    be renamed into place once complete (docs/API.md, Model control)."""
     if not root.is_dir():
         raise ModelContractError(
             f"model repository {root} does not exist or is not a directory; point "
             "--model-repository (RNNSERVE_MODEL_REPOSITORY) at a folder of "
             "<name>/<version>/model.onnx + model.json"
         )
-    return sorted(p.parent for p in root.glob("*/*/model.onnx"))
+    return sorted(
+        path.parent
+        for path in root.glob("*/*/model.onnx")
+        if not path.parent.name.startswith(".") and not path.parent.parent.name.startswith(".")
+    )
 
 
 def no_models(root: Path) -> ModelContractError:
@@ -312,6 +318,11 @@ def read_serving_config(model_directory: Path) -> ServingConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelContractError(
             f"model {name}: {path} is not valid JSON ({error}); {fix}"
+        ) from None
+    except OSError as error:  # a folder of that name, no permission: this model's problem only
+        raise ModelContractError(
+            f"model {name}: cannot read {path} ({error.strerror or error}); check its "
+            "permissions (it must be a file the server may read), or remove it"
         ) from None
     if not isinstance(config, dict):
         raise ModelContractError(f"model {name}: {path} is not a JSON object; {fix}")

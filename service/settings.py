@@ -42,6 +42,14 @@ DEFAULT_STATE_DIR = default_state_dir()
 
 ExecutionProvider = Literal["cpu", "cuda", "tensorrt"]
 
+# Bounds of the numeric settings. Every float is finite (``allow_inf_nan=False``: JSON's
+# Infinity, or "inf" in the environment, would make a timer that never fires); a duration has a
+# ceiling far above any sane value, so that a typo in units cannot hang a batch or a shutdown.
+HOUR_S = 3600.0
+DAY_S = 86_400.0
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's limits are C ints
+MAX_THREADS = 1024
+
 
 class Settings(BaseSettings):
     """Every knob of the server. Environment: ``RNNSERVE_<NAME>`` (e.g. ``RNNSERVE_GRPC_PORT``)."""
@@ -56,6 +64,8 @@ class Settings(BaseSettings):
     metrics_request_timeout_s: float = Field(
         5.0,
         gt=0.0,
+        le=HOUR_S,
+        allow_inf_nan=False,
         description="seconds a metrics HTTP connection may take to send its request and read "
         "the reply; one still open then (a half-open client) is closed",
     )
@@ -74,6 +84,8 @@ class Settings(BaseSettings):
     model_poll_interval_s: float = Field(
         10.0,
         gt=0.0,
+        le=DAY_S,
+        allow_inf_nan=False,
         description="with model_control poll, how often the repository is read, in seconds",
     )
     execution_provider: ExecutionProvider = Field(
@@ -103,9 +115,14 @@ class Settings(BaseSettings):
         "padding rows never reach a session",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime threads inside one operator (0: onnxruntime decides)"
+        0,
+        ge=0,
+        le=MAX_THREADS,
+        description="onnxruntime threads inside one operator (0: onnxruntime decides)",
     )
-    inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators")
+    inter_op_threads: int = Field(
+        1, ge=0, le=MAX_THREADS, description="onnxruntime threads across operators"
+    )
     ort_spin_wait: bool = Field(
         False,
         description="let onnxruntime's intra-op threads spin between calls (lower latency for one "
@@ -114,6 +131,8 @@ class Settings(BaseSettings):
     inline_compute_below_s: float = Field(
         0.0002,
         ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
         description="run a batch on the event loop (with a one-thread onnxruntime session) "
         "instead of the worker thread when the model's cost, measured at load, puts it under "
         "this, in seconds (0: always use the worker thread)",
@@ -125,6 +144,7 @@ class Settings(BaseSettings):
         0.0005,
         gt=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description="longest a thread waits for the GIL behind the busy event loop, in seconds "
         "(Python's default is 0.005; shorter cuts tail latency, see docs/PERFORMANCE.md)",
     )
@@ -134,8 +154,11 @@ class Settings(BaseSettings):
     max_queue_delay_s: float = Field(
         0.0005,
         ge=0.0,
-        description="longest a chunk waits for others to join its batch, in seconds (uvloop "
-        "counts whole milliseconds: up to 0.0005 means until the event loop's next round)",
+        le=1.0,
+        allow_inf_nan=False,
+        description="longest a chunk waits for others to join its batch, in seconds, at most 1 "
+        "(uvloop counts whole milliseconds: up to 0.0005 means until the event loop's next "
+        "round)",
     )
     max_queue_chunks: int = Field(
         4096, ge=1, description="chunks waiting per model before new ones are refused"
@@ -168,24 +191,40 @@ class Settings(BaseSettings):
         "evicted) to admit a new one, instead of refusing with RESOURCE_EXHAUSTED",
     )
     session_ttl_s: float = Field(
-        600.0, ge=0.0, description="idle seconds before a session ends (0 disables expiry)"
+        600.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="idle seconds before a session ends (0 disables expiry)",
     )
     ttl_check_interval_s: float = Field(
-        1.0, gt=0.0, description="how often idle sessions are looked for, in seconds"
+        1.0,
+        gt=0.0,
+        le=HOUR_S,
+        allow_inf_nan=False,
+        description="how often idle sessions are looked for, in seconds",
     )
     max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
     max_message_bytes: int = Field(
-        16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent, in bytes"
+        16 * 1024 * 1024,
+        ge=1024,
+        le=MAX_GRPC_MESSAGE_BYTES,
+        description="largest gRPC message accepted or sent, in bytes",
     )
     deadline_margin_s: float = Field(
         0.005,
         ge=0.0,
+        le=60.0,
+        allow_inf_nan=False,
         description="a chunk starts computing only while at least this much of its caller's "
         "deadline is left, in seconds; otherwise it is answered DEADLINE_EXCEEDED (not applied) "
         "while the caller still listens",
     )
     drain_timeout_s: float = Field(
-        10.0, ge=0.0, description="on SIGTERM, how long in-flight chunks may finish, in seconds"
+        10.0,
+        ge=0.0,
+        le=HOUR_S,
+        allow_inf_nan=False,
+        description="on SIGTERM, how long in-flight chunks may finish, in seconds",
     )
     nonfinite_inputs: Literal["reject", "allow"] = Field(
         "reject",
@@ -210,11 +249,17 @@ class Settings(BaseSettings):
         description="Redis key prefix of the snapshots; give each replica its own",
     )
     snapshot_interval_s: float = Field(
-        10.0, ge=0.0, description="snapshot every this many seconds if anything changed (0: off)"
+        10.0,
+        ge=0.0,
+        le=DAY_S,
+        allow_inf_nan=False,
+        description="snapshot every this many seconds if anything changed (0: off)",
     )
     snapshot_when_idle_s: float = Field(
         1.0,
         ge=0.0,
+        le=DAY_S,
+        allow_inf_nan=False,
         description="snapshot once no chunk arrived for this many seconds after changes (0: off)",
     )
     tls_cert_file: Path | None = Field(

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -441,6 +442,50 @@ class BrokenScatterStore(SessionStore):
             self.fail_next_scatter = False
             raise IndexError("scatter broke")
         super().scatter(slots, new_states)
+
+
+class BrokenGatherStore(SessionStore):
+    """A store whose gather raises once: a batch that breaks before its model call."""
+
+    def __init__(self) -> None:
+        super().__init__(state_count=1, layers=1, hidden=1, max_sessions=100)
+        self.fail_next_gather = False
+
+    def gather(self, slots: np.ndarray, restarted: Sequence[int] = ()) -> list[Any]:
+        if self.fail_next_gather:
+            self.fail_next_gather = False
+            raise MemoryError("gather broke")
+        return super().gather(slots, restarted)
+
+
+async def test_a_batch_that_breaks_before_its_call_fails_its_chunks_and_keeps_their_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Batcher._batch_failed: a batch broken outside the model call (here its states could not
+    be gathered) answers each of its chunks INTERNAL, not applied; their sessions keep their
+    state and step counts, and the loop and the other sessions go on."""
+    model = GatedFakeModel(gated=True)
+    store = BrokenGatherStore()
+    batcher, _, metrics = make(model, store)
+    a, b, c = (store.create(n) for n in "abc")
+    first = await batch_in_flight(batcher, model, a)  # a's chunk computes; b and c queue
+    queued = [submit(batcher, b, chunk(2)), submit(batcher, c, chunk(3))]
+    store.fail_next_gather = True  # the next batch (b and c) breaks before its call
+    model.release.set()
+    assert float((await first)[0, 0]) == 1.0
+    for future in queued:
+        with pytest.raises(InternalError, match="model fake/1 failed to run a batch"):
+            await asyncio.wait_for(future, timeout=30)
+    assert (b.steps, c.steps) == (0, 0) and not b.busy and not c.busy
+    assert (store.read_state(b)[0] == 0).all() and b.ended is None and c.ended is None
+    failures = metrics.registry.get_sample_value(
+        "rnnserve_batch_failures_total", {"model": "fake", "version": "1"}
+    )
+    assert failures == 1.0 and batcher.failure is None
+    assert any("MemoryError: gather broke" in r.getMessage() for r in caplog.records)
+    yb = await asyncio.wait_for(submit(batcher, b, chunk(2)), timeout=30)  # goes on from 0
+    assert float(yb[0, 0]) == 2.0 and b.steps == 1
+    await batcher.close()
 
 
 async def test_a_batch_whose_apply_raises_fails_only_its_chunks_and_the_loop_goes_on() -> None:

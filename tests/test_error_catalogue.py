@@ -304,6 +304,10 @@ CONTROL_CASES = [
     Case("kserve-start-on-unloaded-model", grpc.StatusCode.FAILED_PRECONDITION,
          lambda n, k: k.ModelInfer(infer_request("tiny_gru", 908, GOOD, start=True)),
          "model 'tiny_gru' takes no new sessions"),
+    Case("id-live-on-another-version", grpc.StatusCode.ALREADY_EXISTS,
+         lambda n, k: n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="old")),
+         "session 'old' already exists, on version 1 of model 'tiny_lstm'; close it first, or "
+         "choose another id"),
 ]  # fmt: skip
 
 
@@ -423,26 +427,28 @@ async def test_a_session_whose_new_state_could_not_be_stored_ends_failed(
 
 
 async def test_a_second_chunk_while_one_is_in_flight_is_refused(make_settings: Any) -> None:
-    # A long batching delay and a second live session keep the first chunk queued (in flight).
-    settings = make_settings(max_queue_delay_s=30.0)
-    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+    # The first chunk's batch is held computing (its model call waits on an event), so it is in
+    # flight for as long as the test needs: no timer decides it.
+    async with serving(make_settings()) as srv, channel(srv.grpc_port) as ch:
         n = native(ch)
-        for sid in ("a", "b"):
-            await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id=sid))
+        await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="a"))
+        runner = srv.engine.model(MODEL).batcher.runner
+        computing, go_on = asyncio.Event(), asyncio.Event()
+        run = runner.run
+
+        async def held(inputs: Any, states: Any) -> Any:
+            computing.set()
+            await go_on.wait()
+            return await run(inputs, states)
+
+        runner.run = held  # type: ignore[method-assign]
         first = asyncio.ensure_future(n.Step(step_request(MODEL, "a", GOOD)))
-        store = srv.engine.model(MODEL).store
-        # Yield to the server (same event loop) until it has queued the chunk: a bounded wait for
-        # a state change, not a timer.
-        for _ in range(100_000):
-            if store.sessions["a"].busy:
-                break
-            await asyncio.sleep(0)
-        assert store.sessions["a"].busy
+        await computing.wait()
         details = await expect_code(
             grpc.StatusCode.FAILED_PRECONDITION, n.Step(step_request(MODEL, "a", GOOD))
         )
         assert "in flight" in details
-        await n.Step(step_request(MODEL, "b", GOOD))  # completes the batch: both run now
+        go_on.set()
         assert (await first).steps == 2
 
 

@@ -3,19 +3,21 @@ KServe RepositoryModelLoad / RepositoryModelUnload, which tritonclient calls), a
 and per-model settings in ``<model>/serving.json``, and sessions that stay on their version until
 they end, exactly, whatever happens to it meanwhile.
 
-Real servers on port 0. Nothing waits by sleeping: a poll is triggered by calling it (the timer's
-own test waits, bounded, for the condition it brings about).
+Real servers on port 0. Nothing waits by sleeping: a poll is triggered by calling it, the poll
+timer's own test drives the timer (:class:`Ticks`), and what the server does by itself (a
+release once a version's last session ends) is awaited with ``ModelControl.settled()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
+from service.errors import ModelContractError
 from service.server import RnnServer
 from service.settings import Settings
 from tests.grpc_helpers import (
@@ -101,11 +105,38 @@ def inputs(seed: int, steps: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((steps, 3)).astype(np.float32)
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    """Wait, bounded, for ``condition`` to hold (for what the server does by itself)."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - no event to wait on: the server's own state
-            await asyncio.sleep(0.01)
+class Ticks:
+    """The poll's timer, driven by the test: each sleep the poll asks for waits until
+    :meth:`tick` lets it end."""
+
+    def __init__(self) -> None:
+        self.asked: asyncio.Queue[tuple[float, asyncio.Future[None]]] = asyncio.Queue()
+
+    async def sleep(self, seconds: float) -> None:
+        elapsed = asyncio.get_running_loop().create_future()
+        await self.asked.put((seconds, elapsed))
+        await elapsed
+
+    async def tick(self) -> float:
+        """End the poll's sleep, then wait until it sleeps again (its poll done); returns the
+        interval it asked for."""
+        seconds, elapsed = await self.asked.get()
+        elapsed.set_result(None)
+        _, following = await self.asked.get()
+        await self.asked.put((seconds, following))  # the next tick ends that one
+        return seconds
+
+
+@contextlib.asynccontextmanager
+async def serving_with(settings: Settings, ticks: Ticks) -> AsyncIterator[RnnServer]:
+    """A started server whose poll sleeps on ``ticks``."""
+    server = RnnServer(settings)
+    server.engine.control.sleep = ticks.sleep
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def index_of(reply: kpb.RepositoryIndexResponse) -> dict[tuple[str, str], tuple[str, str]]:
@@ -183,12 +214,15 @@ async def test_the_poll_timer_serves_a_new_version_by_itself(
     versions: Path, tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     root = repository(versions, tmp_path, tiny_lstm=["1"])
-    settings = make_settings(
-        model_repository=root, model_control="poll", model_poll_interval_s=0.05
-    )
-    async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+    settings = make_settings(model_repository=root, model_control="poll", model_poll_interval_s=7)
+    ticks = Ticks()
+    async with serving_with(settings, ticks) as srv, channel(srv.grpc_port) as ch:
+        assert await ticks.tick() == 7  # a poll with nothing new
+        assert srv.engine.versions(LSTM) == ["1"]
         add_version(versions, root, LSTM, "2")
-        await until(lambda: srv.engine.versions(LSTM) == ["1", "2"])
+        assert srv.engine.versions(LSTM) == ["1"]  # nothing until the timer fires
+        assert await ticks.tick() == 7
+        assert srv.engine.versions(LSTM) == ["1", "2"]
         assert await ready(kserve(ch), LSTM, "2")
         health = health_pb2_grpc.HealthStub(ch)
         check = health_pb2.HealthCheckRequest(service=f"model/{LSTM}/2")
@@ -243,7 +277,8 @@ async def test_a_removed_version_serves_its_live_sessions_exactly_until_they_end
 
         # Once the last one ends, the version is released: nothing of it is left.
         await ns.CloseSession(pb.CloseSessionRequest(model=LSTM, session_id="kept"))
-        await until(lambda: srv.engine.registry.find(LSTM, "1") is None)
+        await srv.engine.control.settled()
+        assert srv.engine.registry.find(LSTM, "1") is None
         gone = pb.GetSessionRequest(model=LSTM, version="1", session_id="kept")
         details = await expect_code(grpc.StatusCode.NOT_FOUND, ns.GetSession(gone))
         assert "has no version '1'" in details
@@ -254,6 +289,50 @@ async def test_a_removed_version_serves_its_live_sessions_exactly_until_they_end
             s for f in exposition if f.name == "rnnserve_model_ready" for s in f.samples
         ]
         assert {s.labels["version"] for s in ready_series if s.labels["model"] == LSTM} == {"2"}
+
+
+async def test_a_start_naming_a_version_restarts_the_id_on_the_whole_model(
+    versions: Path, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """Regression: a START naming version 1 left the same id live on version 2, and the
+    sequence's next requests (naming no version, as Triton clients send them) were computed on
+    that stale copy: other weights, another history. A START restarts the id on the model."""
+    root = repository(versions, tmp_path, tiny_lstm=["1", "2"])
+    x = inputs(10, 6)
+    async with serving(make_settings(model_repository=root)) as srv, channel(srv.grpc_port) as ch:
+        ks, ns = kserve(ch), native(ch)
+        await ks.ModelInfer(infer_request(LSTM, 7, x[:4], start=True))  # on 2, then abandoned
+        on_1 = infer_request(LSTM, 7, x[:2], start=True)
+        on_1.model_version = "1"
+        parts = [await ks.ModelInfer(on_1)]
+        assert srv.engine.model(LSTM, "2").store.find("7") is None
+        parts.append(await ks.ModelInfer(infer_request(LSTM, 7, x[2:4])))
+        parts.append(await ks.ModelInfer(infer_request(LSTM, 7, x[4:], end=True)))
+        assert [p.model_version for p in parts] == ["1", "1", "1"]
+        assert parts[-1].parameters["sequence_steps"].int64_param == 6
+        np.testing.assert_allclose(np.concatenate([infer_output(p) for p in parts]),
+                                   offline(root, LSTM, "1", x), atol=1e-5)  # fmt: skip
+
+        # A START naming version 2 of an id live on 1 (restarted there) ends it on 1 likewise.
+        on_1 = infer_request(LSTM, 8, x[:3], start=True)
+        on_1.model_version = "1"
+        await ks.ModelInfer(on_1)
+        on_2 = infer_request(LSTM, 8, x[:3], start=True)
+        on_2.model_version = "2"
+        again = [await ks.ModelInfer(on_2), await ks.ModelInfer(infer_request(LSTM, 8, x[3:]))]
+        assert [p.model_version for p in again] == ["2", "2"]
+        assert srv.engine.model(LSTM, "1").store.find("8") is None
+        np.testing.assert_allclose(np.concatenate([infer_output(p) for p in again]),
+                                   offline(root, LSTM, "2", x), atol=1e-5)  # fmt: skip
+
+        # Native sessions: ids are scoped to the model, so an id live on one version cannot be
+        # opened on another (a request naming no version could reach either).
+        await ns.CreateSession(pb.CreateSessionRequest(model=LSTM, version="1", session_id="n"))
+        details = await expect_code(
+            grpc.StatusCode.ALREADY_EXISTS,
+            ns.CreateSession(pb.CreateSessionRequest(model=LSTM, session_id="n")),
+        )
+        assert f"session 'n' already exists, on version 1 of model '{LSTM}'" in details
 
 
 async def test_a_start_naming_no_version_moves_a_sequence_off_a_retired_version(
@@ -273,7 +352,8 @@ async def test_a_start_naming_no_version_moves_a_sequence_off_a_retired_version(
         assert srv.engine.registry.find(LSTM, "1") is not None
         again = await ks.ModelInfer(infer_request(LSTM, 31, x, start=True))
         assert again.model_version == "2" and again.parameters["sequence_steps"].int64_param == 4
-        await until(lambda: srv.engine.registry.find(LSTM, "1") is None)
+        await srv.engine.control.settled()
+        assert srv.engine.registry.find(LSTM, "1") is None
 
 
 # ----- version policy ----------------------------------------------------------------------
@@ -410,6 +490,11 @@ def test_a_model_of_its_own_max_batch_size_pads_no_batch_beyond_it() -> None:
         ({"execution_provider": "gpu"}, "execution_provider 'gpu'"),
         ({"version_policy": {"latest": 0}}, "latest needs a whole number of versions above 0"),
         ({"version_policy": "newest"}, 'version_policy must be "all"'),
+        # json.loads reads Infinity: a timer that never fires would hang the model's chunks.
+        ('{"max_queue_delay_s": Infinity}', "max_queue_delay_s inf: input should be a finite"),
+        ('{"max_queue_delay_s": NaN}', "max_queue_delay_s nan: input should be a finite"),
+        ({"max_queue_delay_s": 5}, "input should be less than or equal to 1"),
+        ({"intra_op_threads": 100000}, "intra_op_threads 100000: input should be less than"),
     ],
 )
 async def test_a_bad_serving_json_refuses_its_model_in_one_line_and_others_serve(
@@ -604,6 +689,68 @@ async def test_without_explicit_control_load_and_unload_answer_as_triton(
         assert mode == "none" or "if polling is enabled" in load["error"]
         assert entries(index["ok"])[(LSTM, "1")] == ("READY", "")
         assert srv.engine.versions(LSTM) == ["1"]
+        # A client's mistake, not a fault of the server: counted as FAILED_PRECONDITION, never
+        # as UNAVAILABLE (which pages: RnnserveServerErrors).
+        sample = srv.metrics.registry.get_sample_value
+        labels = {"api": "kserve", "model": LSTM}
+        assert sample("rnnserve_failures_total", {**labels, "code": "FAILED_PRECONDITION"}) == 2
+        assert sample("rnnserve_failures_total", {**labels, "code": "UNAVAILABLE"}) is None
+
+
+async def test_a_version_policy_selecting_no_version_refuses_its_model_in_one_line(
+    versions: Path, tmp_path: Path, make_settings: Callable[..., Settings], caplog: Any
+) -> None:
+    """Regression: the model was dropped without a word, and a server of that model alone
+    failed to start with an empty message."""
+    root = repository(versions, tmp_path, tiny_lstm=["1"])
+    write_serving(root, LSTM, {"version_policy": {"specific": ["2"]}})
+    problem = "the version policy (versions 2) of"
+    with pytest.raises(ModelContractError, match=r"selects none of its versions \(1\)"):
+        async with serving(make_settings(model_repository=root)):
+            pass
+    add_version(versions, root, GRU, "1")
+    settings = make_settings(model_repository=root, **control(model_control="poll"))
+    with caplog.at_level(logging.ERROR, logger="service"):
+        async with serving(settings) as srv, channel(srv.grpc_port) as ch:
+            assert srv.engine.versions(GRU) == ["1"] and srv.engine.versions(LSTM) == []
+            listed = await native(ch).ListModels(pb.ListModelsRequest())
+            assert [(r.name, r.version) for r in listed.refused] == [(LSTM, "")]
+            assert problem in listed.refused[0].reason
+            # While serving: the versions loaded serve on until the policy selects one.
+            write_serving(root, LSTM, "{}")
+            await srv.engine.control.poll_repository()
+            assert srv.engine.versions(LSTM) == ["1"]
+            write_serving(root, LSTM, {"version_policy": {"specific": ["3"]}})
+            await srv.engine.control.poll_repository()
+            await srv.engine.control.poll_repository()
+            assert srv.engine.versions(LSTM) == ["1"]
+    lines = [r.getMessage() for r in caplog.records if "not serving" in r.getMessage()]
+    assert [line.split(" of ")[0] for line in lines] == [
+        f"not serving model {LSTM}: the version policy (versions 2)",
+        f"not serving model {LSTM}: the version policy (versions 3)",
+    ]
+    assert all("selects none of its versions (1)" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("max_queue_delay_s", "inf", "finite number"),
+        ("max_queue_delay_s", "nan", "finite number"),
+        ("max_queue_delay_s", "2", "less than or equal to 1"),
+        ("drain_timeout_s", "Infinity", "finite number"),
+        ("ttl_check_interval_s", "inf", "finite number"),
+        ("snapshot_when_idle_s", "inf", "finite number"),
+        ("session_ttl_s", "inf", "finite number"),
+        ("model_poll_interval_s", "inf", "finite number"),
+        ("max_message_bytes", str(2**31), "less than or equal to 2147483647"),
+    ],
+)
+def test_server_settings_are_finite_and_bounded(setting: str, value: str, problem: str) -> None:
+    """The flags and environment variables have the same holes as serving.json had: an
+    infinite batching delay, drain or timer interval hangs what waits for it."""
+    with pytest.raises(ValidationError, match=problem):
+        Settings(**{setting: value})
 
 
 # ----- a version that comes back gets its sessions back from its snapshot -------------------
@@ -653,6 +800,7 @@ async def test_a_released_version_brings_back_none_of_its_ended_sessions(
         assert await srv.engine.durability.snapshot(force=True) == 1  # type: ignore[union-attr]
         await ks.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name=LSTM))
         await ns.CloseSession(pb.CloseSessionRequest(model=LSTM, session_id="s"))
-        await until(lambda: srv.engine.registry.find(LSTM, "1") is None)
+        await srv.engine.control.settled()
+        assert srv.engine.registry.find(LSTM, "1") is None
         await ks.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=LSTM))
         assert len(srv.engine.model(LSTM, "1").store) == 0

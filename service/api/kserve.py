@@ -151,18 +151,21 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     def submit(
         self, request: pb.ModelInferRequest, caller: Caller, deadline_s: float | None
     ) -> tuple[ModelSpec, asyncio.Future[StepResult]]:
-        """Convert a request and hand its chunk to the engine; returns the model's spec and the
-        chunk's future. The one path of both ModelInfer and ModelStreamInfer."""
+        """Convert a request and hand its chunk to the engine; returns the spec of the model
+        version that computes it and the chunk's future. The one path of both ModelInfer and
+        ModelStreamInfer."""
         received = time.perf_counter()
+        name, version = request.model_name, request.model_version
         try:
-            spec = self.engine.model(request.model_name, request.model_version).spec
+            spec = self.engine.model(name, version).spec
         except FailedPrecondition:  # no version takes new sequences: this one may live on one
-            spec = self.engine.route(
-                request.model_name, request.model_version, routing_id(request), caller
-            ).spec
+            spec = self.engine.route(name, version, routing_id(request), caller).spec
         sequence_id = sequence_id_of(request)  # any error after this one is its sequence's
         try:
             control = sequence_control(request, sequence_id)
+            # The request is read, and answered, in the tensor names of the version that computes
+            # it: the one its sequence lives on, which need not be the newest.
+            spec = self.computing_spec(name, version, sequence_id, control.start, caller)
             x = input_chunk(request, spec)
             future = self.engine.submit(
                 spec.name,
@@ -204,6 +207,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             )
             raise error.with_session_steps(steps) from None
         return spec, future
+
+    def computing_spec(
+        self, name: str, version: str, sequence_id: str, start: bool, caller: Caller
+    ) -> ModelSpec:
+        """The spec of the version :meth:`InferenceEngine.submit` will compute this request on:
+        a START naming no version begins its sequence on the newest version; any other request
+        goes to the version it names, else to the one its sequence lives on (else the newest)."""
+        if start and not version:
+            return self.engine.model(name).spec
+        return self.engine.route(name, version, sequence_id, caller).spec
 
     async def ModelStreamInfer(
         self,

@@ -58,6 +58,18 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
 
 
+def counted_code(error: BaseException, code: grpc.StatusCode) -> str:
+    """The ``code`` label under which ``error``, answered with ``code``, is counted in
+    ``rnnserve_failures_total``: ``code``, unless the error says it is counted as another kind
+    (``counted_as``): an answer whose wire code a protocol fixes (UNAVAILABLE for a model load
+    that model_control forbids, as Triton answers) but which is a client's mistake, not a
+    fault of the server, must not fire the alert on the server's own failures."""
+    kind = getattr(error, "counted_as", None)
+    counted = GRPC_CODES[kind] if isinstance(kind, ErrorKind) else code
+    name: str = counted.name
+    return name
+
+
 async def abort(
     context: grpc.aio.ServicerContext,
     error: BaseException,
@@ -69,7 +81,7 @@ async def abort(
     code, message = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("internal error in %s api", api, exc_info=error)
-    metrics.failures.labels(api, code.name, model).inc()
+    metrics.failures.labels(api, counted_code(error, code), model).inc()
     steps = error.session_steps if isinstance(error, ServiceError) else None
     if steps is not None:  # a refused chunk is never applied: where its session stands
         context.set_trailing_metadata(((SESSION_STEPS_KEY, str(steps)),))
@@ -82,7 +94,7 @@ def count_failure(error: BaseException, metrics: Metrics, api: str, model: str =
     code, message = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         logger.error("internal error in %s api", api, exc_info=error)
-    metrics.failures.labels(api, code.name, model).inc()
+    metrics.failures.labels(api, counted_code(error, code), model).inc()
     return message
 
 
