@@ -205,9 +205,9 @@ class ModelControl:
         """A change whose caller went away ended: its failure, if any, is logged here."""
         error = None if task.cancelled() else task.exception()
         if isinstance(error, ServiceError):
-            logger.info("a model load / unload whose caller went away failed: %s", error.message)
+            logger.info("a model change whose caller went away failed: %s", error.message)
         elif error is not None:
-            logger.error("a model load / unload whose caller went away failed", exc_info=error)
+            logger.error("a model change whose caller went away failed", exc_info=error)
 
     def session_ended(self, spec: ModelSpec) -> None:
         """A session of ``spec``'s version ended: a retired version whose last one it was is
@@ -276,7 +276,7 @@ class ModelControl:
                     f"{self.settings.model_repository} (no <name>/<version>/model.onnx there)"
                 )
             self._unloaded.discard(name)
-            problems = [scans[name].error] if scans[name].error else list(refused.values())
+            problems = list(refused.values())  # its serving.json's, or its versions'
             if problems:
                 raise FailedPrecondition(f"failed to load {shown(name)}: {' | '.join(problems)}")
 
@@ -334,23 +334,20 @@ class ModelControl:
         control lock: read it (in a thread), load what is new (in a thread: the loop serves on),
         then, on the loop, serve the new versions, serve retired ones the policy selects again,
         and retire those removed or out of the policy. ``retry``: try again versions refused
-        before with the same files and settings. Returns the scans and the refused versions;
-        nothing changes if the server stops meanwhile."""
+        before with the same files and settings. Returns the scans and what was refused (models
+        for their serving.json, versions); nothing changes if the server stops meanwhile."""
         root = self.settings.model_repository
         scans = await asyncio.to_thread(scan_repository, root, names)
         refused_before = {} if retry else self._refused_at
         plan = self.registry.plan(scans, self.settings, names, refused_before=refused_before)
-        loaded = Loaded()
+        loaded: Loaded | None = Loaded()
         if plan.to_load:
-            abandoned = await self._load_in_thread(plan.to_load)
-            if abandoned is None:  # the server stops: nothing it loaded is served
-                return scans, {}
-            loaded = abandoned
-        if self._closing:
+            loaded = await self._load_in_thread(plan.to_load)  # None: abandoned
+        if loaded is None or self._closing:  # the server stops: nothing changes any more
             return scans, {}
         self._apply(plan, loaded)
         await self._release_idle()
-        return scans, loaded.refused
+        return scans, {**plan.config_errors, **loaded.refused}
 
     async def _load_in_thread(self, versions: list[VersionToLoad]) -> Loaded | None:
         """:meth:`_load` in a thread of its own, or None if the server stops first: shutdown

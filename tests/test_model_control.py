@@ -730,6 +730,13 @@ async def test_a_version_policy_selecting_no_version_refuses_its_model_in_one_li
         f"not serving model {LSTM}: the version policy (versions 3)",
     ]
     assert all("selects none of its versions (1)" in line for line in lines)
+    settings = make_settings(model_repository=root, model_control="explicit")
+    async with serving(settings) as srv, channel(srv.grpc_port) as ch:  # a load says why
+        load = kpb.RepositoryModelLoadRequest(model_name=LSTM)
+        details = await expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION, kserve(ch).RepositoryModelLoad(load)
+        )
+        assert f"failed to load '{LSTM}': model {LSTM}: the version policy (versions 3)" in details
 
 
 @pytest.mark.parametrize(
