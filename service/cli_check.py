@@ -37,6 +37,14 @@ def check_repository(path: Path) -> int:
             print(f"FAIL {error}")
             continue
         served = config.version_policy.select(v.name for v in versions)
+        if not served:
+            failed += len(versions)
+            present = ", ".join(sorted(v.name for v in versions))
+            print(
+                f"FAIL model {folder.name}: its version_policy ({config.version_policy}) selects "
+                f"none of its versions ({present}); fix serving.json or add the version"
+            )
+            continue
         own = dict(config.settings)
         for directory in versions:
             try:

@@ -811,3 +811,21 @@ async def test_a_released_version_brings_back_none_of_its_ended_sessions(
         assert srv.engine.registry.find(LSTM, "1") is None
         await ks.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name=LSTM))
         assert len(srv.engine.model(LSTM, "1").store) == 0
+
+
+def test_rnnserve_check_fails_a_policy_that_selects_no_version(
+    versions: Path, tmp_path: Path
+) -> None:
+    root = repository(versions, tmp_path, tiny_lstm=["1"], tiny_gru=["1"])
+    write_serving(root, LSTM, {"version_policy": {"specific": ["7"]}})
+    check = subprocess.run(
+        [sys.executable, "-m", "service.cli", "check", str(root)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert check.returncode == 1
+    fails = [line for line in check.stdout.splitlines() if line.startswith("FAIL")]
+    assert fails == [
+        f"FAIL model {LSTM}: its version_policy (versions 7) selects none of its versions (1); "
+        "fix serving.json or add the version"
+    ]
+    assert "ok   tiny_gru/1" in check.stdout
