@@ -246,6 +246,8 @@ async def test_a_start_begins_again_from_the_declared_initial_state(
         (lambda s: s["outputs"].append({"name": "Y_h", "shape": [5]}),
          ("names ['Y_h'] more than once",)),
         (lambda s: s["states"][0].update(batch_axis=7), ("batch_axis must be 0..2",)),
+        (lambda s: s["inputs"][0].update(dtype="int64", range=[0, 9], shape=[]),
+         ("X has type tensor(float), expected tensor(int64)",)),
     ],
 )  # fmt: skip
 async def test_a_wrong_declaration_is_refused_in_one_line_and_the_others_serve(
