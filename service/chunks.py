@@ -62,8 +62,12 @@ def check_chunk(
     if isinstance(given, Mapping):
         names = [t.name for t in sig.inputs]
         if sorted(given) != sorted(names):
+            missing = [n for n in names if n not in given]
+            unknown = [shown(n) for n in given if n not in names]
             raise InvalidArgument(
-                f"model {spec.label} takes inputs {names}, got {[shown(n) for n in given]}"
+                f"model {spec.label} takes inputs {', '.join(names)}"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(unknown)}" if unknown else "")
             )
         named = dict(given)
     elif len(sig.inputs) == 1:
@@ -103,7 +107,10 @@ def checked_input(
     if x.dtype.kind in "iu" and tensor.dtype == "float32":
         x = x.astype(np.float32)
     if x.dtype != tensor.numpy_dtype:
-        raise InvalidArgument(f"{what} must be {tensor.dtype}, got {x.dtype}")
+        hint = " (token ids: an integer array [steps])" if tensor.dtype == "int64" else ""
+        raise InvalidArgument(
+            f"model {spec.label}: {what} must be {tensor.dtype}, got {x.dtype}{hint}"
+        )
     if x.ndim != 1 + len(tensor.shape):
         raise InvalidArgument(f"{what} must be {wanted}, got shape {list(x.shape)}")
     if tensor.shape and x.shape[1] != tensor.size:

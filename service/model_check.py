@@ -158,8 +158,11 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def behaviour_error(spec: ModelSpec, what: str) -> ModelContractError:
-    return ModelContractError(
-        f"model {spec.label} does not stream exactly: {what}; export it batch-major with a "
-        "dynamic time axis (torch.onnx.export(..., dynamo=False), docs/TRAINING.md) or remove "
-        "its folder"
+    """The refusal of a model that does not stream exactly, with the fixes that apply to it."""
+    declare = (
+        "if the graph is time-major or its states sit otherwise, say so in model.json's "
+        '"signature" (layout "TB", the states\' names and batch_axis: docs/YOUR_MODEL.md); '
+        "if it comes from torch, export it batch-major with a dynamic time axis "
+        "(python -m training export-module, docs/TRAINING.md); or remove its folder"
     )
+    return ModelContractError(f"model {spec.label} does not stream exactly: {what}; {declare}")

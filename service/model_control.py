@@ -145,7 +145,7 @@ class ModelControl:
                 " | ".join(self.registry.refused.values()) or no_models(root).args[0]
             )
         for reason in self.registry.refused.values():  # the others serve: one line per refused
-            logger.error("not serving %s", reason)
+            logger.error("not serving: %s", reason)
         return loaded.handles
 
     def start(self) -> None:
@@ -542,7 +542,7 @@ class ModelControl:
             return
         self.registry.refused[label] = reason
         if log:
-            logger.error("not serving %s", reason)
+            logger.error("not serving: %s", reason)
             self._refused_metric(label)
             self.model_changed(label, False)
 

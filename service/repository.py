@@ -243,9 +243,11 @@ def check_contract(spec: ModelSpec, runtime: ModelRuntime) -> None:
                 if isinstance(want, int) and isinstance(got, int) and got != want:
                     problems.append(f"{name} axis {axis} is {got}, expected {want}")
                 if isinstance(want, str) and isinstance(got, int):
+                    where = "batch_axis" if want == "batch" else "layout"
                     problems.append(
-                        f"{name} axis {axis} ({want}) is fixed to {got}, must be dynamic "
-                        "(torch.onnx.export(..., dynamo=False) keeps it so)"
+                        f"{name} axis {axis} ({want}) is fixed to {got} in the graph, must be "
+                        f"dynamic (if the signature's {where} puts {want} at the wrong axis, fix "
+                        "it in model.json; torch.onnx.export(..., dynamo=False) keeps axes dynamic)"
                     )
     if problems:
         fix = (

@@ -582,7 +582,7 @@ async def test_several_inputs_must_all_come_with_as_many_steps(
         nat = native(ch)
         sid = (await nat.CreateSession(pb.CreateSessionRequest(model="two_heads"))).session_id
         cases = [
-            ({"tokens": to_tensor(np.array([1, 2]))}, "takes inputs ['tokens', 'features']"),
+            ({"tokens": to_tensor(np.array([1, 2]))}, "takes inputs tokens, features; missing features"),
             ({"tokens": to_tensor(np.array([1, 2])),
               "features": to_tensor(np.zeros((3, 2), np.float32))}, "as many steps each"),
             (None, "takes 2 inputs, tokens, features: send each by name"),
@@ -598,3 +598,24 @@ async def test_several_inputs_must_all_come_with_as_many_steps(
                 await nat.Step(request)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert phrase in (info.value.details() or ""), info.value.details()
+
+
+async def test_metadata_of_a_declared_model_names_its_own_tensors(
+    make_settings: Any, repository: Path
+) -> None:
+    """ModelMetadata and ModelConfig use the declared names; a state starting from a declared
+    value (not zeros) is declared without Triton's zero_data, GetModel says "declared"."""
+    settings = make_settings(model_repository=repository)
+    async with serving(settings) as server, channel(server.grpc_port) as ch:
+        ks, nat = kserve(ch), native(ch)
+        metadata = await ks.ModelMetadata(kpb.ModelMetadataRequest(name="lstm_op"))
+        config = (await ks.ModelConfig(kpb.ModelConfigRequest(name="gru_state_first"))).config
+        info = await nat.GetModel(pb.GetModelRequest(model="gru_state_first"))
+    assert [(t.name, list(t.shape)) for t in metadata.inputs] == [("X", [-1, -1, FEATURES])]
+    assert [(t.name, list(t.shape)) for t in metadata.outputs] == [("Y", [-1, -1, HIDDEN])]
+    (state,) = config.sequence_batching.state
+    assert (state.input_name, state.output_name, list(state.dims)) == (
+        "state", "state_out", [GRU_HIDDEN],
+    )  # fmt: skip
+    assert list(state.initial_state) == []
+    assert [(s.input_name, s.initial) for s in info.states] == [("state", "declared")]

@@ -110,7 +110,7 @@ async def test_tensors_declared_in_another_order_are_bound_by_name_and_served_ex
     ("edit", "phrase"),
     [
         (time_major, "does not stream exactly"),
-        (fixed_time_axis, "fixed to 3, must be dynamic"),
+        (fixed_time_axis, "fixed to 3 in the graph, must be dynamic"),
     ],
 )
 def test_graphs_that_cannot_stream_exactly_are_refused_in_one_line(

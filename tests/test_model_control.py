@@ -726,8 +726,8 @@ async def test_a_version_policy_selecting_no_version_refuses_its_model_in_one_li
             assert srv.engine.versions(LSTM) == ["1"]
     lines = [r.getMessage() for r in caplog.records if "not serving" in r.getMessage()]
     assert [line.split(" of ")[0] for line in lines] == [
-        f"not serving model {LSTM}: the version policy (versions 2)",
-        f"not serving model {LSTM}: the version policy (versions 3)",
+        f"not serving: model {LSTM}: the version policy (versions 2)",
+        f"not serving: model {LSTM}: the version policy (versions 3)",
     ]
     assert all("selects none of its versions (1)" in line for line in lines)
     settings = make_settings(model_repository=root, model_control="explicit")

@@ -258,7 +258,7 @@ async def test_a_version_failing_unexpectedly_is_refused_alone_and_the_poll_goes
         assert srv.engine.versions(GRU) == ["1", "2"] and srv.engine.versions(LSTM) == ["1"]
         lines = refusal_lines(caplog)
         assert lines == [
-            f"not serving model {LSTM}/2: failed to load (RuntimeError: CUDA failure 2: out of "
+            f"not serving: model {LSTM}/2: failed to load (RuntimeError: CUDA failure 2: out of "
             "memory)"
         ]
         state, reason = index_of(await kserve(ch).RepositoryIndex(kpb.RepositoryIndexRequest()))[

@@ -339,7 +339,7 @@ def model_config(spec: ModelSpec, signature: ModelSignature, settings: Settings)
                     output_name=s.output_name,
                     data_type=config_datatype(s.datatype),
                     dims=s.shape,
-                    initial_state=[initial_state_config(s)],
+                    initial_state=initial_state_config(s),
                 )
                 for s in signature.states
             ],
@@ -347,16 +347,20 @@ def model_config(spec: ModelSpec, signature: ModelSignature, settings: Settings)
     )
 
 
-def initial_state_config(state: StateDescription) -> mc.ModelSequenceBatching.InitialState:
-    """Where a state starts at a sequence's START, in Triton's words (zeros: ``zero_data``)."""
-    if state.initial != ZEROS:  # only zeros exist today; a richer contract adds data here
-        raise ValueError(f"state {state.input_name} starts from {state.initial!r}, not zeros")
-    return mc.ModelSequenceBatching.InitialState(
-        name=f"{state.input_name} zeros",
-        data_type=config_datatype(state.datatype),
-        dims=state.shape,
-        zero_data=True,
-    )
+def initial_state_config(state: StateDescription) -> list[mc.ModelSequenceBatching.InitialState]:
+    """Where a state starts at a sequence's START, in Triton's words: zeros are ``zero_data``;
+    a value model.json's signature declares has no Triton form but a file, so none is listed
+    (GetModel's ``initial`` says "declared"; the value is in model.json)."""
+    if state.initial != ZEROS:
+        return []
+    return [
+        mc.ModelSequenceBatching.InitialState(
+            name=f"{state.input_name} zeros",
+            data_type=config_datatype(state.datatype),
+            dims=state.shape,
+            zero_data=True,
+        )
+    ]
 
 
 ERROR_REPLY_OVERHEAD_BYTES = 256  # field framing and the sequence_steps parameter
