@@ -1,7 +1,7 @@
-"""Issue #17's six model kinds, exported by training/export_module.py (the ONNX LSTM op of another
-toolchain declared in model.json instead), checked by `rnnserve check`, and streamed through the
-server in mixed chunkings through the native API and through tritonclient: every output equals
-torch's to 1e-5.
+"""Issue #17's six model kinds, exported by training/export_module.py and training/export_any.py
+(the ONNX LSTM op of another toolchain declared in model.json instead), checked by `rnnserve
+check`, and streamed through the server in mixed chunkings through the native API and through
+tritonclient: every output equals torch's to 1e-5.
 
 1. frames: a 2-layer LSTM speech-frame classifier with a linear head (batch-first);
 2. sensors: a time-major GRU regressor;
@@ -38,7 +38,8 @@ from tests.chunking import chunk_spans
 from tests.grpc_helpers import channel, native, output_of, serving
 from tests.test_declared_signature import LSTM_OP_SIGNATURE, save
 from tests.user_models import char_lm, frame_classifier, gru_regressor, two_heads
-from training.export_module import export_module, export_recurrent, quiet_projections
+from training.export_any import export_module
+from training.export_module import export_recurrent, quiet_projections
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).with_name("tritonclient_models_probe.py")

@@ -35,15 +35,9 @@ from training.export import (
     ExportVerificationError,
     UnsupportedModuleError,
 )
-from training.export_module import (
-    FACTORY_FORMS,
-    ProjectedLSTM,
-    export_module,
-    export_recurrent,
-    features,
-    quiet_projections,
-    state,
-)
+from training.export_any import export_module, features, state
+from training.export_command import FACTORY_FORMS
+from training.export_module import ProjectedLSTM, export_recurrent, quiet_projections
 
 ROOT = Path(__file__).resolve().parent.parent
 Modules = tuple[nn.Module, nn.Module | None]

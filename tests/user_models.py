@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from training.export_module import features, token_ids
+from training.export_any import features, token_ids
 
 
 class FrameClassifier(nn.Module):

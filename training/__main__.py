@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "nn.RNN, any layers, batch_first either way, an LSTM's proj_size too; an nn.Embedding "
         "of int64 token ids before it; a head applied to each step's output), or any module "
         "with forward(*inputs, *states) -> (*outputs, *new_states), batch-major, as a dict with "
-        "keys module, inputs, outputs, states (training.export_module.export_module). The graph "
+        "keys module, inputs, outputs, states (training.export_any.export_module). The graph "
         "is verified against torch over a whole sequence and in chunks of 1, 3 and 7 steps "
         "before anything is written. Then run: rnnserve check REPOSITORY.",
     )
@@ -202,7 +202,7 @@ def command_export(args: argparse.Namespace) -> int:
 
 def command_export_module(args: argparse.Namespace) -> int:
     from training.export import ExportVerificationError, UnsupportedModuleError
-    from training.export_module import (
+    from training.export_command import (
         FactoryError,
         export_parts,
         load_factory,

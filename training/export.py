@@ -13,7 +13,7 @@ Three entry points share the export and the verification here:
 - :func:`training.export_module.export_recurrent` for a user's own ``nn.LSTM`` / ``nn.GRU`` /
   ``nn.RNN`` (any number of layers, batch-first or time-major) with an optional embedding of token
   ids before it and an optional per-step head after it;
-- :func:`training.export_module.export_module` for any module with the signature
+- :func:`training.export_any.export_module` for any module with the signature
   ``forward(*inputs, *states) -> (*outputs, *new_states)``, batch-major, described by a
   :class:`service.signature.Signature` (several inputs and outputs, states of any shape).
 
@@ -56,7 +56,7 @@ VERIFY_BATCH, VERIFY_TIME = 3, 37
 # Chunk lengths a user's module is verified in (37 steps: every one leaves a ragged last chunk).
 CHUNK_STEPS = (1, 3, 7)
 USER_SOURCE = "a user's PyTorch module (training.export_module.export_recurrent)"
-MODULE_SOURCE = "a user's PyTorch module (training.export_module.export_module)"
+MODULE_SOURCE = "a user's PyTorch module (training.export_any.export_module)"
 # What a graph that fixed an axis at export must change, by who wrote the code that fixed it.
 HEAD_CODE = "the head's code"
 
