@@ -9,6 +9,9 @@ Which versions serve changes while the server runs (:mod:`service.model_control`
 stays on the version it started on, and a version that takes no new sessions (unloaded, removed)
 serves its live ones until they end.
 
+The chores off the per-chunk path (idle sessions swept, sessions counted as they end, the
+shutdown drain) are in :mod:`service.engine_lifecycle`.
+
 Concurrency: every method runs on the event loop thread (the adapters are asyncio servicers), so
 sessions and stores are mutated from one thread only; model calls happen in each batcher's worker
 thread.
@@ -17,7 +20,6 @@ thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
@@ -32,6 +34,7 @@ from service.chunks import (
     check_reply_fits,
 )
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
+from service.engine_lifecycle import IdleSweeper, drain_and_stop, session_end_hook
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -88,7 +91,7 @@ class InferenceEngine:
             self.registry, settings, metrics, runtime_class, self._end_hook, self._changed,
             self._batcher_failed,
         )  # fmt: skip
-        self._ttl_task: asyncio.Task[None] | None = None
+        self._sweeper = IdleSweeper(self.registry, settings, metrics)
         self._loop: asyncio.AbstractEventLoop  # the serving loop, set by start()
         self._closing = False
 
@@ -109,17 +112,13 @@ class InferenceEngine:
         return [durable_model(h) for h in self.registry.every_handle()]
 
     def _end_hook(self, spec: ModelSpec) -> EndHook:
-        ended = self.metrics.sessions_ended
-        active = self.metrics.active_sessions.labels(spec.name, spec.version)
+        return session_end_hook(self.metrics, spec, self._session_ended)
 
-        def on_end(session: Session, reason: EndReason) -> None:
-            ended.labels(spec.name, spec.version, reason.value).inc()
-            active.dec()
-            if reason != EndReason.SHUTDOWN:
-                self._changed()
-                self.control.session_ended(spec)  # a retired version's last one: released
-
-        return on_end
+    def _session_ended(self, spec: ModelSpec) -> None:
+        """A session of ``spec`` ended while serving: a change to snapshot, and a retired
+        version's last one lets it be released."""
+        self._changed()
+        self.control.session_ended(spec)
 
     async def start(self) -> None:
         """Create the batchers on the running loop, start the idle-session sweeper and (with
@@ -127,8 +126,7 @@ class InferenceEngine:
         self._loop = asyncio.get_running_loop()
         self.registry.start(self.metrics, self._changed, self._batcher_failed)
         self.control.start()
-        if self.settings.session_ttl_s > 0:
-            self._ttl_task = asyncio.create_task(self._sweep_idle_forever(), name="ttl-sweeper")
+        self._sweeper.start()
         if self.durability is not None:
             self.durability.start()
         self.ready = True
@@ -444,50 +442,15 @@ class InferenceEngine:
     # ----- lifetime --------------------------------------------------------------------------
     def expire_idle_sessions(self) -> int:
         """End every session idle for longer than the TTL; returns how many ended."""
-        ttl = self.settings.session_ttl_s
-        if ttl <= 0:
-            return 0
-        return sum(len(h.store.expire_idle(ttl)) for h in self.registry.every_handle())
-
-    async def _sweep_idle_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.ttl_check_interval_s)
-            expired = self.expire_idle_sessions()
-            if expired:
-                logger.info("ended %d idle session(s)", expired)
-            for handle in self.registry.every_handle():
-                self.metrics.state_bytes.labels(handle.spec.name, handle.spec.version).set(
-                    handle.store.state_bytes
-                )
+        return self._sweeper.expire()
 
     async def shutdown(self) -> dict[str, int]:
         """Drain in-flight chunks (up to drain_timeout_s), snapshot, end every session, stop the
-        batchers. Never waits longer than the drain timeout on a model, failed or not."""
+        batchers (:func:`service.engine_lifecycle.drain_and_stop`). Never waits longer than the
+        drain timeout on a model, failed or not. New work is refused from the first moment."""
         self._closing = True
         self.ready = False
-        if self._ttl_task is not None:
-            self._ttl_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ttl_task
-        await self.control.stop()  # a load or a release under way finishes first
-        report = {"sessions_ended": 0, "models_not_drained": 0, "sessions_saved": 0}
-        started = [h for h in self.registry.every_handle() if h.started]
-        timeout_s = self.settings.drain_timeout_s
-        drained = await asyncio.gather(*(h.batcher.drain(timeout_s) for h in started))
-        report["models_not_drained"] = drained.count(False)
-        if self.durability is not None:
-            await self.durability.stop()
-            try:
-                report["sessions_saved"] = await self.durability.snapshot(force=True, final=True)
-            except Exception:
-                logger.error("the shutdown snapshot failed: sessions will not be restored")
-        for handle in self.registry.every_handle():
-            report["sessions_ended"] += handle.store.end_all(EndReason.SHUTDOWN)
-        for handle in started:
-            await handle.batcher.close()
-        logger.info(
-            "shutdown: %d session(s) saved for the next start, %d ended here; %d model(s) did "
-            "not drain in time",
-            report["sessions_saved"], report["sessions_ended"], report["models_not_drained"],
-        )  # fmt: skip
-        return report
+        await self._sweeper.stop()
+        return await drain_and_stop(
+            self.registry, self.control, self.durability, self.settings.drain_timeout_s
+        )

@@ -45,18 +45,10 @@ from service.errors import (
     shown,
 )
 from service.metrics import Metrics
-from service.models import (
-    EndHook,
-    IndexEntry,
-    Loaded,
-    ModelHandle,
-    ModelRegistry,
-    ModelScan,
-    Plan,
-    VersionToLoad,
-    scan_repository,
-)
+from service.model_loading import Loaded, load_versions
+from service.models import EndHook, IndexEntry, ModelHandle, ModelRegistry, Plan
 from service.repository import ModelSpec, no_models, version_key
+from service.repository_scan import ModelScan, VersionToLoad, scan_repository
 from service.runtime import ModelRuntime
 from service.session import EndReason
 from service.settings import Settings
@@ -127,9 +119,7 @@ class ModelControl:
         if not scans:
             raise no_models(root)
         plan = self.registry.plan(scans, self.settings, None, refused_before={})
-        loaded = self.registry.load(
-            plan.to_load, self.runtime_class, self.end_hook, at_start_up=True
-        )
+        loaded = load_versions(plan.to_load, self.runtime_class, self.end_hook, at_start_up=True)
         for name, reason in plan.config_errors.items():
             self._refuse(name, reason, None, log=False)
         for version in plan.to_load:
@@ -387,7 +377,7 @@ class ModelControl:
         worker thread: nothing served can reach these handles yet. A snapshot that cannot be
         read (the backend out of reach) refuses its version for now (``transient``: tried again
         at the next poll), so that its sessions are not lost by serving it without them."""
-        loaded = self.registry.load(
+        loaded = load_versions(
             versions,
             self.runtime_class,
             self.end_hook,

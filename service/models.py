@@ -1,43 +1,30 @@
 """The registry of loaded models: each version's spec, runtime, session store and batcher.
 
-Loading checks every model (:mod:`service.model_check`) before any is served, refusing those that
-fail while the others serve; lookups by name (and optional version: the highest serving one when
-none is given) are what every request starts with.
+Lookups by name (and optional version: the highest serving one when none is given) are what
+every request starts with.
 
-Model control (:mod:`service.engine` drives it): :func:`scan_repository` reads what the repository
-holds (each version's files, each model's serving.json), :meth:`ModelRegistry.load` opens and
-checks versions in a worker thread, and on the event loop :meth:`ModelRegistry.add` serves one,
-:meth:`ModelRegistry.retire` stops one from taking new sessions (its live sessions go on) and
-:meth:`ModelRegistry.remove` forgets one whose sessions have all ended.
+Model control (:mod:`service.model_control`) drives it: :meth:`ModelRegistry.plan` compares what
+the repository holds (:mod:`service.repository_scan`) with what is served, the versions to load
+are opened and checked in a worker thread (:mod:`service.model_loading`), and on the event loop
+:meth:`ModelRegistry.add` serves one, :meth:`ModelRegistry.retire` stops one from taking new
+sessions (its live sessions go on) and :meth:`ModelRegistry.remove` forgets one whose sessions
+have all ended.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from service.batcher import Batcher
-from service.errors import FailedPrecondition, ModelContractError, NotFound, Unavailable, shown
+from service.errors import FailedPrecondition, NotFound, Unavailable, shown
 from service.metrics import LoopHistogramChild, Metrics
-from service.model_check import open_model
-from service.repository import (
-    SERVING_JSON,
-    ModelSpec,
-    ServingConfig,
-    discover,
-    read_serving_config,
-    version_key,
-)
-from service.runtime import CallCost, ModelRuntime, ProviderUnavailable
+from service.repository import SERVING_JSON, ModelSpec, version_key
+from service.repository_scan import ModelScan, VersionToLoad
+from service.runtime import CallCost, ModelRuntime
 from service.session import EndReason, Session
 from service.session_store import SessionStore
 from service.settings import Settings
-from service.state_bank import StateResidency
-
-logger = logging.getLogger(__name__)
 
 EndHook = Callable[[Session, EndReason], None]
 
@@ -131,50 +118,6 @@ class ModelHandle:
         return child
 
 
-@dataclass(frozen=True)
-class ModelScan:
-    """What the repository holds of one model: its version folders (version -> fingerprint of
-    their files) and its serving.json (``config``, or ``error``: why it is invalid)."""
-
-    name: str
-    directory: Path
-    versions: dict[str, str]
-    config: ServingConfig | None
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class VersionToLoad:
-    """One version folder to load, with the settings it is served with (the server's, and over
-    them ``own_settings``, those its model's serving.json sets)."""
-
-    directory: Path
-    settings: Settings
-    fingerprint: str
-    own_settings: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.directory.parent.name}/{self.directory.name}"
-
-    @property
-    def attempt(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
-        """What a load of it tried: its files and its settings (a refused version is tried
-        again, by the poll, only once either changes)."""
-        return self.fingerprint, tuple(self.own_settings.items())
-
-
-@dataclass
-class Loaded:
-    """What :meth:`ModelRegistry.load` made of the versions it was given: the handles loaded,
-    the versions refused (label -> one-line reason), and which of those refusals are
-    ``transient`` (tried again by every poll, whatever changes)."""
-
-    handles: list[ModelHandle] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)
-    transient: set[str] = field(default_factory=set)
-
-
 @dataclass
 class Plan:
     """What to change so that the served versions follow the repository (:meth:`ModelRegistry.plan`)."""
@@ -203,39 +146,6 @@ class IndexEntry:
     reason: str = ""
 
 
-def fingerprint(directory: Path) -> str:
-    """The files of a version folder (names, sizes, modification times): it changes when a file
-    is written, added or removed, without reading any file."""
-    parts = []
-    for path in sorted(directory.rglob("*")):
-        try:
-            info = path.stat()
-        except OSError:  # removed while listed
-            continue
-        if path.is_file():
-            parts.append(f"{path.relative_to(directory)}:{info.st_size}:{info.st_mtime_ns}")
-    return "|".join(parts)
-
-
-def scan_repository(root: Path, names: Collection[str] | None = None) -> dict[str, ModelScan]:
-    """The models under ``root`` (only ``names``, when given), each with its versions and its
-    serving.json, read from disk (in a worker thread while serving). A missing repository
-    raises ModelContractError."""
-    found: dict[str, dict[str, str]] = {}
-    for directory in discover(root):
-        model = directory.parent.name
-        if names is None or model in names:
-            found.setdefault(model, {})[directory.name] = fingerprint(directory)
-    scans = {}
-    for model, versions in sorted(found.items()):
-        folder = root / model
-        try:
-            scans[model] = ModelScan(model, folder, versions, read_serving_config(folder))
-        except ModelContractError as error:
-            scans[model] = ModelScan(model, folder, versions, None, str(error))
-    return scans
-
-
 class ModelRegistry:
     """Every loaded model version, by name and version: those serving, and those retired that
     still serve their live sessions."""
@@ -245,97 +155,6 @@ class ModelRegistry:
         self._latest: dict[str, ModelHandle] = {}  # name -> highest version taking sessions
         # "<name>/<version>" (or "<name>" for its serving.json) -> why it is not served
         self.refused: dict[str, str] = {}
-
-    def load(
-        self,
-        versions: Sequence[VersionToLoad],
-        runtime_class: type[ModelRuntime],
-        end_hook: Callable[[ModelSpec], EndHook],
-        *,
-        at_start_up: bool,
-        abandoned: Callable[[], bool] = lambda: False,
-    ) -> Loaded:
-        """Load and check model versions (:func:`service.model_check.open_model`), each with its
-        model's own settings; returns the handles (not served yet: :meth:`add` serves one) and
-        the versions refused, each with its one-line reason. Touches nothing that is served, so
-        it runs in a worker thread while the loop serves. At start-up, a file that cannot be read,
-        an execution provider that is missing or any unexpected error stops the start (the
-        server's own settings are wrong); later they refuse only the version, and the first two
-        are ``transient`` (a poll tries the version again: fixing permissions or installing a
-        provider changes none of its files). ``abandoned``: asked between versions; once true (the
-        server stops), the versions left are not loaded."""
-        loaded = Loaded()
-        for version in versions:
-            if abandoned():
-                break
-            label = version.label
-            try:
-                handle = self._load_one(version, runtime_class, end_hook)
-            except ModelContractError as error:
-                loaded.refused[label] = str(error)
-            except ProviderUnavailable as error:
-                if at_start_up and "execution_provider" not in version.own_settings:
-                    raise
-                loaded.refused[label] = f"model {label}: {error}"
-                loaded.transient.add(label)
-            except OSError as error:
-                if at_start_up:
-                    raise
-                loaded.refused[label] = (
-                    f"model {label}: cannot read {error.filename or version.directory} "
-                    f"({error.strerror or error}); check the folder and its permissions"
-                )
-                loaded.transient.add(label)
-            except Exception as error:  # e.g. out of memory: this version only, while serving
-                if at_start_up:
-                    raise
-                logger.debug("model %s: the load failed", label, exc_info=error)
-                loaded.refused[label] = (
-                    f"model {label}: failed to load ({type(error).__name__}: "
-                    f"{' '.join(str(error).split())})"
-                )
-            else:
-                loaded.handles.append(handle)
-        return loaded
-
-    @staticmethod
-    def _load_one(
-        version: VersionToLoad,
-        runtime_class: type[ModelRuntime],
-        end_hook: Callable[[ModelSpec], EndHook],
-    ) -> ModelHandle:
-        """One version opened, checked, measured, with its (empty) session store."""
-        s = version.settings  # the server's, with the model's serving.json over them
-        spec, runtime = open_model(version.directory, s, runtime_class)
-        call_cost = None
-        on_gpu = runtime.device.kind == "cuda"
-        # On a GPU every batch goes to the worker thread: a first call of a shape (kernel
-        # choice, a TensorRT engine) may take seconds, which the event loop must not wait.
-        if s.inline_compute_below_s > 0 and not on_gpu:
-            call_cost = runtime.measure_cost(spec.tensors, max_rows=s.max_batch_size)
-        store = SessionStore(
-            states=spec.tensors.states,
-            max_sessions=s.max_sessions,
-            evict_when_full=s.evict_when_full,
-            on_end=end_hook(spec),
-            residency=state_residency(s, runtime, spec),
-            device=runtime.device,
-        )
-        handle = ModelHandle(spec, runtime, store, call_cost, s, version.fingerprint)
-        own = ", ".join(f"{k}={v}" for k, v in version.own_settings.items())
-        logger.info(
-            "loaded model %s (%s, %d layer(s), hidden %d) on %s, state in %s memory%s",
-            spec.label, spec.cell, spec.num_layers, spec.hidden_size,
-            ",".join(runtime.providers),
-            "host" if store.bank.residency == "host" else runtime.device.kind,
-            f"; its own settings: {own}" if own else "",
-        )  # fmt: skip
-        if call_cost is not None:
-            logger.info(
-                "model %s: a one-step call takes %.0f µs + %.2f µs per session",
-                spec.label, call_cost.fixed_s * 1e6, call_cost.per_row_s * 1e6,
-            )  # fmt: skip
-        return handle
 
     def start(
         self,
@@ -518,17 +337,3 @@ class ModelRegistry:
                 f"model {name!r} has no version {shown(version)}; versions: "
                 f"{', '.join(self.versions(name)) or 'none taking new sessions'}"
             ) from None
-
-
-def state_residency(settings: Settings, runtime: ModelRuntime, spec: ModelSpec) -> StateResidency:
-    """Where ``spec``'s states live: the setting, resolved for the runtime's device; host, with
-    a warning, for a runtime class that overrides only ``run`` (its device path would not run
-    the override)."""
-    wanted = settings.resolved_state_residency(runtime.device.kind == "cuda")
-    if wanted == "device" and not runtime.runs_device_state:
-        logger.warning(
-            "model %s: %s overrides run() but not run_bound(); its state stays in host memory",
-            spec.label, type(runtime).__name__,
-        )  # fmt: skip
-        return "host"
-    return wanted

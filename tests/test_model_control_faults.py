@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import pytest
 
-import service.models
+import service.model_loading
 from service._proto.inference import grpc_service_pb2 as kpb
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.errors import Unavailable
@@ -58,7 +58,7 @@ from tests.test_model_control import (
 
 __all__ = ["versions"]  # the fixture, shared with test_model_control
 
-REAL_OPEN_MODEL = service.models.open_model
+REAL_OPEN_MODEL = service.model_loading.open_model
 
 
 def failing_load(
@@ -73,7 +73,7 @@ def failing_load(
             raise error
         return REAL_OPEN_MODEL(directory, *args, **kwargs)
 
-    monkeypatch.setattr(service.models, "open_model", open_model)
+    monkeypatch.setattr(service.model_loading, "open_model", open_model)
     return lambda: failing.update(on=False)
 
 
@@ -86,7 +86,7 @@ def held_load(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threadi
         go_on.wait()
         return REAL_OPEN_MODEL(directory, *args, **kwargs)
 
-    monkeypatch.setattr(service.models, "open_model", open_model)
+    monkeypatch.setattr(service.model_loading, "open_model", open_model)
     return loading, go_on
 
 

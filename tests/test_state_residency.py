@@ -23,7 +23,7 @@ from service.chunks import PendingChunk, StepResult
 from service.errors import InternalError
 from service.metrics import Metrics
 from service.model_check import open_model
-from service.models import state_residency
+from service.model_loading import state_residency
 from service.runtime import (
     CPU,
     CUDA,
