@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.server_process import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "deploy" / "nginx" / "rnnserve.conf"
 START_TIMEOUT_S = 20.0
@@ -30,12 +32,6 @@ def nginx_binary() -> str:
     if found is None:
         pytest.fail(MISSING)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def routing_config(listen_port: int, replica_ports: list[int]) -> str:

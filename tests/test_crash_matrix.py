@@ -20,15 +20,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import os
 import queue
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -47,6 +43,7 @@ from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.client import Client, SessionLostError, StreamingSession
 from tests.models_for_tests import OfflineReference
 from tests.redis_server import redis_server
+from tests.server_process import ServerProcess, free_port, serve_command
 
 pytestmark = pytest.mark.slow  # real server processes, redis-server, kill -9 under load
 
@@ -157,57 +154,10 @@ def make_plan(cell: int, api: str) -> list[Task]:
 # Processes: the server (killed and restarted) and redis-server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """``python -m service.cli serve`` on a fixed port; start() returns once it serves."""
-
-    def __init__(self, repository: Path, port: int, backend_flags: list[str]) -> None:
-        self.port = port
-        self.command = [sys.executable, "-m", "service.cli", "serve", "--grpc-port", str(port),
-                        "--metrics-port", "0", "--model-repository", str(repository),
-                        "--session-ttl-s", "0", "--log-format", "json", *SERVER_FLAGS,
-                        *backend_flags]  # fmt: skip
-        self.process: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []  # every life's log
-        self.restored: list[str] = []  # "restored ..." messages, one list per life
-
-    def start(self) -> None:
-        process = subprocess.Popen(self.command, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        self.process = process
-        watchdog = threading.Timer(60.0, process.kill)  # never wait forever for "serving"
-        watchdog.start()
-        assert process.stderr is not None
-        try:
-            for line in process.stderr:
-                self.lines.append(line)
-                message = json.loads(line).get("message", "") if line.startswith("{") else line
-                if "restored" in message:
-                    self.restored.append(message)
-                if "serving" in message:
-                    break
-            else:
-                process.stderr.close()
-                pytest.fail(f"server exited with {process.wait()}: {''.join(self.lines)[-3000:]}")
-        finally:
-            watchdog.cancel()
-        threading.Thread(target=self._drain, args=(process,), daemon=True).start()
-
-    def _drain(self, process: subprocess.Popen[str]) -> None:
-        assert process.stderr is not None
-        with process.stderr:
-            for line in process.stderr:
-                self.lines.append(line)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
+def matrix_server(repository: Path, port: int, backend_flags: list[str]) -> ServerProcess:
+    """The matrix's server on a fixed port: clients reconnect to it across its lives."""
+    flags = ["--session-ttl-s", "0", *SERVER_FLAGS, *backend_flags]
+    return ServerProcess(serve_command(repository, port, *flags))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,7 +571,7 @@ def run_cell(
         for i in range(KILLS)
     )
     port = free_port()
-    server = ServerProcess(repository, port, backend_flags)
+    server = matrix_server(repository, port, backend_flags)
     cell = Cell(port)
     work: queue.Queue[Task] = queue.Queue()
     for task in tasks:
@@ -748,13 +698,14 @@ def test_a_restored_older_history_at_the_same_step_count_is_never_continued(
     client states in ``sequence_expected_steps``. The request must be refused, or computed on the
     client's history: never on the older one. Snapshots only at shutdown make it deterministic."""
     flags = ["--snapshot-backend", "directory", "--snapshot-dir", str(tmp_path / "state")]
-    server = ServerProcess(tiny_repository, free_port(), flags)
+    port = free_port()
+    server = matrix_server(tiny_repository, port, flags)
     server.command[server.command.index("--snapshot-interval-s") + 1] = "3600"
     task = Task("pin", MODELS[0], "pinned", "kserve-replay-unary", False, [])
     a, b, c, d = np.random.default_rng(7).standard_normal((4, 3, FEATURES)).astype(np.float32)
 
     def infer(x: np.ndarray, start: bool, end: bool, expected: int | None) -> np.ndarray:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             request = kserve_request(task, x, "r", start=start, end=end, expected=expected)
             reply = kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
         return np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(len(x), -1)

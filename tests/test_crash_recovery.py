@@ -6,11 +6,7 @@ progress, wherever the sessions then are."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +17,7 @@ import pytest
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.client import Client
 from tests.models_for_tests import OfflineReference
+from tests.server_process import ServerProcess, free_port, serve_command
 
 pytestmark = pytest.mark.slow  # real server processes under load and signals
 
@@ -30,50 +27,10 @@ SESSIONS = 6
 CHUNKS = 60
 
 
-def free_port() -> int:
-    """A port for both lives of the server: clients reconnect to the same address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    def __init__(self, repository: Path, state: Path, port: int, *extra: str) -> None:
-        self.command = [sys.executable, "-m", "service.cli", "serve", "--grpc-port", str(port),
-                        "--metrics-port", "0", "--model-repository", str(repository),
-                        "--snapshot-dir", str(state), "--session-ttl-s", "0",
-                        "--log-format", "json", *extra]  # fmt: skip
-        self.process: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.command, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        assert self.process.stderr is not None
-        for line in self.process.stderr:  # until it serves (health SERVING) or exits
-            self.lines.append(line)
-            if "serving" in json.loads(line)["message"]:
-                break
-        else:
-            self.process.stderr.close()
-            pytest.fail(f"server exited with {self.process.wait()}: {''.join(self.lines)[-2000:]}")
-        threading.Thread(target=self._drain, args=(self.process,), daemon=True).start()
-
-    def _drain(self, process: subprocess.Popen[str]) -> None:
-        assert process.stderr is not None
-        with process.stderr:  # closed once the server has exited
-            for line in process.stderr:
-                self.lines.append(line)
-
-    def signal(self, signum: int) -> int:
-        assert self.process is not None
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=60)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+def recovery_server(repository: Path, state: Path, port: int, *extra: str) -> ServerProcess:
+    """A server on ``port`` (both of its lives: clients reconnect to the same address)."""
+    flags = ["--snapshot-dir", str(state), "--session-ttl-s", "0", *extra]
+    return ServerProcess(serve_command(repository, port, *flags))
 
 
 @pytest.fixture
@@ -86,7 +43,7 @@ def server_factory(tiny_repository: Path, tmp_path: Path) -> Iterator[list[Serve
     started: list[ServerProcess] = []
     yield started
     for server in started:
-        server.stop()
+        server.kill()
 
 
 def until_in_a_snapshot(client: Client, session_id: str, tries: int = 20_000) -> None:
@@ -173,7 +130,7 @@ def test_sessions_continue_exactly_after_the_server_dies_under_load(
     server_factory: list[ServerProcess],
 ) -> None:  # fmt: skip
     state = tmp_path / "state"
-    server_factory += [ServerProcess(tiny_repository, state, port, *extra) for _ in range(2)]
+    server_factory += [recovery_server(tiny_repository, state, port, *extra) for _ in range(2)]
     server_factory[0].start()
     results = run_sessions_through_a_fault(server_factory, port, tiny_repository, fault)
     reference = OfflineReference(tiny_repository, MODEL)

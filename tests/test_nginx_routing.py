@@ -11,8 +11,6 @@ move. tritonclient passes the same header with ``headers=`` (tests/nginx_tritonc
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -40,7 +38,8 @@ from service.client import (
     routing_value,
 )
 from tests.models_for_tests import OfflineReference
-from tests.nginx_server import Nginx, free_port, nginx_binary
+from tests.nginx_server import Nginx, nginx_binary
+from tests.server_process import ServerProcess, free_port, serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).with_name("nginx_tritonclient_probe.py")
@@ -48,7 +47,6 @@ MODELS = ("tiny_lstm", "tiny_gru")  # both take 3 features
 FEATURES = 3
 REPLICAS = 3
 ATOL = 1e-5
-START_TIMEOUT_S = 60.0
 # Periodic snapshots every second (none when idle): a replica killed with -9 comes back with its
 # sessions as they were up to a second before, and the clients replay the rest.
 SERVER_FLAGS = ("--snapshot-interval-s", "1", "--snapshot-when-idle-s", "0",
@@ -59,63 +57,22 @@ CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconne
                    ("grpc.max_reconnect_backoff_ms", 300)]  # fmt: skip
 
 
-class Replica:
+class Replica(ServerProcess):
     """``python -m service.cli serve`` on its own fixed port and snapshot directory, which a
     restart keeps (as a replica restarted on its machine does)."""
 
     def __init__(self, repository: Path, state: Path) -> None:
         self.port = free_port()
-        self.command = [sys.executable, "-m", "service.cli", "serve", "--grpc-port",
-                        str(self.port), "--metrics-port", "0", "--model-repository",
-                        str(repository), "--snapshot-dir", str(state), "--log-format", "json",
-                        *SERVER_FLAGS]  # fmt: skip
-        self.process: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
+        super().__init__(
+            serve_command(repository, self.port, "--snapshot-dir", str(state), *SERVER_FLAGS)
+        )
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def launch(self) -> None:
-        self.process = subprocess.Popen(self.command, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-
-    def wait_serving(self) -> None:
-        process = self.process
-        assert process is not None and process.stderr is not None
-        watchdog = threading.Timer(START_TIMEOUT_S, process.kill)  # never wait forever
-        watchdog.start()
-        try:
-            for line in process.stderr:
-                self.lines.append(line)
-                message = json.loads(line).get("message", "") if line.startswith("{") else line
-                if "serving" in message:
-                    break
-            else:
-                process.stderr.close()
-                pytest.fail(f"replica exited with {process.wait()}: {''.join(self.lines)[-3000:]}")
-        finally:
-            watchdog.cancel()
-        threading.Thread(target=self._drain, args=(process,), daemon=True).start()
-
-    def _drain(self, process: subprocess.Popen[str]) -> None:
-        assert process.stderr is not None
-        with process.stderr:
-            for line in process.stderr:
-                self.lines.append(line)
-
-    def start(self) -> None:
-        self.launch()
-        self.wait_serving()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def stop(self, signum: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        return self.process.wait(timeout=60)
+        return self.signal(signum)
 
     def holds(self, model: str, session_id: str) -> bool:
         """Asked on its own port, not through nginx: does this replica hold the session?"""
