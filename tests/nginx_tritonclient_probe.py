@@ -16,12 +16,12 @@ counts those that failed.
 from __future__ import annotations
 
 import sys
-import threading
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from chunking import chunk_spans  # tests/ is on sys.path when run as a script
+from stream_replies import StreamReplies
 from tritonclient.utils import InferenceServerException
 
 
@@ -55,19 +55,9 @@ def stream_whole(url: str, model: str, sequence_id: int, x: np.ndarray,
     """One sequence on its own stream: the header is sent once, when the stream opens, and
     routes every request on it."""
     client = grpcclient.InferenceServerClient(url=url)
-    replies: dict[str, np.ndarray] = {}
-    errors: list[str] = []
-    done = threading.Condition()
+    stream = StreamReplies(lambda result: result.as_numpy("y")[0])
 
-    def callback(result: Any, error: Any) -> None:
-        with done:
-            if error is not None:
-                errors.append(str(error))
-            else:
-                replies[result.get_response().id] = result.as_numpy("y")[0]
-            done.notify_all()
-
-    client.start_stream(callback=callback, headers={"x-session-id": str(sequence_id)})
+    client.start_stream(callback=stream.callback, headers={"x-session-id": str(sequence_id)})
     for n, (a, b) in enumerate(spans):
         client.async_stream_infer(
             model,
@@ -77,13 +67,12 @@ def stream_whole(url: str, model: str, sequence_id: int, x: np.ndarray,
             sequence_start=n == 0,
             sequence_end=n == len(spans) - 1,
         )
-    with done:
-        done.wait_for(lambda: len(replies) + len(errors) >= len(spans), timeout=60)
+    stream.wait(len(spans), timeout_s=60)
     client.stop_stream()
     client.close()
-    if errors or len(replies) < len(spans):
-        raise SystemExit(f"stream of sequence {sequence_id}: {errors or 'replies missing'}")
-    return np.concatenate([replies[str(n)] for n in range(len(spans))])
+    if stream.errors or len(stream.replies) < len(spans):
+        raise SystemExit(f"stream of sequence {sequence_id}: {stream.errors or 'replies missing'}")
+    return np.concatenate([stream.replies[str(n)] for n in range(len(spans))])
 
 
 def main(url: str, model: str, inputs_path: str, outputs_path: str, first: str, last: str,

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from chunking import chunk_spans  # tests/ is on sys.path when run as a script
+from stream_replies import StreamReplies
 
 
 def make_inputs(
@@ -63,24 +63,14 @@ def main(url: str, plan_path: str, inputs_path: str, outputs_path: str) -> None:
             for name, chunks in parts.items():
                 results[f"infer__{sequence['key']}__{name}"] = np.concatenate(chunks)
 
-    replies: dict[str, Any] = {}
-    errors: list[str] = []
-    done = threading.Condition()
-
-    def callback(result: Any, error: Any) -> None:
-        with done:
-            if error is not None:
-                errors.append(str(error))
-            else:
-                replies[result.get_response().id] = result
-            done.notify_all()
+    stream = StreamReplies()
 
     runs = [
         (model, sequence, chunk_spans(sequence["chunks"]))
         for model in plan
         for sequence in model["sequences"]
     ]
-    client.start_stream(callback=callback)
+    client.start_stream(callback=stream.callback)
     expected = 0
     for n in range(max(len(spans) for _, _, spans in runs)):  # interleaved, round robin
         for model, sequence, spans in runs:
@@ -96,15 +86,17 @@ def main(url: str, plan_path: str, inputs_path: str, outputs_path: str) -> None:
                     sequence_end=n == len(spans) - 1,
                 )
                 expected += 1
-    with done:
-        done.wait_for(lambda: len(replies) + len(errors) >= expected, timeout=120)
+    stream.wait(expected, timeout_s=120)
     client.stop_stream()
-    if errors:
-        raise SystemExit(f"stream errors: {errors}")
+    if stream.errors:
+        raise SystemExit(f"stream errors: {stream.errors}")
     for model, sequence, spans in runs:
         for name in model["outputs"]:
             results[f"stream__{sequence['key']}__{name}"] = np.concatenate(
-                [replies[f"{sequence['key']}:{n}"].as_numpy(name)[0] for n in range(len(spans))]
+                [
+                    stream.replies[f"{sequence['key']}:{n}"].as_numpy(name)[0]
+                    for n in range(len(spans))
+                ]
             )
     np.savez(outputs_path, **results)
     client.close()

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from chunking import chunk_spans  # tests/ is on sys.path when run as a script
+from stream_replies import StreamReplies
 
 
 def make_input(x: np.ndarray) -> grpcclient.InferInput:
@@ -53,20 +53,10 @@ def main(url: str, model: str, inputs_path: str, outputs_path: str) -> None:
             parts.append(result.as_numpy("y")[0])
         results[f"infer_{i}"] = np.concatenate(parts)
 
-    replies: dict[str, np.ndarray] = {}
-    errors: list[str] = []
-    done = threading.Condition()
+    stream = StreamReplies(lambda result: result.as_numpy("y")[0])
     expected = sum(len(data[f"chunks_{i}"]) for i in range(count))
 
-    def callback(result: Any, error: Any) -> None:
-        with done:
-            if error is not None:
-                errors.append(str(error))
-            else:
-                replies[result.get_response().id] = result.as_numpy("y")[0]
-            done.notify_all()
-
-    client.start_stream(callback=callback)
+    client.start_stream(callback=stream.callback)
     plans = [chunk_spans(data[f"chunks_{i}"].tolist()) for i in range(count)]
     for n in range(max(len(p) for p in plans)):  # interleave the sequences on one stream
         for i, plan in enumerate(plans):
@@ -80,13 +70,14 @@ def main(url: str, model: str, inputs_path: str, outputs_path: str) -> None:
                     sequence_start=n == 0,
                     sequence_end=n == len(plan) - 1,
                 )
-    with done:
-        done.wait_for(lambda: len(replies) + len(errors) >= expected, timeout=60)
+    stream.wait(expected, timeout_s=60)
     client.stop_stream()
-    if errors:
-        raise SystemExit(f"stream errors: {errors}")
+    if stream.errors:
+        raise SystemExit(f"stream errors: {stream.errors}")
     for i, plan in enumerate(plans):
-        results[f"stream_{i}"] = np.concatenate([replies[f"{i}:{n}"] for n in range(len(plan))])
+        results[f"stream_{i}"] = np.concatenate(
+            [stream.replies[f"{i}:{n}"] for n in range(len(plan))]
+        )
     results["metadata"] = np.array(
         json.dumps({"model": metadata, "config": config, "server": server})
     )
