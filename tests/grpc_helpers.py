@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -87,3 +88,19 @@ async def serving(settings: Settings) -> AsyncIterator[RnnServer]:
         yield server
     finally:
         await server.stop()
+
+
+def hold_batches(runner: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold every batch of ``runner`` (a model's BatchRunner) before it computes: ``computing`` is
+    set once one is held, and the batches go on when ``go_on`` is set. A chunk is then in flight
+    for as long as a test needs, with no timer deciding it."""
+    computing, go_on = asyncio.Event(), asyncio.Event()
+    run = runner.run
+
+    async def held(inputs: Any, states: Any) -> Any:
+        computing.set()
+        await go_on.wait()
+        return await run(inputs, states)
+
+    runner.run = held
+    return computing, go_on

@@ -22,6 +22,7 @@ from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from tests.grpc_helpers import (
     channel,
     expect_code,
+    hold_batches,
     infer_request,
     kserve,
     native,
@@ -432,16 +433,7 @@ async def test_a_second_chunk_while_one_is_in_flight_is_refused(make_settings: A
     async with serving(make_settings()) as srv, channel(srv.grpc_port) as ch:
         n = native(ch)
         await n.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="a"))
-        runner = srv.engine.model(MODEL).batcher.runner
-        computing, go_on = asyncio.Event(), asyncio.Event()
-        run = runner.run
-
-        async def held(inputs: Any, states: Any) -> Any:
-            computing.set()
-            await go_on.wait()
-            return await run(inputs, states)
-
-        runner.run = held  # type: ignore[method-assign]
+        computing, go_on = hold_batches(srv.engine.model(MODEL).batcher.runner)
         first = asyncio.ensure_future(n.Step(step_request(MODEL, "a", GOOD)))
         await computing.wait()
         details = await expect_code(

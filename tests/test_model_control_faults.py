@@ -35,6 +35,7 @@ from service.settings import Settings
 from tests.grpc_helpers import (
     channel,
     expect_code,
+    hold_batches,
     infer_output,
     infer_request,
     kserve,
@@ -396,16 +397,7 @@ async def test_a_start_on_another_version_while_the_old_copy_computes_moves_the_
     x = inputs(11, 5)
     async with serving(make_settings(model_repository=root)) as srv, channel(srv.grpc_port) as ch:
         ks = kserve(ch)
-        runner = srv.engine.model(LSTM, "2").batcher.runner
-        computing, go_on = asyncio.Event(), asyncio.Event()
-        run = runner.run
-
-        async def held(inputs: Any, states: Any) -> Any:
-            computing.set()
-            await go_on.wait()
-            return await run(inputs, states)
-
-        runner.run = held  # type: ignore[method-assign]
+        computing, go_on = hold_batches(srv.engine.model(LSTM, "2").batcher.runner)
         stale = asyncio.ensure_future(ks.ModelInfer(infer_request(LSTM, 9, x[:4], start=True)))
         await computing.wait()  # version 2's copy of sequence 9 has a chunk computing
         on_1 = infer_request(LSTM, 9, x[:2], start=True)
