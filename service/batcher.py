@@ -89,6 +89,8 @@ class Batcher:
         self.max_queue_chunks = max_queue_chunks
         self.deadline_margin_s = deadline_margin_s
         self.failure: str | None = None  # why the model cannot go on (None: it can)
+        outputs = spec.tensors.outputs  # named in replies only when there are several
+        self._output_names = tuple(o.name for o in outputs) if len(outputs) > 1 else ()
         self._on_applied = on_applied
         self._on_failed = on_failed
         self._queue: collections.deque[PendingChunk] = collections.deque()
@@ -291,10 +293,10 @@ class Batcher:
 
     def _named(self, output: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
         """A model of several outputs: each of a chunk's, by name (none for one output)."""
-        sig = self.spec.tensors
-        if len(sig.outputs) == 1:
+        if not self._output_names:
             return ()
-        return tuple(zip((t.name for t in sig.outputs), sig.split_outputs(output), strict=True))
+        parts = self.spec.tensors.split_outputs(output)
+        return tuple(zip(self._output_names, parts, strict=True))
 
     def _states_lost(
         self, batch: list[PendingChunk], outcome: BatchOutcome, error: Exception

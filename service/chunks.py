@@ -59,27 +59,27 @@ def check_chunk(
     a float32 input) and shape ``[steps, features]`` (``[steps]`` for ids), ids lie in their
     range, values are finite (unless allowed), and all inputs have the same number of steps."""
     sig = spec.tensors
-    if isinstance(given, Mapping):
-        names = [t.name for t in sig.inputs]
-        if sorted(given) != sorted(names):
-            missing = [n for n in names if n not in given]
-            unknown = [shown(n) for n in given if n not in names]
+    if isinstance(given, np.ndarray):  # one input, the common case: the shortest path
+        if len(sig.inputs) > 1:
             raise InvalidArgument(
-                f"model {spec.label} takes inputs {', '.join(names)}"
-                + (f"; missing {', '.join(missing)}" if missing else "")
-                + (f"; unknown {', '.join(unknown)}" if unknown else "")
+                f"model {spec.label} takes {len(sig.inputs)} inputs, "
+                f"{', '.join(t.name for t in sig.inputs)}: send each by name"
             )
-        named = dict(given)
-    elif len(sig.inputs) == 1:
-        named = {sig.input.name: given}
-    else:
+        x = checked_input(spec, sig.input, given, reject_nonfinite, False)
+        check_steps(x.shape[0], max_steps)
+        return x if sig.packed_as_is else x.reshape(x.shape[0], -1).astype(np.float32)
+    names = [t.name for t in sig.inputs]
+    if sorted(given) != sorted(names):
+        missing = [n for n in names if n not in given]
+        unknown = [shown(n) for n in given if n not in names]
         raise InvalidArgument(
-            f"model {spec.label} takes {len(sig.inputs)} inputs, "
-            f"{', '.join(t.name for t in sig.inputs)}: send each by name"
+            f"model {spec.label} takes inputs {', '.join(names)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; unknown {', '.join(unknown)}" if unknown else "")
         )
     several = len(sig.inputs) > 1
     arrays = [
-        checked_input(spec, tensor, named[tensor.name], reject_nonfinite, several)
+        checked_input(spec, tensor, given[tensor.name], reject_nonfinite, several)
         for tensor in sig.inputs
     ]
     steps = arrays[0].shape[0]
@@ -88,14 +88,19 @@ def check_chunk(
             f"the inputs of a chunk must have as many steps each, got "
             f"{[a.shape[0] for a in arrays]}"
         )
-    if steps < 1:
-        raise InvalidArgument("a chunk needs at least one step")
-    if steps > max_steps:
-        raise InvalidArgument(f"chunk of {steps} steps exceeds the limit of {max_steps}")
+    check_steps(steps, max_steps)
     if sig.packed_as_is:
         return arrays[0]
     packed = [a.reshape(steps, -1).astype(np.float32, copy=False) for a in arrays]
     return packed[0] if len(packed) == 1 else np.concatenate(packed, axis=1)
+
+
+def check_steps(steps: int, max_steps: int) -> None:
+    """A chunk has at least one step and at most ``max_steps``."""
+    if steps < 1:
+        raise InvalidArgument("a chunk needs at least one step")
+    if steps > max_steps:
+        raise InvalidArgument(f"chunk of {steps} steps exceeds the limit of {max_steps}")
 
 
 def checked_input(
@@ -103,7 +108,6 @@ def checked_input(
 ) -> np.ndarray:
     """One input of a chunk, checked against its declaration (see :func:`check_chunk`)."""
     what = f"input {tensor.name!r}" if named else "input"
-    wanted = "[steps]" if not tensor.shape else f"[steps, {tensor.size}]"
     if x.dtype.kind in "iu" and tensor.dtype == "float32":
         x = x.astype(np.float32)
     if x.dtype != tensor.numpy_dtype:
@@ -112,6 +116,7 @@ def checked_input(
             f"model {spec.label}: {what} must be {tensor.dtype}, got {x.dtype}{hint}"
         )
     if x.ndim != 1 + len(tensor.shape):
+        wanted = "[steps]" if not tensor.shape else f"[steps, {tensor.size}]"
         raise InvalidArgument(f"{what} must be {wanted}, got shape {list(x.shape)}")
     if tensor.shape and x.shape[1] != tensor.size:
         raise InvalidArgument(

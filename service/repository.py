@@ -7,6 +7,7 @@ serves a model whose state it wires wrongly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,9 +55,10 @@ class ModelSpec:
     vocabulary: tuple[str, ...] = field(default=(), repr=False)  # tokens by id
     signature: Signature | None = field(default=None, repr=False)  # None: the default convention
 
-    @property
+    @functools.cached_property
     def tensors(self) -> Signature:
-        """What the graph takes and gives, by name (:mod:`service.signature`)."""
+        """What the graph takes and gives, by name (:mod:`service.signature`). Cached: every
+        chunk asks (a frozen dataclass still has an instance dict for it)."""
         if self.signature is not None:
             return self.signature
         return default_signature(

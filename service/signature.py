@@ -19,6 +19,7 @@ after), which is the graph's layout reshaped without moving a byte.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -54,7 +55,7 @@ class TensorSpec:
     layout: str = "BT"
     value_range: tuple[int, int] | None = None
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """Values per step."""
         return math.prod(self.shape)
@@ -161,17 +162,17 @@ class Signature:
         """The first output (the only one of most models)."""
         return self.outputs[0]
 
-    @property
+    @functools.cached_property
     def input_size(self) -> int:
         """Packed values per step of a chunk's inputs."""
         return sum(t.size for t in self.inputs)
 
-    @property
+    @functools.cached_property
     def output_size(self) -> int:
         """Packed values per step of a chunk's outputs."""
         return sum(t.size for t in self.outputs)
 
-    @property
+    @functools.cached_property
     def packed_as_is(self) -> bool:
         """One float32 input of [features] and one output: packing changes nothing."""
         return (
