@@ -227,30 +227,33 @@ class StateGraphs:
 
     # The primitives ------------------------------------------------------------------------
     def picked(
-        self, state: ort.OrtValue, rows: np.ndarray, keep: np.ndarray, fill: ort.OrtValue
+        self,
+        state: ort.OrtValue,
+        rows: np.ndarray,
+        keep: np.ndarray,
+        fill: ort.OrtValue,
+        on_host: bool = False,
     ) -> ort.OrtValue:
         """``state[:, rows, :]`` with the rows where ``keep`` is false set to ``fill``
-        ([pre, 1, post] or [1, 1, 1], on the device)."""
+        ([pre, 1, post] or [1, 1, 1], on the device); on the device, or copied to the host
+        (``on_host``)."""
         binding = self._gather.io_binding()
         binding.bind_ortvalue_input("states", state)
         binding.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
         binding.bind_cpu_input("keep", np.ascontiguousarray(keep, np.bool_).reshape(1, -1, 1))
         binding.bind_ortvalue_input("fill", fill)
-        binding.bind_output("picked", self.device.kind, self.device.device_id)
+        if on_host:
+            binding.bind_output("picked", "cpu")
+        else:
+            binding.bind_output("picked", self.device.kind, self.device.device_id)
         self._gather.run_with_iobinding(binding)
         value: ort.OrtValue = binding.get_outputs()[0]
         return value
 
     def picked_to_host(self, state: ort.OrtValue, rows: np.ndarray) -> np.ndarray:
         """``state[:, rows, :]`` copied to a host array."""
-        binding = self._gather.io_binding()
-        binding.bind_ortvalue_input("states", state)
-        binding.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
-        binding.bind_cpu_input("keep", np.ones((1, len(rows), 1), np.bool_))
-        binding.bind_ortvalue_input("fill", self.zero)
-        binding.bind_output("picked", "cpu")
-        self._gather.run_with_iobinding(binding)
-        host: np.ndarray = binding.get_outputs()[0].numpy()
+        keep = np.ones(len(rows), np.bool_)
+        host: np.ndarray = self.picked(state, rows, keep, self.zero, on_host=True).numpy()
         return host
 
     def write_rows(self, state: ort.OrtValue, rows: np.ndarray, updates: Any) -> None:
