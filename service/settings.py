@@ -262,6 +262,52 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="snapshot once no chunk arrived for this many seconds after changes (0: off)",
     )
+    cluster_redis_url: str = Field(
+        "",
+        description="Redis URL of the cluster store (redis://HOST:PORT/DB): this replica joins "
+        "the cluster whose replicas share it, and serves any of its sessions (docs/SCALING.md); "
+        "the store then replaces local snapshots",
+    )
+    cluster_redis_prefix: str = Field(
+        "rnnserve:cluster:", description="Redis key prefix of the cluster store (one per cluster)"
+    )
+    cluster_lease_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=HOUR_S,
+        allow_inf_nan=False,
+        description="a replica silent this long in seconds is dead: others take its sessions",
+    )
+    cluster_write_interval_s: float = Field(
+        1.0,
+        gt=0.0,
+        le=HOUR_S,
+        allow_inf_nan=False,
+        description="write changed sessions to the cluster store this often, in seconds (what "
+        "a replica's crash can lose; clients replay it)",
+    )
+    cluster_handover_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=HOUR_S,
+        allow_inf_nan=False,
+        description="how long a request waits for another replica to hand its session over, "
+        "in seconds (then UNAVAILABLE)",
+    )
+    cluster_replica_id: str = Field(
+        "", description="this replica's name in the cluster (default: host, pid and 6 random hex)"
+    )
+    cluster_embedded_socket: Path | None = Field(
+        None,
+        description="Unix socket of the embedded cluster store that 'serve --workers N' holds "
+        "for its workers (set by it; not for hand use)",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="worker processes serving one address as one cluster (docs/SCALING.md)",
+    )
     tls_cert_file: Path | None = Field(
         None, description="PEM server certificate chain: serve gRPC over TLS (with tls_key_file)"
     )
@@ -298,6 +344,12 @@ class Settings(BaseSettings):
         if not sizes or sizes[0] < 1:
             raise ValueError(f"{value!r}: bucket sizes must be positive integers")
         return ",".join(map(str, sizes))
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this server is a member of a cluster (a Redis cluster store, or the embedded
+        store of ``--workers``): sessions then live in the cluster store, not in snapshots."""
+        return bool(self.cluster_redis_url) or self.cluster_embedded_socket is not None
 
     def resolved_state_residency(self, on_gpu: bool) -> Literal["host", "device"]:
         """``state_residency`` with auto resolved for a model on a GPU (``on_gpu``) or not."""
