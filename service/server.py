@@ -132,12 +132,14 @@ class RnnServer:
         (process-wide: for the process's own entry point) takes everything alive at that point
         out of the garbage collector's scans, see :mod:`service.gc_pauses`."""
         s = self.settings
-        if s.snapshot_backend == "directory":
+        if s.snapshot_backend == "directory" and not s.clustered:  # a cluster keeps no snapshots
             self._snapshot_lock = hold_snapshot_directory(s.snapshot_dir)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off, so that a port in use is an error; on only for the workers of one
+            # ``serve --workers N``, which share their port (the kernel spreads connections).
+            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
         ]
         interceptors = []
         tokens = load_tokens(s)

@@ -302,6 +302,11 @@ class Settings(BaseSettings):
         description="Unix socket of the embedded cluster store that 'serve --workers N' holds "
         "for its workers (set by it; not for hand use)",
     )
+    reuse_port: bool = Field(
+        False,
+        description="bind the gRPC port with SO_REUSEPORT (set by 'serve --workers N' for its "
+        "workers, which share one port; not for hand use)",
+    )
     workers: int = Field(
         1,
         ge=1,
