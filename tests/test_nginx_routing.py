@@ -4,13 +4,21 @@ front of three ``rnnserve serve`` replicas, all on loopback (issue #19, item 6).
 The Python client sends every call and stream of a session with ``x-session-id``, and nginx's
 ``hash $http_x_session_id consistent`` sends them all to one replica; when the path to that replica
 breaks (the replica stops or dies and comes back on its port, or nginx itself restarts) the client
-reconnects and resumes exactly; an error the server sent goes to the caller, never retried. Today
-a session lives on one replica (no cluster store yet): it survives that replica's restart, not a
-move. tritonclient passes the same header with ``headers=`` (tests/nginx_tritonclient_probe.py).
+reconnects and resumes exactly; an error the server sent goes to the caller, never retried.
+tritonclient passes the same header with ``headers=`` (tests/nginx_tritonclient_probe.py).
+
+The shipped file is for replicas that form a cluster (a shared cluster store: any replica serves
+any session), so it passes a call whose replica refuses the connection to the next replica. These
+replicas are not a cluster (each keeps its own snapshots): a session survives its replica's
+restart, not a move. So most tests run the file as its own comment says to write it for such
+replicas (:func:`per_replica_config`: no failover), and one runs it unchanged and checks where
+its failover sends each call.
 """
 
 from __future__ import annotations
 
+import queue
+import re
 import signal
 import subprocess
 import sys
@@ -38,7 +46,7 @@ from service.client import (
     routing_value,
 )
 from tests.models_for_tests import OfflineReference
-from tests.nginx_server import Nginx, nginx_binary
+from tests.nginx_server import Nginx, nginx, nginx_binary
 from tests.server_process import ServerProcess, free_port, serve_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +95,27 @@ class Replica(ServerProcess):
         return True
 
 
+def per_replica_config(text: str) -> str:
+    """The shipped configuration as its comment says to write it for replicas that are not a
+    cluster: ``max_fails=0`` on every server line and ``grpc_next_upstream off`` (a replica that is
+    down fails its sessions' calls until it is back, instead of passing them to a replica that
+    does not know them)."""
+    text, servers = re.subn(r" max_fails=1 fail_timeout=10s;", " max_fails=0;", text)
+    text, passes = re.subn(r"^( *)grpc_next_upstream error timeout;",
+                           r"\1grpc_next_upstream off;", text, flags=re.M)  # fmt: skip
+    assert servers >= 2 and passes == 1, "deploy/nginx/rnnserve.conf: failover lines not found"
+    return text
+
+
+class PerReplicaNginx(Nginx):
+    """:class:`Nginx` running :func:`per_replica_config` of the shipped file."""
+
+    def __init__(self, directory: Path, replica_ports: list[int], port: int = 0) -> None:
+        super().__init__(directory, replica_ports, port)
+        config = directory / "rnnserve.conf"
+        config.write_text(per_replica_config(config.read_text()))
+
+
 class Cluster:
     def __init__(self, repository: Path, directory: Path) -> None:
         self.repository = repository
@@ -95,7 +124,7 @@ class Cluster:
             replica.launch()
         for replica in self.replicas:
             replica.wait_serving()
-        self.nginx = Nginx(directory / "nginx", [r.port for r in self.replicas])
+        self.nginx = PerReplicaNginx(directory / "nginx", [r.port for r in self.replicas])
         self.nginx.check()
         self.nginx.start()
         self.references = {m: OfflineReference(repository, m) for m in MODELS}
@@ -554,8 +583,9 @@ def test_sessions_resume_exactly_when_nginx_itself_restarts(cluster: Cluster) ->
         for k in range(12):
             if k == 6:
                 cluster.nginx.stop()
-                cluster.nginx = Nginx(cluster.nginx.directory, [r.port for r in cluster.replicas],
-                                      port=cluster.nginx.port)  # fmt: skip
+                cluster.nginx = PerReplicaNginx(cluster.nginx.directory,
+                                                [r.port for r in cluster.replicas],
+                                                port=cluster.nginx.port)  # fmt: skip
                 cluster.nginx.start()
             for i, session in enumerate(sessions):
                 outputs[i].append(session.step(plans[i][k]))
@@ -564,6 +594,65 @@ def test_sessions_resume_exactly_when_nginx_itself_restarts(cluster: Cluster) ->
             session.close()
     for model, plan, out in zip(models, plans, outputs, strict=True):
         assert_exact(cluster, model, plan, out)
+
+
+def upstreams_of(directory: Path, session_id: str) -> list[list[str]]:
+    """The replicas nginx tried for each finished call of ``session_id``, in order (nginx logs
+    ``$upstream_addr`` as ``a, b`` when it passed a call on)."""
+    path = directory / "access.log"
+    lines = [line.split(" ") for line in path.read_text().splitlines()] if path.exists() else []
+    return [[a.rstrip(",") for a in fields[1:-2]] for fields in lines if fields[0] == session_id]
+
+
+def test_the_shipped_config_passes_a_call_on_only_when_its_replica_cannot_be_reached(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The shipped file unchanged. A stream that reached its replica is not sent elsewhere when
+    that replica dies under it (the client gets a dead path, as without failover). A new call for
+    the session: the dead replica refuses the connection, and nginx passes the call to the next
+    replica in the hash (both in ``$upstream_addr``); that replica is then out of the hash
+    (``max_fails=1``), so the next call goes straight to the other one. These replicas are not a
+    cluster, so that one answers NOT_FOUND, where a cluster member would take the session over from
+    the cluster store: what this checks is where nginx sends each call."""
+    model, session_id = "tiny_lstm", "failover-0"
+    metadata = (("x-session-id", session_id),)
+    directory = tmp_path / "shipped"
+    with (
+        nginx(directory, [r.port for r in cluster.replicas]) as shipped,
+        grpc.insecure_channel(shipped.target) as channel,
+    ):
+        stub = pb_grpc.StreamingInferenceStub(channel)
+        create = pb.CreateSessionRequest(model=model, session_id=session_id)
+        stub.CreateSession(create, metadata=metadata, timeout=10)
+        victim = cluster.holder(model, session_id)
+        requests: queue.SimpleQueue[pb.StreamRequest | None] = queue.SimpleQueue()
+        replies = stub.Stream(iter(requests.get, None), metadata=metadata, timeout=30)
+        requests.put(pb.StreamRequest(attach=pb.GetSessionRequest(model=model,
+                                                                  session_id=session_id)))  # fmt: skip
+        assert next(replies).WhichOneof("kind") == "opened"
+        x = np.zeros((2, FEATURES), np.float32)
+        requests.put(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(x), expected_steps=0)))
+        assert next(replies).WhichOneof("kind") == "output"
+
+        victim.stop(signal.SIGKILL)
+        requests.put(pb.StreamRequest(chunk=pb.Chunk(input=to_tensor(x), expected_steps=2)))
+        with pytest.raises(grpc.RpcError) as cut:
+            next(replies)
+        assert is_dead_path(cut.value), cut.value
+        requests.put(None)
+
+        get = pb.GetSessionRequest(model=model, session_id=session_id)
+        for _ in range(2):  # passed on; then straight to the next replica
+            with pytest.raises(grpc.RpcError) as elsewhere:
+                stub.GetSession(get, metadata=metadata, timeout=10)
+            assert elsewhere.value.code() == grpc.StatusCode.NOT_FOUND, elsewhere.value
+
+        wait_for(lambda: len(upstreams_of(directory, session_id)) == 4, "nginx to log every call")
+    created, stream, passed_on, straight = upstreams_of(directory, session_id)
+    assert created == stream == [victim.address]
+    (other,) = ({r.address for r in cluster.replicas} - {victim.address}) & set(passed_on)
+    assert passed_on == [victim.address, other], passed_on
+    assert straight == [other], straight
 
 
 # ---------------------------------------------------------------------------------------------
