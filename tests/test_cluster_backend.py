@@ -28,10 +28,11 @@ from service.cluster_backend import (
     Write,
     record_key,
 )
+from service.cluster_embedded import EmbeddedStore, SocketBackend
 from service.cluster_redis import RedisBackend
 from tests.redis_server import redis_server
 
-KINDS = ["memory", "redis"]
+KINDS = ["memory", "redis", "embedded"]
 
 LIVE_S = 60.0  # a lease or record TTL that outlasts any test
 SHORT_S = 0.15  # one a test waits out
@@ -106,6 +107,16 @@ async def make_backend(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
                 yield Store(backend)
             finally:
                 await backend.close()
+    elif kind == "embedded":  # the --workers store: a MemoryBackend behind a Unix socket
+        clock = FakeClock()
+        server = EmbeddedStore(backend=MemoryBackend(clock=clock))
+        await server.start()
+        client = SocketBackend(server.path, timeout_s=2.0)
+        try:
+            yield Store(client, clock)
+        finally:
+            await client.close()
+            await server.stop()
     else:
         raise ValueError(f"no backend kind {kind!r}")
 
