@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from service.client_paths import SESSION_HEADER
 from service.metrics import Metrics
 from service.settings import Settings
+from tests.server_process import free_port
 
 pytestmark = pytest.mark.slow  # deploy checks (hadolint, promtool, schemas)
 
@@ -219,11 +222,6 @@ def test_kubernetes_manifests_validate_and_are_consistent() -> None:
     container = pod["containers"][0]
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"]["port"] == int(settings["RNNSERVE_GRPC_PORT"])
-    envoy = yaml.safe_load(
-        yaml.safe_load((K8S / "envoy-session-affinity.yaml").read_text())["data"]["envoy.yaml"]
-    )
-    cluster = envoy["static_resources"]["clusters"][0]
-    assert cluster["lb_policy"] == "RING_HASH"
 
 
 def strategic_merge(base: Any, patch: Any) -> Any:
@@ -300,13 +298,207 @@ def test_gpu_overlay_renders_valid_manifests_with_one_gpu_per_pod(tmp_path: Path
     assert settings["RNNSERVE_EXECUTION_PROVIDER"] == "cuda"
     for key in settings:
         assert key.removeprefix("RNNSERVE_").lower() in Settings.model_fields, key
-    (deployment,) = [doc for doc in gpu if doc["kind"] == "Deployment"]
+    deployment = one(gpu, "Deployment", "rnnserve")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     # The tag the documented GPU build makes.
     assert container["image"] == "rnnserve:gpu"
     assert any(c.endswith(f"-t {container['image']} .") for c in documented_build_commands())
     assert container["envFrom"] == [{"configMapRef": {"name": "rnnserve-settings"}}]
+
+
+# What each manifest holds; alternatives/ holds examples that no kustomization applies.
+K8S_KINDS = {
+    "configmap.yaml": ["ConfigMap"],
+    "deployment.yaml": ["Deployment"],
+    "service.yaml": ["Service", "Service"],
+    "hpa.yaml": ["HorizontalPodAutoscaler"],
+    "pdb.yaml": ["PodDisruptionBudget"],
+    "redis.yaml": ["StatefulSet", "Service"],
+    "envoy-session-affinity.yaml": ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"],
+}
+ALTERNATIVES = DEPLOY / "k8s" / "alternatives"
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def pod_labels(doc: dict[str, Any]) -> dict[str, str]:
+    return doc["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def envoy_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "ConfigMap", "rnnserve-envoy")["data"]["envoy.yaml"])
+
+
+def test_every_kubernetes_manifest_holds_the_expected_kinds() -> None:
+    assert set(K8S_FILES) == set(K8S_KINDS)
+    for name, kinds in K8S_KINDS.items():
+        docs = [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
+        assert [doc["kind"] for doc in docs] == kinds, name
+    # The alternatives parse, and nothing applies them: no kustomization names them.
+    (istio,) = yaml.safe_load_all((ALTERNATIVES / "istio.yaml").read_text())
+    assert istio["kind"] == "DestinationRule"
+    for kustomization in (DEPLOY / "k8s").rglob("kustomization.yaml"):
+        resources = yaml.safe_load(kustomization.read_text()).get("resources", [])
+        for resource in resources:
+            assert (kustomization.parent / resource).exists(), (kustomization, resource)
+            assert "alternatives" not in resource, (kustomization, resource)
+
+
+def test_the_pods_form_one_cluster_on_the_redis_service() -> None:
+    """Every rnnserve pod is a member of the cluster whose store is the Redis of redis.yaml, reached
+    by its Service's name and port; it keeps no local state (no volume, no snapshots); each Service
+    selects the pods of exactly one workload."""
+    docs = kustomize(DEPLOY / "k8s")
+    settings = one(docs, "ConfigMap", "rnnserve-settings")["data"]
+    values = Settings(**{key.removeprefix("RNNSERVE_").lower(): v for key, v in settings.items()})
+    assert values.clustered and values.snapshot_backend == "none"
+    url = urlsplit(values.cluster_redis_url)
+    redis = one(docs, "StatefulSet", "rnnserve-redis")
+    redis_service = one(docs, "Service", url.hostname or "")
+    assert (
+        url.scheme == "redis"
+        and redis_service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    )
+    (redis_port,) = redis_service["spec"]["ports"]
+    assert url.port == redis_port["port"]
+    (redis_container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert redis_port["targetPort"] in [p["name"] for p in redis_container["ports"]]
+    # One Redis, persistent across its own restarts, never evicting a session or a lease.
+    assert redis["spec"]["replicas"] == 1
+    args = " ".join(redis_container["args"])
+    assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args
+    assert redis_container["image"].startswith("redis:7")
+
+    deployment = one(docs, "Deployment", "rnnserve")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "rnnserve-settings"}}]
+    assert "volumes" not in pod and "volumeMounts" not in container  # nothing kept in the pod
+    assert "RNNSERVE_CLUSTER_REPLICA_ID" not in settings  # a new replica per process
+    strategy = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert strategy == {"maxSurge": 1, "maxUnavailable": 0}
+
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for service in [d for d in docs if d["kind"] == "Service"]:
+        selected = [w for w in workloads if selects(service["spec"]["selector"], pod_labels(w))]
+        assert len(selected) == 1, service["metadata"]["name"]
+    for budget in [d for d in docs if d["kind"] == "PodDisruptionBudget"]:
+        selector = budget["spec"]["selector"]["matchLabels"]
+        assert len([w for w in workloads if selects(selector, pod_labels(w))]) == 1
+
+
+def test_a_stopping_pod_has_time_to_drain_and_hand_its_sessions_over() -> None:
+    """The grace period covers the preStop sleep, the drain of the chunks in flight, the gRPC
+    grace (1 s) and at least 20 s for writing every session to the cluster store."""
+    docs = kustomize(DEPLOY / "k8s")
+    settings = one(docs, "ConfigMap", "rnnserve-settings")["data"]
+    pod = one(docs, "Deployment", "rnnserve")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    sleep = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(settings["RNNSERVE_DRAIN_TIMEOUT_S"])
+    assert 0 < sleep <= 15
+    assert pod["terminationGracePeriodSeconds"] >= sleep + drain + 1 + 20
+    assert container["readinessProbe"]["grpc"]["port"] == int(settings["RNNSERVE_GRPC_PORT"])
+
+
+def test_envoy_hashes_the_session_header_onto_the_ready_pods_over_http2() -> None:
+    docs = kustomize(DEPLOY / "k8s")
+    envoy = envoy_config(docs)
+    (listener,) = envoy["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (manager,) = chain["filters"]
+    hcm = manager["typed_config"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    (route,) = host["routes"]
+    (cluster,) = envoy["static_resources"]["clusters"]
+    assert route["route"]["cluster"] == cluster["name"]
+    # Ring hash on the header the client sends.
+    assert cluster["lb_policy"] == "RING_HASH"
+    assert route["route"]["hash_policy"] == [{"header": {"header_name": SESSION_HEADER}}]
+    # HTTP/2 to the pods (gRPC), from the headless Service: one address per ready pod.
+    options = cluster["typed_extension_protocol_options"]
+    http = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in http["explicit_http_config"]
+    assert cluster["type"] == "STRICT_DNS"
+    ((endpoint,),) = [e["lb_endpoints"] for e in cluster["load_assignment"]["endpoints"]]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    pods = one(docs, "Service", address["address"])
+    assert pods["spec"]["clusterIP"] == "None"
+    assert selects(pods["spec"]["selector"], pod_labels(one(docs, "Deployment", "rnnserve")))
+    assert address["port_value"] == pods["spec"]["ports"][0]["port"]
+    # Streams last as long as their sessions.
+    settings = one(docs, "ConfigMap", "rnnserve-settings")["data"]
+    assert route["route"]["timeout"] == "0s"
+    idle = float(hcm["stream_idle_timeout"].removesuffix("s"))
+    assert idle > float(settings["RNNSERVE_SESSION_TTL_S"])
+    # Retries only where the request never reached a pod.
+    retry_on = set(route["route"]["retry_policy"]["retry_on"].split(","))
+    assert retry_on <= {"connect-failure", "refused-stream", "reset-before-request"}, retry_on
+    # A pod leaves the ring when its gRPC health says so, or when it cannot be reached; its own gRPC
+    # errors never eject it; no panic routing to pods known to be down.
+    (check,) = cluster["health_checks"]
+    assert "grpc_health_check" in check
+    outliers = cluster["outlier_detection"]
+    assert outliers["split_external_local_origin_errors"] is True
+    assert outliers["enforcing_consecutive_5xx"] == 0
+    assert outliers["enforcing_consecutive_gateway_failure"] == 0
+    assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+    assert cluster["ignore_health_on_host_removal"] is True
+    # Every live session's stream is one request: the breaker admits max_sessions of them.
+    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] >= int(settings["RNNSERVE_MAX_SESSIONS"])
+
+    # The Envoy Deployment runs this file, and its Service reaches the listener.
+    proxy = one(docs, "Deployment", "rnnserve-envoy")["spec"]["template"]["spec"]
+    (container,) = proxy["containers"]
+    config_path = container["args"][container["args"].index("-c") + 1]
+    (mount,) = container["volumeMounts"]
+    (volume,) = [v for v in proxy["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == "rnnserve-envoy"
+    assert config_path == f"{mount['mountPath']}/envoy.yaml"
+    (port,) = container["ports"]
+    assert port["containerPort"] == listener["address"]["socket_address"]["port_value"]
+    service = one(docs, "Service", "rnnserve-envoy")
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert container["image"].startswith("envoyproxy/envoy:v1.")
+    minor = int(container["image"].split(":v1.")[1].split(".")[0].split("-")[0])
+    assert minor >= 31  # reset-before-request
+
+
+def test_the_istio_alternative_hashes_the_same_header() -> None:
+    (rule,) = yaml.safe_load_all((ALTERNATIVES / "istio.yaml").read_text())
+    policy = rule["spec"]["trafficPolicy"]
+    assert policy["loadBalancer"]["consistentHash"] == {"httpHeaderName": SESSION_HEADER}
+    # The ClusterIP Service (Istio does not balance a headless one).
+    service = one(kustomize(DEPLOY / "k8s"), "Service", rule["spec"]["host"])
+    assert "clusterIP" not in service["spec"]
+    assert policy["outlierDetection"]["consecutive5xxErrors"] == 0
+
+
+def test_nginx_accepts_the_shipped_config_which_fails_over_on_connection_errors_only(
+    tmp_path: Path,
+) -> None:
+    """`nginx -t` on deploy/nginx/rnnserve.conf (its replicas on loopback); it hashes the session
+    header, and passes a call to the next replica only on a connection error or timeout: never a
+    call already sent (no non_idempotent), never on a replica's answer (no http_5xx)."""
+    from tests.nginx_server import SHIPPED_CONFIG, Nginx
+
+    Nginx(tmp_path, [free_port(), free_port()]).check()
+    text = "\n".join(line.split("#")[0] for line in SHIPPED_CONFIG.read_text().splitlines())
+    assert re.search(r"^\s*hash \$http_x_session_id consistent;", text, re.M)
+    assert SESSION_HEADER.replace("-", "_") in "http_x_session_id"
+    (passes,) = re.findall(r"^\s*grpc_next_upstream ([^;]*);", text, re.M)
+    assert passes.split() == ["error", "timeout"]
+    servers = re.findall(r"^\s*server \S+ ([^;]*);", text, re.M)
+    assert servers and all("max_fails=1" in s for s in servers), servers
 
 
 def shell_commands(text: str) -> list[str]:
