@@ -108,6 +108,10 @@ def command_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
     try:
+        if settings.workers > 1:  # a supervisor of N servers on one port (service/workers.py)
+            from service.workers import supervise
+
+            return supervise(settings, args)
         run_event_loop(
             RnnServer(settings).serve_until_signal(),
             settings.event_loop,
