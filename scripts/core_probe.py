@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -42,7 +43,12 @@ async def probe(args: argparse.Namespace) -> dict[str, float]:
     engine.load_models()
     await engine.start()
     model = engine.model(args.model).spec
-    ids = [engine.open_session(args.model, api="native").session_id for _ in range(args.sessions)]
+    ids = []
+    for _ in range(args.sessions):
+        view = engine.open_session(args.model, api="native")
+        if inspect.isawaitable(view):  # async since the cluster (kept runnable on older revs)
+            view = await view
+        ids.append(view.session_id)
     x = np.zeros((1, model.input_size), np.float32)
     entry: Any = getattr(engine, "submit", None) or engine.step  # type: ignore[attr-defined]
 

@@ -44,6 +44,9 @@ class SessionLostError(RuntimeError):
 
 
 REPLAY_CHUNK_STEPS = 1024
+# Ends after which the session lives on elsewhere: the server shut down (its snapshot, or the
+# cluster store, has it) or another replica of the cluster took it. The client reconnects.
+RESUMED_AFTER = (pb.END_REASON_SHUTDOWN, pb.END_REASON_MOVED)
 
 
 class ChunkInputs:
@@ -195,8 +198,8 @@ class StreamingSession:
         response = self._next_response()
         if response.WhichOneof("kind") == "ended":
             reason = response.ended.reason
-            if self.resume and reason == pb.END_REASON_SHUTDOWN:
-                raise ServerGone("the server is shutting down")
+            if self.resume and reason in RESUMED_AFTER:
+                raise ServerGone(f"the session left this server ({pb.EndReason.Name(reason)})")
             self._closed = True
             raise SessionEndedError(
                 f"session {self.session_id} ended by the server: {pb.EndReason.Name(reason)}"

@@ -161,7 +161,8 @@ class Durability:
         sessions = [s for s in model.store.sessions.values() if s.close_when_idle is None]
         states = model.store.read_states(sessions)  # host copies
         records = [
-            _record(s, confirmed=final and not s.busy and not s.unconfirmed) for s in sessions
+            session_record(s, confirmed=final and not s.busy and not s.unconfirmed)
+            for s in sessions
         ]
         snapshot = ModelSnapshot(
             model.name, model.version, model.sha256, time.time(), records, states, final
@@ -258,7 +259,7 @@ class Durability:
                 await self._task
 
 
-def _record(session: Session, confirmed: bool) -> SessionRecord:
+def session_record(session: Session, confirmed: bool) -> SessionRecord:
     s = session
     return SessionRecord(
         s.session_id,

@@ -33,6 +33,8 @@ from service.chunks import (
     check_chunk,
     check_reply_fits,
 )
+from service.cluster import ClusterMember, Reservation, make_backend
+from service.cluster_backend import ClusterBackend
 from service.durability import Durability, DurableModel, RestoreReport, make_durability
 from service.engine_lifecycle import IdleSweeper, drain_and_stop, session_end_hook
 from service.errors import (
@@ -58,6 +60,8 @@ from service.session import (
     SessionView,
     break_sequence,
     incarnation_text,
+    new_incarnation,
+    new_session_id,
     other_incarnation,
     parse_incarnation,
     session_not_found,
@@ -77,13 +81,22 @@ class InferenceEngine:
     """Loads the repository, owns every session, and runs chunks through the batchers."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, runtime_class: type[ModelRuntime] = ModelRuntime
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        runtime_class: type[ModelRuntime] = ModelRuntime,
+        cluster_backend: ClusterBackend | None = None,
     ) -> None:
+        """``cluster_backend``: the cluster store to join (tests); by default the one the
+        settings name, if any (``settings.clustered``)."""
         self.settings = settings
         self.metrics = metrics
         self.runtime_class = runtime_class
         self.registry = ModelRegistry()
         self.durability: Durability | None = None
+        self.cluster: ClusterMember | None = None  # a member of a cluster, once started
+        self._cluster_backend = cluster_backend
+        self.clustered = settings.clustered or cluster_backend is not None
         self.restore_report: RestoreReport | None = None
         self.ready = False
         self.model_failed: Callable[[ModelHandle], None] = lambda handle: None  # server's hook
@@ -101,6 +114,9 @@ class InferenceEngine:
         restore saved sessions (runs in a thread, before serving). A version refused is logged
         in one line and the others serve; ModelContractError when none can."""
         handles = self.control.load_at_start_up()
+        if self.clustered:  # the cluster store is the one source of session state
+            logger.info("sessions live in the cluster store: no local snapshots")
+            return
         self.durability = make_durability(self.settings, self.metrics, self._durable_models)
         self.control.durability = self.durability
         if self.durability is not None:
@@ -112,7 +128,14 @@ class InferenceEngine:
         return [durable_model(h) for h in self.registry.every_handle()]
 
     def _end_hook(self, spec: ModelSpec) -> EndHook:
-        return session_end_hook(self.metrics, spec, self._session_ended)
+        counted = session_end_hook(self.metrics, spec, self._session_ended)
+
+        def on_end(session: Session, reason: EndReason) -> None:
+            counted(session, reason)
+            if self.cluster is not None:
+                self.cluster.session_ended(spec.name, session, reason)
+
+        return on_end
 
     def _session_ended(self, spec: ModelSpec) -> None:
         """A session of ``spec`` ended while serving: a change to snapshot, and a retired
@@ -124,6 +147,11 @@ class InferenceEngine:
         """Create the batchers on the running loop, start the idle-session sweeper and (with
         model_control poll) the repository poll."""
         self._loop = asyncio.get_running_loop()
+        if self.clustered:
+            backend = self._cluster_backend or make_backend(self.settings)
+            cluster = ClusterMember(backend, self.settings, self.metrics, self.registry)
+            await cluster.start()  # ConnectionError: the store cannot be reached
+            self.cluster = cluster
         self.registry.start(self.metrics, self._changed, self._batcher_failed)
         self.control.start()
         self._sweeper.start()
@@ -174,7 +202,7 @@ class InferenceEngine:
             )
 
     # ----- sessions --------------------------------------------------------------------------
-    def open_session(
+    async def open_session(
         self,
         name: str,
         version: str = "",
@@ -186,19 +214,32 @@ class InferenceEngine:
     ) -> SessionView:
         """Start a session with zero (or the given) state. Ids are scoped to the model: an id
         that lives on another version of it is ALREADY_EXISTS too (requests naming no version
-        would otherwise reach either)."""
+        would otherwise reach either). In a cluster the store decides whether the id is free."""
         self._check_open()
         handle = self.model(name, version)
         self._check_takes_new(handle)
         if session_id is not None:
-            found = self.registry.holding(name, session_id, caller.owner)
-            if found is not None and found[0] is not handle:
-                raise AlreadyExists(
-                    f"session {shown(session_id)} already exists, on version "
-                    f"{found[0].spec.version} of model {shown(name)}; close it first, or choose "
-                    "another id"
-                )
-        return self._view(handle, self._create(handle, session_id, initial_state, api, caller))
+            self._check_free(handle, session_id, caller)
+        reserved = None
+        if self.cluster is not None:
+            session_id = session_id or new_session_id()
+            if initial_state is not None:
+                handle.store.check_state(initial_state)
+            reserved = await self.cluster.reserve(
+                handle, session_id, caller.owner, caller.client, new_incarnation(), initial_state
+            )
+            self._check_free(handle, session_id, caller)  # (opened here while we waited)
+        session = self._create(handle, session_id, initial_state, api, caller, reserved)
+        return self._view(handle, session)
+
+    def _check_free(self, handle: ModelHandle, session_id: str, caller: Caller) -> None:
+        found = self.registry.holding(handle.spec.name, session_id, caller.owner)
+        if found is not None and found[0] is not handle:
+            raise AlreadyExists(
+                f"session {shown(session_id)} already exists, on version "
+                f"{found[0].spec.version} of model {shown(handle.spec.name)}; close it first, "
+                "or choose another id"
+            )
 
     def _create(
         self,
@@ -207,21 +248,66 @@ class InferenceEngine:
         initial_state: Sequence[np.ndarray] | None,
         api: str,
         caller: Caller,
+        reserved: Reservation | None = None,
     ) -> Session:
+        """A new session on ``handle`` (``reserved``: its id taken in the cluster store; a
+        session that cannot be made then leaves the store too)."""
         limit = self.settings.max_sessions_per_client
-        if limit and handle.store.count_of(caller.client) >= limit:
-            raise ResourceExhausted(
-                f"this client already holds its limit of {limit} sessions on model "
-                f"{handle.spec.label}; close some first"
+        try:
+            if limit and handle.store.count_of(caller.client) >= limit:
+                raise ResourceExhausted(
+                    f"this client already holds its limit of {limit} sessions on model "
+                    f"{handle.spec.label}; close some first"
+                )
+            session = handle.store.create(
+                session_id,
+                initial_state,
+                owner=caller.owner,
+                client=caller.client,
+                incarnation=None if reserved is None else reserved.incarnation,
             )
-        session = handle.store.create(
-            session_id, initial_state, owner=caller.owner, client=caller.client
-        )
+        except ServiceError:
+            if reserved is not None and self.cluster is not None and session_id is not None:
+                self.cluster.forget(handle.spec.name, session_id, caller.owner, reserved.epoch)
+            raise
+        if reserved is not None:
+            session.epoch = reserved.epoch
+            session.written_incarnation = session.incarnation
         labels = (handle.spec.name, handle.spec.version)
         self.metrics.sessions_started.labels(*labels, api).inc()
         self.metrics.active_sessions.labels(*labels).inc()
         self._changed()
         return session
+
+    async def bring(
+        self,
+        name: str,
+        version: str,
+        session_id: str,
+        caller: Caller = ANONYMOUS,
+        *,
+        start: bool = False,
+    ) -> Reservation | None:
+        """In a cluster, make this replica the owner of session ``session_id`` before a request
+        uses it: taken from the replica that owns it (a hand-over) or from the store
+        (:meth:`service.cluster.ClusterMember.claim`). With ``start`` (Triton's START), an id
+        the cluster does not know is reserved here for the new sequence: pass the reservation
+        to :meth:`submit`. Outside a cluster, or for a session held here, nothing to do (no
+        await on the store). The adapters call this before any request that names a session."""
+        cluster = self.cluster
+        if cluster is None:
+            return None
+        self._check_open()
+        local = self.registry.holding(name, session_id, caller.owner)
+        if local is not None and not local[1].moving:
+            return None
+        handle = self.model(name, version) if start else None  # (NOT_FOUND: no such model)
+        if await cluster.claim(name, session_id, caller.owner) is not None or handle is None:
+            return None
+        self._check_takes_new(handle)
+        return await cluster.reserve(
+            handle, session_id, caller.owner, caller.client, new_incarnation()
+        )
 
     def session(
         self, name: str, version: str, session_id: str, caller: Caller = ANONYMOUS
@@ -320,6 +406,8 @@ class InferenceEngine:
             await asyncio.shield(ended)  # a caller that goes away does not undo the close
         else:
             handle.store.end(session, EndReason.CLOSED)
+        if self.cluster is not None:  # gone from the cluster too before the reply
+            await self.cluster.settled(handle.spec.name, session_id, caller.owner)
         return SessionEnd(session.session_id, EndReason.CLOSED, session.steps)
 
     def _changed(self) -> None:
@@ -344,6 +432,7 @@ class InferenceEngine:
         expected_steps: int | None = None,
         incarnation: str = "",
         reply_extra_bytes: int = 0,
+        reserved: Reservation | None = None,
     ) -> asyncio.Future[StepResult]:
         """The one way in for a chunk ``x`` of session ``session_id``: the model's input
         [steps, features] (``[steps]`` for ids), or each of its inputs by name.
@@ -358,12 +447,15 @@ class InferenceEngine:
         another count is ABORTED, not applied. ``incarnation``: the session the client knows;
         another (the id reopened, or the sequence restarted) is NOT_FOUND. A session restored
         unconfirmed takes only a chunk that states both. ``reply_extra_bytes``: what the adapter's reply
-        adds to the output (echoed ids), for the reply-size check.
+        adds to the output (echoed ids), for the reply-size check. ``reserved``: a START's id
+        reserved in the cluster store (:meth:`bring`).
         Errors in the request raise here; the future resolves to the chunk's result or fails
         with its error. No error ever follows an applied chunk.
         """
         self._check_open()
         handle, session = self._find(name, version, session_id, caller.owner, elsewhere=not start)
+        if self.cluster is not None:
+            self._check_cluster(session)
         if start:
             self._check_takes_new(handle)
         try:
@@ -376,7 +468,8 @@ class InferenceEngine:
         created = False
         if start:
             if session is None:
-                session, created = self._create(handle, session_id, None, api, caller), True
+                session = self._create(handle, session_id, None, api, caller, reserved)
+                created = True
             else:
                 logger.warning("sequence restarted by a new START on model %s", handle.spec.label)
         elif session is None or session.close_when_idle is not None:
@@ -433,6 +526,19 @@ class InferenceEngine:
         break_sequence(session, error.message)
         return session.steps
 
+    def _check_cluster(self, session: Session | None) -> None:
+        """In a cluster: no chunk applies without a valid lease, nor to a session leaving."""
+        assert self.cluster is not None
+        if not self.cluster.lease_valid():
+            raise Unavailable(
+                "this replica cannot confirm its cluster lease (the cluster store is unreachable,"
+                " or this process was paused); retry, another replica may serve the session"
+            )
+        if session is not None and session.moving:
+            raise Unavailable(
+                f"session {shown(session.session_id)} is moving to another replica; retry"
+            )
+
     def _check_open(self) -> None:
         if self._closing:
             raise Unavailable("the server is shutting down")
@@ -452,5 +558,9 @@ class InferenceEngine:
         self.ready = False
         await self._sweeper.stop()
         return await drain_and_stop(
-            self.registry, self.control, self.durability, self.settings.drain_timeout_s
+            self.registry,
+            self.control,
+            self.durability,
+            self.settings.drain_timeout_s,
+            self.cluster,
         )

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from service.cluster import ClusterMember
 from service.durability import Durability
 from service.metrics import Metrics
 from service.model_control import ModelControl
@@ -95,11 +96,14 @@ async def drain_and_stop(
     control: ModelControl,
     durability: Durability | None,
     drain_timeout_s: float,
+    cluster: ClusterMember | None = None,
 ) -> dict[str, int]:
     """The shutdown, once the engine takes no new work: model control stopped (a load or a
     release under way finishes first), in-flight chunks drained (up to ``drain_timeout_s`` per
     model, failed or not), the final snapshot, every session ended, the batchers stopped.
-    Returns what it did (sessions saved and ended, models not drained).
+    Returns what it did (sessions saved and ended, models not drained). In a ``cluster``, the
+    sessions are written and released in the cluster store instead of snapshotted (other
+    replicas take them without a replay), and this replica leaves the cluster last.
 
     Concurrency: on the loop; the drains of every model run together, so the whole drain takes
     at most ``drain_timeout_s``. The snapshot is taken after the drain, so it holds every chunk
@@ -115,10 +119,14 @@ async def drain_and_stop(
             report["sessions_saved"] = await durability.snapshot(force=True, final=True)
         except Exception:
             logger.error("the shutdown snapshot failed: sessions will not be restored")
+    if cluster is not None:
+        report["sessions_saved"] = await cluster.release_all()
     for handle in registry.every_handle():
         report["sessions_ended"] += handle.store.end_all(EndReason.SHUTDOWN)
     for handle in started:
         await handle.batcher.close()
+    if cluster is not None:
+        await cluster.stop()
     logger.info(
         "shutdown: %d session(s) saved for the next start, %d ended here; %d model(s) did "
         "not drain in time",

@@ -189,6 +189,48 @@ class Metrics:
             ["model", "version", "reason"],
             registry=r,
         )
+        self.cluster_moves = Counter(
+            "rnnserve_cluster_sessions_moved_total",
+            "Sessions this replica took from the cluster store: handover (a live owner released"
+            " it on request), released (its owner had released it: a drain), restored (its owner"
+            " died: the last write, its client replays what was after it).",
+            ["how"],
+            registry=r,
+        )
+        self.cluster_handed_over = Counter(
+            "rnnserve_cluster_sessions_handed_over_total",
+            "Sessions this replica wrote and released: asked by another replica, or at a drain.",
+            ["why"],
+            registry=r,
+        )
+        self.cluster_move_duration = Histogram(
+            "rnnserve_cluster_move_duration_seconds",
+            "Time a request waited for its session to move to this replica.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+            registry=r,
+        )
+        self.cluster_fenced_writes = Counter(
+            "rnnserve_cluster_fenced_writes_total",
+            "Writes of session state refused by the cluster store: this replica no longer owned"
+            " the session (it was paused or cut off and another replica took it).",
+            registry=r,
+        )
+        self.cluster_sessions_lost = Counter(
+            "rnnserve_cluster_sessions_lost_total",
+            "Sessions this replica dropped on finding that another replica owns them now.",
+            registry=r,
+        )
+        self.cluster_store_errors = Counter(
+            "rnnserve_cluster_store_errors_total",
+            "Cluster store operations that failed (unreachable, timed out), by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.cluster_lease_valid = Gauge(
+            "rnnserve_cluster_lease_valid",
+            "1 while this replica's cluster lease is known valid (it applies chunks), else 0.",
+            registry=r,
+        )
         self.deadline_dropped = Counter(
             "rnnserve_deadline_dropped_total",
             "Chunks not computed because their caller's deadline passed while they were queued.",

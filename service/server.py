@@ -30,6 +30,7 @@ from service.api.auth import BearerTokenInterceptor, load_tokens
 from service.api.handlers import add_service
 from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
+from service.cluster_backend import ClusterBackend
 from service.engine import InferenceEngine
 from service.health import BoundedHealthServicer
 from service.metrics import Metrics
@@ -110,13 +111,17 @@ class RnnServer:
     """The whole service in one object: build, ``await start()``, ``await stop()``."""
 
     def __init__(
-        self, settings: Settings, runtime_class: type[ModelRuntime] = ModelRuntime
+        self,
+        settings: Settings,
+        runtime_class: type[ModelRuntime] = ModelRuntime,
+        cluster_backend: ClusterBackend | None = None,
     ) -> None:
         """``runtime_class`` runs each model: :class:`ModelRuntime`, or a subclass that a
-        diagnostic (the benchmark's zero-model server) passes in."""
+        diagnostic (the benchmark's zero-model server) passes in. ``cluster_backend``: a
+        cluster store to join (tests), instead of the one the settings name."""
         self.settings = settings
         self.metrics = Metrics()
-        self.engine = InferenceEngine(settings, self.metrics, runtime_class)
+        self.engine = InferenceEngine(settings, self.metrics, runtime_class, cluster_backend)
         self._gc_pauses = gc_pauses.GcPauseObserver(self.metrics.gc_pause)
         self.grpc_port = 0
         self.metrics_port = 0
@@ -132,7 +137,8 @@ class RnnServer:
         (process-wide: for the process's own entry point) takes everything alive at that point
         out of the garbage collector's scans, see :mod:`service.gc_pauses`."""
         s = self.settings
-        if s.snapshot_backend == "directory" and not s.clustered:  # a cluster keeps no snapshots
+        # (a cluster keeps no snapshots: its store is the one source of session state)
+        if s.snapshot_backend == "directory" and not self.engine.clustered:
             self._snapshot_lock = hold_snapshot_directory(s.snapshot_dir)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -197,7 +203,14 @@ class RnnServer:
             self._release_snapshot_directory()
             raise
         handles = self.engine.handles()
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except (ConnectionError, ModuleNotFoundError) as error:  # the cluster store
+            await self._close_ports()
+            raise StartupError(
+                f"cannot join the cluster: {error}; start the cluster store or check "
+                "--cluster-redis-url"
+            ) from error
         self.engine.model_failed = self._model_failed
         self.engine.control.model_changed = self._model_changed
         if freeze_start_up_objects:

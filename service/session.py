@@ -20,6 +20,7 @@ class EndReason(Enum):
     EVICTED = "evicted"
     SHUTDOWN = "shutdown"
     FAILED = "failed"  # its state could not be stored (a device error): never continued
+    MOVED = "moved"  # another replica of the cluster owns it now (it lives on there)
 
 
 @dataclass(eq=False, slots=True)
@@ -49,6 +50,14 @@ class Session:
     # stopped without a final snapshot): a chunk must state the step count it expects first.
     unconfirmed: bool = False
     end_listeners: list[Callable[[Session, EndReason], None]] | None = None
+    # In a cluster (service.cluster): the fencing epoch this replica owns the session under, the
+    # incarnation its last landed write held (with ``durable_steps``: what the store has), and
+    # whether it is being handed over (then it takes no new chunks). ``on_idle``: called once
+    # when its chunks in flight and waiting are all done.
+    epoch: int = 0
+    written_incarnation: int = 0
+    moving: bool = False
+    on_idle: Callable[[], None] | None = None
 
     def add_end_listener(self, listener: Callable[[Session, EndReason], None]) -> None:
         """Call ``listener(session, reason)`` when this session ends."""

@@ -112,7 +112,7 @@ class SessionStore:
             if scoped_key(session_id, owner) in self.sessions:
                 raise AlreadyExists(f"session {shown(session_id)} already exists")
         if initial_state is not None:
-            self._check_state(initial_state)
+            self.check_state(initial_state)
         if len(self.sessions) >= self.max_sessions and not self._evict_longest_idle():
             raise ResourceExhausted(
                 f"this model already holds its limit of {self.max_sessions} sessions; close some "
@@ -179,7 +179,7 @@ class SessionStore:
         self._release(min(idle, key=lambda s: s.last_used_s), EndReason.EVICTED)
         return True
 
-    def _check_state(self, state: Sequence[np.ndarray]) -> None:
+    def check_state(self, state: Sequence[np.ndarray]) -> None:
         """A client's initial state: one tensor per state, each of its declared shape, finite."""
         if len(state) != self.state_count:
             raise InvalidArgument(
@@ -230,6 +230,9 @@ class SessionStore:
         """The batcher is done with ``session``'s chunk: apply a close that waited for it."""
         session.busy = False
         session.last_used_s = self.clock()
+        if session.on_idle is not None:
+            on_idle, session.on_idle = session.on_idle, None
+            on_idle()
         if session.close_when_idle is not None and session.ended is None:
             reason, session.close_when_idle = session.close_when_idle, None
             self._release(session, reason)

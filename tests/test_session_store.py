@@ -164,8 +164,9 @@ def test_full_store_evicts_the_longest_idle_session_when_asked() -> None:
 
 def test_an_idle_session_costs_little_beyond_its_state() -> None:
     """Python's allocations are deterministic for one interpreter version: here an idle session
-    costs about 334 bytes beside its state (439 with a per-instance dict and a list each); its
-    incarnation (a 63-bit int) and ``unconfirmed`` flag take 60 of them."""
+    costs about 358 bytes beside its state (463 with a per-instance dict and a list each); its
+    incarnation (a 63-bit int) and ``unconfirmed`` flag take 60 of them, its cluster fields
+    (epoch, written incarnation, moving, on_idle) 24."""
     store = make_store(max_sessions=5000)
     state_before = store.state_bytes
     tracemalloc.start()
@@ -176,7 +177,7 @@ def test_an_idle_session_costs_little_beyond_its_state() -> None:
     finally:
         tracemalloc.stop()
     per_session = (heap_bytes - (store.state_bytes - state_before)) / 2000
-    assert per_session < 350, per_session
+    assert per_session < 370, per_session
 
 
 def test_end_listeners_are_added_on_demand_and_called_once() -> None:

@@ -42,6 +42,7 @@ from service.api.status import (
 )
 from service.api.streams import RequestPump
 from service.chunks import StepResult
+from service.cluster import Reservation
 from service.engine import InferenceEngine
 from service.errors import (
     FailedPrecondition,
@@ -139,8 +140,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        caller = caller_of(context)
+        try:
+            reserved = await self.bring(request, caller)
+        except ServiceError as error:
+            raise as_triton(error) from None
         spec, future = self.submit(
-            request, caller_of(context), deadline_of(context, time.perf_counter())
+            request, caller, deadline_of(context, time.perf_counter()), reserved
         )
         try:
             result = await future
@@ -148,12 +154,32 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             raise as_triton(error) from None
         return fill_infer_response(pb.ModelInferResponse(), request, spec, result)
 
+    async def bring(self, request: pb.ModelInferRequest, caller: Caller) -> Reservation | None:
+        """In a cluster, bring the request's sequence to this replica before :meth:`submit`
+        (a hand-over), or reserve a START's new id (:meth:`InferenceEngine.bring`). A malformed
+        request brings nothing: :meth:`submit` refuses it as it would anyway."""
+        if self.engine.cluster is None:
+            return None
+        sequence_id = routing_id(request)
+        try:
+            start = bool(sequence_id) and sequence_control(request, sequence_id).start
+        except ServiceError:
+            return None
+        if not sequence_id:
+            return None
+        name, version = request.model_name, request.model_version
+        return await self.engine.bring(name, version, sequence_id, caller, start=start)
+
     def submit(
-        self, request: pb.ModelInferRequest, caller: Caller, deadline_s: float | None
+        self,
+        request: pb.ModelInferRequest,
+        caller: Caller,
+        deadline_s: float | None,
+        reserved: Reservation | None = None,
     ) -> tuple[ModelSpec, asyncio.Future[StepResult]]:
         """Convert a request and hand its chunk to the engine; returns the spec of the model
         version that computes it and the chunk's future. The one path of both ModelInfer and
-        ModelStreamInfer."""
+        ModelStreamInfer (which, in a cluster, :meth:`bring` the sequence here first)."""
         received = time.perf_counter()
         name, version = request.model_name, request.model_version
         try:
@@ -182,6 +208,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
                 expected_steps=control.expected_steps,
                 incarnation=control.incarnation,
                 reply_extra_bytes=len(request.id),
+                reserved=reserved,
             )
         except NotFound as error:
             if isinstance(error, OtherIncarnation):
@@ -236,7 +263,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
 
         async def handle(request: pb.ModelInferRequest) -> None:
             try:
-                spec, future = self.submit(request, caller, deadline_s)
+                # (awaited before the next request is read: a sequence's order is kept)
+                reserved = await self.bring(request, caller)
+                spec, future = self.submit(request, caller, deadline_s, reserved)
             except Exception as error:
                 pump.reply(failed_reply(request, error))
                 return

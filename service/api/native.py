@@ -40,7 +40,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
-        view = self.engine.open_session(
+        view = await self.engine.open_session(
             request.model,
             request.version,
             request.session_id or None,
@@ -55,6 +55,8 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
         self, request: pb.StepRequest, context: grpc.aio.ServicerContext
     ) -> pb.StepResponse:
         received = time.perf_counter()
+        caller = caller_of(context)
+        await self.engine.bring(request.model, request.version, request.session_id, caller)
         result = await self.engine.submit(
             request.model,
             request.version,
@@ -62,7 +64,7 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
             chunk_inputs(request.input, request.inputs, request.HasField("input")),
             api=API,
             received_s=received,
-            caller=caller_of(context),
+            caller=caller,
             deadline_s=deadline_of(context, received),
             end=request.end,
             expected_steps=request.expected_steps if request.HasField("expected_steps") else None,
@@ -74,8 +76,10 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionEnded:
+        caller = caller_of(context)
+        await self.engine.bring(request.model, request.version, request.session_id, caller)
         end = await self.engine.close_session(
-            request.model, request.version, request.session_id, caller_of(context)
+            request.model, request.version, request.session_id, caller
         )
         return session_ended(end)
 
@@ -83,12 +87,14 @@ class NativeServicer(pb_grpc.StreamingInferenceServicer):  # type: ignore[misc] 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
+        caller = caller_of(context)
+        await self.engine.bring(request.model, request.version, request.session_id, caller)
         view = self.engine.session_view(
             request.model,
             request.version,
             request.session_id,
             request.include_state,
-            caller_of(context),
+            caller,
             request.incarnation,
         )
         return session_info(view)
@@ -163,7 +169,7 @@ class SessionStream:
             await asyncio.wait([self.in_flight])
         kind = request.WhichOneof("kind")
         if kind == "open" or kind == "attach":
-            self._bind(request, kind)
+            await self._bind(request, kind)
             return
         if kind not in ("chunk", "close"):
             raise InvalidArgument("empty stream message: set open, attach, chunk or close")
@@ -171,6 +177,7 @@ class SessionStream:
             raise FailedPrecondition("open or attach a session before sending chunks")
         if kind == "close":
             self.detach()
+            await self.engine.bring(self.model, self.version, self.session_id, self.caller)
             end = await self.engine.close_session(
                 self.model, self.version, self.session_id, self.caller
             )
@@ -191,13 +198,13 @@ class SessionStream:
         )
         self.in_flight.add_done_callback(self._answer)
 
-    def _bind(self, request: pb.StreamRequest, kind: str) -> None:
+    async def _bind(self, request: pb.StreamRequest, kind: str) -> None:
         """``open`` a new session or ``attach`` to one: the stream's session from now on."""
         if self.session_id:
             raise FailedPrecondition("this stream already has a session; open a new stream")
         if kind == "open":
             o = request.open
-            view = self.engine.open_session(
+            view = await self.engine.open_session(
                 o.model,
                 o.version,
                 o.session_id or None,
@@ -207,6 +214,7 @@ class SessionStream:
             )
         else:
             a = request.attach
+            await self.engine.bring(a.model, a.version, a.session_id, self.caller)
             view = self.engine.session_view(
                 a.model, a.version, a.session_id, a.include_state, self.caller, a.incarnation
             )

@@ -32,6 +32,7 @@ END_REASONS = {
     EndReason.EVICTED: pb.END_REASON_EVICTED,
     EndReason.SHUTDOWN: pb.END_REASON_SHUTDOWN,
     EndReason.FAILED: pb.END_REASON_FAILED,
+    EndReason.MOVED: pb.END_REASON_MOVED,
 }
 
 

@@ -15,12 +15,14 @@ class EndReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     END_REASON_EVICTED: _ClassVar[EndReason]
     END_REASON_SHUTDOWN: _ClassVar[EndReason]
     END_REASON_FAILED: _ClassVar[EndReason]
+    END_REASON_MOVED: _ClassVar[EndReason]
 END_REASON_UNSPECIFIED: EndReason
 END_REASON_CLOSED: EndReason
 END_REASON_IDLE_TIMEOUT: EndReason
 END_REASON_EVICTED: EndReason
 END_REASON_SHUTDOWN: EndReason
 END_REASON_FAILED: EndReason
+END_REASON_MOVED: EndReason
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data", "dtype")
