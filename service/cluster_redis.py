@@ -162,7 +162,8 @@ class RedisBackend:
             from redis.backoff import NoBackoff
         except ImportError as error:
             raise ModuleNotFoundError(
-                "the Redis cluster store needs the redis package: pip install 'rnnserve[redis]'"
+                "the Redis cluster store needs the redis package (a dependency of rnnserve): "
+                "pip install 'redis>=5'"
             ) from error
         self.url = url
         self.prefix = prefix

@@ -268,7 +268,8 @@ class RedisSnapshots:
             import redis
         except ImportError as error:
             raise ModuleNotFoundError(
-                "snapshot_backend=redis needs the redis package: pip install 'rnnserve[redis]'"
+                "snapshot_backend=redis needs the redis package (a dependency of rnnserve): "
+                "pip install 'redis>=5'"
             ) from error
         self.url = url
         self.prefix = prefix
