@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -514,3 +515,16 @@ def test_workers_2_the_exactness_test_passes_against_one_address(
     print(f"\n{SESSIONS} sessions, {sum(len(c) for _, _, c in sessions)} chunks; moved {moved:.0f}")
     assert moved > 0
     assert supervised.signal(signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+def test_the_workers_benchmark_runs(tiny_repository: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/bench_workers.py", "--model-repository", str(tiny_repository),
+         "--model", "tiny_gru", "--runs", "1", "--sessions", "8", "--channels", "4",
+         "--duration-s", "0.3", "--warmup-s", "0.1", "--workers", "1", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| 1", "| 2"]
