@@ -88,17 +88,21 @@ class Reservation:
     incarnation: int
 
 
-def session_blob(
+def session_snapshot(
     handle: ModelHandle, session: Session, states: Sequence[np.ndarray], confirmed: bool
-) -> bytes:
+) -> ModelSnapshot:
     """``session`` as the store keeps it: a snapshot of one session (``states``: its stored
-    arrays, [pre, 1, post] each). ``confirmed``: no step of it can come after this state."""
+    arrays, [pre, 1, post] each, copies). ``confirmed``: no step of it can come after this
+    state. Captured on the loop; :func:`encode` it anywhere."""
     spec = handle.spec
     record = session_record(session, confirmed)
-    snapshot = ModelSnapshot(
-        spec.name, spec.version, spec.sha256, time.time(), [record], list(states)
-    )
-    return encode(snapshot)
+    return ModelSnapshot(spec.name, spec.version, spec.sha256, time.time(), [record], list(states))
+
+
+async def encoded(snapshots: list[ModelSnapshot]) -> list[bytes]:
+    """The snapshots' blobs, encoded (and checksummed) in a worker thread: a write of thousands
+    of sessions keeps the loop free."""
+    return await asyncio.to_thread(lambda: [encode(s) for s in snapshots])
 
 
 class ClusterMember:
@@ -303,7 +307,7 @@ class ClusterMember:
             for s, v in zip(specs, values, strict=True)
         ]
         draft = Session(session_id, -1, incarnation, 0.0, owner=owner, client=client or owner)
-        blob = session_blob(handle, draft, states, confirmed=True)
+        blob = encode(session_snapshot(handle, draft, states, confirmed=True))
         epoch = await self._store(
             "create", self.backend.create(key, self.replica, blob, self.record_ttl_s)
         )
@@ -480,7 +484,7 @@ class ClusterMember:
     ) -> int:
         """Write ``held`` sessions (idle: nothing in flight) and release them in the store, then
         end them here (MOVED; SHUTDOWN at a drain). Returns how many were released."""
-        writes, sessions = [], []
+        snapshots, sessions = [], []
         for handle, group in held:
             states = handle.store.read_states(group)
             for i, session in enumerate(group):
@@ -488,12 +492,14 @@ class ClusterMember:
                 # Confirmed unless a chunk may still apply after it (one that outlived the
                 # drain), or its client has not yet confirmed where it stands.
                 confirmed = not session.unconfirmed and not session.busy
-                blob = session_blob(handle, session, mine, confirmed=confirmed)
-                key = self.key(handle.spec.name, session)
-                writes.append(Write(key, self.replica, session.epoch, blob, release=True))
+                snapshots.append(session_snapshot(handle, session, mine, confirmed))
                 sessions.append((handle, session))
-        if not writes:
+        if not snapshots:
             return 0
+        writes = [
+            Write(self.key(h.spec.name, s), self.replica, s.epoch, blob, release=True)
+            for (h, s), blob in zip(sessions, await encoded(snapshots), strict=True)
+        ]
         landed = await self.backend.write(writes, self.record_ttl_s)
         released = 0
         reason = EndReason.SHUTDOWN if why == "drain" else EndReason.MOVED
@@ -533,38 +539,37 @@ class ClusterMember:
         writes landed."""
         assert self._writing is not None
         async with self._writing:
+            # (handle, session, epoch, incarnation, steps) as captured; changed ones first
             captured: list[tuple[ModelHandle, Session, int, int, int]] = []
-            writes: list[Write] = []
+            checked: list[tuple[ModelHandle, Session, int, int, int]] = []
+            snapshots: list[ModelSnapshot] = []
             for handle, group in self._held():
                 changed = [
                     s
                     for s in group
                     if s.steps != s.durable_steps or s.incarnation != s.written_incarnation
                 ]
-                if not changed and not every_session:
-                    continue
                 states = handle.store.read_states(changed) if changed else []
                 for i, session in enumerate(changed):
                     mine = [s[:, i : i + 1, :] for s in states]
-                    key = self.key(handle.spec.name, session)
-                    blob = session_blob(handle, session, mine, confirmed=False)
-                    writes.append(Write(key, self.replica, session.epoch, blob))
+                    snapshots.append(session_snapshot(handle, session, mine, confirmed=False))
                     captured.append(
                         (handle, session, session.epoch, session.incarnation, session.steps)
                     )
                 if every_session:
-                    for session in group:
-                        if session not in changed:
-                            writes.append(
-                                Write(
-                                    self.key(handle.spec.name, session), self.replica, session.epoch
-                                )
-                            )
-                            captured.append(
-                                (handle, session, session.epoch, session.incarnation, session.steps)
-                            )
-            if not writes:
+                    checked.extend(
+                        (handle, s, s.epoch, s.incarnation, s.steps)
+                        for s in group
+                        if s not in changed
+                    )
+            if not captured and not checked:
                 return 0
+            blobs: list[bytes | None] = [*await encoded(snapshots), *(None for _ in checked)]
+            captured += checked
+            writes = [
+                Write(self.key(h.spec.name, s), self.replica, epoch, blob)
+                for (h, s, epoch, _, _), blob in zip(captured, blobs, strict=True)
+            ]
             landed = await self.backend.write(writes, self.record_ttl_s)
             for ok, write, (handle, session, epoch, incarnation, steps) in zip(
                 landed, writes, captured, strict=True
@@ -574,15 +579,16 @@ class ClusterMember:
                         session.durable_steps = steps
                         session.written_incarnation = incarnation
                     continue
+                if session.epoch != epoch or session.ended is not None:
+                    continue  # ended here meanwhile (closed: its record deleted)
                 if write.blob is not None:
                     self.metrics.cluster_fenced_writes.inc()
-                if session.epoch == epoch and session.ended is None:
-                    self.metrics.cluster_sessions_lost.inc()
-                    logger.warning(
-                        "session %s is owned by another replica now: dropped here",
-                        shown(session.session_id),
-                    )
-                    handle.store.end(session, EndReason.MOVED)
+                self.metrics.cluster_sessions_lost.inc()
+                logger.warning(
+                    "session %s is owned by another replica now: dropped here",
+                    shown(session.session_id),
+                )
+                handle.store.end(session, EndReason.MOVED)
             return sum(landed)
 
 

@@ -6,7 +6,9 @@ record under the session's key (:func:`record_key`):
 
 - ``blob``: the session as last written (service.snapshots' format with one session: its state,
   step count, incarnation, last reply, model version and model sha256);
-- ``epoch``: the fencing epoch, raised by one at every change of owner;
+- ``epoch``: the fencing epoch, drawn anew at every change of owner from one counter of the
+  whole store, so that an epoch is never used twice, not even by a session closed and opened
+  again under the same id (a write delayed from the first could otherwise land on the second);
 - ``replica``: the replica that owns it now, or "" when it was released.
 
 A replica is alive while its lease (:meth:`ClusterBackend.register`, renewed by
@@ -101,12 +103,13 @@ class ClusterBackend(Protocol):
         ...
 
     async def create(self, key: str, replica: str, blob: bytes, ttl_s: float) -> int | None:
-        """A new record owned by ``replica`` (epoch 1). None: the key exists (not changed)."""
+        """A new record owned by ``replica``; returns its epoch. None: the key exists (not
+        changed)."""
         ...
 
     async def acquire(self, key: str, replica: str, ttl_s: float) -> Claimed | HeldBy | None:
         """Take the session if it is released, or its owner's lease expired, or ``replica``
-        owns it already: a new epoch. :class:`HeldBy` when a live replica owns it; None when
+        owns it already: a new epoch, higher than every epoch the store gave before. :class:`HeldBy` when a live replica owns it; None when
         there is no such session."""
         ...
 
@@ -152,6 +155,7 @@ class MemoryBackend:
 
     clock: Callable[[], float] = time.monotonic
     records: dict[str, _Record] = field(default_factory=dict)
+    last_epoch: int = 0  # the store's epoch counter
     leases: dict[str, float] = field(default_factory=dict)  # replica -> lease end, clock seconds
     inboxes: dict[str, list[Inbox]] = field(default_factory=dict)
 
@@ -185,8 +189,9 @@ class MemoryBackend:
     async def create(self, key: str, replica: str, blob: bytes, ttl_s: float) -> int | None:
         if self._record(key) is not None:
             return None
-        self.records[key] = _Record(blob, 1, replica, self._expires(ttl_s))
-        return 1
+        self.last_epoch += 1
+        self.records[key] = _Record(blob, self.last_epoch, replica, self._expires(ttl_s))
+        return self.last_epoch
 
     async def acquire(self, key: str, replica: str, ttl_s: float) -> Claimed | HeldBy | None:
         record = self._record(key)
@@ -195,7 +200,8 @@ class MemoryBackend:
         if record.replica and record.replica != replica and self._alive(record.replica):
             return HeldBy(record.replica)
         released = not record.replica
-        record.epoch += 1
+        self.last_epoch += 1
+        record.epoch = self.last_epoch
         record.replica = replica
         record.expires_s = self._expires(ttl_s)
         return Claimed(record.epoch, record.blob, released)

@@ -6,6 +6,7 @@ Layout, under the prefix (``rnnserve:cluster:`` by default, one per cluster):
   released); it expires ``ttl_s`` after its last write with a blob (no expiry when ttl_s is 0).
   Keys are binary-safe: a record key holds NUL bytes (service.cluster_backend.record_key);
 - ``r:<replica>``: a replica's lease, a key that expires (PX) when the lease does;
+- ``epoch``: the counter every new epoch is drawn from (INCR), so that none is ever reused;
 - ``inbox:<replica>``: the pub/sub channel of a replica's hand-over messages, each one JSON
   ``{"kind", "key", "sender"}``.
 
@@ -42,22 +43,26 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-# A new record, owned by ARGV[2] under epoch 1. KEYS[1]: the record; ARGV: blob, replica, ttl ms.
+# A new record, owned by ARGV[2] under a new epoch from the store's counter (ARGV[4], a key:
+# epochs are never reused, not even after a delete). KEYS[1]: the record; ARGV: blob, replica,
+# ttl ms, counter key. Returns the epoch, or nil if the record exists.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return false
 end
-redis.call('HSET', KEYS[1], 'blob', ARGV[1], 'epoch', 1, 'replica', ARGV[2])
+local epoch = redis.call('INCR', ARGV[4])
+redis.call('HSET', KEYS[1], 'blob', ARGV[1], 'epoch', epoch, 'replica', ARGV[2])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
-return 1
+return epoch
 """
 
 # Take the record for ARGV[1] unless a live replica other than it owns it (its lease key, named
-# by the lease prefix ARGV[3] and the owner, exists). KEYS[1]: the record; ARGV: replica, ttl ms,
-# lease prefix. Returns nil (no record), {0, owner} (held) or {1, epoch, blob, released}.
+# by the lease prefix ARGV[3] and the owner, exists), under a new epoch from the counter ARGV[4].
+# KEYS[1]: the record; ARGV: replica, ttl ms, lease prefix, counter key. Returns nil (no record),
+# {0, owner} (held) or {1, epoch, blob, released}.
 _ACQUIRE = """
 local record = redis.call('HMGET', KEYS[1], 'blob', 'epoch', 'replica')
 if not record[2] then
@@ -67,8 +72,8 @@ local owner = record[3] or ''
 if owner ~= '' and owner ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. owner) == 1 then
   return {0, owner}
 end
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'replica', ARGV[1])
+local epoch = redis.call('INCR', ARGV[4])
+redis.call('HSET', KEYS[1], 'epoch', epoch, 'replica', ARGV[1])
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -214,6 +219,9 @@ class RedisBackend:
     def _lease_prefix(self) -> bytes:
         return _bytes(self.prefix) + b"r:"
 
+    def _epoch_counter(self) -> bytes:
+        return _bytes(self.prefix) + b"epoch"
+
     def _lease(self, replica: str) -> bytes:
         return self._lease_prefix() + _bytes(replica)
 
@@ -238,7 +246,10 @@ class RedisBackend:
 
     async def create(self, key: str, replica: str, blob: bytes, ttl_s: float) -> int | None:
         created = await self._call(
-            self._create(keys=[self._record(key)], args=[blob, _bytes(replica), _ms(ttl_s)])
+            self._create(
+                keys=[self._record(key)],
+                args=[blob, _bytes(replica), _ms(ttl_s), self._epoch_counter()],
+            )
         )
         return None if created is None else int(created)
 
@@ -246,7 +257,7 @@ class RedisBackend:
         reply: Any = await self._call(
             self._acquire(
                 keys=[self._record(key)],
-                args=[_bytes(replica), _ms(ttl_s), self._lease_prefix()],
+                args=[_bytes(replica), _ms(ttl_s), self._lease_prefix(), self._epoch_counter()],
             )
         )
         if reply is None:

@@ -77,7 +77,7 @@ class Store:
         """Wait until ``replica``'s lease is over as another replica sees it: a probe record it
         owns can be taken (acquire is the contract's only view of a lease)."""
         probe = f"probe of {replica}"
-        assert await self.backend.create(probe, replica, b"", 0) == 1
+        assert await self.backend.create(probe, replica, b"", 0) is not None
 
         async def taken() -> bool:
             return isinstance(await self.backend.acquire(probe, "prober", 0), Claimed)
@@ -213,10 +213,10 @@ async def test_a_session_of_a_lapsed_owner_is_taken_and_the_owner_fenced(store: 
     b = store.backend
     await b.register("a", SHORT_S)
     await b.register("b", LIVE_S)
-    await b.create("k", "a", b"x", LIVE_S)
+    assert await b.create("k", "a", b"x", LIVE_S) == 1
     assert await b.write([Write("k", "a", 1, b"written")], LIVE_S) == [True]
-    await store.lapsed("a")
-    assert await b.acquire("k", "b", LIVE_S) == Claimed(2, b"written", released=False)
+    await store.lapsed("a")  # (its probe record drew epoch 2)
+    assert await b.acquire("k", "b", LIVE_S) == Claimed(4, b"written", released=False)
     # a comes back (it was paused) and believes it still owns the session: fenced.
     await b.register("a", LIVE_S)
     assert await b.write([Write("k", "a", 1, b"stale")], LIVE_S) == [False]
@@ -261,20 +261,20 @@ async def test_many_writes_in_one_call_each_get_their_answer(store: Store) -> No
     writes = [
         Write("k1", "a", 1, b"1+"),  # lands
         Write("k2", "a", 5, b"2+"),  # stale epoch
-        Write("k3", "a", 1, b"3+"),  # not a's
+        Write("k3", "a", 3, b"3+"),  # not a's
         Write("gone", "a", 1, b"?"),  # no record
-        Write("k3", "b", 1),  # b's, ownership only
-        Write("k4", "a", 1, b"4+", release=True),  # lands and releases...
-        Write("k4", "a", 1, b"4++"),  # ...so the next one in the same batch is refused
+        Write("k3", "b", 3),  # b's, ownership only
+        Write("k4", "a", 4, b"4+", release=True),  # lands and releases...
+        Write("k4", "a", 4, b"4++"),  # ...so the next one in the same batch is refused
         Write("k1", "a", 1, b"1++", release=True),  # a second write of k1 lands after the first
     ]
     assert await b.write(writes, LIVE_S) == [True, False, False, False, True, True, False, True]
     assert await b.write([], LIVE_S) == []
-    assert await b.acquire("k1", "b", LIVE_S) == Claimed(2, b"1++", released=True)
+    assert await b.acquire("k1", "b", LIVE_S) == Claimed(5, b"1++", released=True)
     assert await b.acquire("k2", "b", LIVE_S) == HeldBy("a")
-    assert await b.acquire("k4", "b", LIVE_S) == Claimed(2, b"4+", released=True)
-    assert await b.write([Write("k3", "b", 1, release=True)], LIVE_S) == [True]
-    assert await b.acquire("k3", "a", LIVE_S) == Claimed(2, b"3", released=True)
+    assert await b.acquire("k4", "b", LIVE_S) == Claimed(6, b"4+", released=True)
+    assert await b.write([Write("k3", "b", 3, release=True)], LIVE_S) == [True]
+    assert await b.acquire("k3", "a", LIVE_S) == Claimed(7, b"3", released=True)
     assert await b.acquire("gone", "a", LIVE_S) is None
 
 
@@ -289,7 +289,13 @@ async def test_only_the_owner_under_its_epoch_deletes(store: Store) -> None:
     assert await b.delete("k", "a", 2) is True
     assert await b.delete("k", "a", 2) is False
     assert await b.acquire("k", "a", LIVE_S) is None
-    assert await b.create("k", "b", b"again", LIVE_S) == 1  # a new session under the key
+    # A new session under the key: a new epoch, never one used before (a write delayed from
+    # the first session cannot land on the second).
+    assert await b.create("k", "b", b"again", LIVE_S) == 3
+    assert await b.write([Write("k", "b", 1, b"old"), Write("k", "b", 2, b"old")], LIVE_S) == [
+        False,
+        False,
+    ]
 
 
 # Leases
@@ -337,37 +343,37 @@ async def test_leave_ends_the_lease_at_once(store: Store) -> None:
 async def test_a_record_expires_ttl_after_its_last_write_unless_ttl_is_0(store: Store) -> None:
     b = store.backend
     await b.register("a", LIVE_S)
-    await b.create("short", "a", b"x", SHORT_S)
-    await b.create("forever", "a", b"x", 0)
-    await b.create("persisted by acquire", "a", b"x", SHORT_S)
-    await b.create("persisted by write", "a", b"x", SHORT_S)
-    await b.create("checked only", "a", b"x", 0)
-    assert await b.acquire("persisted by acquire", "a", 0) == Claimed(2, b"x", released=False)
-    assert await b.write([Write("persisted by write", "a", 1, b"y")], 0) == [True]
+    assert await b.create("short", "a", b"x", SHORT_S) == 1
+    assert await b.create("forever", "a", b"x", 0) == 2
+    assert await b.create("persisted by acquire", "a", b"x", SHORT_S) == 3
+    assert await b.create("persisted by write", "a", b"x", SHORT_S) == 4
+    assert await b.create("checked only", "a", b"x", 0) == 5
+    assert await b.acquire("persisted by acquire", "a", 0) == Claimed(6, b"x", released=False)
+    assert await b.write([Write("persisted by write", "a", 4, b"y")], 0) == [True]
     # An ownership check neither gives a TTL to a record without one, nor extends one.
-    assert await b.write([Write("checked only", "a", 1)], SHORT_S) == [True]
+    assert await b.write([Write("checked only", "a", 5)], SHORT_S) == [True]
     assert await b.write([Write("short", "a", 1)], 0) == [True]
     await store.expired("short", "a", 1)
     assert await b.acquire("short", "a", LIVE_S) is None
-    assert await b.create("short", "a", b"new", 0) == 1
-    assert await b.write([Write("forever", "a", 1)], 0) == [True]
-    assert await b.write([Write("persisted by acquire", "a", 2)], 0) == [True]
-    assert await b.write([Write("persisted by write", "a", 1)], 0) == [True]
-    assert await b.write([Write("checked only", "a", 1)], 0) == [True]
+    assert await b.create("short", "a", b"new", 0) == 7
+    assert await b.write([Write("forever", "a", 2)], 0) == [True]
+    assert await b.write([Write("persisted by acquire", "a", 6)], 0) == [True]
+    assert await b.write([Write("persisted by write", "a", 4)], 0) == [True]
+    assert await b.write([Write("checked only", "a", 5)], 0) == [True]
     if store.clock is not None:  # "never", as far as a fake clock can tell
         store.clock.now += 10 * 365 * 86400
-        assert await b.acquire("forever", "a", 0) == Claimed(2, b"x", released=False)
+        assert await b.acquire("forever", "a", 0) == Claimed(8, b"x", released=False)
 
 
 async def test_a_write_with_a_blob_restarts_the_ttl(store: Store) -> None:
     b = store.backend
     await b.register("a", LIVE_S)
-    await b.create("k", "a", b"x", 0)
+    assert await b.create("k", "a", b"x", 0) == 1
     assert await b.write([Write("k", "a", 1, b"y")], SHORT_S) == [True]  # now it has one
     await store.expired("k", "a", 1)
-    await b.create("k", "a", b"x", SHORT_S)
-    assert await b.acquire("k", "a", SHORT_S) == Claimed(2, b"x", released=False)
-    await store.expired("k", "a", 2)
+    assert await b.create("k", "a", b"x", SHORT_S) == 2
+    assert await b.acquire("k", "a", SHORT_S) == Claimed(3, b"x", released=False)
+    await store.expired("k", "a", 3)
 
 
 # Hand-over messages
@@ -435,14 +441,14 @@ async def test_keys_with_nul_bytes_and_unicode(store: Store) -> None:
     await b.register(other, LIVE_S)
     assert await b.create(key, owner, b"\0blob\xff", LIVE_S) == 1
     assert await b.create(key, other, b"", LIVE_S) is None
-    assert await b.create(near, other, b"near", LIVE_S) == 1
+    assert await b.create(near, other, b"near", LIVE_S) == 2
     assert await b.acquire(key, other, LIVE_S) == HeldBy(owner)
     assert await b.write([Write(key, owner, 1, b"\0\0", release=True)], LIVE_S) == [True]
-    assert await b.acquire(key, other, LIVE_S) == Claimed(2, b"\0\0", released=True)
+    assert await b.acquire(key, other, LIVE_S) == Claimed(3, b"\0\0", released=True)
     assert await b.acquire(near, owner, LIVE_S) == HeldBy(other)
-    assert await b.delete(key, other, 2) is True
+    assert await b.delete(key, other, 3) is True
     assert await b.acquire(key, owner, LIVE_S) is None
-    assert await b.acquire(near, other, LIVE_S) == Claimed(2, b"near", released=False)
+    assert await b.acquire(near, other, LIVE_S) == Claimed(4, b"near", released=False)
     got: list[Message] = []
     message = Message("release", key, "sender\0ü")
     async with listening(store, owner, got):
