@@ -37,20 +37,20 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from service.cluster_backend import Claimed, ClusterBackend, Message, Write, record_key
-from service.durability import session_record
+from service.cluster_backend import Claimed, ClusterBackend, Message, record_key
+from service.cluster_writes import SessionWriter, session_snapshot
 from service.errors import AlreadyExists, FailedPrecondition, ServiceError, Unavailable, shown
 from service.metrics import Metrics
 from service.models import ModelHandle, ModelRegistry
 from service.session import EndReason, Session
 from service.settings import Settings
-from service.snapshots import CorruptSnapshot, ModelSnapshot, decode, encode
+from service.snapshots import CorruptSnapshot, decode, encode
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,31 +82,17 @@ def make_backend(settings: Settings) -> ClusterBackend:
 @dataclass(frozen=True)
 class Reservation:
     """A new session's id, taken in the cluster store for this replica (its first epoch) before
-    the session is created here, with the incarnation it was registered with."""
+    the session is created here, with the incarnation it was registered with. ``new`` False: the
+    record of the id's older copy here (another version), passed to the new one."""
 
     epoch: int
     incarnation: int
-
-
-def session_snapshot(
-    handle: ModelHandle, session: Session, states: Sequence[np.ndarray], confirmed: bool
-) -> ModelSnapshot:
-    """``session`` as the store keeps it: a snapshot of one session (``states``: its stored
-    arrays, [pre, 1, post] each, copies). ``confirmed``: no step of it can come after this
-    state. Captured on the loop; :func:`encode` it anywhere."""
-    spec = handle.spec
-    record = session_record(session, confirmed)
-    return ModelSnapshot(spec.name, spec.version, spec.sha256, time.time(), [record], list(states))
-
-
-async def encoded(snapshots: list[ModelSnapshot]) -> list[bytes]:
-    """The snapshots' blobs, encoded (and checksummed) in a worker thread: a write of thousands
-    of sessions keeps the loop free."""
-    return await asyncio.to_thread(lambda: [encode(s) for s in snapshots])
+    new: bool = True
 
 
 class ClusterMember:
-    """This replica's lease, the hand-overs in and out, and the writes of its sessions."""
+    """This replica's lease, the sessions it brings here and hands over, and its writes
+    (:class:`service.cluster_writes.SessionWriter`)."""
 
     def __init__(
         self,
@@ -116,6 +102,7 @@ class ClusterMember:
         registry: ModelRegistry,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Built on the serving loop (engine.start)."""
         self.backend = backend
         self.metrics = metrics
         self.registry = registry
@@ -127,22 +114,22 @@ class ClusterMember:
         ttl = settings.session_ttl_s
         # A record outlives its session's idle timeout on its owner (which deletes it) by the
         # writes' delay and a lease: the store forgets only sessions nobody serves.
-        self.record_ttl_s = ttl + 2 * self.write_interval_s + self.lease_s if ttl > 0 else 0.0
+        record_ttl_s = ttl + 2 * self.write_interval_s + self.lease_s if ttl > 0 else 0.0
+        self.record_ttl_s = record_ttl_s
+        self.writer = SessionWriter(backend, metrics, registry, self.replica, record_ttl_s,
+                                    self._failed)  # fmt: skip
         self._valid_until_s = 0.0
-        self._claims: dict[str, asyncio.Future[None]] = {}
+        self._claims: dict[str, asyncio.Future[None]] = {}  # keys being brought here (or made)
         self._asked: dict[str, asyncio.Future[None]] = {}  # "release" sent, awaiting "released"
         self._releases: dict[str, asyncio.Task[None]] = {}  # hand-overs out under way
-        self._deletes: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._writing: asyncio.Lock | None = None  # made on the loop, in start()
         self._failing: set[str] = set()  # operations failing now (logged once each)
 
     # ----- lifetime --------------------------------------------------------------------------
     async def start(self) -> None:
         """Join: take the lease, then renew it, write changed sessions and answer hand-over
         requests in the background."""
-        self._writing = asyncio.Lock()
         began = self.clock()
         await self.backend.register(self.replica, self.lease_s)
         self._trust_lease(began)
@@ -156,13 +143,16 @@ class ClusterMember:
         logger.info("joined the cluster at %s as %s", self.backend.describe(), self.replica)
 
     async def stop(self) -> None:
-        """Leave: end the lease, stop the background tasks, close the store's connection."""
-        for task in self._tasks:
+        """Leave: pending deletes finish (bounded), background work stops, the lease ends, the
+        store's connection closes."""
+        await self.writer.stop(self.handover_timeout_s)
+        work = [*self._tasks, *self._releases.values(), *self._background]
+        for task in work:
             task.cancel()
-        for task in self._tasks:
+        for task in work:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(Exception):
             await self.backend.leave(self.replica)
         await self.backend.close()
 
@@ -178,7 +168,7 @@ class ClusterMember:
         """Renew the lease every third of it. A renewal that finds it expired (this process was
         paused or cut off for longer than a lease) takes it again, then writes or checks every
         session held here: those another replica took meanwhile are refused and dropped. Until
-        then, no chunk is applied (:meth:`lease_valid` is false)."""
+        then, no chunk is applied (:meth:`lease_valid` is false). Never stops on an error."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             began = self.clock()
@@ -193,98 +183,67 @@ class ClusterMember:
                         "cluster_lease_s): checking every session held here", self.replica,
                     )  # fmt: skip
                     await self.backend.register(self.replica, self.lease_s)
-                    await self.write_changed(every_session=True)
+                    await self.writer.write_changed(every_session=True)
                     self._trust_lease(began)
                 self._recovered("lease")
-            except ConnectionError as error:
+            except Exception as error:
                 self._failed("lease", error)
 
     async def _write_forever(self) -> None:
         while True:
             await asyncio.sleep(self.write_interval_s)
             try:
-                await self.write_changed()
+                await self.writer.write_changed()
                 self._recovered("write")
-            except ConnectionError as error:
+            except Exception as error:
                 self._failed("write", error)
+
+    async def write_changed(self, every_session: bool = False) -> int:
+        """Write the sessions that changed now (see :meth:`SessionWriter.write_changed`)."""
+        return await self.writer.write_changed(every_session)
 
     def _failed(self, operation: str, error: Exception) -> None:
         self.metrics.cluster_store_errors.labels(operation).inc()
         if operation not in self._failing:
             self._failing.add(operation)
-            logger.error("cluster store %s failing: %s (retrying)", operation, error)
+            logger.error("cluster store %s failing: %s: %s (retrying)", operation,
+                         type(error).__name__, error)  # fmt: skip
 
     def _recovered(self, operation: str) -> None:
         if operation in self._failing:
             self._failing.discard(operation)
             logger.warning("cluster store %s works again", operation)
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def _store(self, operation: str, call: Awaitable[T]) -> T:
+        """Await a store call a request waits on: UNAVAILABLE (retry) if the store fails."""
+        try:
+            result = await call
+        except Exception as error:
+            self._failed(operation, error)
+            raise Unavailable(
+                f"the cluster store is unavailable ({type(error).__name__}: {error}); retry"
+            ) from None
+        self._recovered(operation)
+        return result
 
-    # ----- sessions here ---------------------------------------------------------------------
-    def key(self, model: str, session: Session) -> str:
-        return record_key(model, session.session_id, session.owner)
-
-    def _local(self, key: str) -> tuple[ModelHandle, Session] | None:
-        """The session of ``key`` held here (any version of its model), or None."""
-        model, _, scoped = key.partition("\0")
-        owner, _, session_id = scoped.rpartition("\0")
-        found = self.registry.holding(model, session_id, owner, closing=True)
-        if found is None or found[1].ended is not None:
-            return None
-        return found
-
-    def _held(self) -> list[tuple[ModelHandle, list[Session]]]:
-        """Every session held here, by model version: live, not closing, not moving."""
-        held = []
-        for handle in self.registry.every_handle():
-            sessions = [
-                s
-                for s in handle.store.sessions.values()
-                if s.epoch and not s.moving and s.close_when_idle is None
-            ]
-            if sessions:
-                held.append((handle, sessions))
-        return held
-
+    # ----- sessions ending here ----------------------------------------------------------------
     def session_ended(self, model: str, session: Session, reason: EndReason) -> None:
         """A session held here ended: closed, expired, evicted or failed, it is gone from the
         cluster too (its record deleted; a close waits for that, :meth:`settled`). Moved or
         shut down, it lives on in the store."""
-        if reason not in _GONE or not session.epoch:
-            return
-        key = self.key(model, session)
-        task = asyncio.ensure_future(self._delete(key, session.epoch))
-        self._deletes[key] = task
-        task.add_done_callback(
-            lambda _: self._deletes.pop(key, None) if self._deletes.get(key) is task else None
-        )
+        if reason in _GONE and session.epoch:
+            key = record_key(model, session.session_id, session.owner)
+            self.writer.delete_later(key, session.epoch)
 
     def forget(self, model: str, session_id: str, owner: str, epoch: int) -> None:
         """A session reserved here could not be made after all: its record goes."""
-        key = record_key(model, session_id, owner)
-        task = asyncio.ensure_future(self._delete(key, epoch))
-        self._deletes[key] = task
-        task.add_done_callback(
-            lambda _: self._deletes.pop(key, None) if self._deletes.get(key) is task else None
-        )
-
-    async def _delete(self, key: str, epoch: int) -> None:
-        try:
-            await self.backend.delete(key, self.replica, epoch)
-            self._recovered("delete")
-        except ConnectionError as error:  # the record expires by itself (its ttl)
-            self._failed("delete", error)
+        self.writer.delete_later(record_key(model, session_id, owner), epoch)
 
     async def settled(self, model: str, session_id: str, owner: str) -> None:
         """Wait until the store has forgotten a session that ended here (a close returns only
-        then, so that the id can be opened again at once, anywhere)."""
-        task = self._deletes.get(record_key(model, session_id, owner))
-        if task is not None:
-            await asyncio.shield(task)
+        then, so that the id can be opened again at once, anywhere); UNAVAILABLE if the store
+        does not answer within the hand-over timeout."""
+        await self.writer.settled(record_key(model, session_id, owner), self.handover_timeout_s)
 
     # ----- new sessions ----------------------------------------------------------------------
     async def reserve(
@@ -297,8 +256,11 @@ class ClusterMember:
         initial_state: Sequence[np.ndarray] | None = None,
     ) -> Reservation:
         """Register a new session in the store, owned here (ALREADY_EXISTS if the cluster has
-        the id: the store decides, so two replicas can never open one id twice)."""
+        the id: the store decides, so two replicas can never open one id twice). The caller
+        creates the session here right after, before any other request for the id can look
+        (claims of the id wait for the reservation)."""
         key = record_key(handle.spec.name, session_id, owner)
+        await self._wait_for_claims(key)
         await self.settled(handle.spec.name, session_id, owner)
         specs = handle.store.state_specs
         values = initial_state or [s.initial_value() for s in specs]
@@ -308,9 +270,10 @@ class ClusterMember:
         ]
         draft = Session(session_id, -1, incarnation, 0.0, owner=owner, client=client or owner)
         blob = encode(session_snapshot(handle, draft, states, confirmed=True))
-        epoch = await self._store(
-            "create", self.backend.create(key, self.replica, blob, self.record_ttl_s)
-        )
+        async with self._claiming(key):
+            epoch = await self._store(
+                "create", self.backend.create(key, self.replica, blob, self.record_ttl_s)
+            )
         if epoch is None:
             raise AlreadyExists(
                 f"session {shown(session_id)} already exists in the cluster; close it first, or "
@@ -318,15 +281,22 @@ class ClusterMember:
             )
         return Reservation(epoch, incarnation)
 
-    async def _store(self, operation: str, call: Awaitable[T]) -> T:
-        """Await a store call a request waits on: UNAVAILABLE (retry) if the store fails."""
+    async def _wait_for_claims(self, key: str) -> None:
+        while key in self._claims:
+            await asyncio.shield(self._claims[key])
+
+    @contextlib.asynccontextmanager
+    async def _claiming(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key`` for one claim or reservation: others of the key wait until it is done.
+        (Released synchronously: the waiters run only after the caller's next await, so a
+        session made here right after is there when they look.)"""
+        claiming: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._claims[key] = claiming
         try:
-            result = await call
-        except ConnectionError as error:
-            self._failed(operation, error)
-            raise Unavailable(f"the cluster store is unavailable ({error}); retry") from None
-        self._recovered(operation)
-        return result
+            yield
+        finally:
+            del self._claims[key]
+            claiming.set_result(None)
 
     # ----- sessions coming here ----------------------------------------------------------------
     async def claim(self, model: str, session_id: str, owner: str) -> Session | None:
@@ -337,23 +307,29 @@ class ClusterMember:
         key = record_key(model, session_id, owner)
         while True:
             if key in self._releases:  # leaving this replica: let it go, then ask for it back
-                await asyncio.shield(self._releases[key])
-            if key in self._claims:  # another request already brings it: wait for that one
-                await asyncio.shield(self._claims[key])
-                continue
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._releases[key])
+            await self._wait_for_claims(key)
             found = self._local(key)
-            if found is not None and not found[1].moving:
-                return found[1]
             if found is None:
                 break
-        claiming: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._claims[key] = claiming
+            if not found[1].moving or key not in self._releases:
+                found[1].moving = False  # (nothing hands it over: it stays)
+                return found[1]
         began = self.clock()
-        try:
-            return await self._take(key, session_id, began)
-        finally:
-            del self._claims[key]
-            claiming.set_result(None)
+        async with self._claiming(key):
+            try:
+                return await self._take(key, session_id, began)
+            finally:
+                self._asked.pop(key, None)
+
+    def _local(self, key: str) -> tuple[ModelHandle, Session] | None:
+        """The session of ``key`` held here (any version of its model), or None."""
+        model, session_id, owner = _parts(key)
+        found = self.registry.holding(model, session_id, owner, closing=True)
+        if found is None or found[1].ended is not None:
+            return None
+        return found
 
     async def _take(self, key: str, session_id: str, began: float) -> Session | None:
         await self.settled(*_parts(key))
@@ -390,17 +366,18 @@ class ClusterMember:
                 await asyncio.wait_for(asyncio.shield(waiter), min(left, self.lease_s / 2))
 
     async def _install(self, key: str, claimed: Claimed) -> Session:
-        """The session of a claimed record, made live here under its new epoch."""
+        """The session of a claimed record, made live here under its new epoch (given back if
+        it cannot be)."""
         try:
             snapshot = decode(claimed.blob)
         except CorruptSnapshot as error:
-            await self._give_back(key, claimed.epoch)
+            await self.writer.give_back(key, claimed)
             raise FailedPrecondition(
                 f"the cluster store's record of this session is corrupt ({error})"
             ) from None
         handle = self.registry.find(snapshot.model, snapshot.version)
         if handle is None or handle.spec.sha256 != snapshot.model_sha256:
-            await self._give_back(key, claimed.epoch)
+            await self.writer.give_back(key, claimed)
             raise FailedPrecondition(
                 f"this session lives on model {shown(snapshot.model)} version "
                 f"{shown(snapshot.version)} (sha256 {snapshot.model_sha256[:12]}), which this "
@@ -408,188 +385,94 @@ class ClusterMember:
             )
         record = snapshot.sessions[0]
         state = [s[:, 0, :] for s in snapshot.states]
-        confirmed = claimed.released and record.confirmed
         try:
-            session = handle.store.restore(record, state, confirmed=confirmed)
+            session = handle.store.restore(
+                record, state, confirmed=claimed.released and record.confirmed
+            )
         except ServiceError:
-            await self._give_back(key, claimed.epoch)
+            await self.writer.give_back(key, claimed)
             raise
         session.epoch = claimed.epoch
         session.written_incarnation = session.incarnation
         self.metrics.active_sessions.labels(handle.spec.name, handle.spec.version).inc()
         return session
 
-    async def _give_back(self, key: str, epoch: int) -> None:
-        """Release a record taken but not served here, unchanged."""
-        with contextlib.suppress(ConnectionError):
-            await self.backend.write([Write(key, self.replica, epoch, None, release=True)], 0)
-
     # ----- sessions leaving --------------------------------------------------------------------
     def _inbox(self, message: Message) -> None:
         """A message from another replica (never blocks: a release runs as its own task)."""
         if message.kind == "release":
-            if message.key not in self._releases:
-                task = asyncio.ensure_future(self._hand_over(message.key))
-                self._releases[message.key] = task
-                task.add_done_callback(lambda _: self._releases.pop(message.key, None))
+            key = message.key
+            if key not in self._releases:
+                task = asyncio.ensure_future(self._hand_over(key))
+                self._releases[key] = task
+                task.add_done_callback(lambda _: self._releases.pop(key, None))
             self._spawn(self._answer_when_released(message))
         elif message.kind == "released":
             waiter = self._asked.get(message.key)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _answer_when_released(self, message: Message) -> None:
         task = self._releases.get(message.key)
         if task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(Exception):
             await self.backend.send(message.sender, Message("released", message.key, self.replica))
 
     async def _hand_over(self, key: str) -> None:
         """Another replica asks for ``key``: take no new chunks of it, let those in flight and
-        waiting finish, write it and release it, then end it here (MOVED)."""
-        if key in self._deletes:
-            await asyncio.shield(self._deletes[key])
-        found = self._local(key)
-        if found is None or found[1].close_when_idle is not None or not found[1].epoch:
-            return
-        handle, session = found
-        session.moving = True
-        if session.busy:
-            idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            session.on_idle = lambda: None if idle.done() else idle.set_result(None)
-            try:
-                await asyncio.wait_for(asyncio.shield(idle), self.handover_timeout_s)
-            except TimeoutError:
-                session.moving = False
-                session.on_idle = None
-                logger.warning(
-                    "session %s: its chunks did not finish in time for a hand-over",
-                    shown(session.session_id),
-                )
-                return
-            if session.ended is not None or session.close_when_idle is not None:
-                return  # ended meanwhile (an END, a close): gone, not moved
-        assert self._writing is not None
+        waiting finish, write it and release it, then end it here (MOVED). A key ending here
+        is deleted first; one the store says is ours without a copy here is disowned."""
         try:
-            async with self._writing:
-                await self._write_and_release([(handle, [session])], why="asked")
-        except ConnectionError as error:  # kept here: the one asking tries again, or times out
-            session.moving = False
+            with contextlib.suppress(Unavailable):  # (not deleted yet: the asker retries)
+                await self.writer.settled(key, self.handover_timeout_s)
+            await self._wait_for_claims(key)
+            found = self._local(key)
+            if found is None:
+                await self.writer.disown(key)
+                return
+            handle, session = found
+            if session.close_when_idle is not None or not session.epoch:
+                return  # closing: its delete follows
+            session.moving = True
+            try:
+                if session.busy and not await self._idle(session):
+                    return
+                if session.ended is None and session.close_when_idle is None:
+                    await self.writer.release([(handle, [session])], why="asked")
+            finally:
+                if session.ended is None:
+                    session.moving = False  # (not handed over: it stays)
+        except Exception as error:
             self._failed("release", error)
 
-    async def _write_and_release(
-        self, held: list[tuple[ModelHandle, list[Session]]], why: str
-    ) -> int:
-        """Write ``held`` sessions (idle: nothing in flight) and release them in the store, then
-        end them here (MOVED; SHUTDOWN at a drain). Returns how many were released."""
-        snapshots, sessions = [], []
-        for handle, group in held:
-            states = handle.store.read_states(group)
-            for i, session in enumerate(group):
-                mine = [s[:, i : i + 1, :] for s in states]
-                # Confirmed unless a chunk may still apply after it (one that outlived the
-                # drain), or its client has not yet confirmed where it stands.
-                confirmed = not session.unconfirmed and not session.busy
-                snapshots.append(session_snapshot(handle, session, mine, confirmed))
-                sessions.append((handle, session))
-        if not snapshots:
-            return 0
-        writes = [
-            Write(self.key(h.spec.name, s), self.replica, s.epoch, blob, release=True)
-            for (h, s), blob in zip(sessions, await encoded(snapshots), strict=True)
-        ]
-        landed = await self.backend.write(writes, self.record_ttl_s)
-        released = 0
-        reason = EndReason.SHUTDOWN if why == "drain" else EndReason.MOVED
-        for ok, (handle, session) in zip(landed, sessions, strict=True):
-            if ok:
-                released += 1
-                self.metrics.cluster_handed_over.labels(why).inc()
-            else:
-                self.metrics.cluster_fenced_writes.inc()
-                self.metrics.cluster_sessions_lost.inc()
-            if session.ended is None:
-                handle.store.end(session, reason)
-        return released
+    async def _idle(self, session: Session) -> bool:
+        """Wait until ``session``'s chunks in flight and waiting are done (False: not within
+        the hand-over timeout)."""
+        idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        session.on_idle = lambda: None if idle.done() else idle.set_result(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(idle), self.handover_timeout_s)
+            return True
+        except TimeoutError:
+            session.on_idle = None
+            logger.warning(
+                "session %s: its chunks did not finish in time for a hand-over",
+                shown(session.session_id),
+            )
+            return False
 
     async def release_all(self) -> int:
-        """The drain: write and release every session held here (their chunks have drained).
-        Returns how many were handed over; the engine then ends them here."""
-        for task in self._tasks[1:2]:  # the periodic writes: this write is the last
-            task.cancel()
-        assert self._writing is not None
-        async with self._writing:
-            try:
-                return await self._write_and_release(self._held(), why="drain")
-            except ConnectionError as error:
-                self._failed("drain", error)
-                logger.error(
-                    "the drain could not hand sessions over: %s; their clients replay from the last write",
-                    error,
-                )
-                return 0
-
-    # ----- writes ------------------------------------------------------------------------------
-    async def write_changed(self, every_session: bool = False) -> int:
-        """Write every session held here that changed since its last write (``every_session``:
-        and check that the others are still this replica's). A write the store refuses means
-        another replica took the session: it is dropped here (counted). Returns how many
-        writes landed."""
-        assert self._writing is not None
-        async with self._writing:
-            # (handle, session, epoch, incarnation, steps) as captured; changed ones first
-            captured: list[tuple[ModelHandle, Session, int, int, int]] = []
-            checked: list[tuple[ModelHandle, Session, int, int, int]] = []
-            snapshots: list[ModelSnapshot] = []
-            for handle, group in self._held():
-                changed = [
-                    s
-                    for s in group
-                    if s.steps != s.durable_steps or s.incarnation != s.written_incarnation
-                ]
-                states = handle.store.read_states(changed) if changed else []
-                for i, session in enumerate(changed):
-                    mine = [s[:, i : i + 1, :] for s in states]
-                    snapshots.append(session_snapshot(handle, session, mine, confirmed=False))
-                    captured.append(
-                        (handle, session, session.epoch, session.incarnation, session.steps)
-                    )
-                if every_session:
-                    checked.extend(
-                        (handle, s, s.epoch, s.incarnation, s.steps)
-                        for s in group
-                        if s not in changed
-                    )
-            if not captured and not checked:
-                return 0
-            blobs: list[bytes | None] = [*await encoded(snapshots), *(None for _ in checked)]
-            captured += checked
-            writes = [
-                Write(self.key(h.spec.name, s), self.replica, epoch, blob)
-                for (h, s, epoch, _, _), blob in zip(captured, blobs, strict=True)
-            ]
-            landed = await self.backend.write(writes, self.record_ttl_s)
-            for ok, write, (handle, session, epoch, incarnation, steps) in zip(
-                landed, writes, captured, strict=True
-            ):
-                if ok:
-                    if session.incarnation == incarnation:  # (not restarted since: a START)
-                        session.durable_steps = steps
-                        session.written_incarnation = incarnation
-                    continue
-                if session.epoch != epoch or session.ended is not None:
-                    continue  # ended here meanwhile (closed: its record deleted)
-                if write.blob is not None:
-                    self.metrics.cluster_fenced_writes.inc()
-                self.metrics.cluster_sessions_lost.inc()
-                logger.warning(
-                    "session %s is owned by another replica now: dropped here",
-                    shown(session.session_id),
-                )
-                handle.store.end(session, EndReason.MOVED)
-            return sum(landed)
+        """The drain: write and release every session held here (their chunks have drained),
+        those a hand-over waits for included. Returns how many were handed over."""
+        self._tasks[1].cancel()  # the periodic writes: this write is the last
+        return await self.writer.release(self.writer.held(moving=True), why="drain")
 
 
 def _parts(key: str) -> tuple[str, str, str]:

@@ -269,6 +269,7 @@ def session_record(session: Session, confirmed: bool) -> SessionRecord:
         s.client,
         incarnation_text(s.incarnation),
         confirmed,
+        s.broken,
     )
 
 

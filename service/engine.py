@@ -228,7 +228,11 @@ class InferenceEngine:
             reserved = await self.cluster.reserve(
                 handle, session_id, caller.owner, caller.client, new_incarnation(), initial_state
             )
-            self._check_free(handle, session_id, caller)  # (opened here while we waited)
+            try:
+                self._check_free(handle, session_id, caller)  # (opened here while we waited)
+            except ServiceError:
+                self.cluster.forget(handle.spec.name, session_id, caller.owner, reserved.epoch)
+                raise
         session = self._create(handle, session_id, initial_state, api, caller, reserved)
         return self._view(handle, session)
 
@@ -267,12 +271,13 @@ class InferenceEngine:
                 incarnation=None if reserved is None else reserved.incarnation,
             )
         except ServiceError:
-            if reserved is not None and self.cluster is not None and session_id is not None:
+            if reserved is not None and reserved.new and self.cluster is not None and session_id:
                 self.cluster.forget(handle.spec.name, session_id, caller.owner, reserved.epoch)
             raise
         if reserved is not None:
             session.epoch = reserved.epoch
-            session.written_incarnation = session.incarnation
+            # (a record passed on from another version holds the old copy: write it soon)
+            session.written_incarnation = session.incarnation if reserved.new else 0
         labels = (handle.spec.name, handle.spec.version)
         self.metrics.sessions_started.labels(*labels, api).inc()
         self.metrics.active_sessions.labels(*labels).inc()
@@ -293,21 +298,29 @@ class InferenceEngine:
         (:meth:`service.cluster.ClusterMember.claim`). With ``start`` (Triton's START), an id
         the cluster does not know is reserved here for the new sequence: pass the reservation
         to :meth:`submit`. Outside a cluster, or for a session held here, nothing to do (no
-        await on the store). The adapters call this before any request that names a session."""
+        await on the store). The adapters call this before any request that names a session.
+        A START that begins the id again on another version than the one it lives on gets the
+        old copy's record for the new one (:meth:`_end_elsewhere` ends the old without deleting
+        it)."""
         cluster = self.cluster
         if cluster is None:
             return None
         self._check_open()
+        target = self.model(name, version) if start else None  # (NOT_FOUND: no such model)
         local = self.registry.holding(name, session_id, caller.owner)
-        if local is not None and not local[1].moving:
+        if local is None or local[1].moving:
+            await cluster.claim(name, session_id, caller.owner)
+            local = self.registry.holding(name, session_id, caller.owner)
+        if target is None:
             return None
-        handle = self.model(name, version) if start else None  # (NOT_FOUND: no such model)
-        if await cluster.claim(name, session_id, caller.owner) is not None or handle is None:
-            return None
-        self._check_takes_new(handle)
-        return await cluster.reserve(
-            handle, session_id, caller.owner, caller.client, new_incarnation()
-        )
+        self._check_takes_new(target)
+        if local is None:
+            return await cluster.reserve(
+                target, session_id, caller.owner, caller.client, new_incarnation()
+            )
+        if local[0] is not target:
+            return Reservation(local[1].epoch, new_incarnation(), new=False)
+        return None
 
     def session(
         self, name: str, version: str, session_id: str, caller: Caller = ANONYMOUS
@@ -508,6 +521,8 @@ class InferenceEngine:
         for other in self.registry.loaded(handle.spec.name).values():
             session = None if other is handle else other.store.find(session_id, owner)
             if session is not None and session.close_when_idle is None:
+                if self.cluster is not None:
+                    session.epoch = 0  # its record in the cluster passes to the new copy
                 other.store.end(session, EndReason.CLOSED)
                 logger.info("sequence restarted on model %s: ended on %s", handle.spec.label,
                             other.spec.label)  # fmt: skip

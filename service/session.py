@@ -96,10 +96,16 @@ def break_sequence(session: Session, reason: str, *, mark: bool = True) -> Faile
     count) is accepted; the first reason is kept."""
     if mark and session.broken is None:
         session.broken = reason or "unknown error"
+    return broken_sequence(session.session_id, session.broken or reason)
+
+
+def broken_sequence(session_id: str, reason: str) -> FailedPrecondition:
+    """The error of a request of sequence ``session_id`` sent behind one that failed with
+    ``reason`` (see :func:`break_sequence`)."""
     return FailedPrecondition(
-        f"sequence {shown(session.session_id)} cannot go on: an earlier request of it failed "
-        f"({session.broken or reason}); send START to begin it again, or state "
-        "sequence_expected_steps to go on from where it is"
+        f"sequence {shown(session_id)} cannot go on: an earlier request of it failed "
+        f"({reason}); send START to begin it again, or state sequence_expected_steps to go on "
+        "from where it is"
     )
 
 

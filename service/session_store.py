@@ -162,6 +162,7 @@ class SessionStore:
         session = self.create(record.session_id, shaped, record.owner, record.client, incarnation)
         session.steps = session.durable_steps = record.steps
         session.last_output = record.last_output
+        session.broken = record.broken
         session.unconfirmed = not confirmed
         return session
 

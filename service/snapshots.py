@@ -44,6 +44,10 @@ class SessionRecord:
     client: str = ""  # what per-client limits count (kept so limits survive a restart)
     incarnation: str = ""  # "" in format 1 snapshots: a new one is drawn on restore
     confirmed: bool = False  # captured idle by a graceful shutdown: no later step can exist
+    # Why a pipelined (KServe) sequence cannot go on until a START or a stated step count
+    # (service.session.break_sequence); None: it can. Kept so that a restart or a move to
+    # another replica does not mend it.
+    broken: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,14 @@ def encode(snapshot: ModelSnapshot) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def _entry(r: SessionRecord) -> list[str | int]:
+def _entry(r: SessionRecord) -> list[str | int | None]:
     rows = 0 if r.last_output is None else len(r.last_output)
-    return [r.session_id, r.steps, r.owner, rows, r.client, r.incarnation, int(r.confirmed)]
+    entry: list[str | int | None] = [
+        r.session_id, r.steps, r.owner, rows, r.client, r.incarnation, int(r.confirmed)
+    ]  # fmt: skip
+    if r.broken is not None:  # (an eighth field, only when set: older readers ignore it)
+        entry.append(r.broken)
+    return entry
 
 
 def decode(blob: bytes) -> ModelSnapshot:
@@ -171,13 +180,14 @@ def _contents(header: dict[str, Any], payload: bytes) -> ModelSnapshot:
     for entry, n in zip(entries, rows, strict=True):
         session_id, steps, owner = str(entry[0]), int(entry[1]), str(entry[2])
         client, incarnation, confirmed = (*entry[4:7],) if len(entry) >= 7 else (owner, "", 0)
+        broken = str(entry[7]) if len(entry) >= 8 and entry[7] is not None else None
         last = None
         if n:
             count = n * output_size
             last = np.frombuffer(payload, "<f4", count=count, offset=offset).reshape(n, -1).copy()
             offset += 4 * count
         record = SessionRecord(
-            session_id, steps, owner, last, str(client), str(incarnation), bool(confirmed)
+            session_id, steps, owner, last, str(client), str(incarnation), bool(confirmed), broken
         )
         sessions.append(record)
     return ModelSnapshot(

@@ -56,7 +56,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.repository import ModelSpec
-from service.session import Caller
+from service.session import Caller, broken_sequence
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # untyped base
@@ -154,21 +154,44 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             raise as_triton(error) from None
         return fill_infer_response(pb.ModelInferResponse(), request, spec, result)
 
-    async def bring(self, request: pb.ModelInferRequest, caller: Caller) -> Reservation | None:
+    async def bring(
+        self,
+        request: pb.ModelInferRequest,
+        caller: Caller,
+        broken: dict[str, str] | None = None,
+    ) -> Reservation | None:
         """In a cluster, bring the request's sequence to this replica before :meth:`submit`
         (a hand-over), or reserve a START's new id (:meth:`InferenceEngine.bring`). A malformed
-        request brings nothing: :meth:`submit` refuses it as it would anyway."""
+        request brings nothing: :meth:`submit` refuses it as it would anyway.
+
+        ``broken`` (a stream's): sequences whose request on the stream failed here, before its
+        sequence was here to be marked broken. The requests sent behind it must not apply to a
+        history without it, so they are refused the same way until one re-anchors the sequence
+        (a START, or a stated step count), as :func:`service.session.break_sequence` does."""
         if self.engine.cluster is None:
             return None
         sequence_id = routing_id(request)
-        try:
-            start = bool(sequence_id) and sequence_control(request, sequence_id).start
-        except ServiceError:
-            return None
         if not sequence_id:
             return None
+        try:
+            control = sequence_control(request, sequence_id)
+        except ServiceError:
+            return None
+        anchored = control.start or control.expected_steps is not None
+        if broken is not None and sequence_id in broken and not anchored:
+            raise broken_sequence(sequence_id, broken[sequence_id])
         name, version = request.model_name, request.model_version
-        return await self.engine.bring(name, version, sequence_id, caller, start=start)
+        try:
+            reserved = await self.engine.bring(
+                name, version, sequence_id, caller, start=control.start
+            )
+        except ServiceError as error:
+            if broken is not None:
+                broken.setdefault(sequence_id, error.message)
+            raise
+        if broken is not None:
+            broken.pop(sequence_id, None)
+        return reserved
 
     def submit(
         self,
@@ -261,10 +284,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc
             self.engine.settings.max_stream_requests_in_flight
         )
 
+        broken: dict[str, str] = {}  # see bring()
+
         async def handle(request: pb.ModelInferRequest) -> None:
             try:
                 # (awaited before the next request is read: a sequence's order is kept)
-                reserved = await self.bring(request, caller)
+                reserved = await self.bring(request, caller, broken)
                 spec, future = self.submit(request, caller, deadline_s, reserved)
             except Exception as error:
                 pump.reply(failed_reply(request, error))
