@@ -50,14 +50,18 @@ def routing_config(listen_port: int, replica_ports: list[int]) -> str:
     return text
 
 
-def main_config(directory: Path, include: Path) -> str:
+def main_config(directory: Path, include: Path, shutdown_timeout_s: float | None = None) -> str:
     """nginx.conf for a private instance: in the foreground, every file in ``directory``, an
-    access log saying where each call went."""
+    access log saying where each call went. ``shutdown_timeout_s``: ``worker_shutdown_timeout``
+    (after a reload, the old worker closes the connections still open after that long; without
+    it, a stream opened before a reload stays on its old route for as long as it lasts)."""
     temp = "\n".join(
         f"    {kind}_temp_path {directory / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     user = "user root root;\n" if os.geteuid() == 0 else ""  # workers reach the private directory
+    if shutdown_timeout_s is not None:
+        user += f"worker_shutdown_timeout {max(1, round(shutdown_timeout_s * 1000))}ms;\n"
     return (
         f"daemon off;\n{user}worker_processes 1;\npid {directory / 'nginx.pid'};\n"
         f"error_log {directory / 'error.log'} info;\n"
@@ -72,15 +76,25 @@ def main_config(directory: Path, include: Path) -> str:
 
 
 class Nginx:
-    """A private nginx on a loopback port, proxying to replicas on loopback ports."""
+    """A private nginx on a loopback port, proxying to replicas on loopback ports
+    (``shutdown_timeout_s``: see :func:`main_config`)."""
 
-    def __init__(self, directory: Path, replica_ports: list[int], port: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        replica_ports: list[int],
+        port: int = 0,
+        shutdown_timeout_s: float | None = None,
+    ) -> None:
         self.binary = nginx_binary()
         self.directory = directory
         self.port = port or free_port()
+        self.replica_ports = list(replica_ports)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "rnnserve.conf").write_text(routing_config(self.port, replica_ports))
-        (directory / "nginx.conf").write_text(main_config(directory, directory / "rnnserve.conf"))
+        (directory / "nginx.conf").write_text(
+            main_config(directory, directory / "rnnserve.conf", shutdown_timeout_s)
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -123,6 +137,46 @@ class Nginx:
                 self.process.kill()
                 self.process.wait()
 
+    def reload(self, replica_ports: list[int]) -> None:
+        """Replace the upstream's replicas with ``replica_ports`` (the rest of the configuration as
+        it was), check it (``nginx -t``), then ``nginx -s reload``: returns once the master has
+        started the worker that runs it (bounded poll on the error log). The old worker finishes
+        the calls it has (see :func:`main_config`'s ``shutdown_timeout_s``)."""
+        assert self.process is not None and self.process.poll() is None, "nginx is not running"
+        config = self.directory / "rnnserve.conf"
+        text = config.read_text()
+        servers = list(re.finditer(r"^( *)server 127\.0\.0\.1:\d+( [^;\n]*)?;\n", text, re.M))
+        assert servers, f"{config}: no upstream server lines"
+        indent, parameters = servers[0].group(1), servers[0].group(2) or ""
+        ours = "".join(f"{indent}server 127.0.0.1:{port}{parameters};\n" for port in replica_ports)
+        config.write_text(text[: servers[0].start()] + ours + text[servers[-1].end() :])
+        self.check()
+        started = self.errors().count("start worker process ")
+        result = subprocess.run(self.command("-s", "reload"), capture_output=True, text=True,
+                                timeout=30)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.errors().count("start worker process ") <= started:  # bounded poll
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nginx did not reload:\n{self.errors()[-3000:]}")
+            time.sleep(0.01)
+        self.replica_ports = list(replica_ports)
+
+    def wait_old_workers_gone(self, timeout_s: float = 60.0) -> None:
+        """After a reload: wait until the old worker has exited (having finished its calls, or
+        closed them at ``shutdown_timeout_s``), so that every call runs the new configuration
+        (bounded poll on the error log: the master logs each worker started and exited)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            log = self.errors()
+            workers = len(re.findall(r"start worker process \d+", log)) - len(
+                re.findall(r"worker process \d+ exited", log)
+            )
+            if workers <= 1:  # (worker_processes 1)
+                return
+            assert time.monotonic() < deadline, f"old nginx workers still running:\n{log[-2000:]}"
+            time.sleep(0.01)
+
     def errors(self) -> str:
         path = self.directory / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -134,9 +188,14 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def nginx(directory: Path, replica_ports: list[int], port: int = 0) -> Iterator[Nginx]:
+def nginx(
+    directory: Path,
+    replica_ports: list[int],
+    port: int = 0,
+    shutdown_timeout_s: float | None = None,
+) -> Iterator[Nginx]:
     """A started :class:`Nginx` for the block, stopped afterwards whatever happens."""
-    server = Nginx(directory, replica_ports, port)
+    server = Nginx(directory, replica_ports, port, shutdown_timeout_s)
     server.start()
     try:
         yield server
