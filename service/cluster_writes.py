@@ -177,11 +177,12 @@ class SessionWriter:
                 for (h, s), b in zip(rows, await encoded(snapshots), strict=True)
             ]
             reason = EndReason.SHUTDOWN if why == "drain" else EndReason.MOVED
+            answered = True
             try:
                 landed = await self.backend.write(writes, self.record_ttl_s)
             except Exception as error:
                 self.on_failure("release", error)
-                landed = [False] * len(rows)
+                answered, landed = False, [False] * len(rows)
                 logger.error(
                     "%d session(s) could not be handed over (%s: %s); their clients go on from "
                     "their last write", len(rows), type(error).__name__, error,
@@ -189,6 +190,9 @@ class SessionWriter:
             for ok, (handle, session) in zip(landed, rows, strict=True):
                 if ok:
                     self.metrics.cluster_handed_over.labels(why).inc()
+                elif answered:  # refused: another replica took it (this one was paused)
+                    self.metrics.cluster_fenced_writes.inc()
+                    self.metrics.cluster_sessions_lost.inc()
                 if session.ended is None:
                     handle.store.end(session, reason)
             return sum(landed)

@@ -16,7 +16,7 @@ import pytest
 import redis.exceptions
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
-from service.cluster_backend import Claimed, HeldBy, MemoryBackend, Write
+from service.cluster_backend import Claimed, HeldBy, MemoryBackend, Write, record_key
 from service.server import RnnServer
 from service.settings import Settings
 from tests.grpc_helpers import (
@@ -29,7 +29,7 @@ from tests.grpc_helpers import (
     output_of,
 )
 from tests.models_for_tests import OfflineReference
-from tests.test_cluster import MODEL, chunks, count, open_session, step
+from tests.test_cluster import MODEL, chunks, count, open_session, replicas, step
 from tests.test_model_control import offline as offline_of
 from tests.test_model_control import repository, versions  # noqa: F401  (a fixture)
 
@@ -364,3 +364,27 @@ async def test_a_release_asked_during_the_drain_is_no_loss(
         moves = b.metrics.cluster_moves
         assert count(moves.labels("released")) + count(moves.labels("handover")) == 1
         assert count(moves.labels("restored")) == 0  # nothing replayed
+
+
+async def test_a_refused_release_is_counted_as_fenced_and_lost(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A paused owner wakes to the release request sent while it slept: the store refuses its
+    write (another replica took the session), and that is counted like any fenced write."""
+    async with replicas(make_settings) as (backend, (a, b)):
+        assert a.engine.cluster is not None
+        sid = (await open_session(a)).session_id
+        await step(a, sid, np.ones((2, 3), np.float32))  # 2 steps a never writes
+        # a "pauses": no renewal, its lease gone from the store; b takes the session (restored)
+        a.engine.cluster._tasks[0].cancel()
+        backend.leases.pop(a.engine.cluster.replica)
+        async with channel(b.grpc_port) as ch:
+            taken = await native(ch).GetSession(pb.GetSessionRequest(model=MODEL, session_id=sid))
+        assert taken.steps == 0 and count(b.metrics.cluster_moves.labels("restored")) == 1
+        # a "wakes" and handles the "release" b sent while it was paused
+        await a.engine.cluster._hand_over(record_key(MODEL, sid, ""))
+        assert a.engine.registry.holding(MODEL, sid, "") is None  # dropped here: right
+        assert backend.records[record_key(MODEL, sid, "")].replica == b.engine.cluster.replica
+        # and counted, as the same refusal is through write_changed
+        assert count(a.metrics.cluster_fenced_writes) == 1
+        assert count(a.metrics.cluster_sessions_lost) == 1
