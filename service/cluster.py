@@ -260,7 +260,6 @@ class ClusterMember:
         creates the session here right after, before any other request for the id can look
         (claims of the id wait for the reservation)."""
         key = record_key(handle.spec.name, session_id, owner)
-        await self._wait_for_claims(key)
         await self.settled(handle.spec.name, session_id, owner)
         specs = handle.store.state_specs
         values = initial_state or [s.initial_value() for s in specs]
@@ -287,9 +286,10 @@ class ClusterMember:
 
     @contextlib.asynccontextmanager
     async def _claiming(self, key: str) -> AsyncIterator[None]:
-        """Hold ``key`` for one claim or reservation: others of the key wait until it is done.
-        (Released synchronously: the waiters run only after the caller's next await, so a
-        session made here right after is there when they look.)"""
+        """Hold ``key`` for one claim or reservation, once no other holds it: others of the key
+        wait until it is done. (Released synchronously: the waiters run only after the caller's
+        next await, so a session made here right after is there when they look.)"""
+        await self._wait_for_claims(key)
         claiming: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._claims[key] = claiming
         try:
@@ -305,23 +305,26 @@ class ClusterMember:
         to do (held here). None if the cluster has no such session. UNAVAILABLE if its owner
         did not hand it over in time, or the store cannot be reached."""
         key = record_key(model, session_id, owner)
-        while True:
-            if key in self._releases:  # leaving this replica: let it go, then ask for it back
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._releases[key])
-            await self._wait_for_claims(key)
-            found = self._local(key)
-            if found is None:
-                break
-            if not found[1].moving or key not in self._releases:
-                found[1].moving = False  # (nothing hands it over: it stays)
-                return found[1]
         began = self.clock()
-        async with self._claiming(key):
-            try:
-                return await self._take(key, session_id, began)
-            finally:
-                self._asked.pop(key, None)
+        while True:
+            if self._releasing(key):  # leaving this replica: let it go, then ask for it back
+                await asyncio.wait([self._releases[key]])
+            async with self._claiming(key):  # (after any other claim or reservation of it)
+                if self._releasing(key):
+                    continue  # a hand-over out began meanwhile
+                found = self._local(key)
+                if found is not None:
+                    found[1].moving = False  # (nothing hands it over: it stays)
+                    return found[1]
+                try:
+                    return await self._take(key, session_id, began)
+                finally:
+                    self._asked.pop(key, None)
+
+    def _releasing(self, key: str) -> bool:
+        """Whether a hand-over of ``key`` to another replica is under way here."""
+        task = self._releases.get(key)
+        return task is not None and not task.done()
 
     def _local(self, key: str) -> tuple[ModelHandle, Session] | None:
         """The session of ``key`` held here (any version of its model), or None."""
@@ -430,12 +433,15 @@ class ClusterMember:
         waiting finish, write it and release it, then end it here (MOVED). A key ending here
         is deleted first; one the store says is ours without a copy here is disowned."""
         try:
-            with contextlib.suppress(Unavailable):  # (not deleted yet: the asker retries)
+            try:
                 await self.writer.settled(key, self.handover_timeout_s)
+            except Unavailable:
+                return  # ended here, its delete not through yet: the asker retries
             await self._wait_for_claims(key)
             found = self._local(key)
             if found is None:
-                await self.writer.disown(key)
+                if key not in self.writer.deletes:
+                    await self.writer.disown(key)
                 return
             handle, session = found
             if session.close_when_idle is not None or not session.epoch:

@@ -100,7 +100,7 @@ class SessionWriter:
             changed_rows: list[tuple[ModelHandle, Session, int, int, int]] = []
             checked_rows: list[tuple[ModelHandle, Session, int, int, int]] = []
             snapshots: list[ModelSnapshot] = []
-            for handle, group in self.held():
+            for handle, group in self.held(moving=every_session):
                 changed = [
                     s
                     for s in group

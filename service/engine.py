@@ -372,6 +372,8 @@ class InferenceEngine:
         """The session as a client sees it. ``incarnation``: the one the client knows (as the
         session's views gave it); a session opened again under the same id is NOT_FOUND."""
         handle, session = self.session(name, version, session_id, caller)
+        if self.cluster is not None:  # (a stale copy, on a lapsed lease, must not answer)
+            self._check_cluster(session)
         check_incarnation(session, incarnation)
         if include_state:
             state_bytes = handle.store.session_state_bytes
@@ -405,6 +407,8 @@ class InferenceEngine:
         """Close a session. One with a chunk in flight closes once that chunk is applied (chunks
         waiting behind it fail NOT_FOUND), and the count returned includes it: the final count."""
         handle, session = self.session(name, version, session_id, caller)
+        if self.cluster is not None:  # (a stale copy, on a lapsed lease, must not answer)
+            self._check_cluster(session)
         if session.close_when_idle is not None:  # a close (or an END) is already waiting
             raise session_not_found(session_id)
         if session.busy:
@@ -501,6 +505,8 @@ class InferenceEngine:
             handle.batcher.submit(chunk)
         except ServiceError as error:
             if created:  # a START refused: leave no empty session behind
+                if reserved is not None and not reserved.new:
+                    session.epoch = 0  # (the record is still the older copy's, which lives on)
                 handle.store.end(session, EndReason.CLOSED)
             raise error.with_session_steps(session.steps) from None
         if chunk.anchored:

@@ -16,12 +16,13 @@ import pytest
 import redis.exceptions
 
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
-from service.cluster_backend import Claimed, HeldBy, MemoryBackend, Write, record_key
+from service.cluster_backend import Claimed, HeldBy, MemoryBackend, Message, Write, record_key
 from service.server import RnnServer
 from service.settings import Settings
 from tests.grpc_helpers import (
     channel,
     expect_code,
+    hold_batches,
     infer_output,
     infer_request,
     kserve,
@@ -387,4 +388,164 @@ async def test_a_refused_release_is_counted_as_fenced_and_lost(
         assert backend.records[record_key(MODEL, sid, "")].replica == b.engine.cluster.replica
         # and counted, as the same refusal is through write_changed
         assert count(a.metrics.cluster_fenced_writes) == 1
+        assert count(a.metrics.cluster_sessions_lost) == 1
+
+
+# ----- the second review's findings ----------------------------------------------------------
+
+
+async def test_a_start_on_another_version_refused_keeps_the_older_copys_record(
+    versions: Path,  # noqa: F811
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A START on version 2 refused before it applies (its deadline too near) must not delete
+    the record that the sequence's copy on version 1 still lives on."""
+    root = repository(versions, tmp_path, tiny_lstm=["1", "2"])
+    x = np.random.default_rng(4).standard_normal((9, 3)).astype(np.float32)
+    backend = FaultyBackend()
+    async with (
+        cluster(make_settings, backend, model_repository=root, deadline_margin_s=5.0) as (a, b),
+        channel(a.grpc_port) as ca,
+        channel(b.grpc_port) as cb,
+    ):
+        on_1 = infer_request(MODEL, 8, x[:3], start=True)
+        on_1.model_version = "1"
+        await kserve(ca).ModelInfer(on_1)  # sequence 8 lives on version 1, on a
+        on_2 = infer_request(MODEL, 8, x[3:5], start=True)
+        on_2.model_version = "2"
+        await expect_code(
+            grpc.StatusCode.DEADLINE_EXCEEDED, kserve(ca).ModelInfer(on_2, timeout=3.0)
+        )
+        assert a.engine.cluster is not None
+        await asyncio.gather(*a.engine.cluster.writer.deletes.values())
+        assert len(backend.records) == 1  # still the version-1 copy's
+        # begun again through b (a hand-over from a), then on through a (back): exact
+        first = infer_output(
+            await kserve(cb).ModelInfer(infer_request(MODEL, 8, x[5:7], start=True))
+        )
+        rest = infer_output(await kserve(ca).ModelInfer(infer_request(MODEL, 8, x[7:])))
+        np.testing.assert_allclose(
+            np.concatenate([first, rest]), offline_of(root, MODEL, "2", x[5:]), atol=1e-5
+        )
+
+
+async def test_a_replica_whose_lease_lapsed_neither_closes_nor_shows_its_stale_copy(
+    make_settings: Callable[..., Settings],
+) -> None:
+    backend = FaultyBackend()
+    async with cluster(make_settings, backend) as (a, b):
+        assert a.engine.cluster is not None
+        info = await open_session(a, "x")
+        await step(a, "x", np.ones((2, 3), np.float32))
+        await a.engine.cluster.write_changed()
+        # a is paused past its lease; its heartbeat has not run since it woke
+        backend.leases.pop("replica-0")
+        a.engine.cluster._valid_until_s = 0.0
+        # meanwhile the client went on through b
+        x = np.ones((1, 3), np.float32)
+        await step(b, "x", x, expected_steps=2, incarnation=info.incarnation)
+        async with channel(a.grpc_port) as ch:
+            close = native(ch).CloseSession(pb.CloseSessionRequest(model=MODEL, session_id="x"))
+            await expect_code(grpc.StatusCode.UNAVAILABLE, close)
+            get = native(ch).GetSession(pb.GetSessionRequest(model=MODEL, session_id="x"))
+            await expect_code(grpc.StatusCode.UNAVAILABLE, get)
+        assert (await step(b, "x", x, expected_steps=3)).steps == 4  # it lives on, on b
+
+
+async def test_a_claim_and_an_open_waiting_for_the_same_delete_never_hold_the_id_together(
+    make_settings: Callable[..., Settings],
+) -> None:
+    backend = FaultyBackend()
+    async with cluster(make_settings, backend) as (a, b):
+        assert a.engine.cluster is not None
+        await a.engine.open_session(MODEL, "", "x", api="native")
+        backend.fail_delete = ConnectionError("a store blip")  # the delete retries in 0.05 s
+        closing = asyncio.ensure_future(a.engine.close_session(MODEL, "", "x"))
+        await asyncio.sleep(0.01)
+        assert a.engine.cluster.writer.deletes  # the close's delete is pending
+        opening = asyncio.ensure_future(a.engine.open_session(MODEL, "", "x", api="native"))
+        await asyncio.sleep(0)  # (the open waits for the delete)
+        getting = asyncio.ensure_future(a.engine.bring(MODEL, "", "x"))  # e.g. a GetSession
+        await asyncio.sleep(0)
+        third = asyncio.ensure_future(a.engine.bring(MODEL, "", "x"))
+        await closing
+        view = await opening
+        await asyncio.wait_for(asyncio.gather(getting, third), 5.0)
+        live = a.engine.registry.holding(MODEL, "x", "")
+        assert live is not None
+        record = backend.records[record_key(MODEL, "x", "")]
+        assert (record.replica, record.epoch) == ("replica-0", live[1].epoch)
+        x = np.ones((1, 3), np.float32)
+        assert (await step(b, "x", x, expected_steps=0, incarnation=view.incarnation)).steps == 1
+        assert a.engine.registry.holding(MODEL, "x", "") is None  # moved, not copied
+
+
+class SlowDeletes(FaultyBackend):
+    """A store whose deletes take a while (slow, or flapping); everything else is quick."""
+
+    async def delete(self, key: str, replica: str, epoch: int) -> bool:
+        await asyncio.sleep(0.5)
+        return await super().delete(key, replica, epoch)
+
+
+async def test_a_session_that_ended_while_its_delete_is_slow_never_comes_back(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from service.session import EndReason
+
+    backend = SlowDeletes()
+    async with cluster(make_settings, backend, cluster_handover_timeout_s=0.1) as (a, b):
+        assert a.engine.cluster is not None
+        view = await a.engine.open_session(MODEL, "", "x", api="native")
+        await step(a, "x", np.ones((2, 3), np.float32))
+        await a.engine.cluster.write_changed()
+        handle, session = a.engine.registry.holding(MODEL, "x", "")  # type: ignore[misc]
+        handle.store.end(session, EndReason.IDLE_TIMEOUT)  # what the TTL sweeper does
+        x = np.ones((1, 3), np.float32)
+        # the client, knowing nothing of the expiry, asks b (UNAVAILABLE while the delete runs)
+        await expect_code(
+            grpc.StatusCode.UNAVAILABLE,
+            step(b, "x", x, expected_steps=2, incarnation=view.incarnation),
+        )
+        await asyncio.gather(*a.engine.cluster.writer.deletes.values())
+        assert not backend.records
+        await expect_code(
+            grpc.StatusCode.NOT_FOUND,
+            step(b, "x", x, expected_steps=2, incarnation=view.incarnation),
+        )
+
+
+async def test_a_session_moving_when_the_lease_lapsed_is_checked_too(
+    make_settings: Callable[..., Settings],
+) -> None:
+    backend = FaultyBackend()
+    async with cluster(make_settings, backend, cluster_handover_timeout_s=0.3) as (a, b):
+        member = a.engine.cluster
+        assert member is not None
+        info = await open_session(a, "x")
+        await step(a, "x", np.ones((2, 3), np.float32))
+        await member.write_changed()
+        handle, _ = a.engine.registry.holding(MODEL, "x", "")  # type: ignore[misc]
+        computing, go_on = hold_batches(handle.batcher.runner)
+        in_flight = asyncio.ensure_future(step(a, "x", np.ones((1, 3), np.float32)))
+        await computing.wait()  # a chunk of x in flight on a
+        key = record_key(MODEL, "x", "")
+        member._inbox(Message("release", key, "replica-9"))  # someone asks a for x
+        releasing = member._releases[key]  # (it waits for x's chunk)
+        # a's lease lapses; b takes x from the "dead" owner and the client goes on there
+        backend.leases.pop("replica-0")
+        member._valid_until_s = 0.0
+        await step(
+            b, "x", np.ones((1, 3), np.float32), expected_steps=2, incarnation=info.incarnation
+        )
+        # a's heartbeat finds its lease expired: registers again, checks every session held
+        began = member.clock()
+        await backend.register(member.replica, member.lease_s)
+        await member.write_changed(every_session=True)
+        member._trust_lease(began)
+        assert a.engine.registry.holding(MODEL, "x", "") is None  # dropped, moving or not
+        go_on.set()
+        await in_flight
+        await asyncio.wait([releasing])
         assert count(a.metrics.cluster_sessions_lost) == 1
