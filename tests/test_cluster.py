@@ -42,10 +42,14 @@ MODEL = "tiny_lstm"
 
 @contextlib.asynccontextmanager
 async def replicas(
-    make_settings: Callable[..., Settings], count: int = 2, **overrides: Any
+    make_settings: Callable[..., Settings],
+    count: int = 2,
+    backend: MemoryBackend | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[tuple[MemoryBackend, list[RnnServer]]]:
-    """``count`` started servers sharing one in-memory cluster store, stopped afterwards."""
-    backend = MemoryBackend()
+    """``count`` started servers sharing one in-memory cluster store (``backend``, or a new
+    one), named replica-0, replica-1, ...; stopped afterwards (unless a test stopped them)."""
+    backend = backend or MemoryBackend()
     base: dict[str, Any] = {
         "cluster_lease_s": 600.0,  # never expires by itself: tests end leases themselves
         "cluster_write_interval_s": 3600.0,  # tests write with write_changed()
@@ -64,7 +68,8 @@ async def replicas(
     finally:
         for server in servers:
             if server.engine.ready:
-                await server.stop()
+                with contextlib.suppress(Exception):  # (a test may have broken its store)
+                    await server.stop()
 
 
 def count(metric: Any) -> float:

@@ -93,26 +93,9 @@ class FaultyBackend(MemoryBackend):
 async def cluster(
     make_settings: Callable[..., Settings], backend: MemoryBackend, size: int = 2, **overrides: Any
 ) -> AsyncIterator[list[RnnServer]]:
-    base: dict[str, Any] = {
-        "cluster_lease_s": 600.0,
-        "cluster_write_interval_s": 3600.0,
-        "cluster_handover_timeout_s": 10.0,
-    }
-    base.update(overrides)
-    servers = []
-    try:
-        for k in range(size):
-            server = RnnServer(
-                make_settings(cluster_replica_id=f"replica-{k}", **base), cluster_backend=backend
-            )
-            await server.start()
-            servers.append(server)
+    """``size`` replicas over ``backend`` (tests/test_cluster.py's harness)."""
+    async with replicas(make_settings, size, backend, **overrides) as (_, servers):
         yield servers
-    finally:
-        for server in servers:
-            if server.engine.ready:
-                with contextlib.suppress(Exception):
-                    await server.stop()
 
 
 def kill(server: RnnServer, backend: MemoryBackend) -> None:
