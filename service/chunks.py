@@ -215,10 +215,14 @@ def step_refusal(chunk: PendingChunk) -> ServiceError | None:
     if session.unconfirmed and (expected is None or chunk.incarnation is None):
         return Unconfirmed(session.session_id, session.steps)
     if expected is not None and expected != session.steps:
+        why = (
+            "it is behind your count: restored from an earlier saved state; replay your chunks"
+            if expected > session.steps
+            else "an earlier send of it may have been applied; resume"
+        )
         return Aborted(
             f"session {shown(session.session_id)} is at step {session.steps}, this chunk expected "
-            f"step {expected}: not applied (an earlier send of it may have been applied; resume "
-            f"from step {session.steps})",
+            f"step {expected}: not applied ({why} from step {session.steps})",
             session_steps=session.steps,
         )
     session.unconfirmed = False

@@ -127,9 +127,13 @@ async def drain_and_stop(
         await handle.batcher.close()
     if cluster is not None:
         await cluster.stop()
+    where = (
+        f"handed over to the cluster store ({cluster.backend.describe()})"
+        if cluster is not None
+        else "saved for the next start"
+    )
     logger.info(
-        "shutdown: %d session(s) saved for the next start, %d ended here; %d model(s) did "
-        "not drain in time",
-        report["sessions_saved"], report["sessions_ended"], report["models_not_drained"],
+        "shutdown: %d session(s) %s, %d ended here; %d model(s) did not drain in time",
+        report["sessions_saved"], where, report["sessions_ended"], report["models_not_drained"],
     )  # fmt: skip
     return report

@@ -101,8 +101,9 @@ class Unconfirmed(FailedPrecondition):
     def situation(noun: str, session_id: str, steps: int) -> str:
         """What happened to the session (``noun``: what the API calls it)."""
         return (
-            f"{noun} {shown(session_id)} was restored after an unclean stop from a snapshot at "
-            f"step {steps}, which may be behind the last reply you got"
+            f"{noun} {shown(session_id)} was restored after an unclean stop from its last saved "
+            f"state (a snapshot, or the cluster store) at step {steps}, which may be behind the "
+            "last reply you got"
         )
 
 

@@ -226,6 +226,13 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        # Every label value exists from the start (at 0): a fresh replica shows them all.
+        for how in ("handover", "released", "restored"):
+            self.cluster_moves.labels(how)
+        for why in ("asked", "drain"):
+            self.cluster_handed_over.labels(why)
+        for operation in ("lease", "write", "create", "acquire", "send", "release", "delete"):
+            self.cluster_store_errors.labels(operation)
         self.cluster_lease_valid = Gauge(
             "rnnserve_cluster_lease_valid",
             "1 while this replica's cluster lease is known valid (it applies chunks), else 0.",

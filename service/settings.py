@@ -333,7 +333,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("text", description="log line format")
     port_file: Path | None = Field(
-        None, description="write the bound ports as JSON here once serving (for port 0)"
+        None,
+        description="write the bound ports as JSON here once serving (for port 0): grpc_port "
+        "and metrics_port; with --workers, grpc_port, metrics_ports (one per worker) and "
+        "worker_pids",
     )
 
     @field_validator("batch_buckets")

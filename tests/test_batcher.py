@@ -371,7 +371,7 @@ async def test_an_unconfirmed_session_takes_only_a_chunk_that_states_count_and_i
     batcher, store, _ = make(model)
     a = store.create("a")
     a.steps, a.unconfirmed = 5, True  # as restored from a snapshot an unclean stop left
-    with pytest.raises(Unconfirmed, match="snapshot at step 5") as refused:
+    with pytest.raises(Unconfirmed, match=r"cluster store\) at step 5") as refused:
         await submit_chunk(batcher, a, chunk(1))
     assert refused.value.session_steps == 5
     with pytest.raises(Unconfirmed):  # the count alone: an older history may be at it too

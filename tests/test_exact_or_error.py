@@ -196,7 +196,10 @@ async def test_a_reused_id_restored_as_its_old_incarnation_is_never_resumed(
         # A client that knows neither incarnation nor step count is not stepped either.
         refused = await failure(stub.Step(step_request(MODEL, "x", inputs(1))))
         assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "restored after an unclean stop from a snapshot at step 4" in str(refused.details())
+        assert (
+            "restored after an unclean stop from its last saved state (a snapshot, or the cluster store) at step 4"
+            in str(refused.details())
+        )
         stepped = step_request(MODEL, "x", inputs(1))
         stepped.incarnation = second.incarnation
         await expect_code(grpc.StatusCode.NOT_FOUND, stub.Step(stepped))
@@ -262,9 +265,11 @@ async def test_a_kserve_sequence_never_rewinds_silently_after_a_crash(
         stub = kserve(ch)
         plain = await failure(stub.ModelInfer(infer_request(MODEL, 7, x[8:])))
         assert plain.code() == grpc.StatusCode.INVALID_ARGUMENT  # as Triton: an unknown sequence
-        assert "sequence '7' was restored after an unclean stop from a snapshot at step 5" in str(
-            plain.details()
-        ) and "sequence_start" in str(plain.details())
+        assert (
+            "sequence '7' was restored after an unclean stop from its last saved state (a snapshot, or the cluster store) at step 5"
+            in str(plain.details())
+            and "sequence_start" in str(plain.details())
+        )
         assert steps_in(plain) == 5
         # On a stream the same answer comes in-band, with the step count as a parameter.
         replies = [r async for r in stub.ModelStreamInfer(iter([infer_request(MODEL, 7, x[8:])]))]
