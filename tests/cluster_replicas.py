@@ -32,7 +32,9 @@ HANDED_OVER = "rnnserve_cluster_sessions_handed_over_total"
 MOVE_DURATION = "rnnserve_cluster_move_duration_seconds"
 FENCED = "rnnserve_cluster_fenced_writes_total"
 LOST = "rnnserve_cluster_sessions_lost_total"
-SHUTDOWN_LINE = re.compile(r"shutdown: (\d+) session\(s\) saved .*?, (\d+) ended here")
+SHUTDOWN_LINE = re.compile(
+    r"shutdown: (\d+) session\(s\) handed over to the cluster store .*?, (\d+) ended here"
+)
 
 
 class ClusterReplica(ServerProcess):
