@@ -136,9 +136,7 @@ class ClusterMember:
         self._tasks = [
             asyncio.create_task(self._heartbeat_forever(), name="cluster-lease"),
             asyncio.create_task(self._write_forever(), name="cluster-writes"),
-            asyncio.create_task(
-                self.backend.listen(self.replica, self._inbox), name="cluster-inbox"
-            ),
+            asyncio.create_task(self._listen_forever(), name="cluster-inbox"),
         ]
         logger.info("joined the cluster at %s as %s", self.backend.describe(), self.replica)
 
@@ -188,6 +186,22 @@ class ClusterMember:
                 self._recovered("lease")
             except Exception as error:
                 self._failed("lease", error)
+
+    async def _listen_forever(self) -> None:
+        """Answer hand-over requests for as long as this replica is a member: a listener that
+        ends (its connection dropped and the backend gave up, an error of the store) is logged
+        and started again, with a backoff. Without it, this replica would keep its lease and
+        its sessions but never hand one over."""
+        wait_s = 0.05
+        while True:
+            try:
+                await self.backend.listen(self.replica, self._inbox)
+                error: Exception = ConnectionError("the inbox ended")
+            except Exception as failure:
+                error = failure
+            self._failed("listen", error)
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, 2.0)
 
     async def _write_forever(self) -> None:
         while True:

@@ -336,7 +336,7 @@ class RedisBackend:
         sent a PING; one silent for another ``timeout_s`` after it counts as lost (TimeoutError),
         so a Redis gone without closing the connection is noticed too."""
         pinged = False
-        while True:
+        while not self._closed:
             reply = await pubsub.get_message(timeout=self.timeout_s)
             if reply is None:
                 if pinged:

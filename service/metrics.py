@@ -231,7 +231,9 @@ class Metrics:
             self.cluster_moves.labels(how)
         for why in ("asked", "drain"):
             self.cluster_handed_over.labels(why)
-        for operation in ("lease", "write", "create", "acquire", "send", "release", "delete"):
+        for operation in (
+            "lease", "write", "create", "acquire", "send", "release", "delete", "listen"
+        ):  # fmt: skip
             self.cluster_store_errors.labels(operation)
         self.cluster_lease_valid = Gauge(
             "rnnserve_cluster_lease_valid",

@@ -368,10 +368,12 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGTERM)
         limit_s = self.settings.drain_timeout_s + SHUTDOWN_MARGIN_S
+        # One deadline for all: they drain together, so N hung workers take one limit, not N.
+        deadline = asyncio.get_running_loop().time() + limit_s
         clean = True
         for worker in workers:
             try:
-                async with asyncio.timeout(limit_s):
+                async with asyncio.timeout_at(deadline):
                     code = await self._exited(worker)
             except TimeoutError:
                 logger.error("worker %d (pid %d) did not stop within %.0f s; killing it",

@@ -613,6 +613,33 @@ async def test_redis_listen_returns_when_the_backend_closes(redis_url: str) -> N
         await task
 
 
+async def test_redis_listen_returns_when_the_backend_closes_during_a_delivery(
+    redis_url: str,
+) -> None:
+    """Closed while its inbox handles a message: it must not subscribe again afterwards."""
+    backend = RedisBackend(redis_url, timeout_s=0.5)
+    sender = RedisBackend(redis_url, timeout_s=0.5)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def inbox(message: Message) -> None:
+        entered.set()
+        await release.wait()
+
+    task = asyncio.create_task(backend.listen("r", inbox))
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not entered.is_set():
+                await sender.send("r", Message("release", "k", "s"))
+                await asyncio.sleep(0.05)
+        await backend.close()
+        release.set()
+        async with asyncio.timeout(WAIT_S):
+            await task
+    finally:
+        task.cancel()
+        await sender.close()
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -532,3 +532,29 @@ async def test_a_session_moving_when_the_lease_lapsed_is_checked_too(
         await in_flight
         await asyncio.wait([releasing])
         assert count(a.metrics.cluster_sessions_lost) == 1
+
+
+class ListenFailsOnce(FaultyBackend):
+    """A store whose first inbox of replica-0 ends with a dropped connection."""
+
+    failed = False
+
+    async def listen(self, replica: str, inbox: Any) -> None:
+        if replica == "replica-0" and not self.failed:
+            self.failed = True
+            raise ConnectionError("the store closed the inbox's connection")
+        await super().listen(replica, inbox)
+
+
+async def test_an_inbox_that_ends_is_listened_to_again(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Without its inbox a replica keeps its lease and sessions but hands none over: every
+    request for them elsewhere would wait, then fail, until it restarts."""
+    backend = ListenFailsOnce()
+    async with cluster(make_settings, backend) as (a, b):
+        await eventually(lambda: bool(backend.inboxes.get("replica-0")), "a listens again")
+        assert count(a.metrics.cluster_store_errors.labels("listen")) == 1
+        sid = (await open_session(a)).session_id
+        await step(a, sid, np.ones((2, 3), np.float32))
+        assert (await step(b, sid, np.ones((1, 3), np.float32))).steps == 3  # handed over

@@ -31,13 +31,15 @@ import numpy as np
 import pytest
 
 from bench.harness import scrape
+from service import workers as workers_module
 from service._proto.rnnserve.v1 import streaming_pb2 as pb
 from service.api.native_messages import to_array, to_tensor
 from service.cli import build_parser
 from service.client import Client
 from service.cluster_backend import Claimed, HeldBy, Message, Write
 from service.cluster_embedded import EmbeddedStore, SocketBackend
-from service.workers import RESTARTS_ALLOWED, RestartBudget, worker_flags
+from service.settings import Settings
+from service.workers import RESTARTS_ALLOWED, RestartBudget, Supervisor, Worker, worker_flags
 from tests.models_for_tests import OfflineReference
 from tests.server_process import START_TIMEOUT_S, ServerProcess, serve_command
 
@@ -249,6 +251,28 @@ def test_the_restart_budget_allows_five_restarts_a_minute() -> None:
     assert not budget.spend()
     now[0] = 60.1  # the first five are a minute old
     assert budget.spend()
+
+
+async def test_hung_workers_are_killed_after_one_limit_not_one_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """They all drain at once: 4 workers ignoring SIGTERM are killed after one drain limit."""
+    monkeypatch.setattr(workers_module, "SHUTDOWN_MARGIN_S", 0.4)
+    supervisor = Supervisor(Settings(drain_timeout_s=0.1), [])
+    ignore = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    for k in range(4):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", ignore, stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        await process.stdout.readline()
+        supervisor.workers[k] = Worker(k, f"w{k}", Path("/nonexistent"), process)
+    began = time.monotonic()
+    assert not await supervisor._stop_workers()  # (killed: not clean)
+    assert time.monotonic() - began < 1.5  # one limit of 0.5 s, not four
 
 
 def test_workers_get_the_flags_given_but_those_set_per_worker() -> None:
