@@ -303,3 +303,29 @@ async def test_a_replica_that_cannot_reach_its_store_applies_nothing(
             grpc.StatusCode.UNAVAILABLE, step(a, sid, np.ones((1, 3), np.float32))
         )
         assert "lease" in details
+
+
+async def test_the_python_client_follows_its_session_when_another_replica_takes_it(
+    make_settings: Callable[..., Settings], tiny_repository: Path
+) -> None:
+    """The client's stream is told MOVED (another replica took the session: here a GetSession
+    through it), reconnects, brings the session back and goes on: exact, nothing replayed."""
+    from service.client import Client
+
+    offline = OfflineReference(tiny_repository, MODEL)
+    xs = chunks(4, [2, 1, 3, 2])
+    async with replicas(make_settings) as (_, (a, b)):
+        client = Client(f"127.0.0.1:{a.grpc_port}")
+        session = await asyncio.to_thread(client.open_session, MODEL)
+        try:
+            outputs = [await asyncio.to_thread(session.step, x) for x in xs[:2]]
+            async with channel(b.grpc_port) as ch:
+                request = pb.GetSessionRequest(model=MODEL, session_id=session.session_id)
+                assert (await native(ch).GetSession(request)).steps == 3  # now on b
+            outputs += [await asyncio.to_thread(session.step, x) for x in xs[2:]]
+            assert session.reconnects == 1 and session.replayed_steps == 0
+        finally:
+            await asyncio.to_thread(session.close)
+            await asyncio.to_thread(client.close)
+        np.testing.assert_allclose(np.concatenate(outputs), offline(np.concatenate(xs)), atol=1e-5)
+        assert count(a.metrics.cluster_moves.labels("handover")) == 1  # brought back
