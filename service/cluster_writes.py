@@ -42,6 +42,20 @@ def session_snapshot(
     return ModelSnapshot(spec.name, spec.version, spec.sha256, time.time(), [record], list(states))
 
 
+def captured(
+    handle: ModelHandle, sessions: list[Session], confirmed: Callable[[Session], bool]
+) -> list[ModelSnapshot]:
+    """``sessions`` of ``handle`` as they are now, one snapshot each (their states read in one
+    gather); ``confirmed(session)``: whether no step of it can follow."""
+    if not sessions:
+        return []
+    states = handle.store.read_states(sessions)
+    return [
+        session_snapshot(handle, s, [a[:, i : i + 1, :] for a in states], confirmed(s))
+        for i, s in enumerate(sessions)
+    ]
+
+
 def unconfirmed_blob(blob: bytes) -> bytes:
     """``blob`` with its session marked unconfirmed (steps may have followed it)."""
     snapshot = decode(blob)
@@ -106,11 +120,8 @@ class SessionWriter:
                     for s in group
                     if s.steps != s.durable_steps or s.incarnation != s.written_incarnation
                 ]
-                states = handle.store.read_states(changed) if changed else []
-                for i, s in enumerate(changed):
-                    mine = [a[:, i : i + 1, :] for a in states]
-                    snapshots.append(session_snapshot(handle, s, mine, confirmed=False))
-                    changed_rows.append((handle, s, s.epoch, s.incarnation, s.steps))
+                snapshots += captured(handle, changed, lambda s: False)
+                changed_rows += [(handle, s, s.epoch, s.incarnation, s.steps) for s in changed]
                 if every_session:
                     checked_rows.extend(
                         (handle, s, s.epoch, s.incarnation, s.steps)
@@ -157,17 +168,14 @@ class SessionWriter:
         still owns the record (its last periodic write): the next request for the session takes
         it from there, unconfirmed (:meth:`disown`), and its client replays."""
         async with self.lock:
-            rows = [(h, s) for h, group in held for s in group if s.ended is None]
-            snapshots = []
+            rows: list[tuple[ModelHandle, Session]] = []
+            snapshots: list[ModelSnapshot] = []
             for handle, group in held:
                 alive = [s for s in group if s.ended is None]
-                states = handle.store.read_states(alive) if alive else []
-                for i, session in enumerate(alive):
-                    mine = [a[:, i : i + 1, :] for a in states]
-                    # Confirmed unless a chunk may still apply after it (one that outlived the
-                    # drain), or its client has not yet confirmed where it stands.
-                    confirmed = not session.unconfirmed and not session.busy
-                    snapshots.append(session_snapshot(handle, session, mine, confirmed))
+                rows += [(handle, s) for s in alive]
+                # Confirmed unless a chunk may still apply after it (one that outlived the
+                # drain), or its client has not yet confirmed where it stands.
+                snapshots += captured(handle, alive, lambda s: not s.unconfirmed and not s.busy)
             if not rows:
                 return 0
             writes = [

@@ -107,6 +107,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def write_port_file(path: Path, ports: dict[str, object]) -> None:
+    """The bound ports as JSON at ``path``, whole or nothing (for a reader polling it: a test, a
+    script, the ``--workers`` supervisor)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(ports))
+    partial.replace(path)
+
+
 class RnnServer:
     """The whole service in one object: build, ``await start()``, ``await stop()``."""
 
@@ -221,8 +229,8 @@ class RnnServer:
         for label in self.engine.registry.refused:  # failed the checks at load
             await self._health.set(f"model/{label}", health_pb2.HealthCheckResponse.NOT_SERVING)
         if s.port_file is not None:
-            s.port_file.write_text(
-                json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
+            write_port_file(
+                s.port_file, {"grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
             )
         logger.info(
             "serving %d model(s) on %s:%d (gRPC), metrics on %s:%d",

@@ -59,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.server import write_port_file
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -283,14 +284,11 @@ class Supervisor:
         path = self.settings.port_file
         if path is None:
             return
-        content = {
+        write_port_file(path, {
             "grpc_port": self.grpc_port,
             "metrics_ports": [self.workers[k].metrics_port for k in sorted(self.workers)],
             "worker_pids": [self.workers[k].process.pid for k in sorted(self.workers)],
-        }
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(content))
-        partial.replace(path)  # whole or nothing, for a reader polling it
+        })  # fmt: skip
 
     async def _start_all(self) -> None:
         """Start every worker; return once all serve. A worker that exits first: the others are
