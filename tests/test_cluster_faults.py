@@ -44,6 +44,7 @@ class FaultyBackend(MemoryBackend):
         self.lose_release_reply = False  # the next release write lands, its reply is lost
         self.fail_renew: BaseException | None = None  # raised once
         self.fail_delete: BaseException | None = None  # raised once
+        self.deletes_held: asyncio.Event | None = None  # deletes wait until it is set
         self.fail_acquire: BaseException | None = None  # raised once
         self.delays_s: dict[str, tuple[float, float]] = {}  # operation: (before, after)
 
@@ -68,6 +69,8 @@ class FaultyBackend(MemoryBackend):
         return await super().renew(replica, lease_s)
 
     async def delete(self, key: str, replica: str, epoch: int) -> bool:
+        if self.deletes_held is not None:
+            await self.deletes_held.wait()
         if self.fail_delete is not None:
             error, self.fail_delete = self.fail_delete, None
             raise error
@@ -443,15 +446,16 @@ async def test_a_claim_and_an_open_waiting_for_the_same_delete_never_hold_the_id
     async with cluster(make_settings, backend) as (a, b):
         assert a.engine.cluster is not None
         await a.engine.open_session(MODEL, "", "x", api="native")
-        backend.fail_delete = ConnectionError("a store blip")  # the delete retries in 0.05 s
+        backend.deletes_held = asyncio.Event()  # the close's delete waits until released
         closing = asyncio.ensure_future(a.engine.close_session(MODEL, "", "x"))
-        await asyncio.sleep(0.01)
-        assert a.engine.cluster.writer.deletes  # the close's delete is pending
+        await eventually(lambda: bool(a.engine.cluster.writer.deletes), "the delete pending")  # type: ignore[union-attr]
         opening = asyncio.ensure_future(a.engine.open_session(MODEL, "", "x", api="native"))
         await asyncio.sleep(0)  # (the open waits for the delete)
         getting = asyncio.ensure_future(a.engine.bring(MODEL, "", "x"))  # e.g. a GetSession
         await asyncio.sleep(0)
         third = asyncio.ensure_future(a.engine.bring(MODEL, "", "x"))
+        await asyncio.sleep(0)
+        backend.deletes_held.set()
         await closing
         view = await opening
         await asyncio.wait_for(asyncio.gather(getting, third), 5.0)
